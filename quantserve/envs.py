@@ -1,0 +1,19 @@
+"""Every environment variable quantserve reads, in one place."""
+import os
+from pathlib import Path
+
+
+def quantserve_home() -> Path:
+    """Cache root for converted models and downloaded wheels (QUANTSERVE_HOME)."""
+    default = Path.home() / ".cache" / "quantserve"
+    return Path(os.environ.get("QUANTSERVE_HOME", default)).expanduser()
+
+
+def num_threads() -> int | None:
+    """Threads for CPU kernels (QUANTSERVE_NUM_THREADS); None means all cores."""
+    value = os.environ.get("QUANTSERVE_NUM_THREADS")
+    return int(value) if value else None
+
+
+def log_level() -> str:
+    return os.environ.get("QUANTSERVE_LOG_LEVEL", "INFO").upper()
