@@ -1,0 +1,136 @@
+"""Configuration objects, each validating itself.
+
+`EngineConfig` and `GenerationConfig` are the public, LMDeploy-shaped objects (field names match
+LMDeploy's so code written for it runs unchanged). `SamplingParams` is what the engine sees for
+one request: token ids only, no text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")
+SUPPORTED_DEVICES = ("cpu", "cuda")
+SUPPORTED_MODEL_FORMATS = (None, "hf", "gguf")
+
+
+class ConfigError(ValueError):
+    """A configuration or request value is invalid; the message names the field."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs a model (LMDeploy's PytorchEngineConfig names)."""
+
+    dtype: str = "auto"
+    tp: int = 1
+    session_len: int | None = None
+    max_batch_size: int | None = None
+    cache_max_entry_count: float = 0.8
+    cache_block_seq_len: int = 64
+    max_prefill_token_num: int = 8192
+    quant_policy: int = 0
+    device: str = "cpu"
+    enable_prefix_caching: bool = False
+    model_format: str | None = None
+    trust_remote_code: bool = False
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in SUPPORTED_DTYPES, f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
+        _check(self.tp == 1, f"tp={self.tp} is not supported by this build: quantserve runs one process per model (use tp 1)")
+        _check(self.session_len is None or self.session_len > 0, "session_len must be > 0")
+        _check(self.max_batch_size is None or self.max_batch_size > 0, "max_batch_size must be > 0")
+        _check(0 < self.cache_max_entry_count <= 1, "cache_max_entry_count must be in (0, 1]")
+        _check(self.cache_block_seq_len > 0, "cache_block_seq_len must be > 0")
+        _check(self.max_prefill_token_num > 0, "max_prefill_token_num must be > 0")
+        _check(self.quant_policy == 0, f"quant_policy={self.quant_policy} (KV cache quantization) is not supported by this build yet")
+        _check(self.device in SUPPORTED_DEVICES, f"device must be one of {SUPPORTED_DEVICES}, got {self.device!r}")
+        _check(self.model_format in SUPPORTED_MODEL_FORMATS,
+               f"model_format {self.model_format!r} is not supported by this build; supported: hf, gguf")
+
+
+@dataclass
+class GenerationConfig:
+    """Per-request generation settings (LMDeploy's GenerationConfig names)."""
+
+    n: int = 1
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    temperature: float = 0.8
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    random_seed: int | None = None
+    stop_words: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    min_new_tokens: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.n == 1, "n > 1 is not supported by pipeline(); send the prompt n times")
+        _check(self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+        _check(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        _check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _check(-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        _check(-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        _check(self.min_new_tokens is None or self.min_new_tokens >= 0, "min_new_tokens must be >= 0")
+
+    def to_sampling_params(self, eos_token_ids: list[int]) -> SamplingParams:
+        greedy = not self.do_sample or self.temperature == 0 or self.top_k == 1
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=0.0 if greedy else self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=self.random_seed,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            eos_token_ids=() if self.ignore_eos else tuple(eos_token_ids),
+            min_new_tokens=self.min_new_tokens or 0,
+        )
+
+    def updated(self, **changes) -> GenerationConfig:
+        known = {f.name for f in fields(self)}
+        return replace(self, **{k: v for k, v in changes.items() if k in known and v is not None})
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What the engine needs to pick tokens for one request. temperature 0 = greedy."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

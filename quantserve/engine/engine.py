@@ -1,0 +1,106 @@
+"""The synchronous engine: requests in (token ids), tokens out, one step at a time.
+
+step() = schedule -> execute -> update. Everything above (text, chat templates, streaming,
+HTTP) lives outside engine/ and talks to it through add_request / step / abort.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from quantserve.config import ConfigError, EngineConfig, SamplingParams
+from quantserve.engine.block_manager import BlockManager
+from quantserve.engine.model_runner import ModelRunner
+from quantserve.engine.request import FinishReason, Request
+from quantserve.engine.scheduler import Scheduler
+from quantserve.kvcache.budget import CachePlan, free_memory, plan_cache
+from quantserve.kvcache.paged import PagedKVCache
+from quantserve.models.loader import load_model, model_args_for, read_config, require_supported, torch_dtype
+
+logger = logging.getLogger("quantserve")
+
+DEFAULT_MAX_BATCH_SIZE = {"cpu": 16, "cuda": 128}
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run; the message says why. Other requests are unaffected."""
+
+
+class Engine:
+    def __init__(self, model_path: str | Path, config: EngineConfig | None = None, progress: bool = True):
+        self.config = config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        cfg = read_config(Path(model_path))
+        require_supported(cfg)
+        self.args = model_args_for(Path(model_path))
+        self.session_len = config.session_len or self.args.max_position_embeddings
+        self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE[config.device]
+        self.dtype = torch_dtype(config.dtype, cfg, config.device)
+        self.model = load_model(Path(model_path), self.dtype, config.device, self.session_len, progress=progress)
+        self.weights_bytes = sum(p.nbytes for p in self.model.parameters())
+        self.plan = self._plan_cache()
+        self.cache = PagedKVCache(self.args.num_layers, self.plan.num_blocks, self.plan.block_size,
+                                  self.args.num_kv_heads, self.args.head_dim, self.dtype, config.device)
+        self.scheduler = Scheduler(BlockManager(self.plan.num_blocks, self.plan.block_size),
+                                   self.max_batch_size, config.max_prefill_token_num)
+        self.runner = ModelRunner(self.model, self.cache, config.device)
+        self.requests: dict[str, Request] = {}
+        logger.info(self.memory_summary())
+
+    def _plan_cache(self) -> CachePlan:
+        c = self.config
+        per_token = PagedKVCache.bytes_per_token(self.args.num_layers, self.args.num_kv_heads,
+                                                 self.args.head_dim, self.dtype)
+        plan = plan_cache(free_memory(c.device), c.cache_max_entry_count, per_token,
+                          c.cache_block_seq_len, self.max_batch_size, self.session_len)
+        if plan.num_tokens < self.session_len:
+            raise ConfigError(
+                f"the KV cache holds {plan.num_tokens} tokens, less than one session of {self.session_len}: "
+                "raise --cache-max-entry-count or lower --session-len")
+        return plan
+
+    def memory_summary(self) -> str:
+        gb = 1e9
+        return (f"weights {self.weights_bytes / gb:.3f} GB ({self.dtype}), "
+                f"KV cache {self.plan.nbytes / gb:.3f} GB = {self.plan.num_blocks} blocks x "
+                f"{self.plan.block_size} tokens = {self.plan.num_tokens} tokens, session_len {self.session_len}")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        self._validate(request_id, prompt_token_ids)
+        request = Request(request_id, list(prompt_token_ids), params, self.session_len)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request
+
+    def _validate(self, request_id: str, ids: list[int]) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already running")
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if len(ids) >= self.session_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens; the session length is {self.session_len} "
+                               "(raise --session-len or shorten the prompt)")
+        if min(ids) < 0 or max(ids) >= self.args.vocab_size:
+            raise RequestError(f"token ids must be in [0, {self.args.vocab_size})")
+
+    def abort(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is not None and not request.is_finished:
+            self.scheduler.finish(request, FinishReason.ABORT)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[Request]:
+        """Run one batch; return the requests that got a token (finished ones leave the engine)."""
+        out = self.scheduler.schedule()
+        sampled = self.runner.execute(out) if not out.is_empty else {}
+        changed = self.scheduler.update(out, sampled)
+        for r in changed:
+            if r.is_finished:
+                self.requests.pop(r.request_id, None)
+        return changed

@@ -1,0 +1,102 @@
+"""SchedulerOutput -> one forward pass -> sampled token ids.
+
+Builds the flat batch (input ids, positions, cache slots) and the AttentionMetadata from each
+scheduled request's counters and block table, runs the model, takes the logits of the last
+token of every request that completes this step, and samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantserve.engine import sampler
+from quantserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from quantserve.kvcache.paged import AttentionMetadata, PagedKVCache, PrefillChunk
+from quantserve.models.layers import CausalLM
+
+
+@dataclass
+class BatchInputs:
+    input_ids: torch.Tensor       # [T]
+    positions: torch.Tensor       # [T]
+    meta: AttentionMetadata
+    sample_rows: list[int]        # indices into T of the tokens whose logits are sampled
+    sample_from: list[ScheduledRequest]
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, cache: PagedKVCache, device: str):
+        self.model = model
+        self.cache = cache
+        self.device = device
+        self.block_size = cache.block_size
+
+    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        logits, requests = self.compute_logits(out)
+        if not requests:
+            return {}
+        tokens = sampler.sample(logits, requests)
+        return {r.request_id: t for r, t in zip(requests, tokens)}
+
+    @torch.inference_mode()
+    def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list]:
+        """Run the batch; logits [N, V] (float32, on CPU) of the N requests that sample."""
+        batch = self.prepare(out.scheduled)
+        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.cache)
+        requests = [s.request for s in batch.sample_from]
+        if not requests:
+            return hidden.new_empty(0), []
+        return self.model.compute_logits(hidden[batch.sample_rows]).cpu(), requests
+
+    def prepare(self, scheduled: list[ScheduledRequest]) -> BatchInputs:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        prefills: list[PrefillChunk] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        sample_rows: list[int] = []
+        sample_from: list[ScheduledRequest] = []
+        for s in scheduled:
+            r = s.request
+            start, stop = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
+            row0 = len(ids)
+            ids.extend(r.all_token_ids[start:stop])
+            positions.extend(range(start, stop))
+            slots.extend(self._slot(r.block_ids, p) for p in range(start, stop))
+            if s.num_new_tokens == 1:
+                decode_tables.append(r.block_ids)
+                decode_lens.append(stop)
+            else:
+                nblk = -(-stop // self.block_size)
+                prefills.append(PrefillChunk(row0, s.num_new_tokens, stop,
+                                             torch.tensor(r.block_ids[:nblk], device=self.device)))
+            if s.samples:
+                sample_rows.append(len(ids) - 1)
+                sample_from.append(s)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=self.device),
+            num_decode=len(decode_tables),
+            decode_block_tables=self._pad_tables(decode_tables),
+            decode_mask=self._decode_mask(decode_lens),
+            prefills=prefills,
+        )
+        return BatchInputs(torch.tensor(ids, device=self.device),
+                           torch.tensor(positions, device=self.device),
+                           meta, sample_rows, sample_from)
+
+    def _slot(self, block_ids: list[int], position: int) -> int:
+        return block_ids[position // self.block_size] * self.block_size + position % self.block_size
+
+    def _pad_tables(self, tables: list[list[int]]) -> torch.Tensor:
+        width = max((len(t) for t in tables), default=0)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        return torch.tensor(padded, dtype=torch.long, device=self.device).view(len(tables), width)
+
+    def _decode_mask(self, lens: list[int]) -> torch.Tensor:
+        """[B, 1, 1, S] True where a key position is inside the request's context."""
+        width = max((-(-n // self.block_size) for n in lens), default=0) * self.block_size
+        pos = torch.arange(width, device=self.device)
+        lens_t = torch.tensor(lens, device=self.device).unsqueeze(1)
+        return (pos.unsqueeze(0) < lens_t).view(len(lens), 1, 1, width)

@@ -1,0 +1,76 @@
+"""A request's state inside the engine: token ids, counters, blocks.
+
+Invariant the scheduler works on: `num_computed_tokens` (tokens whose K/V are in the cache)
+catches up with `num_tokens` (prompt + generated). A request is sampled in a step only when
+that step makes the two equal.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from quantserve.config import SamplingParams
+
+_counter = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"          # EOS, a stop token id or a stop string
+    LENGTH = "length"      # max_new_tokens or the session length
+    ABORT = "abort"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_total_tokens: int                      # session length: prompt + output never exceed it
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    arrival: int = field(default_factory=lambda: next(_counter))
+    generator: torch.Generator | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.finish_reason = self._finish_reason(token_id)
+        if self.finish_reason is not None:
+            self.status = Status.FINISHED
+
+    def _finish_reason(self, token_id: int) -> FinishReason | None:
+        p = self.params
+        n_out = len(self.output_token_ids)
+        if n_out >= p.min_new_tokens and (token_id in p.eos_token_ids or token_id in p.stop_token_ids):
+            return FinishReason.STOP
+        if n_out >= p.max_new_tokens or self.num_tokens >= self.max_total_tokens:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,109 @@
+"""Logits -> next token ids, one row per request that samples this step.
+
+Order (as in transformers / vLLM): penalties on raw logits, min_new_tokens masking,
+temperature, top-k, top-p, min-p, then a draw. Greedy rows take the argmax of the penalised
+logits. A seeded row draws from its own torch.Generator, so its text does not depend on what
+else is in the batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from quantserve.engine.request import Request
+
+
+def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
+    """logits: [N, V] float32, row i belongs to requests[i] -> N token ids."""
+    logits = apply_penalties(logits, requests)
+    logits = mask_early_stop(logits, requests)
+    greedy = torch.tensor([r.params.greedy for r in requests])
+    tokens = logits.argmax(dim=-1)
+    if not bool(greedy.all()):
+        rows = (~greedy).nonzero().flatten()
+        probs = filtered_probs(logits[rows], [requests[i] for i in rows.tolist()])
+        tokens[rows] = draw(probs, [requests[i] for i in rows.tolist()])
+    return tokens.tolist()
+
+
+def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    rows = [i for i, r in enumerate(requests) if r.params.needs_penalties]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        logits[i] = penalise_row(logits[i], requests[i])
+    return logits
+
+
+def penalise_row(row: torch.Tensor, request: Request) -> torch.Tensor:
+    """row: [V]. Repetition penalty over prompt + output (transformers' rule);
+    presence / frequency over the output only (OpenAI's rule)."""
+    p = request.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long)
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and request.output_token_ids:
+        out = torch.tensor(request.output_token_ids, dtype=torch.long)
+        counts = torch.zeros_like(row).index_add_(0, out, torch.ones(len(out)))
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    return row
+
+
+def mask_early_stop(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Forbid EOS / stop token ids until a request has min_new_tokens."""
+    for i, r in enumerate(requests):
+        p = r.params
+        if len(r.output_token_ids) < p.min_new_tokens:
+            banned = list(set(p.eos_token_ids) | set(p.stop_token_ids))
+            if banned:
+                logits[i, banned] = float("-inf")
+    return logits
+
+
+def filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """logits: [N, V] -> probabilities after temperature, top-k, top-p and min-p."""
+    temps = torch.tensor([r.params.temperature for r in requests]).unsqueeze(1)
+    logits = logits / temps
+    top_k = [r.params.top_k for r in requests]
+    if any(k > 0 for k in top_k):
+        logits = apply_top_k(logits, top_k)
+    top_p = torch.tensor([r.params.top_p for r in requests])
+    if bool((top_p < 1).any()):
+        logits = apply_top_p(logits, top_p)
+    probs = logits.softmax(dim=-1)
+    min_p = torch.tensor([r.params.min_p for r in requests])
+    if bool((min_p > 0).any()):
+        probs = apply_min_p(probs, min_p)
+    return probs
+
+
+def apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    v = logits.shape[-1]
+    k = torch.tensor([min(k, v) if k > 0 else v for k in top_k])
+    sorted_logits = logits.sort(dim=-1, descending=True).values
+    kth = sorted_logits.gather(1, (k - 1).unsqueeze(1))           # [N, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability mass reaches top_p."""
+    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p.unsqueeze(1)   # mass before this token
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, idx, sorted_logits)
+
+
+def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+    probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def draw(probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Exponential race (argmax p / E, E ~ Exp(1)): one independent stream per seeded row."""
+    noise = torch.empty_like(probs)
+    for i, r in enumerate(requests):
+        noise[i].exponential_(generator=r.generator)
+    return (probs / noise).argmax(dim=-1)

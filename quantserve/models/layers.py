@@ -1,0 +1,146 @@
+"""The decoder every supported family maps onto.
+
+Families (llama.py, qwen2.py, internlm2.py) differ only in how their config and checkpoint
+names map onto `ModelArgs` and these modules; the forward pass is shared. Tokens are flat:
+the batch is [T] tokens from many requests, attention finds each request's context through
+`AttentionMetadata`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantserve.kvcache.paged import AttentionMetadata, PagedKVCache, paged_attention
+from quantserve.models.rope import RotaryEmbedding
+from quantserve.quant.linear import make_linear
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        h, i, l = self.hidden_size, self.intermediate_size, self.num_layers
+        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        per_layer = attn + 3 * h * i + 2 * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.vocab_size * h + l * per_layer + h + head
+
+
+def eos_ids(cfg: dict) -> list[int]:
+    eos = cfg.get("eos_token_id")
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.args = args
+        self.layer_idx = layer_idx
+        self.scale = args.head_dim ** -0.5
+        h = args.hidden_size
+        self.qkv = make_linear(h, args.q_size + 2 * args.kv_size, bias=args.qkv_bias)
+        self.o = make_linear(args.q_size, h, bias=args.o_bias)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
+                meta: AttentionMetadata, cache: PagedKVCache) -> torch.Tensor:
+        a = self.args
+        t = x.shape[0]
+        q, k, v = self.qkv(x).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        q = q.view(t, a.num_heads, a.head_dim)                  # [T, Hq, D]
+        k = k.view(t, a.num_kv_heads, a.head_dim)               # [T, Hkv, D]
+        v = v.view(t, a.num_kv_heads, a.head_dim)
+        q, k = rope(q, k, positions)
+        cache.write(self.layer_idx, k, v, meta.slot_mapping)
+        return self.o(paged_attention(q, k, v, self.layer_idx, meta, cache, self.scale))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_up = make_linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down = make_linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.attn = Attention(args, layer_idx)
+        self.mlp_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, rope, positions, meta, cache):
+        x = x + self.attn(self.attn_norm(x), rope, positions, meta, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class CausalLM(nn.Module):
+    """Internal parameter names: embed, layers.{i}.{attn_norm,attn.qkv,attn.o,mlp_norm,
+    mlp.gate_up,mlp.down}, norm, lm_head (absent when tied)."""
+
+    def __init__(self, args: ModelArgs, rope: RotaryEmbedding):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = None if args.tie_word_embeddings else make_linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rope = rope
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata, cache: PagedKVCache) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, H] after the final norm."""
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, self.rope, positions, meta, cache)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, H] -> logits [N, V] in float32."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed.weight).float()
+        return self.lm_head(hidden).float()

@@ -1,0 +1,122 @@
+"""Model directory -> CausalLM with weights, in the requested dtype.
+
+config.json → family module (by HF `model_type`) → ModelArgs; checkpoint files (safetensors,
+sharded or not, or pytorch_model*.bin) → family.convert_weights → internal names → CausalLM.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from quantserve.config import ConfigError
+from quantserve.models.layers import CausalLM, ModelArgs
+from quantserve.models.rope import RotaryEmbedding
+
+# HF model_type -> module in quantserve.models
+FAMILIES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "internlm2": "internlm2",
+}
+
+
+class ModelLoadError(ValueError):
+    """A model directory or checkpoint file is missing, corrupt or unsupported."""
+
+
+def read_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"no config.json in {model_dir}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+
+
+def family_for(cfg: dict):
+    model_type = cfg.get("model_type")
+    if model_type not in FAMILIES:
+        raise ModelLoadError(
+            f"unsupported architecture {model_type!r}; supported model_types: {', '.join(sorted(FAMILIES))}")
+    return importlib.import_module(f"quantserve.models.{FAMILIES[model_type]}")
+
+
+def model_args_for(model_dir: Path, hf_overrides: dict | None = None) -> ModelArgs:
+    cfg = read_config(model_dir)
+    cfg.update(hf_overrides or {})
+    return family_for(cfg).model_args(cfg)
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [model_dir / n for n in names]
+    else:
+        files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise ModelLoadError(f"no weights (*.safetensors or pytorch_model*.bin) in {model_dir}")
+    for f in files:
+        if not f.is_file():
+            raise ModelLoadError(f"checkpoint shard {f} is missing")
+    return files
+
+
+def read_checkpoint(files: list[Path], progress: bool) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for f in tqdm(files, desc="loading weights", disable=not progress or len(files) < 2, file=sys.stderr):
+        try:
+            if f.suffix == ".safetensors":
+                weights.update(load_file(str(f)))
+            else:
+                weights.update(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as e:  # corrupt or truncated files surface as many exception types
+            raise ModelLoadError(f"cannot read checkpoint file {f}: {e}") from None
+    return weights
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: int,
+               hf_overrides: dict | None = None, progress: bool = True) -> CausalLM:
+    cfg = read_config(model_dir)
+    cfg.update(hf_overrides or {})
+    family = family_for(cfg)
+    args = family.model_args(cfg)
+    weights = family.convert_weights(read_checkpoint(checkpoint_files(model_dir), progress), args)
+    rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling,
+                           args.max_position_embeddings, max_positions)
+    with torch.device("meta"):
+        model = CausalLM(args, rope)
+    weights = {k: v.to(dtype) for k, v in weights.items()}
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ModelLoadError(f"checkpoint in {model_dir} does not match its config: {e}") from None
+    return model.to(device).eval()
+
+
+def torch_dtype(name: str, cfg: dict, device: str) -> torch.dtype:
+    """EngineConfig.dtype -> torch dtype. auto: float32 on CPU (the fast path there), else the
+    checkpoint's half type (float16 for float32 checkpoints, as LMDeploy does)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device == "cpu":
+        return torch.float32
+    stored = cfg.get("torch_dtype") or cfg.get("dtype") or "float16"
+    return torch.bfloat16 if stored == "bfloat16" else torch.float16
+
+
+def require_supported(cfg: dict) -> None:
+    family_for(cfg)
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method")
+        raise ConfigError(f"quantized checkpoints ({method}) are not supported by this build yet")

@@ -1,0 +1,50 @@
+"""Rotary position embedding (HF `rotate_half` convention) with a precomputed cos/sin table."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantserve.config import ConfigError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
+
+
+def rope_type(scaling: dict | None) -> str:
+    if not scaling:
+        return "default"
+    return scaling.get("rope_type") or scaling.get("type") or "default"
+
+
+def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """[D/2] float32 inverse frequencies, computed exactly as transformers does."""
+    kind = rope_type(scaling)
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"rope scaling {kind!r} is not supported yet; supported: {SUPPORTED_ROPE_TYPES}")
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    if kind == "linear":
+        inv = inv / float(scaling["factor"])
+    # dynamic NTK only changes frequencies past max_position_embeddings
+    return inv
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None,
+                 max_position_embeddings: int, max_positions: int):
+        super().__init__()
+        inv = inv_frequencies(head_dim, theta, scaling)
+        pos = torch.arange(max(max_positions, 1), dtype=torch.float32)
+        freqs = torch.outer(pos, inv)                               # [P, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)                     # [P, D]
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        """q: [T, Hq, D], k: [T, Hkv, D], positions: [T] -> rotated q, k."""
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)         # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
