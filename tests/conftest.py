@@ -41,11 +41,15 @@ def build_mistral(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {
+    dirs = {
         "llama": build_llama(root / "llama"),
         "qwen2": build_qwen2(root / "qwen2"),
         "mistral": build_mistral(root / "mistral"),
+        "llama_src": build_llama(root / "llama_src", num_attention_heads=8, num_key_value_heads=2,
+                                 rope_theta=500.0),
     }
+    dirs["internlm2"] = llama_to_internlm2(dirs["llama_src"], root / "internlm2")
+    return dirs
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +59,36 @@ def tiny_llama(tiny_dirs) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def llama_to_internlm2(llama_dir: Path, out: Path) -> Path:
+    """Rewrite a Llama checkpoint in InternLM2's layout: wqkv interleaved per KV group
+    [Q_0..Q_{G-1}, K, V], w1/w3/w2, attention_norm/ffn_norm, tok_embeddings, output."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = read_json(llama_dir / "config.json")
+    hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg["hidden_size"] // hq
+    w = load_file(str(llama_dir / "model.safetensors"))
+    new = {"model.tok_embeddings.weight": w["model.embed_tokens.weight"],
+           "model.norm.weight": w["model.norm.weight"], "output.weight": w["lm_head.weight"]}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        q = w[p + "self_attn.q_proj.weight"].view(hkv, hq // hkv, d, -1)
+        k = w[p + "self_attn.k_proj.weight"].view(hkv, 1, d, -1)
+        v = w[p + "self_attn.v_proj.weight"].view(hkv, 1, d, -1)
+        new[p + "attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, cfg["hidden_size"])
+        new[p + "attention.wo.weight"] = w[p + "self_attn.o_proj.weight"]
+        new[p + "feed_forward.w1.weight"] = w[p + "mlp.gate_proj.weight"]
+        new[p + "feed_forward.w3.weight"] = w[p + "mlp.up_proj.weight"]
+        new[p + "feed_forward.w2.weight"] = w[p + "mlp.down_proj.weight"]
+        new[p + "attention_norm.weight"] = w[p + "input_layernorm.weight"]
+        new[p + "ffn_norm.weight"] = w[p + "post_attention_layernorm.weight"]
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in new.items()}, str(out / "model.safetensors"))
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
+    icfg = {k: cfg[k] for k in keys} | {"model_type": "internlm2", "architectures": ["InternLM2ForCausalLM"],
+                                         "bias": False, "rope_theta": 500.0}
+    (out / "config.json").write_text(json.dumps(icfg))
+    return out

@@ -9,11 +9,13 @@ import re
 import torch
 
 from quantserve.models.layers import ModelArgs, eos_ids
+from quantserve.models.rope import rope_from_config
 from quantserve.models.llama import fuse, rename
 
 
 def model_args(cfg: dict) -> ModelArgs:
     heads = cfg["num_attention_heads"]
+    theta, scaling = rope_from_config(cfg)
     bias = cfg.get("bias", False)
     return ModelArgs(
         model_type="internlm2",
@@ -26,8 +28,8 @@ def model_args(cfg: dict) -> ModelArgs:
         head_dim=cfg["hidden_size"] // heads,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-        rope_theta=cfg.get("rope_theta", 10000.0),
-        rope_scaling=cfg.get("rope_scaling"),
+        rope_theta=theta,
+        rope_scaling=scaling,
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         qkv_bias=bias,
         o_bias=bias,

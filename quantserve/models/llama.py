@@ -6,12 +6,14 @@ import re
 import torch
 
 from quantserve.models.layers import ModelArgs, eos_ids
+from quantserve.models.rope import rope_from_config
 
 QKV_BIAS = False
 
 
 def model_args(cfg: dict) -> ModelArgs:
     heads = cfg["num_attention_heads"]
+    theta, scaling = rope_from_config(cfg)
     return ModelArgs(
         model_type=cfg["model_type"],
         vocab_size=cfg["vocab_size"],
@@ -23,8 +25,8 @@ def model_args(cfg: dict) -> ModelArgs:
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        rope_theta=cfg.get("rope_theta", 10000.0),
-        rope_scaling=cfg.get("rope_scaling"),
+        rope_theta=theta,
+        rope_scaling=scaling,
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         qkv_bias=cfg.get("attention_bias", QKV_BIAS),
         o_bias=cfg.get("attention_bias", False),

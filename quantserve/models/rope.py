@@ -9,6 +9,15 @@ from quantserve.config import ConfigError
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
 
 
+def rope_from_config(cfg: dict, default_theta: float = 10000.0) -> tuple[float, dict | None]:
+    """(theta, scaling) from either HF convention: `rope_theta` + `rope_scaling` (transformers 4)
+    or `rope_parameters` (transformers 5)."""
+    params = dict(cfg.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", None) or cfg.get("rope_theta") or default_theta
+    scaling = cfg.get("rope_scaling") or (params if rope_type(params) != "default" else None)
+    return float(theta), scaling
+
+
 def rope_type(scaling: dict | None) -> str:
     if not scaling:
         return "default"

@@ -1,0 +1,244 @@
+"""GGUF file → Hugging Face model directory (float32 safetensors, config, tokenizer).
+
+read metadata → config.json → dequantize each tensor (undo llama.cpp's q/k row permutation)
+→ model.safetensors → tokenizer + chat template → generation_config.json, all written into a
+hidden sibling directory that is renamed into place only once complete.
+"""
+import json
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+# Which HF family each supported GGUF architecture becomes, and whether llama.cpp permuted q/k.
+ARCHS = {
+    "llama": {"model_type": "llama", "class": "LlamaForCausalLM", "permuted_qk": True},
+    "qwen2": {"model_type": "qwen2", "class": "Qwen2ForCausalLM", "permuted_qk": False},
+}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_REQUIRED_PER_LAYER = [f"{hf}.weight" for hf in _LAYER_NAMES.values()]
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> Path:
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; remove it or pick another output directory")
+    reader = open_gguf(gguf_path)
+    arch = _architecture(reader, gguf_path)
+    config = hf_config(reader, arch)
+    log_line(progress, f"converting {gguf_path.name} ({arch}, {config['num_hidden_layers']} layers) -> {out_dir}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model directory
+        _write_weights(reader, gguf_path, config, ARCHS[arch]["permuted_qk"], tmp / "model.safetensors", progress)
+        _write_json(tmp / "config.json", config)
+        log_line(progress, "building tokenizer from GGUF metadata")
+        _write_tokenizer(reader, gguf_path, tmp)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def open_gguf(path: Path):
+    import gguf
+
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader fails deep inside numpy/struct on truncated or foreign files
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
+def _architecture(reader, path: Path) -> str:
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCHS:
+        raise ValueError(
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHS))}"
+        )
+    return arch
+
+
+def _field(reader, key: str, default=None):
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
+
+
+def hf_config(reader, arch: str) -> dict:
+    """config.json contents from GGUF metadata (keys as in hub checkpoints)."""
+    def meta(key, default=None):
+        return _field(reader, f"{arch}.{key}", default)
+
+    hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
+    names = {t.name for t in reader.tensors}
+    config = {
+        "architectures": [ARCHS[arch]["class"]],
+        "model_type": ARCHS[arch]["model_type"],
+        "hidden_size": hidden,
+        "intermediate_size": int(meta("feed_forward_length")),
+        "num_hidden_layers": int(meta("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(meta("attention.head_count_kv", heads)),
+        "head_dim": int(meta("attention.key_length", hidden // heads)),
+        "max_position_embeddings": int(meta("context_length")),
+        "rope_theta": _f32(meta("rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(meta),
+        "rms_norm_eps": _f32(meta("attention.layer_norm_rms_epsilon")),
+        "vocab_size": _vocab_size(reader, meta),
+        "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    if arch == "llama":
+        config["attention_bias"] = "blk.0.attn_q.bias" in names
+        config["mlp_bias"] = False
+    return config
+
+
+def _f32(value) -> float:
+    # GGUF stores float32: 1e-5 reads back as 9.999999747378752e-06; keep the short spelling
+    return float(str(np.float32(value)))
+
+
+def _rope_scaling(meta) -> dict | None:
+    kind = meta("rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": _f32(meta("rope.scaling.factor"))}
+    raise ValueError(f"rope scaling type {kind!r} in the GGUF is not supported (only linear)")
+
+
+def _vocab_size(reader, meta) -> int:
+    size = meta("vocab_size")
+    if size is None:
+        tokens = reader.get_field("tokenizer.ggml.tokens")
+        if tokens is None:
+            raise ValueError("GGUF has neither a vocab_size nor a token list")
+        size = len(tokens.data)
+    return int(size)
+
+
+def hf_tensor_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _LAYER_RE.fullmatch(name)
+    if match is None or match.group(2) not in _LAYER_NAMES:
+        return None
+    layer, part, kind = match.groups()
+    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's convert_hf_to_gguf permute: its interleaved-pair rope layout back to
+    HF's rotate_half layout (first half / second half of each head)."""
+    # llama.cpp: w.reshape(n_head, 2, d/2, ...).swapaxes(1, 2); undone by the reverse reshape
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantize_tensor(tensor, path: Path) -> np.ndarray:
+    """Float32 array in torch layout [out, in] (GGUF lists dims innermost-first)."""
+    from gguf.quants import dequantize
+
+    try:
+        values = dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as e:
+        raise ValueError(
+            f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which cannot be dequantized"
+        ) from e
+    expected = tuple(int(d) for d in reversed(tensor.shape))
+    if values.shape != expected:
+        raise ValueError(f"{path}: tensor {tensor.name!r} dequantized to {values.shape}, expected {expected}")
+    return np.array(values, dtype=np.float32)  # copy: the reader's arrays are read-only memmaps
+
+
+def _convert_tensor(tensor, path: Path, config: dict, permuted_qk: bool) -> tuple[str, np.ndarray]:
+    hf_name = hf_tensor_name(tensor.name)
+    if hf_name is None:
+        raise ValueError(f"{path}: tensor {tensor.name!r} has no Hugging Face counterpart (not supported)")
+    values = dequantize_tensor(tensor, path)
+    if permuted_qk and ".attn_q." in tensor.name:
+        values = unpermute_qk(values, config["num_attention_heads"])
+    elif permuted_qk and ".attn_k." in tensor.name:
+        values = unpermute_qk(values, config["num_key_value_heads"])
+    return hf_name, values
+
+
+def _write_weights(reader, path: Path, config: dict, permuted_qk: bool, out_file: Path, progress: bool) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    tensors = {}
+    for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor", file=sys.stderr, disable=not progress):
+        hf_name, values = _convert_tensor(tensor, path, config, permuted_qk)
+        tensors[hf_name] = torch.from_numpy(values)
+    _check_complete(tensors, config, path)
+    save_file(tensors, str(out_file), metadata={"format": "pt"})
+    out_file.chmod(0o644)  # safetensors creates files owner-only
+
+
+def _check_complete(tensors: dict, config: dict, path: Path) -> None:
+    required = ["model.embed_tokens.weight", "model.norm.weight"] + [
+        f"model.layers.{i}.{name}" for i in range(config["num_hidden_layers"]) for name in _REQUIRED_PER_LAYER
+    ]
+    missing = [name for name in required if name not in tensors]
+    if missing:
+        raise ValueError(f"{path}: GGUF lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    rows = tensors["model.embed_tokens.weight"].shape[0]
+    if rows != config["vocab_size"]:
+        raise ValueError(f"{path}: token_embd has {rows} rows but vocab_size is {config['vocab_size']}")
+
+
+def _write_tokenizer(reader, path: Path, out_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot build a tokenizer from its metadata ({type(e).__name__}: {e})") from e
+    template = _field(reader, "tokenizer.chat_template")
+    if template and not tokenizer.chat_template:
+        tokenizer.chat_template = template
+    tokenizer.save_pretrained(str(out_dir))
+    generation = {
+        key: _field(reader, f"tokenizer.ggml.{key}")
+        for key in ("bos_token_id", "eos_token_id", "padding_token_id")
+    }
+    generation["pad_token_id"] = generation.pop("padding_token_id")
+    _write_json(out_dir / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def log_line(enabled: bool, message: str) -> None:
+    if enabled:
+        print(f"[quantserve] {message}", file=sys.stderr, flush=True)
