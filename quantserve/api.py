@@ -1,0 +1,144 @@
+"""pipeline(): the Python API, shaped like LMDeploy's.
+
+    pipe = pipeline(model_path, backend_config=EngineConfig(cache_max_entry_count=0.4))
+    outs = pipe(["Hi", "Tell me a story"], gen_config=GenerationConfig(max_new_tokens=64))
+    for chunk in pipe.stream_infer(prompts, gen_config=...): ...
+
+Prompts (strings or OpenAI message lists) → token ids → Engine requests; engine steps →
+new token ids → TextStream (detokenize, stop strings) → Response deltas.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from quantserve.config import EngineConfig, GenerationConfig
+from quantserve.engine.engine import Engine, RequestError
+from quantserve.engine.request import Request
+from quantserve.models.resolve import resolve_model
+from quantserve.text import TextStream, Tokenizer, load_chat_template
+
+Prompt = str | list[dict]
+_ids = itertools.count()
+
+
+@dataclass
+class Response:
+    text: str
+    generate_token_len: int
+    input_token_len: int
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    index: int = 0
+
+
+@dataclass
+class _Job:
+    index: int
+    request: Request
+    stream: TextStream
+    sent_tokens: int = 0
+
+
+class Pipeline:
+    def __init__(self, model_path: str | None = None, backend_config: EngineConfig | None = None,
+                 chat_template: str | None = None, progress: bool = True):
+        path = resolve_model(model_path, progress=progress)
+        self.model_path = path
+        self.engine = Engine(path, backend_config or EngineConfig(), progress=progress)
+        self.tokenizer = Tokenizer(path, load_chat_template(chat_template))
+
+    def __call__(self, prompts: Prompt | Sequence[Prompt], gen_config=None,
+                 do_preprocess: bool = True) -> Response | list[Response]:
+        batch, single = _as_batch(prompts)
+        outs = [Response("", 0, 0, index=i) for i in range(len(batch))]
+        for chunk in self.stream_infer(batch, gen_config, do_preprocess):
+            out = outs[chunk.index]
+            out.text += chunk.text
+            out.token_ids += chunk.token_ids
+            out.generate_token_len = chunk.generate_token_len
+            out.input_token_len = chunk.input_token_len
+            out.finish_reason = chunk.finish_reason
+        return outs[0] if single else outs
+
+    infer = __call__
+
+    def stream_infer(self, prompts: Prompt | Sequence[Prompt], gen_config=None,
+                     do_preprocess: bool = True) -> Iterator[Response]:
+        """Yield Response deltas (new text and token ids) as they are generated, tagged by index."""
+        batch, _ = _as_batch(prompts)
+        configs = _configs_for(gen_config, len(batch))
+        jobs = self._submit(batch, configs, do_preprocess)
+        try:
+            yield from self._run(jobs)
+        finally:
+            for job in jobs.values():
+                self.engine.abort(job.request.request_id)
+
+    def _submit(self, batch: list[Prompt], configs: list[GenerationConfig], do_preprocess: bool) -> dict:
+        jobs: dict[str, _Job] = {}
+        try:
+            for i, (prompt, cfg) in enumerate(zip(batch, configs)):
+                if not prompt:
+                    raise RequestError("the prompt is empty")
+                ids = self.tokenizer.encode_prompt(prompt, do_preprocess)
+                params = cfg.to_sampling_params(self.tokenizer.eos_token_ids)
+                rid = f"pipe-{next(_ids)}"
+                request = self.engine.add_request(rid, ids, params)
+                jobs[rid] = _Job(i, request, TextStream(self.tokenizer, ids, cfg.stop_words, cfg.skip_special_tokens))
+        except RequestError as e:
+            for job in jobs.values():
+                self.engine.abort(job.request.request_id)
+            raise RequestError(f"prompt {len(jobs)}: {e}") from None
+        return jobs
+
+    def _run(self, jobs: dict[str, _Job]) -> Iterator[Response]:
+        pending = set(jobs)
+        while pending:
+            for request in self.engine.step():
+                job = jobs.get(request.request_id)
+                if job is None:
+                    continue
+                chunk = self._advance(job)
+                if chunk.finish_reason:
+                    pending.discard(request.request_id)
+                yield chunk
+
+    def _advance(self, job: _Job) -> Response:
+        r = job.request
+        new = r.output_token_ids[job.sent_tokens:]
+        job.sent_tokens = len(r.output_token_ids)
+        text = job.stream.add(new, final=r.is_finished)
+        reason = r.finish_reason.value if r.is_finished else None
+        if job.stream.stopped and not r.is_finished:
+            self.engine.abort(r.request_id)
+            reason = "stop"
+        return Response(text, len(r.output_token_ids), len(r.prompt_token_ids), reason, new, job.index)
+
+
+def _as_batch(prompts) -> tuple[list[Prompt], bool]:
+    """A string or one message list is a single prompt; a list of those is a batch."""
+    if isinstance(prompts, str):
+        return [prompts], True
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], dict):
+        return [prompts], True
+    return prompts, False
+
+
+def _configs_for(gen_config, n: int) -> list[GenerationConfig]:
+    if isinstance(gen_config, (list, tuple)):
+        if len(gen_config) != n:
+            raise ValueError(f"{len(gen_config)} gen_configs for {n} prompts")
+        return list(gen_config)
+    return [gen_config or GenerationConfig()] * n
+
+
+def pipeline(model_path: str | None = None, backend_config: EngineConfig | None = None,
+             chat_template_config: str | None = None, log_level: str = "WARNING", **kwargs) -> Pipeline:
+    """LMDeploy-compatible constructor. model_path: a model directory, a .gguf file, or None for
+    the default model (SmolLM2-135M-Instruct, prepared offline on first use)."""
+    logging.getLogger("quantserve").setLevel(log_level)
+    return Pipeline(model_path, backend_config, chat_template_config, **kwargs)

@@ -1,0 +1,125 @@
+"""Text on top of token ids: tokenizer and chat template, incremental detokenization, stop strings.
+
+The engine never sees text. For each request a `TextStream` turns its growing token list into
+safe text deltas: no broken UTF-8 (a partial multi-byte character is held back until complete),
+and nothing that might be the start of a stop string is emitted until that is ruled out.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from quantserve.config import ConfigError
+
+PREFIX_TOKENS = 5   # prompt tokens decoded ahead of the output so word boundaries come out right
+
+BUILTIN_TEMPLATES = {
+    "chatml": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    "base": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+}
+BUILTIN_TEMPLATES["internlm2"] = BUILTIN_TEMPLATES["chatml"]
+
+
+def load_chat_template(spec: str | None) -> str | None:
+    """--chat-template: a built-in name, a Jinja file, or a JSON file with a `chat_template` key."""
+    if spec is None:
+        return None
+    if spec in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"--chat-template {spec!r} is neither a built-in template "
+                          f"({', '.join(BUILTIN_TEMPLATES)}) nor a file")
+    text = path.read_text()
+    if path.suffix == ".json":
+        template = json.loads(text).get("chat_template")
+        if not template:
+            raise ConfigError(f"--chat-template {spec}: the JSON file has no 'chat_template' key")
+        return template
+    return text
+
+
+class Tokenizer:
+    """transformers' tokenizer plus the model's EOS ids and chat template."""
+
+    def __init__(self, model_dir: str | Path, chat_template: str | None = None):
+        from transformers import AutoTokenizer
+
+        # LMDeploy loads tokenizers with remote code too (InternLM2 ships its own); files are local
+        self.hf = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+        self.chat_template = chat_template or self.hf.chat_template or BUILTIN_TEMPLATES["base"]
+        self.eos_token_ids = self._eos_ids(Path(model_dir))
+
+    def _eos_ids(self, model_dir: Path) -> list[int]:
+        ids = set()
+        gen = model_dir / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.hf.eos_token_id is not None:
+            ids.add(self.hf.eos_token_id)
+        return sorted(ids)
+
+    def encode_prompt(self, prompt: str | list[dict], do_preprocess: bool = True) -> list[int]:
+        """A string is one user message (templated when do_preprocess); a list is OpenAI messages."""
+        if isinstance(prompt, str) and not do_preprocess:
+            return self.hf.encode(prompt, add_special_tokens=True)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = self.hf.apply_chat_template(messages, chat_template=self.chat_template,
+                                           add_generation_prompt=True, tokenize=False)
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+class TextStream:
+    """One request's output text, built incrementally from its token ids."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop_words: list[str] | None,
+                 skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special_tokens
+        self.stop_words = [s for s in (stop_words or []) if s]
+        self.holdback = max((len(s) for s in self.stop_words), default=1) - 1
+        tail = prompt_ids[-PREFIX_TOKENS:]
+        self.ids = list(tail)
+        self.prefix_offset = 0
+        self.read_offset = len(tail)
+        self.text = ""        # all decoded output text (stop string cut off once found)
+        self.emitted = 0      # characters of self.text handed out so far
+        self.stopped = False
+
+    def add(self, new_ids: list[int], final: bool = False) -> str:
+        """Feed new tokens; return the text that is now safe to show."""
+        for token in new_ids:
+            if self.stopped:
+                break
+            self.ids.append(token)
+            before = len(self.text)
+            self.text += self._decode_step()
+            self._check_stop(max(0, before - self.holdback))
+        end = len(self.text) if (final or self.stopped) else max(self.emitted, len(self.text) - self.holdback)
+        delta = self.text[self.emitted:end]
+        self.emitted = end
+        return delta
+
+    def _decode_step(self) -> str:
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special)
+        full = decode(self.ids[self.prefix_offset:], self.skip_special)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""       # an incomplete character: wait for the next token
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix):]
+
+    def _check_stop(self, search_from: int) -> None:
+        """A stop string can only complete inside the new text plus the held-back tail."""
+        if not self.stop_words:
+            return
+        hits = [i for s in self.stop_words if (i := self.text.find(s, search_from)) >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
