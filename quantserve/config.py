@@ -14,12 +14,16 @@ SUPPORTED_MODEL_FORMATS = (None, "hf", "gguf")
 
 
 class ConfigError(ValueError):
-    """A configuration or request value is invalid; the message names the field."""
+    """A configuration or request value is invalid; `field` names it (the CLI shows the flag)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
-        raise ConfigError(message)
+        raise ConfigError(message, field=message.split(" ", 1)[0].split("=", 1)[0])
 
 
 @dataclass
@@ -31,6 +35,7 @@ class EngineConfig:
     session_len: int | None = None
     max_batch_size: int | None = None
     cache_max_entry_count: float = 0.8
+    cache_max_tokens: int | None = None
     cache_block_seq_len: int = 64
     max_prefill_token_num: int = 8192
     quant_policy: int = 0
@@ -46,6 +51,7 @@ class EngineConfig:
         _check(self.session_len is None or self.session_len > 0, "session_len must be > 0")
         _check(self.max_batch_size is None or self.max_batch_size > 0, "max_batch_size must be > 0")
         _check(0 < self.cache_max_entry_count <= 1, "cache_max_entry_count must be in (0, 1]")
+        _check(self.cache_max_tokens is None or self.cache_max_tokens > 0, "cache_max_tokens must be > 0")
         _check(self.cache_block_seq_len > 0, "cache_block_seq_len must be > 0")
         _check(self.max_prefill_token_num > 0, "max_prefill_token_num must be > 0")
         _check(self.quant_policy == 0, f"quant_policy={self.quant_policy} (KV cache quantization) is not supported by this build yet")

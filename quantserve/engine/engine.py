@@ -55,7 +55,7 @@ class Engine:
         per_token = PagedKVCache.bytes_per_token(self.args.num_layers, self.args.num_kv_heads,
                                                  self.args.head_dim, self.dtype)
         plan = plan_cache(free_memory(c.device), c.cache_max_entry_count, per_token,
-                          c.cache_block_seq_len, self.max_batch_size, self.session_len)
+                          c.cache_block_seq_len, self.max_batch_size, self.session_len, c.cache_max_tokens)
         if plan.num_tokens < self.session_len:
             raise ConfigError(
                 f"the KV cache holds {plan.num_tokens} tokens, less than one session of {self.session_len}: "

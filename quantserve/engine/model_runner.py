@@ -32,6 +32,7 @@ class ModelRunner:
         self.device = device
         self.block_size = cache.block_size
 
+    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         logits, requests = self.compute_logits(out)
         if not requests:

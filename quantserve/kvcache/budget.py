@@ -36,7 +36,10 @@ def free_memory(device: str) -> int:
 
 
 def plan_cache(free_bytes: int, fraction: float, bytes_per_token: int, block_size: int,
-               max_batch_size: int, session_len: int) -> CachePlan:
+               max_batch_size: int, session_len: int, max_tokens: int | None = None) -> CachePlan:
+    """max_tokens, when given, is an absolute size that replaces the fraction."""
+    if max_tokens is not None:
+        return CachePlan(-(-max_tokens // block_size), block_size, bytes_per_token, free_bytes)
     by_memory = int(free_bytes * fraction) // (bytes_per_token * block_size)
     blocks_per_seq = -(-session_len // block_size)
     by_use = max_batch_size * blocks_per_seq

@@ -1,0 +1,81 @@
+"""Flag groups shared by the subcommands, with LMDeploy's names and defaults, and their
+conversion to EngineConfig / GenerationConfig. Nothing below the CLI sees argparse."""
+from __future__ import annotations
+
+import argparse
+import re
+
+from quantserve.config import EngineConfig, GenerationConfig
+
+
+class FlexibleParser(argparse.ArgumentParser):
+    """Accepts `--foo_bar` as `--foo-bar` (LMDeploy and vLLM do the same)."""
+
+    def parse_args(self, args=None, namespace=None):
+        import sys
+
+        argv = sys.argv[1:] if args is None else list(args)
+        return super().parse_args([normalize_flag(a) for a in argv], namespace)
+
+
+def normalize_flag(arg: str) -> str:
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg.partition("=")
+    return re.sub("_", "-", name) + eq + value
+
+
+def add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_path", nargs="?", default=None,
+                   help="model directory, .gguf file, or nothing for the default model (SmolLM2-135M-Instruct)")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--backend", default="pytorch", choices=["pytorch", "turbomind"],
+                   help="accepted for LMDeploy compatibility; both run quantserve's engine")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--tp", type=int, default=1, help="tensor parallelism (only 1 in this build)")
+    g.add_argument("--session-len", type=int, default=None, help="max tokens of one conversation (default: the model's context)")
+    g.add_argument("--max-batch-size", type=int, default=None, help="max running sequences (default 16 on CPU)")
+    g.add_argument("--cache-max-entry-count", type=float, default=0.8,
+                   help="fraction of the memory free after loading weights given to the KV cache")
+    g.add_argument("--cache-max-tokens", type=int, default=None,
+                   help="KV cache size in tokens (replaces --cache-max-entry-count)")
+    g.add_argument("--cache-block-seq-len", type=int, default=64, help="tokens per KV cache block")
+    g.add_argument("--max-prefill-token-num", type=int, default=8192, help="tokens per step (chunked prefill)")
+    g.add_argument("--quant-policy", type=int, default=0, help="KV cache quantization: 0, 4 or 8")
+    g.add_argument("--enable-prefix-caching", action="store_true")
+    g.add_argument("--model-format", default=None, help="hf or gguf (detected when omitted)")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--chat-template", default=None, help="built-in name (chatml, internlm2, base) or a Jinja/JSON file")
+    g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--log-level", default="WARNING")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=1024)
+    g.add_argument("--seed", type=int, default=None)
+
+
+ENGINE_FIELDS = ("dtype", "tp", "session_len", "max_batch_size", "cache_max_entry_count", "cache_max_tokens",
+                 "cache_block_seq_len", "max_prefill_token_num", "quant_policy", "device",
+                 "enable_prefix_caching", "model_format", "trust_remote_code", "num_threads")
+
+
+def engine_config(ns: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{f: getattr(ns, f) for f in ENGINE_FIELDS})
+
+
+def generation_config(ns: argparse.Namespace) -> GenerationConfig:
+    return GenerationConfig(
+        do_sample=ns.temperature > 0, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
+        min_p=ns.min_p, repetition_penalty=ns.repetition_penalty, max_new_tokens=ns.max_new_tokens,
+        random_seed=ns.seed)

@@ -1,0 +1,80 @@
+"""`quantserve chat [MODEL]`: multi-turn chat in the terminal.
+
+Interactive: type a message and press Enter; the reply streams. Ctrl-C stops the current reply,
+`end` clears the history, `exit` (or Ctrl-D) quits. When stdin is not a terminal each line is
+one user turn and only the replies are printed, one per turn.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from quantserve.cli.args import add_engine_args, add_model_arg, add_sampling_args, engine_config, generation_config
+
+
+def add_arguments(p) -> None:
+    add_model_arg(p)
+    add_engine_args(p)
+    add_sampling_args(p, temperature=0.7)
+    p.add_argument("--system", default=None, help="system prompt for the conversation")
+
+
+def run(ns) -> int:
+    from quantserve.api import Pipeline
+
+    logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr, format="%(message)s")
+    gen = generation_config(ns)
+    pipe = Pipeline(ns.model_path, engine_config(ns), ns.chat_template)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"quantserve chat: {pipe.model_path}\n{pipe.engine.memory_summary()}\n"
+              "Enter sends; 'end' clears the history; 'exit' quits; Ctrl-C stops a reply.", file=sys.stderr)
+    history = [{"role": "system", "content": ns.system}] if ns.system else []
+    base = len(history)
+    while (line := _read(interactive)) is not None:
+        text = line.strip()
+        if text == "exit":
+            break
+        if text == "end":
+            del history[base:]
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        reply = _reply(pipe, history, gen)
+        if reply is None:
+            history.pop()
+        else:
+            history.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def _read(interactive: bool) -> str | None:
+    try:
+        return input("\nuser> ") if interactive else sys.stdin.readline() or None
+    except EOFError:
+        return None
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return ""
+
+
+def _reply(pipe, history: list[dict], gen) -> str | None:
+    """Stream one reply to stdout; None when the request was rejected."""
+    from quantserve.engine.engine import RequestError
+
+    parts: list[str] = []
+    try:
+        for chunk in pipe.stream_infer([list(history)], gen_config=gen):
+            parts.append(chunk.text)
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write(" [stopped]")
+    except RequestError as e:
+        print(f"error: {e} (type 'end' to clear the history)", file=sys.stderr)
+        return None
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(parts)
