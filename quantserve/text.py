@@ -101,16 +101,19 @@ class TextStream:
             before = len(self.text)
             self.text += self._decode_step()
             self._check_stop(max(0, before - self.holdback))
+        if final and not self.stopped:
+            self.text += self._decode_step(flush=True)
         end = len(self.text) if (final or self.stopped) else max(self.emitted, len(self.text) - self.holdback)
         delta = self.text[self.emitted:end]
         self.emitted = end
         return delta
 
-    def _decode_step(self) -> str:
+    def _decode_step(self, flush: bool = False) -> str:
+        """Text added by the tokens since read_offset; at the end (flush) whatever bytes remain."""
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special)
         full = decode(self.ids[self.prefix_offset:], self.skip_special)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not flush):
             return ""       # an incomplete character: wait for the next token
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return full[len(prefix):]

