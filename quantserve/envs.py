@@ -17,3 +17,8 @@ def num_threads() -> int | None:
 
 def log_level() -> str:
     return os.environ.get("QUANTSERVE_LOG_LEVEL", "INFO").upper()
+
+
+def kernels_disabled() -> bool:
+    """QUANTSERVE_DISABLE_KERNELS=1 forces the plain PyTorch path (for comparison and debugging)."""
+    return os.environ.get("QUANTSERVE_DISABLE_KERNELS", "") not in ("", "0")

@@ -80,6 +80,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, device=self.device),
             num_decode=len(decode_tables),
             decode_block_tables=self._pad_tables(decode_tables),
+            decode_context_lens=torch.tensor(decode_lens, dtype=torch.long, device=self.device),
             decode_mask=self._decode_mask(decode_lens),
             prefills=prefills,
         )

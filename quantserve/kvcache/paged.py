@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from quantserve import kernels
+
 
 @dataclass
 class PrefillChunk:
@@ -36,6 +38,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor          # [T] int64, cache slot of each new token
     num_decode: int
     decode_block_tables: torch.Tensor   # [B, max_blocks] int64 (padded with block 0)
+    decode_context_lens: torch.Tensor   # [B] int64
     decode_mask: torch.Tensor           # [B, 1, 1, max_blocks * block_size] bool, True = attend
     prefills: list[PrefillChunk]
 
@@ -60,8 +63,12 @@ class PagedKVCache:
         return self.k.nbytes + self.v.nbytes
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """k, v: [T, Hkv, D] for the new tokens; slots: [T]."""
+        """k, v: [T, Hkv, D] for the new tokens (rows may be strided); slots: [T]."""
         hkv, d = k.shape[1:]
+        if kernels.native(k, d) and kernels.usable(self.k):
+            kernels.kv_write(k.flatten(1), slots, self.k[layer])
+            kernels.kv_write(v.flatten(1), slots, self.v[layer])
+            return
         self.k[layer].view(-1, hkv, d).index_copy_(0, slots, k.to(self.k.dtype))
         self.v[layer].view(-1, hkv, d).index_copy_(0, slots, v.to(self.v.dtype))
 
@@ -98,6 +105,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
 def _decode_attention(q: torch.Tensor, layer: int, meta: AttentionMetadata,
                       cache: PagedKVCache, scale: float) -> torch.Tensor:
     """q: [B, Hq, D] -> [B, Hq, D]; the query heads of one KV group act as query rows."""
+    if kernels.usable(cache.k) and q.dtype == torch.float32:
+        return kernels.decode_attention(q.contiguous(), cache.k[layer], cache.v[layer],
+                                        meta.decode_block_tables, meta.decode_context_lens, scale)
     b, hq, d = q.shape
     k, v = cache.read(layer, meta.decode_block_tables)        # [B, S, Hkv, D]
     hkv = k.shape[2]

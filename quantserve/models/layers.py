@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantserve import kernels
 from quantserve.kvcache.paged import AttentionMetadata, PagedKVCache, paged_attention
 from quantserve.models.rope import RotaryEmbedding
-from quantserve.quant.linear import make_linear
+from quantserve.quant.linear import Linear, make_linear, tied_head
 
 
 @dataclass
@@ -67,7 +68,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [T, H]. With a residual: residual += x (in place), then normalise the sum."""
+        if kernels.native(x, x.shape[1]):
+            return kernels.add_rmsnorm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = residual.add_(x)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
@@ -85,11 +91,12 @@ class Attention(nn.Module):
                 meta: AttentionMetadata, cache: PagedKVCache) -> torch.Tensor:
         a = self.args
         t = x.shape[0]
-        q, k, v = self.qkv(x).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        qkv = self.qkv(x)                                       # [T, (Hq + 2 Hkv) * D]
+        rope(qkv, a.num_heads + a.num_kv_heads, positions)      # q and k heads, in place
+        q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         q = q.view(t, a.num_heads, a.head_dim)                  # [T, Hq, D]
         k = k.view(t, a.num_kv_heads, a.head_dim)               # [T, Hkv, D]
         v = v.view(t, a.num_kv_heads, a.head_dim)
-        q, k = rope(q, k, positions)
         cache.write(self.layer_idx, k, v, meta.slot_mapping)
         return self.o(paged_attention(q, k, v, self.layer_idx, meta, cache, self.scale))
 
@@ -113,9 +120,16 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, rope, positions, meta, cache):
-        x = x + self.attn(self.attn_norm(x), rope, positions, meta, cache)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, residual, rope, positions, meta, cache):
+        """Pre-norm block with the residual stream carried separately: returns (x, residual)."""
+        if residual is None:
+            residual = x
+            h = self.attn_norm(x)
+        else:
+            h = self.attn_norm(x, residual)
+        h = self.attn(h, rope, positions, meta, cache)
+        h = self.mlp(self.mlp_norm(h, residual))
+        return h, residual
 
 
 class CausalLM(nn.Module):
@@ -130,17 +144,26 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = None if args.tie_word_embeddings else make_linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope = rope
+        self.compute_dtype = torch.float32
+
+    def finalize(self, compute_dtype: torch.dtype) -> None:
+        """After loading: tie the head, repack linears for the device's kernels."""
+        self.compute_dtype = compute_dtype
+        if self.lm_head is None:
+            self.lm_head = tied_head(self.embed.weight)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.finalize()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata, cache: PagedKVCache) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, H] after the final norm."""
-        x = self.embed(input_ids)
+        x = self.embed(input_ids).to(self.compute_dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, self.rope, positions, meta, cache)
-        return self.norm(x)
+            x, residual = layer(x, residual, self.rope, positions, meta, cache)
+        return self.norm(x, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> logits [N, V] in float32."""
-        if self.lm_head is None:
-            return F.linear(hidden, self.embed.weight).float()
         return self.lm_head(hidden).float()

@@ -87,6 +87,8 @@ def read_checkpoint(files: list[Path], progress: bool) -> dict[str, torch.Tensor
 
 def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: int,
                hf_overrides: dict | None = None, progress: bool = True) -> CausalLM:
+    """Weights stored in `dtype`; activations (and the small norm weights) in float32 on CPU,
+    where the kernels compute in float32 whatever the storage, else in `dtype`."""
     cfg = read_config(model_dir)
     cfg.update(hf_overrides or {})
     family = family_for(cfg)
@@ -96,12 +98,15 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
                            args.max_position_embeddings, max_positions)
     with torch.device("meta"):
         model = CausalLM(args, rope)
-    weights = {k: v.to(dtype) for k, v in weights.items()}
+    compute = torch.float32 if device == "cpu" else dtype
+    weights = {k: v.to(compute if "norm" in k else dtype) for k, v in weights.items()}
     try:
         model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as e:
         raise ModelLoadError(f"checkpoint in {model_dir} does not match its config: {e}") from None
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    model.finalize(compute)
+    return model
 
 
 def torch_dtype(name: str, cfg: dict, device: str) -> torch.dtype:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantserve import kernels
 from quantserve.config import ConfigError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
@@ -47,11 +48,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hkv, D], positions: [T] -> rotated q, k."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)         # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, x: torch.Tensor, heads: int, positions: torch.Tensor) -> None:
+        """Rotate, in place, the first `heads` heads of every row of x: [T, >= heads * D]."""
+        d = self.cos.shape[1]
+        if kernels.native(x, d):
+            kernels.rope_(x, heads, d, positions, self.cos, self.sin)
+            return
+        v = x[:, :heads * d].view(x.shape[0], heads, d)                # [T, heads, D]
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)            # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        v.copy_(v * cos + _rotate_half(v) * sin)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,47 @@
-"""The linear factory: model files ask it for every projection and never branch on quantization."""
+"""The linear factory: model files ask it for every projection and never branch on quantization.
+
+On CPU with the native kernels, weights are repacked once after loading (`finalize`) into the
+panel layout of quantserve.kernels and multiplied in float32 whatever their storage dtype
+(float32 or bfloat16); elsewhere torch's F.linear runs in the weight dtype.
+"""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class Linear(nn.Linear):
-    """Dense linear; weight [out, in] in the model's storage dtype."""
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+from quantserve import kernels
 
 
-def make_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))   # [N, K]
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.packed: torch.Tensor | None = None                              # [N/16, K, 16]
+
+    def finalize(self) -> None:
+        """Repack for the native kernel when it can run this layer; drops the [N, K] copy."""
+        if kernels.usable(self.weight):
+            self.packed = kernels.pack_weight(self.weight.data)
+            self.bias = None if self.bias is None else nn.Parameter(self.bias.data.float())
+            self.weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, K] -> [T, N] in x's dtype."""
+        if self.packed is not None:
+            return kernels.linear(x.float().contiguous(), self.packed, self.out_features, self.bias)
+        bias = None if self.bias is None else self.bias.to(self.weight.dtype)
+        return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
+
+
+def make_linear(in_features: int, out_features: int, bias: bool) -> Linear:
     return Linear(in_features, out_features, bias=bias)
+
+
+def tied_head(embedding: torch.Tensor) -> Linear:
+    """An output projection sharing the input embedding's values ([V, H])."""
+    head = Linear(embedding.shape[1], embedding.shape[0], bias=False)
+    head.weight = nn.Parameter(embedding, requires_grad=False)
+    return head

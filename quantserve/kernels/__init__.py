@@ -1,0 +1,140 @@
+"""Native CPU kernels, built from cpu_kernels.c on first use and cached by source hash.
+
+Everything device-specific lives here. When the CPU lacks AVX2/FMA, no C compiler is found,
+or QUANTSERVE_DISABLE_KERNELS is set, `cpu()` returns None and callers use plain PyTorch.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from quantserve import envs
+
+logger = logging.getLogger("quantserve")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+
+W_TYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2 " in flags and " fma " in flags
+
+
+def _build(target: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc) found")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True, text=True)
+        out.replace(target)
+
+
+@functools.cache
+def cpu() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None when native kernels are unavailable."""
+    if envs.kernels_disabled() or not _cpu_has_avx2():
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = envs.quantserve_home() / "kernels" / f"libqs-{digest}.so"
+    try:
+        if not target.exists():
+            logger.info("building CPU kernels (once) -> %s", target)
+            _build(target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or e
+        logger.warning("native CPU kernels unavailable, using PyTorch ops: %s", detail)
+        return None
+    _declare(lib)
+    return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.qs_linear.argtypes = [p, i, i, p, i, p, p, i, i]
+    lib.qs_decode_attention.argtypes = [p, ctypes.c_long, p, p, i, p, p, i, i, i, i, i, i, f, p, i]
+    lib.qs_add_rmsnorm.argtypes = [p, p, p, f, p, i, i]
+    lib.qs_rope.argtypes = [p, i, ctypes.c_long, i, i, p, p, p]
+    lib.qs_kv_write.argtypes = [p, ctypes.c_long, i, i, p, p, i]
+    for fn in (lib.qs_linear, lib.qs_decode_attention, lib.qs_add_rmsnorm, lib.qs_rope, lib.qs_kv_write):
+        fn.restype = None
+
+
+PANEL = 16
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether the native kernels can take this (weight or cache) tensor."""
+    return t.device.type == "cpu" and t.dtype in W_TYPES and cpu() is not None
+
+
+def native(x: torch.Tensor, width: int) -> bool:
+    """Whether the elementwise kernels take activations x whose rows hold `width`-wide vectors."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and width % 16 == 0 and cpu() is not None
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> panels [ceil(N / 16), K, 16]: packed[p, k, j] = weight[16 p + j, k] (zero-padded)."""
+    n, k = weight.shape
+    padded = torch.zeros(-(-n // PANEL) * PANEL, k, dtype=weight.dtype)
+    padded[:n] = weight
+    return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x: [M, K] float32 contiguous; packed: pack_weight() of a [n, K] weight -> [M, n] float32."""
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=torch.float32)
+    cpu().qs_linear(x.data_ptr(), m, k, packed.data_ptr(), W_TYPES[packed.dtype],
+                    bias.data_ptr() if bias is not None else None, y.data_ptr(), n, torch.get_num_threads())
+    return y
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [B, Hq, D] float32 (rows may be strided); caches: [num_blocks, block_size, Hkv, D] -> [B, Hq, D]."""
+    b, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    out = torch.empty(b, hq, d, dtype=torch.float32)
+    cpu().qs_decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                              W_TYPES[k_cache.dtype], block_tables.data_ptr(), context_lens.data_ptr(),
+                              b, hq, hkv, d, block_size, block_tables.shape[1], scale, out.data_ptr(),
+                              torch.get_num_threads())
+    return out
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [T, H] float32; residual (updated in place) += x; returns rmsnorm(residual or x) * weight."""
+    out = torch.empty_like(x)
+    cpu().qs_add_rmsnorm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+                         eps, out.data_ptr(), x.shape[0], x.shape[1])
+    return out
+
+
+def rope_(x: torch.Tensor, heads: int, head_dim: int, positions: torch.Tensor,
+          cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """In place on the first `heads` heads of each row of x: [T, >= heads * D] float32."""
+    cpu().qs_rope(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, positions.data_ptr(),
+                  cos.data_ptr(), sin.data_ptr())
+
+
+def kv_write(src: torch.Tensor, slots: torch.Tensor, cache_layer: torch.Tensor) -> None:
+    """src: [T, Hkv * D] float32 rows (may be strided); cache_layer: [num_blocks, block_size, Hkv, D]."""
+    cpu().qs_kv_write(src.data_ptr(), src.stride(0), src.shape[0], src.shape[1], slots.data_ptr(),
+                      cache_layer.data_ptr(), W_TYPES[cache_layer.dtype])

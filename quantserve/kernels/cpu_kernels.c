@@ -1,0 +1,290 @@
+/* quantserve CPU kernels (x86 AVX2 + FMA, OpenMP).
+ *
+ * Each result row is computed in an order that does not depend on how many rows are in the
+ * batch, so a request gets bit-identical numbers alone or batched.
+ *
+ * Weight types (wtype): 0 = float32, 1 = bfloat16 (upper half of a float32).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { W_F32 = 0, W_BF16 = 1 };
+
+static inline __m256 load8(const void *w, int wtype, long idx) {
+    if (wtype == W_BF16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + idx));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_loadu_ps((const float *)w + idx);
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Linear layers run on weights packed in panels of 16 output rows, k-major inside a panel:
+ * packed[p][k][j] = w[16 p + j][k]  (rows past N are zero). For one 8-wide k step the kernel loads
+ * 16 consecutive weights = one output lane each, and every output element accumulates over k
+ * in order in its own lane: the same numbers whatever the tile shape or batch size. */
+#define NR 16
+
+static inline void store_tile(__m256 a0, __m256 a1, float *y, int nvalid, const float *bias) {
+    float tmp[NR];
+    _mm256_storeu_ps(tmp, a0);
+    _mm256_storeu_ps(tmp + 8, a1);
+    for (int j = 0; j < nvalid; j++) y[j] = tmp[j] + (bias ? bias[j] : 0.0f);
+}
+
+#define FMA_ROW(i)                                                                                  \
+    if (MT > i) {                                                                                  \
+        __m256 xb = _mm256_broadcast_ss(x + (long)(i) * K + k);                                    \
+        a##i##0 = _mm256_fmadd_ps(xb, w0, a##i##0);                                                \
+        a##i##1 = _mm256_fmadd_ps(xb, w1, a##i##1);                                                \
+    }
+#define STORE_ROW(i)                                                                                \
+    if (MT > i) store_tile(a##i##0, a##i##1, y + (long)(i) * N + n0, nvalid, bias ? bias + n0 : NULL);
+
+/* MT (1..6) rows of x against panel p; accumulators live in registers (12 + 2 weights + 1). */
+static inline __attribute__((always_inline)) void rows_x_panel(const int MT, const int WT, const float *x,
+                                                               int K, const void *w, long p, int N,
+                                                               const float *bias, float *y) {
+    __m256 z = _mm256_setzero_ps();
+    __m256 a00 = z, a01 = z, a10 = z, a11 = z, a20 = z, a21 = z, a30 = z, a31 = z, a40 = z, a41 = z,
+           a50 = z, a51 = z;
+    const long base = p * (long)K * NR;
+    for (int k = 0; k < K; k++) {
+        __m256 w0 = load8(w, WT, base + (long)k * NR), w1 = load8(w, WT, base + (long)k * NR + 8);
+        FMA_ROW(0) FMA_ROW(1) FMA_ROW(2) FMA_ROW(3) FMA_ROW(4) FMA_ROW(5)
+    }
+    long n0 = p * NR;
+    int nvalid = N - n0 < NR ? (int)(N - n0) : NR;
+    STORE_ROW(0) STORE_ROW(1) STORE_ROW(2) STORE_ROW(3) STORE_ROW(4) STORE_ROW(5)
+}
+
+/* One row of x against 4 panels: 8 independent accumulator chains hide FMA latency. */
+static inline __attribute__((always_inline)) void row_x_4panels(const int WT, const float *x, int K,
+                                                                const void *w, long p0, int N,
+                                                                const float *bias, float *y) {
+    __m256 z = _mm256_setzero_ps();
+    __m256 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z;
+    const long stride = (long)K * NR, base = p0 * stride;
+    for (int k = 0; k < K; k++) {
+        __m256 xb = _mm256_broadcast_ss(x + k);
+        long o = base + (long)k * NR;
+        c00 = _mm256_fmadd_ps(xb, load8(w, WT, o), c00);
+        c01 = _mm256_fmadd_ps(xb, load8(w, WT, o + 8), c01);
+        c10 = _mm256_fmadd_ps(xb, load8(w, WT, o + stride), c10);
+        c11 = _mm256_fmadd_ps(xb, load8(w, WT, o + stride + 8), c11);
+        c20 = _mm256_fmadd_ps(xb, load8(w, WT, o + 2 * stride), c20);
+        c21 = _mm256_fmadd_ps(xb, load8(w, WT, o + 2 * stride + 8), c21);
+        c30 = _mm256_fmadd_ps(xb, load8(w, WT, o + 3 * stride), c30);
+        c31 = _mm256_fmadd_ps(xb, load8(w, WT, o + 3 * stride + 8), c31);
+    }
+    __m256 acc[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+    for (int q = 0; q < 4; q++) {
+        long n0 = (p0 + q) * NR;
+        int nvalid = N - n0 < NR ? (int)(N - n0) : NR;
+        store_tile(acc[q][0], acc[q][1], y + n0, nvalid, bias ? bias + n0 : NULL);
+    }
+}
+
+#define DEFINE_MICROS(WT)                                                                           \
+    static void micro_4p_##WT(const float *x, int K, const void *w, long p, int N, const float *b,  \
+                              float *y) { row_x_4panels(WT, x, K, w, p, N, b, y); }                 \
+    static void micro_1_##WT(const float *x, int K, const void *w, long p, int N, const float *b,   \
+                             float *y) { rows_x_panel(1, WT, x, K, w, p, N, b, y); }                \
+    static void micro_2_##WT(const float *x, int K, const void *w, long p, int N, const float *b,   \
+                             float *y) { rows_x_panel(2, WT, x, K, w, p, N, b, y); }                \
+    static void micro_3_##WT(const float *x, int K, const void *w, long p, int N, const float *b,   \
+                             float *y) { rows_x_panel(3, WT, x, K, w, p, N, b, y); }                \
+    static void micro_4_##WT(const float *x, int K, const void *w, long p, int N, const float *b,   \
+                             float *y) { rows_x_panel(4, WT, x, K, w, p, N, b, y); }                \
+    static void micro_5_##WT(const float *x, int K, const void *w, long p, int N, const float *b,   \
+                             float *y) { rows_x_panel(5, WT, x, K, w, p, N, b, y); }                \
+    static void micro_6_##WT(const float *x, int K, const void *w, long p, int N, const float *b,   \
+                             float *y) { rows_x_panel(6, WT, x, K, w, p, N, b, y); }
+DEFINE_MICROS(0)
+DEFINE_MICROS(1)
+
+typedef void (*micro_fn)(const float *, int, const void *, long, int, const float *, float *);
+/* [wtype][rows]; column 0 is the 1-row, 4-panel kernel */
+static const micro_fn MICRO[2][7] = {
+    {micro_4p_0, micro_1_0, micro_2_0, micro_3_0, micro_4_0, micro_5_0, micro_6_0},
+    {micro_4p_1, micro_1_1, micro_2_1, micro_3_1, micro_4_1, micro_5_1, micro_6_1},
+};
+
+/* x: [M, K] float32; packed: [ceil(N / 16), K, 16] (wtype); bias: [N] or NULL; y: [M, N]. */
+void qs_linear(const float *x, int M, int K, const void *packed, int wtype, const float *bias,
+               float *y, int N, int nthreads) {
+    long npanels = (N + NR - 1) / NR;
+    if (M == 1) {
+        long ngroups = (npanels + 3) / 4;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (long g = 0; g < ngroups; g++) {
+            long p0 = g * 4;
+            if (p0 + 4 <= npanels) MICRO[wtype][0](x, K, packed, p0, N, bias, y);
+            else
+                for (long p = p0; p < npanels; p++) MICRO[wtype][1](x, K, packed, p, N, bias, y);
+        }
+        return;
+    }
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (long p = 0; p < npanels; p++) {
+        for (int m0 = 0; m0 < M; m0 += 6) {
+            int mt = M - m0 < 6 ? M - m0 : 6;
+            MICRO[wtype][mt](x + (long)m0 * K, K, packed, p, N, bias, y + (long)m0 * N);
+        }
+    }
+}
+
+/* q . k for one head, two accumulators over D (D % 16 == 0). */
+static inline float dot(const float *a, const void *b, int ctype, long off, int D) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), load8(b, ctype, off + d), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), load8(b, ctype, off + d + 8), a1);
+    }
+    return hsum(_mm256_add_ps(a0, a1));
+}
+
+#define MAX_GROUP 16
+
+/* Scores of the G query heads of KV head h against every context token, then softmax. */
+static void scores_softmax(const float *const *qg, int G, const void *k_cache, int ctype,
+                           const int64_t *table, long L, int block_size, int Hkv, int h, int D,
+                           float scale, float *scores) {
+    for (long t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
+        long n = L - t0 < block_size ? L - t0 : block_size;
+        long base = (table[blk] * block_size * Hkv + h) * (long)D;
+        for (long i = 0; i < n; i++)
+            for (int g = 0; g < G; g++)
+                scores[g * L + t0 + i] = dot(qg[g], k_cache, ctype, base + i * Hkv * D, D) * scale;
+    }
+    for (int g = 0; g < G; g++) {
+        float *sg = scores + g * L, mx = -INFINITY, sum = 0.0f;
+        for (long t = 0; t < L; t++) mx = sg[t] > mx ? sg[t] : mx;
+        for (long t = 0; t < L; t++) sum += (sg[t] = expf(sg[t] - mx));
+        float inv = 1.0f / sum;
+        for (long t = 0; t < L; t++) sg[t] *= inv;
+    }
+}
+
+/* out[g] = sum_t p[g][t] v[t], 8 lanes of D at a time, two accumulators (even / odd t). */
+static void weighted_values(const float *scores, int G, const void *v_cache, int ctype,
+                            const int64_t *table, long L, int block_size, int Hkv, int h, int D,
+                            float *const *og) {
+    for (int d = 0; d < D; d += 8) {
+        __m256 acc[MAX_GROUP][2];
+        for (int g = 0; g < G; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+        for (long t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
+            long n = L - t0 < block_size ? L - t0 : block_size;
+            long base = (table[blk] * block_size * Hkv + h) * (long)D + d;
+            for (long i = 0; i < n; i++) {
+                __m256 vv = load8(v_cache, ctype, base + i * Hkv * D);
+                int par = (int)((t0 + i) & 1);
+                for (int g = 0; g < G; g++)
+                    acc[g][par] = _mm256_fmadd_ps(_mm256_set1_ps(scores[g * L + t0 + i]), vv, acc[g][par]);
+            }
+        }
+        for (int g = 0; g < G; g++) _mm256_storeu_ps(og[g] + d, _mm256_add_ps(acc[g][0], acc[g][1]));
+    }
+}
+
+/* One query token per sequence against its paged context.
+ * q: [B, Hq, D] (row stride q_stride floats); k_cache, v_cache: [num_blocks, block_size, Hkv, D]
+ * (ctype); block_tables: [B, max_blocks]; context_lens: [B]; out: [B, Hq, D].
+ * D % 16 == 0, Hq / Hkv <= 16. */
+void qs_decode_attention(const float *q, long q_stride, const void *k_cache, const void *v_cache, int ctype,
+                         const int64_t *block_tables, const int64_t *context_lens, int B, int Hq,
+                         int Hkv, int D, int block_size, int max_blocks, float scale, float *out,
+                         int nthreads) {
+    int G = Hq / Hkv;
+#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(nthreads)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < Hkv; h++) {
+            long L = context_lens[b];
+            const int64_t *table = block_tables + (long)b * max_blocks;
+            const float *qg[MAX_GROUP];
+            float *og[MAX_GROUP];
+            for (int g = 0; g < G; g++) {
+                qg[g] = q + (long)b * q_stride + (long)(h * G + g) * D;
+                og[g] = out + ((long)b * Hq + h * G + g) * D;
+            }
+            float *scores = malloc(sizeof(float) * G * L);
+            scores_softmax(qg, G, k_cache, ctype, table, L, block_size, Hkv, h, D, scale, scores);
+            weighted_values(scores, G, v_cache, ctype, table, L, block_size, Hkv, h, D, og);
+            free(scores);
+        }
+    }
+}
+
+static inline void store8(void *dst, int ctype, long idx, __m256 v) {
+    if (ctype == W_BF16) {
+        /* round to nearest even, as torch does when casting float32 -> bfloat16 */
+        __m256i b = _mm256_castps_si256(v);
+        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+        b = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+        b = _mm256_srli_epi32(b, 16);
+        __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)dst + idx), packed);
+    } else {
+        _mm256_storeu_ps((float *)dst + idx, v);
+    }
+}
+
+/* residual (if given) += x, then out = rmsnorm(residual or x) * weight. Rows of H floats. */
+void qs_add_rmsnorm(const float *x, float *residual, const float *weight, float eps, float *out,
+                    int T, int H) {
+    for (int t = 0; t < T; t++) {
+        const float *xr = x + (long)t * H;
+        float *src = residual ? residual + (long)t * H : (float *)xr;
+        __m256 ss = _mm256_setzero_ps();
+        for (int h = 0; h < H; h += 8) {
+            __m256 v = _mm256_loadu_ps(xr + h);
+            if (residual) {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(src + h));
+                _mm256_storeu_ps(src + h, v);
+            }
+            ss = _mm256_fmadd_ps(v, v, ss);
+        }
+        float inv = 1.0f / sqrtf(hsum(ss) / H + eps);
+        __m256 iv = _mm256_set1_ps(inv);
+        for (int h = 0; h < H; h += 8)
+            _mm256_storeu_ps(out + (long)t * H + h,
+                             _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(src + h), iv), _mm256_loadu_ps(weight + h)));
+    }
+}
+
+/* In place, rotate_half convention: for the first `heads` heads of each row (row stride
+ * `stride` floats), x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin over the two halves of D.
+ * cos/sin: [P, D] tables (halves duplicated). */
+void qs_rope(float *x, int T, long stride, int heads, int D, const int64_t *positions,
+             const float *cos_t, const float *sin_t) {
+    int half = D / 2;
+    for (int t = 0; t < T; t++) {
+        const float *c = cos_t + positions[t] * D, *s = sin_t + positions[t] * D;
+        for (int h = 0; h < heads; h++) {
+            float *v = x + t * stride + (long)h * D;
+            for (int i = 0; i < half; i += 8) {
+                __m256 x1 = _mm256_loadu_ps(v + i), x2 = _mm256_loadu_ps(v + half + i);
+                __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+                _mm256_storeu_ps(v + i, _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv)));
+                _mm256_storeu_ps(v + half + i, _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv)));
+            }
+        }
+    }
+}
+
+/* Copy T rows of `width` floats (row stride `stride`) into cache slots (ctype). */
+void qs_kv_write(const float *src, long stride, int T, int width, const int64_t *slots, void *cache,
+                 int ctype) {
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < width; i += 8)
+            store8(cache, ctype, slots[t] * width + i, _mm256_loadu_ps(src + t * stride + i));
+}
