@@ -105,7 +105,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
 def _decode_attention(q: torch.Tensor, layer: int, meta: AttentionMetadata,
                       cache: PagedKVCache, scale: float) -> torch.Tensor:
     """q: [B, Hq, D] -> [B, Hq, D]; the query heads of one KV group act as query rows."""
-    if kernels.usable(cache.k) and q.dtype == torch.float32:
+    if kernels.native(q, q.shape[2]) and kernels.usable(cache.k) and q.shape[1] // cache.k.shape[3] <= 16:
         return kernels.decode_attention(q.contiguous(), cache.k[layer], cache.v[layer],
                                         meta.decode_block_tables, meta.decode_context_lens, scale)
     b, hq, d = q.shape
