@@ -115,3 +115,14 @@ def test_stop_token_ids_and_min_new_tokens(engine):
     assert out == free_run[:free_run.index(stop) + 1]
     late = run(engine, [PROMPTS[0]], SamplingParams(max_new_tokens=10, stop_token_ids=(stop,), min_new_tokens=8))[0]
     assert stop not in late[:8] and len(late) >= 8
+
+
+def test_fused_decode_equals_layer_by_layer(tiny_llama):
+    """The one-call native decode step gives bit-identical tokens and logits to the module path."""
+    fused = make_engine(tiny_llama, dtype="bfloat16")
+    if fused.model.fused is None:
+        pytest.skip("native kernels unavailable")
+    plain = make_engine(tiny_llama, dtype="bfloat16")
+    plain.model.fused = None
+    params = SamplingParams(max_new_tokens=20)
+    assert run(fused, PROMPTS, params) == run(plain, PROMPTS, params)

@@ -23,7 +23,7 @@ logger = logging.getLogger("quantserve")
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
-W_TYPES = {torch.float32: 0, torch.bfloat16: 1}
+W_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _cpu_has_avx2() -> bool:
@@ -72,7 +72,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qs_add_rmsnorm.argtypes = [p, p, p, f, p, i, i]
     lib.qs_rope.argtypes = [p, i, ctypes.c_long, i, i, p, p, p]
     lib.qs_kv_write.argtypes = [p, ctypes.c_long, i, i, p, p, i]
-    for fn in (lib.qs_linear, lib.qs_decode_attention, lib.qs_add_rmsnorm, lib.qs_rope, lib.qs_kv_write):
+    lib.qs_silu_mul.argtypes = [p, p, i, i]
+    lib.qs_decode_layers.argtypes = [p, i, p, p, p]
+    for fn in (lib.qs_linear, lib.qs_decode_attention, lib.qs_add_rmsnorm, lib.qs_rope, lib.qs_kv_write,
+               lib.qs_silu_mul, lib.qs_decode_layers):
         fn.restype = None
 
 
@@ -138,3 +141,11 @@ def kv_write(src: torch.Tensor, slots: torch.Tensor, cache_layer: torch.Tensor) 
     """src: [T, Hkv * D] float32 rows (may be strided); cache_layer: [num_blocks, block_size, Hkv, D]."""
     cpu().qs_kv_write(src.data_ptr(), src.stride(0), src.shape[0], src.shape[1], slots.data_ptr(),
                       cache_layer.data_ptr(), W_TYPES[cache_layer.dtype])
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2I] float32 contiguous -> silu(gate) * up: [T, I]."""
+    t, two_i = gate_up.shape
+    out = torch.empty(t, two_i // 2, dtype=torch.float32)
+    cpu().qs_silu_mul(gate_up.data_ptr(), out.data_ptr(), t, two_i // 2)
+    return out

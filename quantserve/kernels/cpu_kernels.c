@@ -3,7 +3,8 @@
  * Each result row is computed in an order that does not depend on how many rows are in the
  * batch, so a request gets bit-identical numbers alone or batched.
  *
- * Weight types (wtype): 0 = float32, 1 = bfloat16 (upper half of a float32).
+ * Weight and cache types (wtype / ctype): 0 = float32, 1 = bfloat16 (upper half of a float32),
+ * 2 = float16 (IEEE half, converted with F16C).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -11,13 +12,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { W_F32 = 0, W_BF16 = 1 };
+enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
 
 static inline __m256 load8(const void *w, int wtype, long idx) {
     if (wtype == W_BF16) {
         __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + idx));
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
+    if (wtype == W_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + idx)));
     return _mm256_loadu_ps((const float *)w + idx);
 }
 
@@ -111,12 +113,14 @@ static inline __attribute__((always_inline)) void row_x_4panels(const int WT, co
                              float *y) { rows_x_panel(6, WT, x, K, w, p, N, b, y); }
 DEFINE_MICROS(0)
 DEFINE_MICROS(1)
+DEFINE_MICROS(2)
 
 typedef void (*micro_fn)(const float *, int, const void *, long, int, const float *, float *);
 /* [wtype][rows]; column 0 is the 1-row, 4-panel kernel */
-static const micro_fn MICRO[2][7] = {
+static const micro_fn MICRO[3][7] = {
     {micro_4p_0, micro_1_0, micro_2_0, micro_3_0, micro_4_0, micro_5_0, micro_6_0},
     {micro_4p_1, micro_1_1, micro_2_1, micro_3_1, micro_4_1, micro_5_1, micro_6_1},
+    {micro_4p_2, micro_1_2, micro_2_2, micro_3_2, micro_4_2, micro_5_2, micro_6_2},
 };
 
 /* x: [M, K] float32; packed: [ceil(N / 16), K, 16] (wtype); bias: [N] or NULL; y: [M, N]. */
@@ -233,6 +237,8 @@ static inline void store8(void *dst, int ctype, long idx, __m256 v) {
         b = _mm256_srli_epi32(b, 16);
         __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
         _mm_storeu_si128((__m128i *)((uint16_t *)dst + idx), packed);
+    } else if (ctype == W_F16) {
+        _mm_storeu_si128((__m128i *)((uint16_t *)dst + idx), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
     } else {
         _mm256_storeu_ps((float *)dst + idx, v);
     }
@@ -287,4 +293,87 @@ void qs_kv_write(const float *src, long stride, int T, int width, const int64_t 
     for (int t = 0; t < T; t++)
         for (int i = 0; i < width; i += 8)
             store8(cache, ctype, slots[t] * width + i, _mm256_loadu_ps(src + t * stride + i));
+}
+
+/* exp(x) for 8 lanes: Cephes' range reduction x = n ln2 + r and degree-5 polynomial (~1 ulp). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* gate_up: [T, 2I] rows [gate | up] -> out: [T, I] = silu(gate) * up. I % 8 == 0. */
+void qs_silu_mul(const float *gate_up, float *out, int T, int I) {
+    for (int t = 0; t < T; t++) {
+        const float *g = gate_up + (long)t * 2 * I, *u = g + I;
+        for (int i = 0; i < I; i += 8) {
+            __m256 gv = _mm256_loadu_ps(g + i);
+            __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+            _mm256_storeu_ps(out + (long)t * I + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+        }
+    }
+}
+
+/* ---- a whole decode step through every layer in one call ------------------------------- */
+
+typedef struct {
+    const void *qkv, *o, *gate_up, *down;        /* packed weights (wtype) */
+    const float *qkv_bias, *o_bias;              /* or NULL */
+    const float *attn_norm, *mlp_norm;           /* [H] */
+} LayerWeights;
+
+typedef struct {
+    int T, H, Hq, Hkv, D, I, wtype, ctype, block_size, max_blocks, nthreads;
+    float eps, scale;
+    const int64_t *positions, *slots, *block_tables, *context_lens;   /* [T], [T], [T, max_blocks], [T] */
+    const float *cos, *sin;                                            /* [P, D] */
+    void *k_cache, *v_cache;                     /* [L, num_blocks, block_size, Hkv, D] (ctype) */
+    long layer_stride;                           /* elements between layers of the cache */
+} DecodeBatch;
+
+static inline void *cache_layer(void *base, int ctype, long offset) {
+    return (char *)base + offset * (ctype == W_F32 ? 4 : 2);
+}
+
+/* x: [T, H] embeddings in; on return x holds the last layer's output and residual the stream
+ * before it (the caller applies the final add + norm). Same kernels, same order as the
+ * module-by-module path, so the numbers are identical. */
+void qs_decode_layers(const LayerWeights *layers, int L, const DecodeBatch *b, float *x, float *residual) {
+    int T = b->T, H = b->H, qd = b->Hq * b->D, kvd = b->Hkv * b->D, nqkv = qd + 2 * kvd;
+    float *h = malloc(sizeof(float) * T * H), *qkv = malloc(sizeof(float) * T * nqkv);
+    float *attn = malloc(sizeof(float) * T * qd), *gu = malloc(sizeof(float) * T * 2 * b->I);
+    float *act = malloc(sizeof(float) * T * b->I);
+    for (int l = 0; l < L; l++) {
+        const LayerWeights *w = layers + l;
+        if (l == 0) {
+            memcpy(residual, x, sizeof(float) * T * H);
+            qs_add_rmsnorm(x, NULL, w->attn_norm, b->eps, h, T, H);
+        } else {
+            qs_add_rmsnorm(x, residual, w->attn_norm, b->eps, h, T, H);
+        }
+        qs_linear(h, T, H, w->qkv, b->wtype, w->qkv_bias, qkv, nqkv, b->nthreads);
+        qs_rope(qkv, T, nqkv, b->Hq + b->Hkv, b->D, b->positions, b->cos, b->sin);
+        void *kc = cache_layer(b->k_cache, b->ctype, l * b->layer_stride);
+        void *vc = cache_layer(b->v_cache, b->ctype, l * b->layer_stride);
+        qs_kv_write(qkv + qd, nqkv, T, kvd, b->slots, kc, b->ctype);
+        qs_kv_write(qkv + qd + kvd, nqkv, T, kvd, b->slots, vc, b->ctype);
+        qs_decode_attention(qkv, nqkv, kc, vc, b->ctype, b->block_tables, b->context_lens, T, b->Hq, b->Hkv,
+                            b->D, b->block_size, b->max_blocks, b->scale, attn, b->nthreads);
+        qs_linear(attn, T, qd, w->o, b->wtype, w->o_bias, x, H, b->nthreads);
+        qs_add_rmsnorm(x, residual, w->mlp_norm, b->eps, h, T, H);
+        qs_linear(h, T, H, w->gate_up, b->wtype, NULL, gu, 2 * b->I, b->nthreads);
+        qs_silu_mul(gu, act, T, b->I);
+        qs_linear(act, T, b->I, w->down, b->wtype, NULL, x, H, b->nthreads);
+    }
+    free(h); free(qkv); free(attn); free(gu); free(act);
 }

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantserve import kernels
+from quantserve.kernels.fused import FusedDecoder
 from quantserve.kvcache.paged import AttentionMetadata, PagedKVCache, paged_attention
 from quantserve.models.rope import RotaryEmbedding
 from quantserve.quant.linear import Linear, make_linear, tied_head
@@ -108,7 +109,10 @@ class MLP(nn.Module):
         self.down = make_linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate_up = self.gate_up(x)                                # [T, 2I]
+        if kernels.native(gate_up, gate_up.shape[1] // 2):
+            return self.down(kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 
@@ -145,6 +149,7 @@ class CausalLM(nn.Module):
         self.lm_head = None if args.tie_word_embeddings else make_linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope = rope
         self.compute_dtype = torch.float32
+        self.fused: FusedDecoder | None = None
 
     def finalize(self, compute_dtype: torch.dtype) -> None:
         """After loading: tie the head, repack linears for the device's kernels."""
@@ -154,11 +159,15 @@ class CausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.finalize()
+        self.fused = FusedDecoder.build(self)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata, cache: PagedKVCache) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, H] after the final norm."""
         x = self.embed(input_ids).to(self.compute_dtype)
+        if self.fused is not None and self.fused.can_run(meta, cache):
+            x, residual = self.fused.forward(x, positions, meta, cache)
+            return self.norm(x, residual)
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, self.rope, positions, meta, cache)

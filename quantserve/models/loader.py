@@ -110,12 +110,10 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
 
 
 def torch_dtype(name: str, cfg: dict, device: str) -> torch.dtype:
-    """EngineConfig.dtype -> torch dtype. auto: float32 on CPU (the fast path there), else the
-    checkpoint's half type (float16 for float32 checkpoints, as LMDeploy does)."""
+    """EngineConfig.dtype -> weight storage dtype. auto, as in LMDeploy: bfloat16 for bfloat16
+    checkpoints, float16 otherwise. (On CPU the kernels still compute in float32.)"""
     if name != "auto":
         return getattr(torch, name)
-    if device == "cpu":
-        return torch.float32
     stored = cfg.get("torch_dtype") or cfg.get("dtype") or "float16"
     return torch.bfloat16 if stored == "bfloat16" else torch.float16
 

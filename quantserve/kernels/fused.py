@@ -1,0 +1,77 @@
+"""A whole decode step (every layer) in one native call, for batches of single-token decodes.
+
+The per-layer weights are described once, at load time, as C structs pointing at the packed
+tensors; each step fills one DecodeBatch struct. The numbers equal the module-by-module path
+(same kernels, same order); this only removes the Python between them.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from quantserve import kernels
+
+_p, _i, _f, _l = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
+
+
+class LayerWeights(ctypes.Structure):
+    _fields_ = [("qkv", _p), ("o", _p), ("gate_up", _p), ("down", _p), ("qkv_bias", _p), ("o_bias", _p),
+                ("attn_norm", _p), ("mlp_norm", _p)]
+
+
+class DecodeBatch(ctypes.Structure):
+    _fields_ = [(n, _i) for n in ("T", "H", "Hq", "Hkv", "D", "I", "wtype", "ctype", "block_size",
+                                   "max_blocks", "nthreads")] + [
+        ("eps", _f), ("scale", _f), ("positions", _p), ("slots", _p), ("block_tables", _p),
+        ("context_lens", _p), ("cos", _p), ("sin", _p), ("k_cache", _p), ("v_cache", _p),
+        ("layer_stride", _l)]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class FusedDecoder:
+    """Built from a finalized CausalLM when every piece can run natively, else `build` gives None."""
+
+    def __init__(self, model):
+        self.model = model
+        a = model.args
+        layers = model.layers
+        self.wtype = kernels.W_TYPES[layers[0].attn.qkv.packed.dtype]
+        self.structs = (LayerWeights * len(layers))(*[
+            LayerWeights(_ptr(l.attn.qkv.packed), _ptr(l.attn.o.packed), _ptr(l.mlp.gate_up.packed),
+                         _ptr(l.mlp.down.packed), _ptr(l.attn.qkv.bias), _ptr(l.attn.o.bias),
+                         _ptr(l.attn_norm.weight), _ptr(l.mlp_norm.weight)) for l in layers])
+        self.dims = dict(H=a.hidden_size, Hq=a.num_heads, Hkv=a.num_kv_heads, D=a.head_dim, I=a.intermediate_size)
+        self.eps, self.scale = a.rms_norm_eps, a.head_dim ** -0.5
+
+    @classmethod
+    def build(cls, model) -> FusedDecoder | None:
+        a = model.args
+        linears = [m for l in model.layers for m in (l.attn.qkv, l.attn.o, l.mlp.gate_up, l.mlp.down)]
+        if any(m.packed is None for m in linears) or len({m.packed.dtype for m in linears}) != 1:
+            return None
+        if a.head_dim % 16 or a.hidden_size % 16 or a.intermediate_size % 16 or a.num_heads // a.num_kv_heads > 16:
+            return None
+        return cls(model)
+
+    def can_run(self, meta, cache) -> bool:
+        return not meta.prefills and kernels.usable(cache.k)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] embeddings of T decode tokens -> (last layer output, residual stream)."""
+        x = x.contiguous()
+        residual = torch.empty_like(x)
+        rope = self.model.rope
+        batch = DecodeBatch(
+            T=x.shape[0], wtype=self.wtype, ctype=kernels.W_TYPES[cache.k.dtype], block_size=cache.block_size,
+            max_blocks=meta.decode_block_tables.shape[1], nthreads=torch.get_num_threads(),
+            eps=self.eps, scale=self.scale, positions=positions.data_ptr(), slots=meta.slot_mapping.data_ptr(),
+            block_tables=meta.decode_block_tables.data_ptr(), context_lens=meta.decode_context_lens.data_ptr(),
+            cos=rope.cos.data_ptr(), sin=rope.sin.data_ptr(), k_cache=cache.k.data_ptr(),
+            v_cache=cache.v.data_ptr(), layer_stride=cache.k[0].numel(), **self.dims)
+        kernels.cpu().qs_decode_layers(self.structs, len(self.structs), ctypes.byref(batch),
+                                       x.data_ptr(), residual.data_ptr())
+        return x, residual
