@@ -30,6 +30,23 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* exp(x) for 8 lanes: Cephes' range reduction x = n ln2 + r and degree-5 polynomial (~1 ulp). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
 /* Linear layers run on weights packed in panels of 16 output rows, k-major inside a panel:
  * packed[p][k][j] = w[16 p + j][k]  (rows past N are zero). For one 8-wide k step the kernel loads
  * 16 consecutive weights = one output lane each, and every output element accumulates over k
@@ -147,7 +164,6 @@ void qs_linear(const float *x, int M, int K, const void *packed, int wtype, cons
     }
 }
 
-/* q . k for one head, two accumulators over D (D % 16 == 0). */
 static inline float dot(const float *a, const void *b, int ctype, long off, int D) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (int d = 0; d < D; d += 16) {
@@ -159,44 +175,89 @@ static inline float dot(const float *a, const void *b, int ctype, long off, int 
 
 #define MAX_GROUP 16
 
+/* Lane j of the result = horizontal sum of a[j]. */
+static inline __m256 hsum8x8(const __m256 *a) {
+    __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 lo = _mm256_hadd_ps(s01, s23), hi = _mm256_hadd_ps(s45, s67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+/* scores[t .. t+7] = q . k[t + j] * scale for 8 consecutive keys starting at element offset
+ * `off` (key j at off + j * kstride). */
+static inline void dot8(const float *qv, const void *k_cache, int ctype, long off, long kstride, int D,
+                        float scale, float *scores) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8) {
+        __m256 qd = _mm256_loadu_ps(qv + d);
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qd, load8(k_cache, ctype, off + j * kstride + d), acc[j]);
+    }
+    _mm256_storeu_ps(scores, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
+}
+
+static void softmax_inplace(float *x, long n) {
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    long t = 0;
+    for (; t + 8 <= n; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + t));
+    float tmp[8], mx = -INFINITY;
+    _mm256_storeu_ps(tmp, mv);
+    for (int j = 0; j < 8; j++) mx = tmp[j] > mx ? tmp[j] : mx;
+    for (long r = t; r < n; r++) mx = x[r] > mx ? x[r] : mx;
+    __m256 sv = _mm256_setzero_ps(), mxv = _mm256_set1_ps(mx);
+    for (t = 0; t + 8 <= n; t += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + t), mxv));
+        _mm256_storeu_ps(x + t, e);
+        sv = _mm256_add_ps(sv, e);
+    }
+    float sum = hsum(sv);
+    for (long r = t; r < n; r++) sum += (x[r] = expf(x[r] - mx));
+    __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (t = 0; t + 8 <= n; t += 8) _mm256_storeu_ps(x + t, _mm256_mul_ps(_mm256_loadu_ps(x + t), inv));
+    for (long r = t; r < n; r++) x[r] *= 1.0f / sum;
+}
+
 /* Scores of the G query heads of KV head h against every context token, then softmax. */
 static void scores_softmax(const float *const *qg, int G, const void *k_cache, int ctype,
                            const int64_t *table, long L, int block_size, int Hkv, int h, int D,
                            float scale, float *scores) {
+    long kstride = (long)Hkv * D;
     for (long t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
         long n = L - t0 < block_size ? L - t0 : block_size;
         long base = (table[blk] * block_size * Hkv + h) * (long)D;
-        for (long i = 0; i < n; i++)
-            for (int g = 0; g < G; g++)
-                scores[g * L + t0 + i] = dot(qg[g], k_cache, ctype, base + i * Hkv * D, D) * scale;
+        for (int g = 0; g < G; g++) {
+            long i = 0;
+            for (; i + 8 <= n; i += 8)
+                dot8(qg[g], k_cache, ctype, base + i * kstride, kstride, D, scale, scores + g * L + t0 + i);
+            for (; i < n; i++)
+                scores[g * L + t0 + i] = dot(qg[g], k_cache, ctype, base + i * kstride, D) * scale;
+        }
     }
-    for (int g = 0; g < G; g++) {
-        float *sg = scores + g * L, mx = -INFINITY, sum = 0.0f;
-        for (long t = 0; t < L; t++) mx = sg[t] > mx ? sg[t] : mx;
-        for (long t = 0; t < L; t++) sum += (sg[t] = expf(sg[t] - mx));
-        float inv = 1.0f / sum;
-        for (long t = 0; t < L; t++) sg[t] *= inv;
-    }
+    for (int g = 0; g < G; g++) softmax_inplace(scores + g * L, L);
 }
 
-/* out[g] = sum_t p[g][t] v[t], 8 lanes of D at a time, two accumulators (even / odd t). */
+/* out[g] = sum_t p[g][t] v[t]; 64 lanes of D at a time held in 8 registers, t in order. */
 static void weighted_values(const float *scores, int G, const void *v_cache, int ctype,
                             const int64_t *table, long L, int block_size, int Hkv, int h, int D,
                             float *const *og) {
-    for (int d = 0; d < D; d += 8) {
-        __m256 acc[MAX_GROUP][2];
-        for (int g = 0; g < G; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
-        for (long t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
-            long n = L - t0 < block_size ? L - t0 : block_size;
-            long base = (table[blk] * block_size * Hkv + h) * (long)D + d;
-            for (long i = 0; i < n; i++) {
-                __m256 vv = load8(v_cache, ctype, base + i * Hkv * D);
-                int par = (int)((t0 + i) & 1);
-                for (int g = 0; g < G; g++)
-                    acc[g][par] = _mm256_fmadd_ps(_mm256_set1_ps(scores[g * L + t0 + i]), vv, acc[g][par]);
+    long vstride = (long)Hkv * D;
+    for (int g = 0; g < G; g++) {
+        const float *p = scores + g * L;
+        for (int d0 = 0; d0 < D; d0 += 64) {
+            int nv = (D - d0) / 8 < 8 ? (D - d0) / 8 : 8;
+            __m256 acc[8];
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+            for (long t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
+                long n = L - t0 < block_size ? L - t0 : block_size;
+                long base = (table[blk] * block_size * Hkv + h) * (long)D + d0;
+                for (long i = 0; i < n; i++) {
+                    __m256 pv = _mm256_set1_ps(p[t0 + i]);
+                    long off = base + i * vstride;
+                    for (int j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(pv, load8(v_cache, ctype, off + 8 * j), acc[j]);
+                }
             }
+            for (int j = 0; j < nv; j++) _mm256_storeu_ps(og[g] + d0 + 8 * j, acc[j]);
         }
-        for (int g = 0; g < G; g++) _mm256_storeu_ps(og[g] + d, _mm256_add_ps(acc[g][0], acc[g][1]));
     }
 }
 
@@ -293,23 +354,6 @@ void qs_kv_write(const float *src, long stride, int T, int width, const int64_t 
     for (int t = 0; t < T; t++)
         for (int i = 0; i < width; i += 8)
             store8(cache, ctype, slots[t] * width + i, _mm256_loadu_ps(src + t * stride + i));
-}
-
-/* exp(x) for 8 lanes: Cephes' range reduction x = n ln2 + r and degree-5 polynomial (~1 ulp). */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
-    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
 /* gate_up: [T, 2I] rows [gate | up] -> out: [T, I] = silu(gate) * up. I % 8 == 0. */
