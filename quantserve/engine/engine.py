@@ -40,7 +40,7 @@ class Engine:
         self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE[config.device]
         self.dtype = torch_dtype(config.dtype, cfg, config.device)
         self.model = load_model(Path(model_path), self.dtype, config.device, self.session_len, progress=progress)
-        self.weights_bytes = sum(p.nbytes for p in self.model.parameters())
+        self.weights_bytes = self.model.weight_bytes()
         self.plan = self._plan_cache()
         self.cache = PagedKVCache(self.args.num_layers, self.plan.num_blocks, self.plan.block_size,
                                   self.args.num_kv_heads, self.args.head_dim, self.dtype, config.device)

@@ -161,6 +161,11 @@ class CausalLM(nn.Module):
                 module.finalize()
         self.fused = FusedDecoder.build(self)
 
+    def weight_bytes(self) -> int:
+        """Bytes of weights held (parameters plus packed kernel copies)."""
+        packed = sum(m.packed.nbytes for m in self.modules() if isinstance(m, Linear) and m.packed is not None)
+        return packed + sum(p.nbytes for p in self.parameters())
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata, cache: PagedKVCache) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, H] after the final norm."""

@@ -1,0 +1,126 @@
+"""Where a decode step's time goes, for batch 1 and 16 sequences (128-token contexts).
+
+    python benchmarks/profile_decode.py [--dtype float16]
+
+Times each stage of Engine.step() separately (scheduling and batch building in Python, the
+native all-layers call, the LM head, sampling, bookkeeping), then splits the native call into
+its linears and attention by timing those kernels alone at the same shapes.
+Writes benchmarks/results/profile.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quantserve import kernels  # noqa: E402
+from quantserve.config import EngineConfig, SamplingParams  # noqa: E402
+from quantserve.engine import sampler  # noqa: E402
+from quantserve.engine.engine import Engine  # noqa: E402
+from quantserve.models.resolve import resolve_model  # noqa: E402
+
+REPEATS = 20
+
+
+def timed(fn, stats: dict, key: str):
+    start = time.perf_counter()
+    out = fn()
+    stats[key] = stats.get(key, 0.0) + time.perf_counter() - start
+    return out
+
+
+def one_step(engine: Engine, stats: dict) -> None:
+    """Engine.step() with every stage timed."""
+    model, runner = engine.model, engine.runner
+    out = timed(engine.scheduler.schedule, stats, "schedule (Python)")
+    batch = timed(lambda: runner.prepare(out.scheduled), stats, "build batch tensors (Python)")
+    with torch.inference_mode():
+        x = timed(lambda: model.embed(batch.input_ids).to(model.compute_dtype), stats, "embedding")
+        x, res = timed(lambda: model.fused.forward(x, batch.positions, batch.meta, engine.cache), stats,
+                       "all layers (one native call)")
+        hidden = timed(lambda: model.norm(x, res)[batch.sample_rows], stats, "final norm")
+        logits = timed(lambda: model.lm_head(hidden).float(), stats, "LM head")
+        requests = [s.request for s in batch.sample_from]
+        tokens = timed(lambda: sampler.sample(logits, requests), stats, "sampling")
+    timed(lambda: engine.scheduler.update(out, {r.request_id: t for r, t in zip(requests, tokens)}), stats,
+          "update (Python)")
+
+
+def kernel_split(engine: Engine, n: int, context: int) -> dict:
+    """Linears vs attention inside the native call, timed alone at the same shapes."""
+    a, layers = engine.args, engine.model.layers
+    x = {k: torch.randn(n, k) for k in (a.hidden_size, a.q_size, a.intermediate_size)}
+    linears = [(m, x[m.in_features]) for layer in layers
+               for m in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down)]
+    q = torch.randn(n, a.num_heads, a.head_dim)
+    nblk = -(-context // engine.cache.block_size)
+    tables = torch.arange(n * nblk).view(n, nblk) % engine.cache.num_blocks
+    lens = torch.full((n,), context)
+
+    def run_linears():
+        for m, xi in linears:
+            kernels.linear(xi, m.packed, m.out_features, m.bias)
+
+    def run_attention():
+        for i in range(len(layers)):
+            kernels.decode_attention(q, engine.cache.k[i], engine.cache.v[i], tables, lens, a.head_dim ** -0.5)
+
+    result = {}
+    for name, fn in (("linears (4 per layer)", run_linears), ("attention", run_attention)):
+        fn()
+        start = time.perf_counter()
+        for _ in range(REPEATS):
+            fn()
+        result[name] = (time.perf_counter() - start) / REPEATS
+    return result
+
+
+def profile(engine: Engine, n: int) -> tuple[dict, dict]:
+    params = SamplingParams(max_new_tokens=10_000)
+    reqs = [engine.add_request(f"p{n}-{i}", list(range(100 + i, 228 + i)), params) for i in range(n)]
+    while any(not r.output_token_ids for r in reqs):
+        engine.step()
+    stats: dict = {}
+    for _ in range(REPEATS):
+        one_step(engine, stats)
+    for r in reqs:
+        engine.abort(r.request_id)
+    return {k: v / REPEATS for k, v in stats.items()}, kernel_split(engine, n, 128 + REPEATS)
+
+
+def table(results: dict) -> str:
+    lines = []
+    for n, (stages, split) in results.items():
+        total = sum(stages.values())
+        lines += [f"**batch {n}**: {total * 1e3:.1f} ms per step = {n / total:.0f} tokens/s", "",
+                  "| stage | ms | share |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v * 1e3:.2f} | {v / total:.0%} |" for k, v in stages.items()]
+        lines += [f"| ↳ inside the native call: {k} (timed alone) | {v * 1e3:.2f} | {v / total:.0%} |"
+                  for k, v in split.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--dtype", default="float16")
+    args = p.parse_args()
+    engine = Engine(resolve_model(args.model), EngineConfig(dtype=args.dtype, session_len=2048), progress=False)
+    if engine.model.fused is None:
+        sys.exit("native kernels unavailable on this machine: nothing to profile")
+    results = {n: profile(engine, n) for n in (1, 16)}
+    md = f"dtype {args.dtype}, {torch.get_num_threads()} threads\n\n" + table(results)
+    out = Path(__file__).with_name("results")
+    out.mkdir(exist_ok=True)
+    (out / "profile.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
