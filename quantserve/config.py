@@ -54,7 +54,7 @@ class EngineConfig:
         _check(self.cache_max_tokens is None or self.cache_max_tokens > 0, "cache_max_tokens must be > 0")
         _check(self.cache_block_seq_len > 0, "cache_block_seq_len must be > 0")
         _check(self.max_prefill_token_num > 0, "max_prefill_token_num must be > 0")
-        _check(self.quant_policy == 0, f"quant_policy={self.quant_policy} (KV cache quantization) is not supported by this build yet")
+        _check(self.quant_policy in (0, 4, 8), f"quant_policy must be 0 (none), 4 (int4) or 8 (int8), got {self.quant_policy}")
         _check(self.device in SUPPORTED_DEVICES, f"device must be one of {SUPPORTED_DEVICES}, got {self.device!r}")
         _check(self.model_format in SUPPORTED_MODEL_FORMATS,
                f"model_format {self.model_format!r} is not supported by this build; supported: hf, gguf")

@@ -41,7 +41,7 @@ def test_decode_attention_matches_sdpa(dtype, hq, hkv, d):
     lens = torch.tensor([1, 17, 64, 100])
     tables = torch.stack([torch.randperm(blocks)[:7] for _ in lens])
     q = torch.randn(len(lens), hq, d)
-    got = kernels.decode_attention(q, kc, vc, tables, lens, d ** -0.5)
+    got = kernels.decode_attention(q, (kc,), (vc,), tables, lens, d ** -0.5)
     for i, n in enumerate(lens.tolist()):
         k = kc[tables[i]].reshape(-1, hkv, d)[:n].float().transpose(0, 1)     # [Hkv, n, D]
         v = vc[tables[i]].reshape(-1, hkv, d)[:n].float().transpose(0, 1)

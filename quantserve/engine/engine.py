@@ -43,7 +43,8 @@ class Engine:
         self.weights_bytes = self.model.weight_bytes()
         self.plan = self._plan_cache()
         self.cache = PagedKVCache(self.args.num_layers, self.plan.num_blocks, self.plan.block_size,
-                                  self.args.num_kv_heads, self.args.head_dim, self.dtype, config.device)
+                                  self.args.num_kv_heads, self.args.head_dim, self.dtype, config.device,
+                                  kv_bits=config.quant_policy)
         self.scheduler = Scheduler(BlockManager(self.plan.num_blocks, self.plan.block_size),
                                    self.max_batch_size, config.max_prefill_token_num)
         self.runner = ModelRunner(self.model, self.cache, config.device)
@@ -53,7 +54,7 @@ class Engine:
     def _plan_cache(self) -> CachePlan:
         c = self.config
         per_token = PagedKVCache.bytes_per_token(self.args.num_layers, self.args.num_kv_heads,
-                                                 self.args.head_dim, self.dtype)
+                                                 self.args.head_dim, self.dtype, c.quant_policy)
         plan = plan_cache(free_memory(c.device), c.cache_max_entry_count, per_token,
                           c.cache_block_seq_len, self.max_batch_size, self.session_len, c.cache_max_tokens)
         if plan.num_tokens < self.session_len:

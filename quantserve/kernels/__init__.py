@@ -24,6 +24,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 W_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+CACHE_TYPES = {**W_TYPES, torch.uint8: 3}
 
 
 def _cpu_has_avx2() -> bool:
@@ -73,9 +74,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qs_rope.argtypes = [p, i, ctypes.c_long, i, i, p, p, p]
     lib.qs_kv_write.argtypes = [p, ctypes.c_long, i, i, p, p, i]
     lib.qs_silu_mul.argtypes = [p, p, i, i]
+    lib.qs_kv_write_quant.argtypes = [p, ctypes.c_long, i, i, i, p, p, p, p, i]
+    lib.qs_decode_attention_quant.argtypes = [p, ctypes.c_long, p, p, p, p, i, i, i, i, i, i, f, p, i]
     lib.qs_decode_layers.argtypes = [p, i, p, p, p]
     for fn in (lib.qs_linear, lib.qs_decode_attention, lib.qs_add_rmsnorm, lib.qs_rope, lib.qs_kv_write,
-               lib.qs_silu_mul, lib.qs_decode_layers):
+               lib.qs_silu_mul, lib.qs_decode_layers, lib.qs_kv_write_quant, lib.qs_decode_attention_quant):
         fn.restype = None
 
 
@@ -84,7 +87,7 @@ PANEL = 16
 
 def usable(t: torch.Tensor) -> bool:
     """Whether the native kernels can take this (weight or cache) tensor."""
-    return t.device.type == "cpu" and t.dtype in W_TYPES and cpu() is not None
+    return t.device.type == "cpu" and t.dtype in CACHE_TYPES and cpu() is not None
 
 
 def native(x: torch.Tensor, width: int) -> bool:
@@ -109,16 +112,31 @@ def linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | N
     return y
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [B, Hq, D] float32 (rows may be strided); caches: [num_blocks, block_size, Hkv, D] -> [B, Hq, D]."""
+class QuantCache(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+                ("bits", ctypes.c_int)]
+
+
+def _quant_cache(parts: tuple[torch.Tensor, ...], head_dim: int) -> QuantCache:
+    data, scale, zero = parts
+    return QuantCache(data.data_ptr(), scale.data_ptr(), zero.data_ptr(), 8 * data.shape[-1] // head_dim)
+
+
+def decode_attention(q: torch.Tensor, k_parts: tuple, v_parts: tuple, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [B, Hq, D] float32 (rows may be strided); k_parts / v_parts: PagedKVCache.parts() of a
+    layer ([num_blocks, block_size, Hkv, D] values, or codes + scale + zero) -> [B, Hq, D]."""
     b, hq, d = q.shape
-    _, block_size, hkv, _ = k_cache.shape
+    _, block_size, hkv, _ = k_parts[0].shape
     out = torch.empty(b, hq, d, dtype=torch.float32)
-    cpu().qs_decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                              W_TYPES[k_cache.dtype], block_tables.data_ptr(), context_lens.data_ptr(),
-                              b, hq, hkv, d, block_size, block_tables.shape[1], scale, out.data_ptr(),
-                              torch.get_num_threads())
+    args = (block_tables.data_ptr(), context_lens.data_ptr(), b, hq, hkv, d, block_size, block_tables.shape[1],
+            scale, out.data_ptr(), torch.get_num_threads())
+    if len(k_parts) == 3:
+        kc, vc = _quant_cache(k_parts, d), _quant_cache(v_parts, d)
+        cpu().qs_decode_attention_quant(q.data_ptr(), q.stride(0), ctypes.byref(kc), ctypes.byref(vc), *args)
+    else:
+        cpu().qs_decode_attention(q.data_ptr(), q.stride(0), k_parts[0].data_ptr(), v_parts[0].data_ptr(),
+                                  W_TYPES[k_parts[0].dtype], *args)
     return out
 
 
@@ -137,10 +155,17 @@ def rope_(x: torch.Tensor, heads: int, head_dim: int, positions: torch.Tensor,
                   cos.data_ptr(), sin.data_ptr())
 
 
-def kv_write(src: torch.Tensor, slots: torch.Tensor, cache_layer: torch.Tensor) -> None:
-    """src: [T, Hkv * D] float32 rows (may be strided); cache_layer: [num_blocks, block_size, Hkv, D]."""
+def kv_write(src: torch.Tensor, slots: torch.Tensor, *parts: torch.Tensor, bits: int = 0) -> None:
+    """src: [T, Hkv * D] float32 rows (may be strided) into one layer of the cache: parts are
+    its values [num_blocks, block_size, Hkv, D], or codes + scale + zero when bits is 4 or 8."""
+    if bits:
+        data, scale, zero = parts
+        hkv = data.shape[2]
+        cpu().qs_kv_write_quant(src.data_ptr(), src.stride(0), src.shape[0], hkv, src.shape[1] // hkv,
+                                slots.data_ptr(), data.data_ptr(), scale.data_ptr(), zero.data_ptr(), bits)
+        return
     cpu().qs_kv_write(src.data_ptr(), src.stride(0), src.shape[0], src.shape[1], slots.data_ptr(),
-                      cache_layer.data_ptr(), W_TYPES[cache_layer.dtype])
+                      parts[0].data_ptr(), W_TYPES[parts[0].dtype])
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

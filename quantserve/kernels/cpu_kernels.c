@@ -383,10 +383,183 @@ typedef struct {
     const float *cos, *sin;                                            /* [P, D] */
     void *k_cache, *v_cache;                     /* [L, num_blocks, block_size, Hkv, D] (ctype) */
     long layer_stride;                           /* elements between layers of the cache */
+    int kv_bits;                                 /* 0: float cache; 4 / 8: quantized (k_cache = codes) */
+    uint16_t *k_scale, *v_scale;                 /* [L, num_blocks, block_size, Hkv] when quantized */
+    uint8_t *k_zero, *v_zero;
+    long param_stride;                           /* elements between layers of scale / zero */
 } DecodeBatch;
+
+/* ---- quantized KV cache (see quantserve/kvcache/quant.py for the scheme) ----------------- */
+
+typedef struct {
+    void *data;          /* [num_blocks, block_size, Hkv, D] uint8 (int8) or [.., D/2] (int4) */
+    uint16_t *scale;     /* [num_blocks, block_size, Hkv] float16 */
+    uint8_t *zero;       /* [num_blocks, block_size, Hkv] */
+    int bits;
+} QuantCache;
+
+static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+/* Quantize one head vector x[D] into slot `row` (= slot * Hkv + head) of the cache. */
+static void quantize_head(const float *x, int D, const QuantCache *c, long row) {
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8) {
+        __m256 v = _mm256_loadu_ps(x + d);
+        lo = _mm256_min_ps(lo, v);
+        hi = _mm256_max_ps(hi, v);
+    }
+    float tl[8], th[8], mn = 0.0f, mx = 0.0f;
+    _mm256_storeu_ps(tl, lo);
+    _mm256_storeu_ps(th, hi);
+    for (int j = 0; j < 8; j++) {
+        mn = tl[j] < mn ? tl[j] : mn;
+        mx = th[j] > mx ? th[j] : mx;
+    }
+    float s = (mx - mn) / (float)((1 << c->bits) - 2);
+    if (s < 1e-6f) s = 1e-6f;
+    uint16_t s16 = _cvtss_sh(s, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+    float sf = half_to_float(s16), z = ceilf(-mn / sf);
+    c->scale[row] = s16;
+    c->zero[row] = (uint8_t)z;
+    __m256 sv = _mm256_set1_ps(sf), zv = _mm256_set1_ps(z);
+    uint8_t q[512];
+    for (int d = 0; d < D; d += 8) {
+        __m256 v = _mm256_add_ps(_mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + d), sv),
+                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zv);
+        int32_t t[8];
+        _mm256_storeu_si256((__m256i *)t, _mm256_cvtps_epi32(v));
+        for (int j = 0; j < 8; j++) q[d + j] = (uint8_t)t[j];
+    }
+    uint8_t *dst = (uint8_t *)c->data + row * (long)(c->bits == 4 ? D / 2 : D);
+    if (c->bits == 8) {
+        memcpy(dst, q, D);
+    } else {
+        for (int i = 0; i < D / 2; i++) dst[i] = q[i] | (uint8_t)(q[i + D / 2] << 4);
+    }
+}
+
+/* Rows of Hkv * D floats (row stride `stride`) into quantized cache slots. */
+void qs_kv_write_quant(const float *src, long stride, int T, int Hkv, int D, const int64_t *slots,
+                       void *data, uint16_t *scale, uint8_t *zero, int bits) {
+    QuantCache c = {data, scale, zero, bits};
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < Hkv; h++) quantize_head(src + t * stride + (long)h * D, D, &c, slots[t] * Hkv + h);
+}
+
+/* 8 codes of one head starting at dimension d (int8), as floats. */
+static inline __m256 codes8_u8(const uint8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* int4: the 8 bytes at p hold dims d..d+7 (low nibbles) and d+D/2..d+D/2+7 (high nibbles). */
+static inline void codes8_u4(const uint8_t *p, __m256 *lo, __m256 *hi) {
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    *lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+    *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+
+/* sum_d q[d] * code[d] for the head stored at `row`. */
+static inline float dot_codes(const float *q, const QuantCache *c, long row, int D) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    if (c->bits == 8) {
+        const uint8_t *p = (const uint8_t *)c->data + row * D;
+        for (int d = 0; d < D; d += 16) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), codes8_u8(p + d), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), codes8_u8(p + d + 8), a1);
+        }
+    } else {
+        const uint8_t *p = (const uint8_t *)c->data + row * (D / 2);
+        for (int d = 0; d < D / 2; d += 8) {
+            __m256 lo, hi;
+            codes8_u4(p + d, &lo, &hi);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), lo, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + D / 2 + d), hi, a1);
+        }
+    }
+    return hsum(_mm256_add_ps(a0, a1));
+}
+
+/* acc[0..D/8) += w * codes of the head at `row` (int8 or int4), in dimension order. */
+static inline void axpy_codes(__m256 *acc, float w, const QuantCache *c, long row, int D) {
+    __m256 wv = _mm256_set1_ps(w);
+    if (c->bits == 8) {
+        const uint8_t *p = (const uint8_t *)c->data + row * D;
+        for (int d = 0; d < D; d += 8) acc[d / 8] = _mm256_fmadd_ps(wv, codes8_u8(p + d), acc[d / 8]);
+    } else {
+        const uint8_t *p = (const uint8_t *)c->data + row * (D / 2);
+        for (int d = 0; d < D / 2; d += 8) {
+            __m256 lo, hi;
+            codes8_u4(p + d, &lo, &hi);
+            acc[d / 8] = _mm256_fmadd_ps(wv, lo, acc[d / 8]);
+            acc[(D / 2 + d) / 8] = _mm256_fmadd_ps(wv, hi, acc[(D / 2 + d) / 8]);
+        }
+    }
+}
+
+#define MAX_HEAD_DIM 256
+
+/* Decode attention over a quantized cache. score_t = scale_t (q . code_t - zero_t sum(q));
+ * out = sum_t p_t scale_t code_t - (sum_t p_t scale_t zero_t). Same shapes as
+ * qs_decode_attention; D % 16 == 0, D <= 256. */
+void qs_decode_attention_quant(const float *q, long q_stride, const QuantCache *kc, const QuantCache *vc,
+                               const int64_t *block_tables, const int64_t *context_lens, int B, int Hq,
+                               int Hkv, int D, int block_size, int max_blocks, float scale, float *out,
+                               int nthreads) {
+    int G = Hq / Hkv;
+#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(nthreads)
+    for (int b = 0; b < B; b++) {
+        for (int hq = 0; hq < Hq; hq++) {
+            int h = hq / G;
+            long L = context_lens[b];
+            const int64_t *table = block_tables + (long)b * max_blocks;
+            const float *qv = q + (long)b * q_stride + (long)hq * D;
+            float qsum = 0.0f;
+            for (int d = 0; d < D; d++) qsum += qv[d];
+            float *p = malloc(sizeof(float) * L);
+            for (long t = 0; t < L; t++) {
+                long row = (table[t / block_size] * block_size + t % block_size) * Hkv + h;
+                p[t] = half_to_float(kc->scale[row]) * (dot_codes(qv, kc, row, D) - kc->zero[row] * qsum) * scale;
+            }
+            softmax_inplace(p, L);
+            __m256 acc[MAX_HEAD_DIM / 8];
+            for (int j = 0; j < D / 8; j++) acc[j] = _mm256_setzero_ps();
+            float shift = 0.0f;
+            for (long t = 0; t < L; t++) {
+                long row = (table[t / block_size] * block_size + t % block_size) * Hkv + h;
+                float w = p[t] * half_to_float(vc->scale[row]);
+                axpy_codes(acc, w, vc, row, D);
+                shift += w * vc->zero[row];
+            }
+            float *o = out + ((long)b * Hq + hq) * D;
+            for (int j = 0; j < D / 8; j++) _mm256_storeu_ps(o + 8 * j, _mm256_sub_ps(acc[j], _mm256_set1_ps(shift)));
+            free(p);
+        }
+    }
+}
 
 static inline void *cache_layer(void *base, int ctype, long offset) {
     return (char *)base + offset * (ctype == W_F32 ? 4 : 2);
+}
+
+/* Write this step's K/V of layer l into the cache and attend over it. */
+static void attend(const DecodeBatch *b, int l, const float *qkv, int nqkv, int qd, int kvd, float *attn) {
+    int T = b->T;
+    if (b->kv_bits) {
+        long lo = l * b->layer_stride * b->kv_bits / 8, po = l * b->param_stride;
+        QuantCache kc = {(uint8_t *)b->k_cache + lo, b->k_scale + po, b->k_zero + po, b->kv_bits};
+        QuantCache vc = {(uint8_t *)b->v_cache + lo, b->v_scale + po, b->v_zero + po, b->kv_bits};
+        qs_kv_write_quant(qkv + qd, nqkv, T, b->Hkv, b->D, b->slots, kc.data, kc.scale, kc.zero, b->kv_bits);
+        qs_kv_write_quant(qkv + qd + kvd, nqkv, T, b->Hkv, b->D, b->slots, vc.data, vc.scale, vc.zero, b->kv_bits);
+        qs_decode_attention_quant(qkv, nqkv, &kc, &vc, b->block_tables, b->context_lens, T, b->Hq, b->Hkv, b->D,
+                                  b->block_size, b->max_blocks, b->scale, attn, b->nthreads);
+        return;
+    }
+    void *kc = cache_layer(b->k_cache, b->ctype, l * b->layer_stride);
+    void *vc = cache_layer(b->v_cache, b->ctype, l * b->layer_stride);
+    qs_kv_write(qkv + qd, nqkv, T, kvd, b->slots, kc, b->ctype);
+    qs_kv_write(qkv + qd + kvd, nqkv, T, kvd, b->slots, vc, b->ctype);
+    qs_decode_attention(qkv, nqkv, kc, vc, b->ctype, b->block_tables, b->context_lens, T, b->Hq, b->Hkv, b->D,
+                        b->block_size, b->max_blocks, b->scale, attn, b->nthreads);
 }
 
 /* x: [T, H] embeddings in; on return x holds the last layer's output and residual the stream
@@ -407,12 +580,7 @@ void qs_decode_layers(const LayerWeights *layers, int L, const DecodeBatch *b, f
         }
         qs_linear(h, T, H, w->qkv, b->wtype, w->qkv_bias, qkv, nqkv, b->nthreads);
         qs_rope(qkv, T, nqkv, b->Hq + b->Hkv, b->D, b->positions, b->cos, b->sin);
-        void *kc = cache_layer(b->k_cache, b->ctype, l * b->layer_stride);
-        void *vc = cache_layer(b->v_cache, b->ctype, l * b->layer_stride);
-        qs_kv_write(qkv + qd, nqkv, T, kvd, b->slots, kc, b->ctype);
-        qs_kv_write(qkv + qd + kvd, nqkv, T, kvd, b->slots, vc, b->ctype);
-        qs_decode_attention(qkv, nqkv, kc, vc, b->ctype, b->block_tables, b->context_lens, T, b->Hq, b->Hkv,
-                            b->D, b->block_size, b->max_blocks, b->scale, attn, b->nthreads);
+        attend(b, l, qkv, nqkv, qd, kvd, attn);
         qs_linear(attn, T, qd, w->o, b->wtype, w->o_bias, x, H, b->nthreads);
         qs_add_rmsnorm(x, residual, w->mlp_norm, b->eps, h, T, H);
         qs_linear(h, T, H, w->gate_up, b->wtype, NULL, gu, 2 * b->I, b->nthreads);
@@ -421,3 +589,4 @@ void qs_decode_layers(const LayerWeights *layers, int L, const DecodeBatch *b, f
     }
     free(h); free(qkv); free(attn); free(gu); free(act);
 }
+

@@ -25,7 +25,8 @@ class DecodeBatch(ctypes.Structure):
                                    "max_blocks", "nthreads")] + [
         ("eps", _f), ("scale", _f), ("positions", _p), ("slots", _p), ("block_tables", _p),
         ("context_lens", _p), ("cos", _p), ("sin", _p), ("k_cache", _p), ("v_cache", _p),
-        ("layer_stride", _l)]
+        ("layer_stride", _l), ("kv_bits", _i), ("k_scale", _p), ("v_scale", _p), ("k_zero", _p), ("v_zero", _p),
+        ("param_stride", _l)]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -60,18 +61,27 @@ class FusedDecoder:
     def can_run(self, meta, cache) -> bool:
         return not meta.prefills and kernels.usable(cache.k)
 
+    @staticmethod
+    def _quant_fields(cache) -> dict:
+        if not cache.kv_bits:
+            return {}
+        return dict(kv_bits=cache.kv_bits, k_scale=cache.k_scale.data_ptr(), v_scale=cache.v_scale.data_ptr(),
+                    k_zero=cache.k_zero.data_ptr(), v_zero=cache.v_zero.data_ptr(),
+                    param_stride=cache.k_scale[0].numel())
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta, cache) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] embeddings of T decode tokens -> (last layer output, residual stream)."""
         x = x.contiguous()
         residual = torch.empty_like(x)
         rope = self.model.rope
         batch = DecodeBatch(
-            T=x.shape[0], wtype=self.wtype, ctype=kernels.W_TYPES[cache.k.dtype], block_size=cache.block_size,
+            T=x.shape[0], wtype=self.wtype, ctype=kernels.CACHE_TYPES[cache.k.dtype], block_size=cache.block_size,
             max_blocks=meta.decode_block_tables.shape[1], nthreads=torch.get_num_threads(),
             eps=self.eps, scale=self.scale, positions=positions.data_ptr(), slots=meta.slot_mapping.data_ptr(),
             block_tables=meta.decode_block_tables.data_ptr(), context_lens=meta.decode_context_lens.data_ptr(),
             cos=rope.cos.data_ptr(), sin=rope.sin.data_ptr(), k_cache=cache.k.data_ptr(),
-            v_cache=cache.v.data_ptr(), layer_stride=cache.k[0].numel(), **self.dims)
+            v_cache=cache.v.data_ptr(), layer_stride=cache.k[0].numel() // cache.k.shape[-1] * cache.head_dim,
+            **self.dims, **self._quant_fields(cache))
         kernels.cpu().qs_decode_layers(self.structs, len(self.structs), ctypes.byref(batch),
                                        x.data_ptr(), residual.data_ptr())
         return x, residual

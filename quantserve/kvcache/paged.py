@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from quantserve import kernels
+from quantserve.kvcache.quant import bytes_per_head_token, dequantize_kv, quantize_kv
 
 
 @dataclass
@@ -44,40 +45,64 @@ class AttentionMetadata:
 
 
 class PagedKVCache:
-    """K and V for every layer in fixed-size blocks: [L, num_blocks, block_size, Hkv, D]."""
+    """K and V for every layer in fixed-size blocks: [L, num_blocks, block_size, Hkv, D].
+
+    kv_bits 0 stores `dtype`; 8 / 4 store codes (uint8, two int4 per byte) plus a float16 scale
+    and a uint8 zero per token and head beside them (kvcache/quant.py). Reads always return
+    float32 (or `dtype`) values, so the model never knows which.
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = lazy_zeros(shape, dtype, device)
-        self.v = lazy_zeros(shape, dtype, device)
-        self.block_size = block_size
-        self.num_blocks = num_blocks
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu", kv_bits: int = 0):
+        self.block_size, self.num_blocks, self.kv_bits, self.dtype = block_size, num_blocks, kv_bits, dtype
+        self.head_dim = head_dim
+        rows = (num_layers, num_blocks, block_size, num_kv_heads)
+        width = head_dim * kv_bits // 8 if kv_bits else head_dim
+        store = torch.uint8 if kv_bits else dtype
+        self.k = lazy_zeros((*rows, width), store, device)
+        self.v = lazy_zeros((*rows, width), store, device)
+        if kv_bits:
+            self.k_scale, self.v_scale = lazy_zeros(rows, torch.float16, device), lazy_zeros(rows, torch.float16, device)
+            self.k_zero, self.v_zero = lazy_zeros(rows, torch.uint8, device), lazy_zeros(rows, torch.uint8, device)
 
     @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, kv_bits: int = 0) -> int:
+        return 2 * num_layers * num_kv_heads * bytes_per_head_token(head_dim, kv_bits, dtype)
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        extra = (self.k_scale.nbytes + self.k_zero.nbytes) * 2 if self.kv_bits else 0
+        return self.k.nbytes + self.v.nbytes + extra
+
+    def parts(self, which: str, layer: int) -> tuple[torch.Tensor, ...]:
+        """(codes or values, scale, zero) of one layer's K or V."""
+        if not self.kv_bits:
+            return (getattr(self, which)[layer],)
+        return tuple(getattr(self, f"{which}{suffix}")[layer] for suffix in ("", "_scale", "_zero"))
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """k, v: [T, Hkv, D] for the new tokens (rows may be strided); slots: [T]."""
-        hkv, d = k.shape[1:]
-        if kernels.native(k, d) and kernels.usable(self.k):
-            kernels.kv_write(k.flatten(1), slots, self.k[layer])
-            kernels.kv_write(v.flatten(1), slots, self.v[layer])
-            return
-        self.k[layer].view(-1, hkv, d).index_copy_(0, slots, k.to(self.k.dtype))
-        self.v[layer].view(-1, hkv, d).index_copy_(0, slots, v.to(self.v.dtype))
+        for which, x in (("k", k), ("v", v)):
+            if kernels.native(x, self.head_dim) and kernels.usable(getattr(self, which)):
+                kernels.kv_write(x.flatten(1), slots, *self.parts(which, layer), bits=self.kv_bits)
+            else:
+                self._write_reference(which, layer, x, slots)
+
+    def _write_reference(self, which: str, layer: int, x: torch.Tensor, slots: torch.Tensor) -> None:
+        parts = self.parts(which, layer)
+        values = quantize_kv(x.float(), self.kv_bits) if self.kv_bits else (x,)
+        for dst, src in zip(parts, values):
+            flat = dst.view(-1, *dst.shape[2:])                      # [slots, Hkv(, width)]
+            flat.index_copy_(0, slots, src.to(dst.dtype))
 
     def read(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """block_ids: [..., n] -> k, v: [..., n * block_size, Hkv, D] in the compute dtype."""
-        k = self.k[layer][block_ids]
-        v = self.v[layer][block_ids]
-        shape = (*block_ids.shape[:-1], -1, *k.shape[-2:])
-        return k.reshape(shape), v.reshape(shape)
+        """block_ids: [..., n] -> k, v: [..., n * block_size, Hkv, D] (float32 when quantized)."""
+        out = []
+        for which in ("k", "v"):
+            parts = [p[block_ids] for p in self.parts(which, layer)]
+            x = dequantize_kv(*parts, self.kv_bits) if self.kv_bits else parts[0]
+            out.append(x.reshape(*block_ids.shape[:-1], -1, *x.shape[-2:]))
+        return out[0], out[1]
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
@@ -106,10 +131,11 @@ def _decode_attention(q: torch.Tensor, layer: int, meta: AttentionMetadata,
                       cache: PagedKVCache, scale: float) -> torch.Tensor:
     """q: [B, Hq, D] -> [B, Hq, D]; the query heads of one KV group act as query rows."""
     if kernels.native(q, q.shape[2]) and kernels.usable(cache.k) and q.shape[1] // cache.k.shape[3] <= 16:
-        return kernels.decode_attention(q.contiguous(), cache.k[layer], cache.v[layer],
+        return kernels.decode_attention(q, cache.parts("k", layer), cache.parts("v", layer),
                                         meta.decode_block_tables, meta.decode_context_lens, scale)
     b, hq, d = q.shape
     k, v = cache.read(layer, meta.decode_block_tables)        # [B, S, Hkv, D]
+    k, v = k.to(q.dtype), v.to(q.dtype)
     hkv = k.shape[2]
     qg = q.view(b, hkv, hq // hkv, d)                          # [B, Hkv, G, D]
     o = F.scaled_dot_product_attention(
@@ -123,7 +149,7 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer:
     n = chunk.num_new
     if chunk.context_len > n:
         k, v = cache.read(layer, chunk.block_ids)               # [S_pad, Hkv, D]
-        k, v = k[:chunk.context_len], v[:chunk.context_len]
+        k, v = k[:chunk.context_len].to(q.dtype), v[:chunk.context_len].to(q.dtype)
     s = k.shape[0]
     # query i sits at position s - n + i and sees keys 0..s - n + i
     mask = None

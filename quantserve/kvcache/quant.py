@@ -1,0 +1,78 @@
+"""Online KV cache quantization, per token and per head, asymmetric (LMDeploy's quant_policy 4/8).
+
+For one head of one token, x: [D]:
+    lo, hi  = min(min(x), 0), max(max(x), 0)           # the range always holds 0
+    scale   = (hi - lo) / (2^bits - 2), stored as float16 rounded up
+    zero    = ceil(-lo / scale)                         # an integer in [0, 2^bits - 2], stored as uint8
+    q       = round(x / scale) + zero                   # never leaves [0, 2^bits - 1]: no clamping
+    x'      = (q - zero) * scale                        # |x - x'| <= scale / 2
+
+One level of the 2^bits is given up so that an integer zero point never clips; in exchange the
+parameters cost 3 bytes per token and head (float16 scale + uint8 zero) instead of 4, and int8
+holds (2 * D) / (D + 3) times the tokens of a float16 cache (1.91x at D = 64, 1.95x at D = 128).
+
+int4 packs two values per byte, split by halves of the head so that one 8-byte load yields two
+8-lane vectors: byte i = q[i] | q[i + D/2] << 4.
+"""
+from __future__ import annotations
+
+import torch
+
+KV_BITS = {0: 0, 4: 4, 8: 8}
+
+
+def qparams(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [..., D] float32 -> scale [...] float16, zero [...] uint8."""
+    lo = x.amin(dim=-1).clamp(max=0)
+    hi = x.amax(dim=-1).clamp(min=0)
+    scale = ((hi - lo) / (2 ** bits - 2)).clamp(min=1e-6)
+    scale16 = round_up_half(scale)
+    zero = torch.ceil(-lo / scale16.float())
+    return scale16, zero.to(torch.uint8)
+
+
+def round_up_half(x: torch.Tensor) -> torch.Tensor:
+    """Positive float32 -> the smallest float16 >= x (so the quantized range never overflows)."""
+    h = x.half()
+    bits = h.view(torch.int16) + (h.float() < x).to(torch.int16)
+    return bits.view(torch.float16)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """x: [..., D] float32 -> codes [..., D] uint8."""
+    return (torch.round(x / scale.float().unsqueeze(-1)) + zero.float().unsqueeze(-1)).to(torch.uint8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """codes [..., D] uint8 -> [..., D] float32."""
+    return (q.float() - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[..., D] codes < 16 -> [..., D/2]: byte i = q[i] | q[i + D/2] << 4."""
+    half = q.shape[-1] // 2
+    return q[..., :half] | (q[..., half:] << 4)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """[..., D/2] -> [..., D]."""
+    return torch.cat([p & 15, p >> 4], dim=-1)
+
+
+def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [..., D] -> (stored codes [..., D or D/2], scale, zero)."""
+    scale, zero = qparams(x, bits)
+    q = quantize(x, scale, zero)
+    return (pack_int4(q) if bits == 4 else q), scale, zero
+
+
+def dequantize_kv(stored: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    q = unpack_int4(stored) if bits == 4 else stored
+    return dequantize(q, scale, zero)
+
+
+def bytes_per_head_token(head_dim: int, bits: int, dtype: torch.dtype) -> int:
+    """Cache bytes for one head of one token (K or V), parameters included."""
+    if bits == 0:
+        return head_dim * torch.finfo(dtype).bits // 8
+    return head_dim * bits // 8 + 3
