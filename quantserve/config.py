@@ -26,6 +26,17 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message, field=message.split(" ", 1)[0].split("=", 1)[0])
 
 
+def _is_fraction_or_size(value) -> bool:
+    from quantserve.bench.memory import parse_size
+
+    if isinstance(value, (int, float)):
+        return 0 < value <= 1
+    try:
+        return parse_size(value) > 0
+    except ValueError:
+        return False
+
+
 @dataclass
 class EngineConfig:
     """How the engine runs a model (LMDeploy's PytorchEngineConfig names)."""
@@ -34,7 +45,7 @@ class EngineConfig:
     tp: int = 1
     session_len: int | None = None
     max_batch_size: int | None = None
-    cache_max_entry_count: float = 0.8
+    cache_max_entry_count: float | str = 0.8      # fraction of free memory, or a size: "2GiB"
     cache_max_tokens: int | None = None
     cache_block_seq_len: int = 64
     max_prefill_token_num: int = 8192
@@ -50,7 +61,8 @@ class EngineConfig:
         _check(self.tp == 1, f"tp={self.tp} is not supported by this build: quantserve runs one process per model (use tp 1)")
         _check(self.session_len is None or self.session_len > 0, "session_len must be > 0")
         _check(self.max_batch_size is None or self.max_batch_size > 0, "max_batch_size must be > 0")
-        _check(0 < self.cache_max_entry_count <= 1, "cache_max_entry_count must be in (0, 1]")
+        _check(_is_fraction_or_size(self.cache_max_entry_count),
+               f"cache_max_entry_count must be a fraction in (0, 1] or a size like 2GiB, got {self.cache_max_entry_count!r}")
         _check(self.cache_max_tokens is None or self.cache_max_tokens > 0, "cache_max_tokens must be > 0")
         _check(self.cache_block_seq_len > 0, "cache_block_seq_len must be > 0")
         _check(self.max_prefill_token_num > 0, "max_prefill_token_num must be > 0")

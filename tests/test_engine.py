@@ -117,12 +117,20 @@ def test_stop_token_ids_and_min_new_tokens(engine):
     assert stop not in late[:8] and len(late) >= 8
 
 
-def test_fused_decode_equals_layer_by_layer(tiny_llama):
-    """The one-call native decode step gives bit-identical tokens and logits to the module path."""
-    fused = make_engine(tiny_llama, dtype="bfloat16")
+@pytest.mark.parametrize("quant_policy", [0, 8, 4])
+def test_fused_decode_equals_layer_by_layer(tiny_llama, quant_policy):
+    """The one-call native decode step gives bit-identical tokens to the module path."""
+    fused = make_engine(tiny_llama, dtype="bfloat16", quant_policy=quant_policy)
     if fused.model.fused is None:
         pytest.skip("native kernels unavailable")
-    plain = make_engine(tiny_llama, dtype="bfloat16")
+    plain = make_engine(tiny_llama, dtype="bfloat16", quant_policy=quant_policy)
     plain.model.fused = None
     params = SamplingParams(max_new_tokens=20)
     assert run(fused, PROMPTS, params) == run(plain, PROMPTS, params)
+
+
+@pytest.mark.parametrize("quant_policy", [8, 4])
+def test_quantized_cache_batch_invariant(tiny_llama, quant_policy):
+    engine = make_engine(tiny_llama, quant_policy=quant_policy)
+    params = SamplingParams(max_new_tokens=16)
+    assert run(engine, PROMPTS, params) == [run(engine, [p], params)[0] for p in PROMPTS]

@@ -25,6 +25,20 @@ def normalize_flag(arg: str) -> str:
     return re.sub("_", "-", name) + eq + value
 
 
+def fraction_or_size(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def quant_policy(text: str) -> int:
+    names = {"none": 0, "int8": 8, "int4": 4, "0": 0, "8": 8, "4": 4}
+    if text.lower() not in names:
+        raise argparse.ArgumentTypeError(f"choose from 0/none, 8/int8, 4/int4 (got {text!r})")
+    return names[text.lower()]
+
+
 def add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_path", nargs="?", default=None,
                    help="model directory, .gguf file, or nothing for the default model (SmolLM2-135M-Instruct)")
@@ -38,13 +52,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=int, default=1, help="tensor parallelism (only 1 in this build)")
     g.add_argument("--session-len", type=int, default=None, help="max tokens of one conversation (default: the model's context)")
     g.add_argument("--max-batch-size", type=int, default=None, help="max running sequences (default 16 on CPU)")
-    g.add_argument("--cache-max-entry-count", type=float, default=0.8,
-                   help="fraction of the memory free after loading weights given to the KV cache")
+    g.add_argument("--cache-max-entry-count", type=fraction_or_size, default=0.8,
+                   help="KV cache budget: a fraction of the memory free after loading the weights, or a size (2GiB)")
     g.add_argument("--cache-max-tokens", type=int, default=None,
                    help="KV cache size in tokens (replaces --cache-max-entry-count)")
     g.add_argument("--cache-block-seq-len", type=int, default=64, help="tokens per KV cache block")
     g.add_argument("--max-prefill-token-num", type=int, default=8192, help="tokens per step (chunked prefill)")
-    g.add_argument("--quant-policy", type=int, default=0, help="KV cache quantization: 0, 4 or 8")
+    g.add_argument("--quant-policy", type=quant_policy, default=0,
+                   help="online KV cache quantization: 0/none, 8/int8, 4/int4 (per head, per token, asymmetric)")
     g.add_argument("--enable-prefix-caching", action="store_true")
     g.add_argument("--model-format", default=None, help="hf or gguf (detected when omitted)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -64,10 +64,31 @@ class Engine:
         return plan
 
     def memory_summary(self) -> str:
-        gb = 1e9
-        return (f"weights {self.weights_bytes / gb:.3f} GB ({self.dtype}), "
-                f"KV cache {self.plan.nbytes / gb:.3f} GB = {self.plan.num_blocks} blocks x "
-                f"{self.plan.block_size} tokens = {self.plan.num_tokens} tokens, session_len {self.session_len}")
+        """The start-up memory table: weights, KV cache, activations, total (GB = 1e9 bytes)."""
+        kv_name = {0: str(self.dtype).replace("torch.", ""), 8: "int8", 4: "int4"}[self.cache.kv_bits]
+        acts = self.activation_bytes()
+        rows = [("weights", self.weights_bytes, f"{str(self.dtype).replace('torch.', '')}"),
+                ("KV cache", self.cache.nbytes,
+                 f"{kv_name}: {self.plan.num_blocks} blocks x {self.plan.block_size} = {self.plan.num_tokens:,} tokens, "
+                 f"{self.plan.bytes_per_token:,} B/token"),
+                ("activations", acts, f"peak estimate for {self.config.max_prefill_token_num} tokens per step"),
+                ("total", self.weights_bytes + self.cache.nbytes + acts, f"session_len {self.session_len:,}, "
+                 f"max_batch_size {self.max_batch_size}")]
+        return "\n".join(f"{name:<12}{n / 1e9:>9.3f} GB   {note}" for name, n, note in rows)
+
+    def activation_bytes(self) -> int:
+        """Float32 working buffers of the largest step, plus the logits of a full batch."""
+        a = self.args
+        tokens = min(self.config.max_prefill_token_num, self.max_batch_size * self.session_len)
+        per_token = 3 * a.hidden_size + a.q_size + 2 * a.kv_size + a.q_size + 3 * a.intermediate_size
+        return 4 * (tokens * per_token + 2 * self.max_batch_size * a.vocab_size)
+
+    def measure_memory(self) -> dict:
+        """What this process holds now (GB): tensors by kind, and the resident set."""
+        status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+        kib = lambda key: int(status[key].split()[0]) * 1024 / 1e9  # noqa: E731
+        return {"weights_gb": self.weights_bytes / 1e9, "kv_cache_gb": self.cache.nbytes / 1e9,
+                "kv_tokens": self.plan.num_tokens, "rss_gb": kib("VmRSS"), "peak_rss_gb": kib("VmHWM")}
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         self._validate(request_id, prompt_token_ids)

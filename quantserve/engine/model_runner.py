@@ -41,10 +41,15 @@ class ModelRunner:
         return {r.request_id: t for r, t in zip(requests, tokens)}
 
     @torch.inference_mode()
+    def hidden_states(self, out: SchedulerOutput) -> tuple[torch.Tensor, BatchInputs]:
+        """Run the batch; final hidden states [T, H] of every scheduled token."""
+        batch = self.prepare(out.scheduled)
+        return self.model(batch.input_ids, batch.positions, batch.meta, self.cache), batch
+
+    @torch.inference_mode()
     def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list]:
         """Run the batch; logits [N, V] (float32, on CPU) of the N requests that sample."""
-        batch = self.prepare(out.scheduled)
-        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.cache)
+        hidden, batch = self.hidden_states(out)
         requests = [s.request for s in batch.sample_from]
         if not requests:
             return hidden.new_empty(0), []

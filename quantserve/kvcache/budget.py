@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quantserve.config import ConfigError
+
 
 @dataclass(frozen=True)
 class CachePlan:
@@ -35,12 +37,29 @@ def free_memory(device: str) -> int:
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
-def plan_cache(free_bytes: int, fraction: float, bytes_per_token: int, block_size: int,
+def budget_bytes(entry_count: float | str, free_bytes: int) -> int:
+    """--cache-max-entry-count: a fraction of the free memory, or an absolute size ("2GiB")."""
+    from quantserve.bench.memory import parse_size
+
+    if isinstance(entry_count, str):
+        try:
+            entry_count = float(entry_count)
+        except ValueError:
+            return int(parse_size(entry_count))
+    return int(free_bytes * entry_count)
+
+
+def plan_cache(free_bytes: int, entry_count: float | str, bytes_per_token: int, block_size: int,
                max_batch_size: int, session_len: int, max_tokens: int | None = None) -> CachePlan:
-    """max_tokens, when given, is an absolute size that replaces the fraction."""
+    """Blocks for the budget; max_tokens (--cache-max-tokens) replaces it when given. Asking for
+    more than the free memory is an error before anything is allocated."""
+    wanted = max_tokens * bytes_per_token if max_tokens is not None else budget_bytes(entry_count, free_bytes)
+    if wanted > free_bytes:
+        raise ConfigError(f"the KV cache budget ({wanted / 1e9:.2f} GB) is more than the free memory "
+                          f"({free_bytes / 1e9:.2f} GB)", field="cache_max_entry_count")
     if max_tokens is not None:
         return CachePlan(-(-max_tokens // block_size), block_size, bytes_per_token, free_bytes)
-    by_memory = int(free_bytes * fraction) // (bytes_per_token * block_size)
+    by_memory = wanted // (bytes_per_token * block_size)
     blocks_per_seq = -(-session_len // block_size)
     by_use = max_batch_size * blocks_per_seq
     return CachePlan(min(by_memory, by_use), block_size, bytes_per_token, free_bytes)

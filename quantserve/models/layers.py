@@ -136,6 +136,18 @@ class DecoderLayer(nn.Module):
         return h, residual
 
 
+class PackedEmbedding(nn.Module):
+    """Input embedding read from a tied head's packed panels: row v = packed[v // 16, :, v % 16]."""
+
+    def __init__(self, head: Linear):
+        super().__init__()
+        self.head = [head]          # a plain list: the head is registered once, on the model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        packed = self.head[0].packed                               # [V / 16, H, 16]
+        return packed[ids // kernels.PANEL, :, ids % kernels.PANEL]   # [T, H]
+
+
 class CausalLM(nn.Module):
     """Internal parameter names: embed, layers.{i}.{attn_norm,attn.qkv,attn.o,mlp_norm,
     mlp.gate_up,mlp.down}, norm, lm_head (absent when tied)."""
@@ -159,6 +171,8 @@ class CausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.finalize()
+        if self.args.tie_word_embeddings and self.lm_head.packed is not None:
+            self.embed = PackedEmbedding(self.lm_head)    # one copy of the tied matrix, not two
         self.fused = FusedDecoder.build(self)
 
     def weight_bytes(self) -> int:
