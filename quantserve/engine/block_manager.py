@@ -1,20 +1,35 @@
-"""Hands out KV cache blocks to requests.
+"""Hands out KV cache blocks to requests, and shares full blocks between them (prefix caching).
 
 A request holding `n` tokens of K/V owns ceil(n / block_size) blocks, listed in order in its
-`block_ids` (its block table). Freed blocks go back to the pool at once.
+`block_ids` (its block table). With prefix caching, every full block is keyed by a SHA-256 of
+its whole token prefix (the previous block's key + its tokens + the KV dtype), so two requests
+whose first k blocks of tokens agree share those k blocks: reference-counted, never copied,
+never written again (a request only writes into its own last, partial block). A block whose
+count drops to 0 goes back to the free pool but keeps its contents and key; it is reused as
+a cache hit until allocation needs it, least recently freed first (LRU eviction). A block in
+use (count > 0) is never evicted.
 """
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from collections import OrderedDict
 
 from quantserve.engine.request import Request
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 cache_tag: str = ""):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.caching = enable_prefix_caching
+        self.cache_tag = cache_tag.encode()
+        self.ref_counts = [0] * num_blocks
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU first
+        self.block_key: dict[int, bytes] = {}          # block -> key, for full cached blocks
+        self.cached: dict[bytes, int] = {}             # key -> block
+        self.queried_tokens = 0
+        self.hit_tokens = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -32,8 +47,72 @@ class BlockManager:
         needed = self.blocks_needed(request, num_tokens)
         if needed > self.num_free_blocks:
             raise MemoryError(f"need {needed} KV blocks, {self.num_free_blocks} free")
-        request.block_ids.extend(self.free_blocks.popleft() for _ in range(needed))
+        for _ in range(needed):
+            block, _ = self.free_blocks.popitem(last=False)
+            self._forget(block)
+            self.ref_counts[block] = 1
+            request.block_ids.append(block)
 
     def free(self, request: Request) -> None:
-        self.free_blocks.extend(request.block_ids)
+        for block in reversed(request.block_ids):      # the prefix's head is evicted last
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
         request.block_ids = []
+        request.block_keys = []
+
+    # ---- prefix caching ------------------------------------------------------------------
+
+    def cached_prefix(self, request: Request) -> list[int]:
+        """Cached blocks holding a prefix of the prompt (at least one prompt token is left to
+        compute, so the request still gets logits)."""
+        if not self.caching or request.block_ids:
+            return []
+        tokens = request.prompt_token_ids
+        blocks, key = [], b""
+        for i in range((len(tokens) - 1) // self.block_size):
+            key = self._key(key, tokens[i * self.block_size:(i + 1) * self.block_size])
+            if key not in self.cached:
+                break
+            blocks.append(self.cached[key])
+        return blocks
+
+    def claim_prefix(self, request: Request, blocks: list[int]) -> None:
+        """Give the request the cached blocks; its first len(blocks) blocks need no compute."""
+        self.queried_tokens += len(request.prompt_token_ids)
+        self.hit_tokens += len(blocks) * self.block_size
+        for block in blocks:
+            self.free_blocks.pop(block, None)
+            self.ref_counts[block] += 1
+        request.block_ids = list(blocks)
+        request.block_keys = [self.block_key[b] for b in blocks]
+        request.num_computed_tokens = request.num_cached_tokens = len(blocks) * self.block_size
+
+    def free_after_claim(self, blocks: list[int]) -> int:
+        return self.num_free_blocks - sum(1 for b in blocks if self.ref_counts[b] == 0)
+
+    def register_full_blocks(self, request: Request) -> None:
+        """Key the request's blocks that its computed tokens have filled."""
+        if not self.caching:
+            return
+        full = request.num_computed_tokens // self.block_size
+        tokens = request.all_token_ids
+        while len(request.block_keys) < full:
+            i = len(request.block_keys)
+            prev = request.block_keys[-1] if request.block_keys else b""
+            key = self._key(prev, tokens[i * self.block_size:(i + 1) * self.block_size])
+            request.block_keys.append(key)
+            block = request.block_ids[i]
+            if key not in self.cached and block not in self.block_key:
+                self.cached[key] = block
+                self.block_key[block] = key
+
+    def _key(self, prev: bytes, tokens: list[int]) -> bytes:
+        h = hashlib.sha256(prev + self.cache_tag)
+        h.update(b",".join(str(t).encode() for t in tokens))
+        return h.digest()
+
+    def _forget(self, block: int) -> None:
+        key = self.block_key.pop(block, None)
+        if key is not None:
+            del self.cached[key]

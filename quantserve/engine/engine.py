@@ -45,8 +45,9 @@ class Engine:
         self.cache = PagedKVCache(self.args.num_layers, self.plan.num_blocks, self.plan.block_size,
                                   self.args.num_kv_heads, self.args.head_dim, self.dtype, config.device,
                                   kv_bits=config.quant_policy)
-        self.scheduler = Scheduler(BlockManager(self.plan.num_blocks, self.plan.block_size),
-                                   self.max_batch_size, config.max_prefill_token_num)
+        blocks = BlockManager(self.plan.num_blocks, self.plan.block_size, config.enable_prefix_caching,
+                              cache_tag=f"{self.dtype}/{config.quant_policy}")
+        self.scheduler = Scheduler(blocks, self.max_batch_size, config.max_prefill_token_num)
         self.runner = ModelRunner(self.model, self.cache, config.device)
         self.requests: dict[str, Request] = {}
         logger.info(self.memory_summary())

@@ -38,6 +38,8 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    block_keys: list[bytes] = field(default_factory=list)    # prefix-cache keys of its full blocks
+    num_cached_tokens: int = 0                               # prompt tokens served from the prefix cache
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     arrival: int = field(default_factory=lambda: next(_counter))

@@ -87,16 +87,28 @@ class Scheduler:
     def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             request = self.waiting[0]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.blocks.can_allocate(request, request.num_computed_tokens + n):
+            if not self._admit(request, budget):
                 break
-            self.blocks.allocate(request, request.num_computed_tokens + n)
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
             self.waiting.popleft()
             request.status = Status.RUNNING
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, n))
             budget -= n
         return budget
+
+    def _admit(self, request: Request, budget: int) -> bool:
+        """Blocks for the request's next chunk, starting from its cached prefix; False if full."""
+        cached = self.blocks.cached_prefix(request)
+        computed = max(request.num_computed_tokens, len(cached) * self.blocks.block_size)
+        n = min(request.num_tokens - computed, budget)
+        needed = -(-(computed + n) // self.blocks.block_size) - max(len(cached), len(request.block_ids))
+        if needed > self.blocks.free_after_claim(cached):
+            return False
+        if cached:
+            self.blocks.claim_prefix(request, cached)
+        self.blocks.allocate(request, computed + n)
+        return True
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -114,6 +126,7 @@ class Scheduler:
             if r.status is not Status.RUNNING:   # aborted during the step
                 continue
             r.num_computed_tokens += s.num_new_tokens
+            self.blocks.register_full_blocks(r)
             if r.request_id in sampled:
                 r.append_token(sampled[r.request_id])
                 changed.append(r)
