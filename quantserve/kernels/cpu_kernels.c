@@ -391,6 +391,8 @@ typedef struct {
 
 /* ---- quantized KV cache (see quantserve/kvcache/quant.py for the scheme) ----------------- */
 
+#define MAX_HEAD_DIM 256
+
 typedef struct {
     void *data;          /* [num_blocks, block_size, Hkv, D] uint8 (int8) or [.., D/2] (int4) */
     uint16_t *scale;     /* [num_blocks, block_size, Hkv] float16 */
@@ -400,8 +402,31 @@ typedef struct {
 
 static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
+/* int4 rotates head vectors by the normalized Hadamard matrix when D is a power of two. */
+static inline int rotates(int bits, int D) { return bits == 4 && (D & (D - 1)) == 0; }
+
+/* In place v <- H v / sqrt(D) (fast Walsh-Hadamard transform, Sylvester order). */
+static void fwht(float *v, int D) {
+    for (int len = 1; len < D; len <<= 1)
+        for (int i = 0; i < D; i += 2 * len)
+            for (int j = i; j < i + len; j++) {
+                float a = v[j], b = v[j + len];
+                v[j] = a + b;
+                v[j + len] = a - b;
+            }
+    float norm = 1.0f / sqrtf((float)D);
+    for (int i = 0; i < D; i++) v[i] *= norm;
+}
+
 /* Quantize one head vector x[D] into slot `row` (= slot * Hkv + head) of the cache. */
-static void quantize_head(const float *x, int D, const QuantCache *c, long row) {
+static void quantize_head(const float *x_in, int D, const QuantCache *c, long row) {
+    float rotated[MAX_HEAD_DIM];
+    const float *x = x_in;
+    if (rotates(c->bits, D)) {
+        memcpy(rotated, x_in, sizeof(float) * D);
+        fwht(rotated, D);
+        x = rotated;
+    }
     __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
     for (int d = 0; d < D; d += 8) {
         __m256 v = _mm256_loadu_ps(x + d);
@@ -496,8 +521,6 @@ static inline void axpy_codes(__m256 *acc, float w, const QuantCache *c, long ro
     }
 }
 
-#define MAX_HEAD_DIM 256
-
 /* Decode attention over a quantized cache. score_t = scale_t (q . code_t - zero_t sum(q));
  * out = sum_t p_t scale_t code_t - (sum_t p_t scale_t zero_t). Same shapes as
  * qs_decode_attention; D % 16 == 0, D <= 256. */
@@ -512,7 +535,10 @@ void qs_decode_attention_quant(const float *q, long q_stride, const QuantCache *
             int h = hq / G;
             long L = context_lens[b];
             const int64_t *table = block_tables + (long)b * max_blocks;
-            const float *qv = q + (long)b * q_stride + (long)hq * D;
+            float qv[MAX_HEAD_DIM];
+            memcpy(qv, q + (long)b * q_stride + (long)hq * D, sizeof(float) * D);
+            int rot = rotates(kc->bits, D);
+            if (rot) fwht(qv, D);
             float qsum = 0.0f;
             for (int d = 0; d < D; d++) qsum += qv[d];
             float *p = malloc(sizeof(float) * L);
@@ -532,6 +558,7 @@ void qs_decode_attention_quant(const float *q, long q_stride, const QuantCache *
             }
             float *o = out + ((long)b * Hq + hq) * D;
             for (int j = 0; j < D / 8; j++) _mm256_storeu_ps(o + 8 * j, _mm256_sub_ps(acc[j], _mm256_set1_ps(shift)));
+            if (rot) fwht(o, D);
             free(p);
         }
     }
