@@ -55,6 +55,15 @@ class EngineConfig:
     model_format: str | None = None
     trust_remote_code: bool = False
     num_threads: int | None = None
+    rope_scaling_factor: float = 0.0              # > 0: dynamic NTK RoPE scaling by this factor
+    hf_overrides: dict | None = None              # merged into the model's config.json
+
+    def model_overrides(self) -> dict:
+        """Config entries to override: --hf-overrides, and --rope-scaling-factor as dynamic NTK."""
+        overrides = dict(self.hf_overrides or {})
+        if self.rope_scaling_factor > 0:
+            overrides["rope_scaling"] = {"rope_type": "dynamic", "factor": self.rope_scaling_factor}
+        return overrides
 
     def __post_init__(self) -> None:
         _check(self.dtype in SUPPORTED_DTYPES, f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
@@ -68,6 +77,7 @@ class EngineConfig:
         _check(self.max_prefill_token_num > 0, "max_prefill_token_num must be > 0")
         _check(self.quant_policy in (0, 4, 8), f"quant_policy must be 0 (none), 4 (int4) or 8 (int8), got {self.quant_policy}")
         _check(self.device in SUPPORTED_DEVICES, f"device must be one of {SUPPORTED_DEVICES}, got {self.device!r}")
+        _check(self.rope_scaling_factor >= 0, "rope_scaling_factor must be >= 0")
         _check(self.model_format in SUPPORTED_MODEL_FORMATS,
                f"model_format {self.model_format!r} is not supported by this build; supported: hf, gguf")
 

@@ -32,6 +32,18 @@ def fraction_or_size(text: str) -> float | str:
         return text
 
 
+def json_dict(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def quant_policy(text: str) -> int:
     names = {"none": 0, "int8": 8, "int4": 4, "0": 0, "8": 8, "4": 4}
     if text.lower() not in names:
@@ -65,6 +77,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--chat-template", default=None, help="built-in name (chatml, internlm2, base) or a Jinja/JSON file")
     g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--rope-scaling-factor", type=float, default=0.0,
+                   help="dynamic NTK RoPE scaling factor, so --session-len can exceed the model's context")
+    g.add_argument("--hf-overrides", type=json_dict, default=None,
+                   help='JSON merged into config.json, e.g. \'{"rope_scaling": {"rope_type": "yarn", "factor": 4}}\'')
     g.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--log-level", default="WARNING")
 
@@ -82,7 +98,8 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> N
 
 ENGINE_FIELDS = ("dtype", "tp", "session_len", "max_batch_size", "cache_max_entry_count", "cache_max_tokens",
                  "cache_block_seq_len", "max_prefill_token_num", "quant_policy", "device",
-                 "enable_prefix_caching", "model_format", "trust_remote_code", "num_threads")
+                 "enable_prefix_caching", "model_format", "trust_remote_code", "num_threads",
+                 "rope_scaling_factor", "hf_overrides")
 
 
 def engine_config(ns: argparse.Namespace) -> EngineConfig:

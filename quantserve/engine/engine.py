@@ -33,13 +33,14 @@ class Engine:
         self.config = config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        cfg = read_config(Path(model_path))
+        overrides = config.model_overrides()
+        cfg = {**read_config(Path(model_path)), **overrides}
         require_supported(cfg)
-        self.args = model_args_for(Path(model_path))
+        self.args = model_args_for(Path(model_path), overrides)
         self.session_len = config.session_len or self.args.max_position_embeddings
         self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE[config.device]
         self.dtype = torch_dtype(config.dtype, cfg, config.device)
-        self.model = load_model(Path(model_path), self.dtype, config.device, self.session_len, progress=progress)
+        self.model = load_model(Path(model_path), self.dtype, config.device, self.session_len, overrides, progress)
         self.weights_bytes = self.model.weight_bytes()
         self.plan = self._plan_cache()
         self.cache = PagedKVCache(self.args.num_layers, self.plan.num_blocks, self.plan.block_size,
