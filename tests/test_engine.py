@@ -134,3 +134,20 @@ def test_quantized_cache_batch_invariant(tiny_llama, quant_policy):
     engine = make_engine(tiny_llama, quant_policy=quant_policy)
     params = SamplingParams(max_new_tokens=16)
     assert run(engine, PROMPTS, params) == [run(engine, [p], params)[0] for p in PROMPTS]
+
+
+@pytest.mark.parametrize("budget, tokens", [("64KiB", None), (None, 96)])
+def test_absolute_cache_budgets(tiny_llama, budget, tokens):
+    kw = {"cache_max_tokens": tokens} if tokens else {"cache_max_entry_count": budget}
+    e = make_engine(tiny_llama, session_len=64, **kw)
+    per_token = e.plan.bytes_per_token                           # 2 layers x 2 heads x 16 x 2 x 4 B = 512
+    assert e.plan.num_tokens == (96 if tokens else 65536 // per_token // 16 * 16)
+
+
+def test_budget_larger_than_memory_is_an_error_before_allocating(tiny_llama):
+    from quantserve.config import ConfigError
+
+    with pytest.raises(ConfigError, match="more than the free memory"):
+        make_engine(tiny_llama, cache_max_entry_count="1000TB")
+    with pytest.raises(ConfigError, match="cache_max_entry_count"):
+        EngineConfig(cache_max_entry_count="lots")
