@@ -12,13 +12,16 @@ from quantserve.kvcache.paged import PagedKVCache
 native = pytest.mark.skipif(kernels.cpu() is None, reason="native CPU kernels unavailable")
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_dequantization_error_within_half_scale(bits):
+@pytest.mark.parametrize("bits, groups", [(8, 1), (4, 1), (4, 2)])
+def test_dequantization_error_within_half_scale(bits, groups):
     """int8: every element within scale / 2. int4 quantizes the Hadamard-rotated vector, so the
     bound holds there, and (H orthogonal) for the error's norm: ||e|| <= sqrt(D) * scale / 2."""
     x = torch.randn(500, 8, 64) * torch.rand(500, 8, 1) * 10 + torch.randn(500, 8, 1)
-    stored, scale, zero = quant.quantize_kv(x, bits)
+    stored, scale, zero = quant.quantize_kv(x, bits, groups)
     x2 = quant.dequantize_kv(stored, scale, zero, bits)
+    if groups == 2:
+        assert scale.shape == (500, 8, 2)
+        scale = scale.float().amax(-1)                   # the per-head bound uses the larger step
     half = scale.float().unsqueeze(-1) / 2 * (1 + 1e-5)
     if bits == 8:
         assert ((x - x2).abs() <= half).all()
@@ -68,7 +71,7 @@ def test_native_write_equals_reference(bits):
     x = torch.randn(9, 2 * hkv * d)[:, :hkv * d] * 4                     # strided rows
     slots = torch.tensor([0, 5, 16, 17, 40, 63, 100, 150, 159])
     kernels.kv_write(x, slots, *cache.parts("k", 1), bits=bits)
-    codes, scale, zero = quant.quantize_kv(x.view(9, hkv, d), bits)
+    codes, scale, zero = quant.quantize_kv(x.view(9, hkv, d), bits, quant.groups_for("k", bits))
     data, s, z = (p.view(-1, *p.shape[2:]) for p in cache.parts("k", 1))
     assert torch.equal(data[slots], codes)
     assert torch.equal(s[slots], scale) and torch.equal(z[slots], zero)
@@ -83,8 +86,9 @@ def test_paged_write_then_read_is_quantize_dequantize(bits):
     slots = torch.cat([blocks[i // bs:i // bs + 1] * bs + i % bs for i in range(20)])
     cache.write(0, k, v, slots)
     rk, rv = cache.read(0, blocks)
-    torch.testing.assert_close(rk[:20], quant.dequantize_kv(*quant.quantize_kv(k, bits), bits), atol=1e-6, rtol=0)
-    torch.testing.assert_close(rv[:20], quant.dequantize_kv(*quant.quantize_kv(v, bits), bits), atol=1e-6, rtol=0)
+    for got, x, which in ((rk, k, "k"), (rv, v, "v")):
+        expected = quant.dequantize_kv(*quant.quantize_kv(x, bits, quant.groups_for(which, bits)), bits)
+        torch.testing.assert_close(got[:20], expected, atol=1e-6, rtol=0)
 
 
 def attention_reference(q, k, v):

@@ -61,11 +61,15 @@ def weight_bytes(params: float, dtype: str, w_bits: int = 16, group_size: int = 
 
 
 def kv_bytes_per_token(shape: ModelShape, dtype: str, quant_policy: int) -> float | None:
-    """K and V of every layer for one token (3 bytes of scale/zero per head when quantized)."""
+    """K and V of every layer for one token (quantized: 3 bytes of scale/zero per head and group;
+    int4 keys have two groups, see kvcache/quant.py)."""
     if not shape.known:
         return None
-    per_head = shape.head_dim * (quant_policy / 8 + 3 / shape.head_dim if quant_policy else BYTES[dtype])
-    return 2 * shape.num_layers * shape.num_kv_heads * per_head
+    if quant_policy:
+        per_head = 2 * shape.head_dim * quant_policy / 8 + 3 * (3 if quant_policy == 4 else 2)
+    else:
+        per_head = 2 * shape.head_dim * BYTES[dtype]
+    return shape.num_layers * shape.num_kv_heads * per_head
 
 
 @dataclass

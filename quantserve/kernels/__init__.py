@@ -74,7 +74,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qs_rope.argtypes = [p, i, ctypes.c_long, i, i, p, p, p]
     lib.qs_kv_write.argtypes = [p, ctypes.c_long, i, i, p, p, i]
     lib.qs_silu_mul.argtypes = [p, p, i, i]
-    lib.qs_kv_write_quant.argtypes = [p, ctypes.c_long, i, i, i, p, p, p, p, i]
+    lib.qs_kv_write_quant.argtypes = [p, ctypes.c_long, i, i, i, p, p, p, p, i, i]
     lib.qs_decode_attention_quant.argtypes = [p, ctypes.c_long, p, p, p, p, i, i, i, i, i, i, f, p, i]
     lib.qs_decode_layers.argtypes = [p, i, p, p, p]
     for fn in (lib.qs_linear, lib.qs_decode_attention, lib.qs_add_rmsnorm, lib.qs_rope, lib.qs_kv_write,
@@ -114,12 +114,18 @@ def linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | N
 
 class QuantCache(ctypes.Structure):
     _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
-                ("bits", ctypes.c_int)]
+                ("bits", ctypes.c_int), ("groups", ctypes.c_int)]
+
+
+def param_groups(data: torch.Tensor, scale: torch.Tensor) -> int:
+    """Groups per head: scale is [..., Hkv] (1) or [..., Hkv, G]."""
+    return scale.shape[-1] if scale.dim() == data.dim() else 1
 
 
 def _quant_cache(parts: tuple[torch.Tensor, ...], head_dim: int) -> QuantCache:
     data, scale, zero = parts
-    return QuantCache(data.data_ptr(), scale.data_ptr(), zero.data_ptr(), 8 * data.shape[-1] // head_dim)
+    return QuantCache(data.data_ptr(), scale.data_ptr(), zero.data_ptr(), 8 * data.shape[-1] // head_dim,
+                      param_groups(data, scale))
 
 
 def decode_attention(q: torch.Tensor, k_parts: tuple, v_parts: tuple, block_tables: torch.Tensor,
@@ -162,7 +168,8 @@ def kv_write(src: torch.Tensor, slots: torch.Tensor, *parts: torch.Tensor, bits:
         data, scale, zero = parts
         hkv = data.shape[2]
         cpu().qs_kv_write_quant(src.data_ptr(), src.stride(0), src.shape[0], hkv, src.shape[1] // hkv,
-                                slots.data_ptr(), data.data_ptr(), scale.data_ptr(), zero.data_ptr(), bits)
+                                slots.data_ptr(), data.data_ptr(), scale.data_ptr(), zero.data_ptr(), bits,
+                                param_groups(data, scale))
         return
     cpu().qs_kv_write(src.data_ptr(), src.stride(0), src.shape[0], src.shape[1], slots.data_ptr(),
                       parts[0].data_ptr(), W_TYPES[parts[0].dtype])

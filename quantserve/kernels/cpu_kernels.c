@@ -386,7 +386,8 @@ typedef struct {
     int kv_bits;                                 /* 0: float cache; 4 / 8: quantized (k_cache = codes) */
     uint16_t *k_scale, *v_scale;                 /* [L, num_blocks, block_size, Hkv] when quantized */
     uint8_t *k_zero, *v_zero;
-    long param_stride;                           /* elements between layers of scale / zero */
+    long k_param_stride, v_param_stride;         /* elements between layers of scale / zero */
+    int k_groups, v_groups;
 } DecodeBatch;
 
 /* ---- quantized KV cache (see quantserve/kvcache/quant.py for the scheme) ----------------- */
@@ -398,6 +399,7 @@ typedef struct {
     uint16_t *scale;     /* [num_blocks, block_size, Hkv] float16 */
     uint8_t *zero;       /* [num_blocks, block_size, Hkv] */
     int bits;
+    int groups;          /* 1, or 2 = one scale / zero per half of the head ([..., Hkv, 2]) */
 } QuantCache;
 
 static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
@@ -418,17 +420,10 @@ static void fwht(float *v, int D) {
     for (int i = 0; i < D; i++) v[i] *= norm;
 }
 
-/* Quantize one head vector x[D] into slot `row` (= slot * Hkv + head) of the cache. */
-static void quantize_head(const float *x_in, int D, const QuantCache *c, long row) {
-    float rotated[MAX_HEAD_DIM];
-    const float *x = x_in;
-    if (rotates(c->bits, D)) {
-        memcpy(rotated, x_in, sizeof(float) * D);
-        fwht(rotated, D);
-        x = rotated;
-    }
+/* Codes of x[n] for one group: scale (float16, rounded up) and integer zero written at `param`. */
+static void quantize_group(const float *x, int n, const QuantCache *c, long param, uint8_t *q) {
     __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-    for (int d = 0; d < D; d += 8) {
+    for (int d = 0; d < n; d += 8) {
         __m256 v = _mm256_loadu_ps(x + d);
         lo = _mm256_min_ps(lo, v);
         hi = _mm256_max_ps(hi, v);
@@ -444,17 +439,30 @@ static void quantize_head(const float *x_in, int D, const QuantCache *c, long ro
     if (s < 1e-6f) s = 1e-6f;
     uint16_t s16 = _cvtss_sh(s, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
     float sf = half_to_float(s16), z = ceilf(-mn / sf);
-    c->scale[row] = s16;
-    c->zero[row] = (uint8_t)z;
+    c->scale[param] = s16;
+    c->zero[param] = (uint8_t)z;
     __m256 sv = _mm256_set1_ps(sf), zv = _mm256_set1_ps(z);
-    uint8_t q[512];
-    for (int d = 0; d < D; d += 8) {
+    for (int d = 0; d < n; d += 8) {
         __m256 v = _mm256_add_ps(_mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + d), sv),
                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zv);
         int32_t t[8];
         _mm256_storeu_si256((__m256i *)t, _mm256_cvtps_epi32(v));
         for (int j = 0; j < 8; j++) q[d + j] = (uint8_t)t[j];
     }
+}
+
+/* Quantize one head vector x[D] into slot `row` (= slot * Hkv + head) of the cache. */
+static void quantize_head(const float *x_in, int D, const QuantCache *c, long row) {
+    float rotated[MAX_HEAD_DIM];
+    const float *x = x_in;
+    if (rotates(c->bits, D)) {
+        memcpy(rotated, x_in, sizeof(float) * D);
+        fwht(rotated, D);
+        x = rotated;
+    }
+    uint8_t q[MAX_HEAD_DIM];
+    int n = D / c->groups;
+    for (int g = 0; g < c->groups; g++) quantize_group(x + g * n, n, c, row * c->groups + g, q + g * n);
     uint8_t *dst = (uint8_t *)c->data + row * (long)(c->bits == 4 ? D / 2 : D);
     if (c->bits == 8) {
         memcpy(dst, q, D);
@@ -465,8 +473,8 @@ static void quantize_head(const float *x_in, int D, const QuantCache *c, long ro
 
 /* Rows of Hkv * D floats (row stride `stride`) into quantized cache slots. */
 void qs_kv_write_quant(const float *src, long stride, int T, int Hkv, int D, const int64_t *slots,
-                       void *data, uint16_t *scale, uint8_t *zero, int bits) {
-    QuantCache c = {data, scale, zero, bits};
+                       void *data, uint16_t *scale, uint8_t *zero, int bits, int groups) {
+    QuantCache c = {data, scale, zero, bits, groups};
     for (int t = 0; t < T; t++)
         for (int h = 0; h < Hkv; h++) quantize_head(src + t * stride + (long)h * D, D, &c, slots[t] * Hkv + h);
 }
@@ -483,8 +491,9 @@ static inline void codes8_u4(const uint8_t *p, __m256 *lo, __m256 *hi) {
     *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
 
-/* sum_d q[d] * code[d] for the head stored at `row`. */
-static inline float dot_codes(const float *q, const QuantCache *c, long row, int D) {
+/* sum_d q[d] * code[d] for the head stored at `row`, as the sums over the low and high halves
+ * of the head (int8: all of it in *lo). */
+static inline void dot_codes(const float *q, const QuantCache *c, long row, int D, float *lo_sum, float *hi_sum) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     if (c->bits == 8) {
         const uint8_t *p = (const uint8_t *)c->data + row * D;
@@ -500,8 +509,24 @@ static inline float dot_codes(const float *q, const QuantCache *c, long row, int
             a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), lo, a0);
             a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + D / 2 + d), hi, a1);
         }
+        *lo_sum = hsum(a0);
+        *hi_sum = hsum(a1);
+        return;
     }
-    return hsum(_mm256_add_ps(a0, a1));
+    *lo_sum = hsum(_mm256_add_ps(a0, a1));
+    *hi_sum = 0.0f;
+}
+
+/* scale * (q . code - zero * sum(q)), per group. qsum: sums of q over the two halves. */
+static inline float key_score(const float *q, const float *qsum, const QuantCache *c, long row, int D) {
+    float lo, hi;
+    dot_codes(q, c, row, D, &lo, &hi);
+    if (c->groups == 2) {
+        long p = row * 2;
+        return half_to_float(c->scale[p]) * (lo - c->zero[p] * qsum[0]) +
+               half_to_float(c->scale[p + 1]) * (hi - c->zero[p + 1] * qsum[1]);
+    }
+    return half_to_float(c->scale[row]) * (lo + hi - c->zero[row] * (qsum[0] + qsum[1]));
 }
 
 /* acc[0..D/8) += w * codes of the head at `row` (int8 or int4), in dimension order. */
@@ -539,12 +564,12 @@ void qs_decode_attention_quant(const float *q, long q_stride, const QuantCache *
             memcpy(qv, q + (long)b * q_stride + (long)hq * D, sizeof(float) * D);
             int rot = rotates(kc->bits, D);
             if (rot) fwht(qv, D);
-            float qsum = 0.0f;
-            for (int d = 0; d < D; d++) qsum += qv[d];
+            float qsum[2] = {0.0f, 0.0f};
+            for (int d = 0; d < D; d++) qsum[d >= D / 2] += qv[d];
             float *p = malloc(sizeof(float) * L);
             for (long t = 0; t < L; t++) {
                 long row = (table[t / block_size] * block_size + t % block_size) * Hkv + h;
-                p[t] = half_to_float(kc->scale[row]) * (dot_codes(qv, kc, row, D) - kc->zero[row] * qsum) * scale;
+                p[t] = key_score(qv, qsum, kc, row, D) * scale;
             }
             softmax_inplace(p, L);
             __m256 acc[MAX_HEAD_DIM / 8];
@@ -572,11 +597,13 @@ static inline void *cache_layer(void *base, int ctype, long offset) {
 static void attend(const DecodeBatch *b, int l, const float *qkv, int nqkv, int qd, int kvd, float *attn) {
     int T = b->T;
     if (b->kv_bits) {
-        long lo = l * b->layer_stride * b->kv_bits / 8, po = l * b->param_stride;
-        QuantCache kc = {(uint8_t *)b->k_cache + lo, b->k_scale + po, b->k_zero + po, b->kv_bits};
-        QuantCache vc = {(uint8_t *)b->v_cache + lo, b->v_scale + po, b->v_zero + po, b->kv_bits};
-        qs_kv_write_quant(qkv + qd, nqkv, T, b->Hkv, b->D, b->slots, kc.data, kc.scale, kc.zero, b->kv_bits);
-        qs_kv_write_quant(qkv + qd + kvd, nqkv, T, b->Hkv, b->D, b->slots, vc.data, vc.scale, vc.zero, b->kv_bits);
+        long lo = l * b->layer_stride * b->kv_bits / 8, kp = l * b->k_param_stride, vp = l * b->v_param_stride;
+        QuantCache kc = {(uint8_t *)b->k_cache + lo, b->k_scale + kp, b->k_zero + kp, b->kv_bits, b->k_groups};
+        QuantCache vc = {(uint8_t *)b->v_cache + lo, b->v_scale + vp, b->v_zero + vp, b->kv_bits, b->v_groups};
+        qs_kv_write_quant(qkv + qd, nqkv, T, b->Hkv, b->D, b->slots, kc.data, kc.scale, kc.zero, b->kv_bits,
+                          b->k_groups);
+        qs_kv_write_quant(qkv + qd + kvd, nqkv, T, b->Hkv, b->D, b->slots, vc.data, vc.scale, vc.zero, b->kv_bits,
+                          b->v_groups);
         qs_decode_attention_quant(qkv, nqkv, &kc, &vc, b->block_tables, b->context_lens, T, b->Hq, b->Hkv, b->D,
                                   b->block_size, b->max_blocks, b->scale, attn, b->nthreads);
         return;

@@ -26,7 +26,7 @@ class DecodeBatch(ctypes.Structure):
         ("eps", _f), ("scale", _f), ("positions", _p), ("slots", _p), ("block_tables", _p),
         ("context_lens", _p), ("cos", _p), ("sin", _p), ("k_cache", _p), ("v_cache", _p),
         ("layer_stride", _l), ("kv_bits", _i), ("k_scale", _p), ("v_scale", _p), ("k_zero", _p), ("v_zero", _p),
-        ("param_stride", _l)]
+        ("k_param_stride", _l), ("v_param_stride", _l), ("k_groups", _i), ("v_groups", _i)]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -67,7 +67,9 @@ class FusedDecoder:
             return {}
         return dict(kv_bits=cache.kv_bits, k_scale=cache.k_scale.data_ptr(), v_scale=cache.v_scale.data_ptr(),
                     k_zero=cache.k_zero.data_ptr(), v_zero=cache.v_zero.data_ptr(),
-                    param_stride=cache.k_scale[0].numel())
+                    k_param_stride=cache.k_scale[0].numel(), v_param_stride=cache.v_scale[0].numel(),
+                    k_groups=kernels.param_groups(cache.k, cache.k_scale),
+                    v_groups=kernels.param_groups(cache.v, cache.v_scale))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta, cache) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] embeddings of T decode tokens -> (last layer output, residual stream)."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from quantserve import kernels
-from quantserve.kvcache.quant import bytes_per_head_token, dequantize_kv, quantize_kv
+from quantserve.kvcache.quant import bytes_per_head_token, dequantize_kv, groups_for, quantize_kv
 
 
 @dataclass
@@ -48,7 +48,7 @@ class PagedKVCache:
     """K and V for every layer in fixed-size blocks: [L, num_blocks, block_size, Hkv, D].
 
     kv_bits 0 stores `dtype`; 8 / 4 store codes (uint8, two int4 per byte) plus a float16 scale
-    and a uint8 zero per token and head beside them (kvcache/quant.py). Reads always return
+    and a uint8 zero per token, head (and group: int4 keys have two) beside them (kvcache/quant.py). Reads always return
     float32 (or `dtype`) values, so the model never knows which.
     """
 
@@ -61,17 +61,19 @@ class PagedKVCache:
         store = torch.uint8 if kv_bits else dtype
         self.k = lazy_zeros((*rows, width), store, device)
         self.v = lazy_zeros((*rows, width), store, device)
-        if kv_bits:
-            self.k_scale, self.v_scale = lazy_zeros(rows, torch.float16, device), lazy_zeros(rows, torch.float16, device)
-            self.k_zero, self.v_zero = lazy_zeros(rows, torch.uint8, device), lazy_zeros(rows, torch.uint8, device)
+        for which in ("k", "v") if kv_bits else ():
+            groups = groups_for(which, kv_bits)
+            params = rows if groups == 1 else (*rows, groups)
+            setattr(self, f"{which}_scale", lazy_zeros(params, torch.float16, device))
+            setattr(self, f"{which}_zero", lazy_zeros(params, torch.uint8, device))
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, kv_bits: int = 0) -> int:
-        return 2 * num_layers * num_kv_heads * bytes_per_head_token(head_dim, kv_bits, dtype)
+        return num_layers * num_kv_heads * bytes_per_head_token(head_dim, kv_bits, dtype)
 
     @property
     def nbytes(self) -> int:
-        extra = (self.k_scale.nbytes + self.k_zero.nbytes) * 2 if self.kv_bits else 0
+        extra = self.k_scale.nbytes + self.k_zero.nbytes + self.v_scale.nbytes + self.v_zero.nbytes if self.kv_bits else 0
         return self.k.nbytes + self.v.nbytes + extra
 
     def parts(self, which: str, layer: int) -> tuple[torch.Tensor, ...]:
@@ -90,7 +92,7 @@ class PagedKVCache:
 
     def _write_reference(self, which: str, layer: int, x: torch.Tensor, slots: torch.Tensor) -> None:
         parts = self.parts(which, layer)
-        values = quantize_kv(x.float(), self.kv_bits) if self.kv_bits else (x,)
+        values = quantize_kv(x.float(), self.kv_bits, groups_for(which, self.kv_bits)) if self.kv_bits else (x,)
         for dst, src in zip(parts, values):
             flat = dst.view(-1, *dst.shape[2:])                      # [slots, Hkv(, width)]
             flat.index_copy_(0, slots, src.to(dst.dtype))

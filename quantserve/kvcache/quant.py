@@ -20,6 +20,11 @@ the rotation spreads them evenly, and since H is orthogonal and symmetric, q.k =
 sum p v = H (sum p Hv). On SmolLM2-135M, WikiText-2 perplexity with int4 KV goes from +15.7%
 (LMDeploy's scheme) to about +7% over float16. int8 is not rotated (+0.03% already), so its
 per-element error stays within scale / 2.
+
+Keys carry most of int4's error (int4 V alone costs +0.5% perplexity, int4 K alone +5.8%), so
+int4 keys get two groups, one per half of the head, each with its own scale and zero (the
+halves are also the two nibbles of the packing): 3 more bytes per token and head, 3.51x the
+tokens of float16 at D = 64 instead of 3.66x, for about 1 point less perplexity loss.
 """
 from __future__ import annotations
 
@@ -78,23 +83,38 @@ def rotates(bits: int, head_dim: int) -> bool:
     return bits == 4 and head_dim & (head_dim - 1) == 0
 
 
-def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: [..., D] -> (stored codes [..., D or D/2], scale, zero)."""
-    if rotates(bits, x.shape[-1]):
-        x = x @ hadamard(x.shape[-1])
-    scale, zero = qparams(x, bits)
-    q = quantize(x, scale, zero)
+def groups_for(which: str, bits: int) -> int:
+    """Quantization groups per head vector: int4 keys use one per half of the head."""
+    return 2 if bits == 4 and which == "k" else 1
+
+
+def quantize_kv(x: torch.Tensor, bits: int, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [..., D] -> (codes [..., D or D/2], scale, zero); scale and zero are [...] for one
+    group, [..., groups] otherwise."""
+    d = x.shape[-1]
+    if rotates(bits, d):
+        x = x @ hadamard(d)
+    xg = x.reshape(*x.shape[:-1], groups, d // groups)                 # [..., G, D/G]
+    scale, zero = qparams(xg, bits)
+    q = quantize(xg, scale, zero).reshape(x.shape)
+    if groups == 1:
+        scale, zero = scale.squeeze(-1), zero.squeeze(-1)
     return (pack_int4(q) if bits == 4 else q), scale, zero
 
 
 def dequantize_kv(stored: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     q = unpack_int4(stored) if bits == 4 else stored
-    x = dequantize(q, scale, zero)
+    grouped = scale.dim() == q.dim()
+    if not grouped:
+        scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    qg = q.reshape(*q.shape[:-1], scale.shape[-1], -1)                 # [..., G, D/G]
+    x = dequantize(qg, scale, zero).reshape(q.shape)
     return x @ hadamard(x.shape[-1]) if rotates(bits, x.shape[-1]) else x
 
 
 def bytes_per_head_token(head_dim: int, bits: int, dtype: torch.dtype) -> int:
-    """Cache bytes for one head of one token (K or V), parameters included."""
+    """Cache bytes for one head of one token, K and V together, parameters included."""
     if bits == 0:
-        return head_dim * torch.finfo(dtype).bits // 8
-    return head_dim * bits // 8 + 3
+        return 2 * head_dim * torch.finfo(dtype).bits // 8
+    groups = groups_for("k", bits) + groups_for("v", bits)
+    return 2 * head_dim * bits // 8 + 3 * groups
