@@ -88,23 +88,29 @@ class Pipeline:
                 rid = f"pipe-{next(_ids)}"
                 request = self.engine.add_request(rid, ids, params)
                 jobs[rid] = _Job(i, request, TextStream(self.tokenizer, ids, cfg.stop_words, cfg.skip_special_tokens))
-        except RequestError as e:
+        except BaseException as e:
             for job in jobs.values():
                 self.engine.abort(job.request.request_id)
-            raise RequestError(f"prompt {len(jobs)}: {e}") from None
+            if isinstance(e, RequestError):
+                raise RequestError(f"prompt {len(jobs)}: {e}") from None
+            raise
         return jobs
 
     def _run(self, jobs: dict[str, _Job]) -> Iterator[Response]:
-        pending = set(jobs)
+        """Step the engine until every job finished. Another consumer of the same engine may
+        step it too, so progress is read from the requests, not from what a step returns."""
+        pending = dict(jobs)
         while pending:
-            for request in self.engine.step():
-                job = jobs.get(request.request_id)
-                if job is None:
-                    continue
-                chunk = self._advance(job)
-                if chunk.finish_reason:
-                    pending.discard(request.request_id)
-                yield chunk
+            if not self.engine.has_work and all(not j.request.is_finished for j in pending.values()):
+                raise RuntimeError("the engine stopped with requests unfinished")
+            self.engine.step()
+            for rid, job in list(pending.items()):
+                r = job.request
+                if len(r.output_token_ids) > job.sent_tokens or r.is_finished or job.stream.stopped:
+                    chunk = self._advance(job)
+                    if chunk.finish_reason:
+                        del pending[rid]
+                    yield chunk
 
     def _advance(self, job: _Job) -> Response:
         r = job.request
@@ -112,8 +118,9 @@ class Pipeline:
         job.sent_tokens = len(r.output_token_ids)
         text = job.stream.add(new, final=r.is_finished)
         reason = r.finish_reason.value if r.is_finished else None
-        if job.stream.stopped and not r.is_finished:
-            self.engine.abort(r.request_id)
+        if job.stream.stopped:                  # a stop string wins over a length limit hit at once
+            if not r.is_finished:
+                self.engine.abort(r.request_id)
             reason = "stop"
         return Response(text, len(r.output_token_ids), len(r.prompt_token_ids), reason, new, job.index)
 

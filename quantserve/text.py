@@ -102,7 +102,9 @@ class TextStream:
             self.text += self._decode_step()
             self._check_stop(max(0, before - self.holdback))
         if final and not self.stopped:
+            before = len(self.text)
             self.text += self._decode_step(flush=True)
+            self._check_stop(max(0, before - self.holdback))
         end = len(self.text) if (final or self.stopped) else max(self.emitted, len(self.text) - self.holdback)
         delta = self.text[self.emitted:end]
         self.emitted = end

@@ -151,3 +151,13 @@ def test_budget_larger_than_memory_is_an_error_before_allocating(tiny_llama):
         make_engine(tiny_llama, cache_max_entry_count="1000TB")
     with pytest.raises(ConfigError, match="cache_max_entry_count"):
         EngineConfig(cache_max_entry_count="lots")
+
+
+@pytest.mark.parametrize("quant_policy, dtype", [(0, "float16"), (8, "float32"), (4, "float32")])
+def test_chunking_does_not_change_tokens_with_rounded_caches(tiny_llama, quant_policy, dtype):
+    """Every prefill chunk attends to K/V as stored (rounded or quantized), the first one too."""
+    params = SamplingParams(max_new_tokens=12)
+    whole = run(make_engine(tiny_llama, dtype=dtype, quant_policy=quant_policy), PROMPTS, params)
+    chunked = run(make_engine(tiny_llama, dtype=dtype, quant_policy=quant_policy, max_prefill_token_num=7),
+                  PROMPTS, params)
+    assert chunked == whole

@@ -98,3 +98,20 @@ def test_stop_string_across_tokens_is_held_back(pipe):
     stream = TextStream(pipe.tokenizer, [], ["France is"])
     emitted = "".join(stream.add([i]) for i in ids)
     assert stream.stopped and emitted == "The capital of "
+
+
+def test_interleaved_streams_do_not_hang(pipe):
+    """Another call stepping the same engine may finish this stream's request."""
+    stream = pipe.stream_infer("Hi", gen_config=GREEDY)
+    first = next(stream)
+    other = pipe("Paris", gen_config=GREEDY)
+    rest = list(stream)
+    text = first.text + "".join(c.text for c in rest)
+    assert text == pipe("Hi", gen_config=GREEDY).text and rest[-1].finish_reason
+    assert other.generate_token_len > 0
+
+
+def test_out_of_vocab_stop_token_ids_rejected(pipe):
+    with pytest.raises(RequestError, match="stop token ids"):
+        pipe("Hi", gen_config=GenerationConfig(stop_token_ids=[10**6], min_new_tokens=2))
+    assert pipe("Hi", gen_config=GREEDY).generate_token_len > 0

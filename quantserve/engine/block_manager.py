@@ -58,17 +58,19 @@ class BlockManager:
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free_blocks[block] = None
+                if block not in self.block_key:          # nothing cached in it: reuse it first
+                    self.free_blocks.move_to_end(block, last=False)
         request.block_ids = []
         request.block_keys = []
 
     # ---- prefix caching ------------------------------------------------------------------
 
     def cached_prefix(self, request: Request) -> list[int]:
-        """Cached blocks holding a prefix of the prompt (at least one prompt token is left to
-        compute, so the request still gets logits)."""
+        """Cached blocks holding a prefix of the request's tokens (a preempted request finds its
+        generated tokens too); at least one token is left to compute, so it still gets logits."""
         if not self.caching or request.block_ids:
             return []
-        tokens = request.prompt_token_ids
+        tokens = request.all_token_ids
         blocks, key = [], b""
         for i in range((len(tokens) - 1) // self.block_size):
             key = self._key(key, tokens[i * self.block_size:(i + 1) * self.block_size])
@@ -79,14 +81,14 @@ class BlockManager:
 
     def claim_prefix(self, request: Request, blocks: list[int]) -> None:
         """Give the request the cached blocks; its first len(blocks) blocks need no compute."""
-        self.queried_tokens += len(request.prompt_token_ids)
         self.hit_tokens += len(blocks) * self.block_size
         for block in blocks:
             self.free_blocks.pop(block, None)
             self.ref_counts[block] += 1
         request.block_ids = list(blocks)
         request.block_keys = [self.block_key[b] for b in blocks]
-        request.num_computed_tokens = request.num_cached_tokens = len(blocks) * self.block_size
+        request.num_computed_tokens = len(blocks) * self.block_size
+        request.num_cached_tokens = min(request.num_computed_tokens, len(request.prompt_token_ids))
 
     def free_after_claim(self, blocks: list[int]) -> int:
         return self.num_free_blocks - sum(1 for b in blocks if self.ref_counts[b] == 0)

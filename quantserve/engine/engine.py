@@ -94,6 +94,8 @@ class Engine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         self._validate(request_id, prompt_token_ids)
+        if any(not 0 <= t < self.args.vocab_size for t in (*params.stop_token_ids, *params.eos_token_ids)):
+            raise RequestError(f"stop token ids must be in [0, {self.args.vocab_size})")
         request = Request(request_id, list(prompt_token_ids), params, self.session_len)
         self.requests[request_id] = request
         self.scheduler.add(request)

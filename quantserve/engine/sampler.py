@@ -91,14 +91,20 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_logits, idx = logits.sort(dim=-1, descending=True)
     cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p.unsqueeze(1)   # mass before this token
+    drop &= (top_p < 1).unsqueeze(1)                 # rows without top-p keep every token
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, idx, sorted_logits)
 
 
 def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
-    probs = probs.masked_fill(probs < threshold, 0.0)
-    return probs / probs.sum(dim=-1, keepdim=True)
+    """Rows with min_p > 0 drop tokens under min_p x their top probability (others untouched)."""
+    rows = (min_p > 0).nonzero().flatten()
+    sub = probs[rows]
+    threshold = sub.max(dim=-1, keepdim=True).values * min_p[rows].unsqueeze(1)
+    sub = sub.masked_fill(sub < threshold, 0.0)
+    probs = probs.clone()
+    probs[rows] = sub / sub.sum(dim=-1, keepdim=True)
+    return probs
 
 
 def draw(probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:

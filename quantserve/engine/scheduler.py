@@ -4,7 +4,7 @@ Rule: every request carries `num_computed_tokens` and `num_tokens`; each step ha
 token budget (max_prefill_token_num) so that the first catches up with the second. Running
 requests are served first (decodes cost 1 token), then waiting ones join in arrival order.
 Prefill, chunked prefill and decode are all partial budgets of this one rule. When blocks run
-out, the most recently arrived running request is preempted: its blocks are freed and it
+out, the most recently admitted running request is preempted: its blocks are freed and it
 waits to be recomputed from scratch.
 
 Data flow: schedule() -> SchedulerOutput -> ModelRunner -> sampled token ids -> update().
@@ -100,6 +100,8 @@ class Scheduler:
     def _admit(self, request: Request, budget: int) -> bool:
         """Blocks for the request's next chunk, starting from its cached prefix; False if full."""
         cached = self.blocks.cached_prefix(request)
+        if self.blocks.caching and not request.block_ids:
+            self.blocks.queried_tokens += len(request.prompt_token_ids)
         computed = max(request.num_computed_tokens, len(cached) * self.blocks.block_size)
         n = min(request.num_tokens - computed, budget)
         needed = -(-(computed + n) // self.blocks.block_size) - max(len(cached), len(request.block_ids))

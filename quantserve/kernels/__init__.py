@@ -32,7 +32,7 @@ def _cpu_has_avx2() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return " avx2 " in flags and " fma " in flags
+    return all(f" {flag} " in flags for flag in ("avx2", "fma", "f16c"))
 
 
 def _build(target: Path) -> None:
@@ -90,9 +90,18 @@ def usable(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in CACHE_TYPES and cpu() is not None
 
 
+MAX_HEAD_DIM = 256      # the C kernels keep one head vector on the stack
+
+
 def native(x: torch.Tensor, width: int) -> bool:
-    """Whether the elementwise kernels take activations x whose rows hold `width`-wide vectors."""
+    """Whether the kernels take activations x whose rows hold `width`-wide vectors (head_dim
+    or hidden size)."""
     return x.dtype == torch.float32 and x.device.type == "cpu" and width % 16 == 0 and cpu() is not None
+
+
+def native_head(x: torch.Tensor, head_dim: int) -> bool:
+    """Whether the attention / cache kernels take heads of this size."""
+    return native(x, head_dim) and head_dim <= MAX_HEAD_DIM
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

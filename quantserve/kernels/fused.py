@@ -54,7 +54,8 @@ class FusedDecoder:
         linears = [m for l in model.layers for m in (l.attn.qkv, l.attn.o, l.mlp.gate_up, l.mlp.down)]
         if any(m.packed is None for m in linears) or len({m.packed.dtype for m in linears}) != 1:
             return None
-        if a.head_dim % 16 or a.hidden_size % 16 or a.intermediate_size % 16 or a.num_heads // a.num_kv_heads > 16:
+        if (a.head_dim % 16 or a.head_dim > kernels.MAX_HEAD_DIM or a.hidden_size % 16 or a.intermediate_size % 16
+                or a.num_heads // a.num_kv_heads > 16):
             return None
         return cls(model)
 

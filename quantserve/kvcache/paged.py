@@ -85,7 +85,7 @@ class PagedKVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """k, v: [T, Hkv, D] for the new tokens (rows may be strided); slots: [T]."""
         for which, x in (("k", k), ("v", v)):
-            if kernels.native(x, self.head_dim) and kernels.usable(getattr(self, which)):
+            if kernels.native_head(x, self.head_dim) and kernels.usable(getattr(self, which)):
                 kernels.kv_write(x.flatten(1), slots, *self.parts(which, layer), bits=self.kv_bits)
             else:
                 self._write_reference(which, layer, x, slots)
@@ -132,7 +132,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
 def _decode_attention(q: torch.Tensor, layer: int, meta: AttentionMetadata,
                       cache: PagedKVCache, scale: float) -> torch.Tensor:
     """q: [B, Hq, D] -> [B, Hq, D]; the query heads of one KV group act as query rows."""
-    if kernels.native(q, q.shape[2]) and kernels.usable(cache.k) and q.shape[1] // cache.k.shape[3] <= 16:
+    if kernels.native_head(q, q.shape[2]) and kernels.usable(cache.k) and q.shape[1] // cache.k.shape[3] <= 16:
         return kernels.decode_attention(q, cache.parts("k", layer), cache.parts("v", layer),
                                         meta.decode_block_tables, meta.decode_context_lens, scale)
     b, hq, d = q.shape
@@ -149,9 +149,11 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer:
                        chunk: PrefillChunk, cache: PagedKVCache, scale: float) -> torch.Tensor:
     """q: [N, Hq, D]; k, v: [N, Hkv, D] -> [N, Hq, D], causal over the whole context."""
     n = chunk.num_new
-    if chunk.context_len > n:
+    if chunk.context_len > n or cache.kv_bits:
         k, v = cache.read(layer, chunk.block_ids)               # [S_pad, Hkv, D]
         k, v = k[:chunk.context_len].to(q.dtype), v[:chunk.context_len].to(q.dtype)
+    else:    # attend to the values as stored, as every later read will
+        k, v = k.to(cache.dtype).to(q.dtype), v.to(cache.dtype).to(q.dtype)
     s = k.shape[0]
     # query i sits at position s - n + i and sees keys 0..s - n + i
     mask = None
