@@ -68,7 +68,8 @@ def kernel_split(engine: Engine, n: int, context: int) -> dict:
 
     def run_attention():
         for i in range(len(layers)):
-            kernels.decode_attention(q, engine.cache.k[i], engine.cache.v[i], tables, lens, a.head_dim ** -0.5)
+            kernels.decode_attention(q, engine.cache.parts("k", i), engine.cache.parts("v", i), tables, lens,
+                                     a.head_dim ** -0.5)
 
     result = {}
     for name, fn in (("linears (4 per layer)", run_linears), ("attention", run_attention)):

@@ -154,12 +154,31 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer:
         k, v = k[:chunk.context_len].to(q.dtype), v[:chunk.context_len].to(q.dtype)
     else:    # attend to the values as stored, as every later read will
         k, v = k.to(cache.dtype).to(q.dtype), v.to(cache.dtype).to(q.dtype)
-    s = k.shape[0]
-    # query i sits at position s - n + i and sees keys 0..s - n + i
-    mask = None
-    if s > n:
-        mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril_(s - n)
-    o = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-        attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
-    return o.transpose(0, 1)
+    return causal_attention(q, k, v, scale)
+
+
+SCORE_BYTES = 64 << 20      # bound on one block of attention scores
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [N, Hq, D], the last N of the S positions of k, v: [S, Hkv, D] -> [N, Hq, D].
+
+    Blocks of queries against only the keys they can see (half the work of a full square),
+    the G query heads of a KV head batched against it (no repeated K/V)."""
+    n, hq, d = q.shape
+    s, hkv, _ = k.shape
+    g = hq // hkv
+    qg = q.view(n, hkv, g, d).permute(1, 2, 0, 3)              # [Hkv, G, N, D]
+    kt = k.permute(1, 2, 0).unsqueeze(1)                       # [Hkv, 1, D, S]
+    vv = v.transpose(0, 1).unsqueeze(1)                        # [Hkv, 1, S, D]
+    out = torch.empty(hkv, g, n, d, dtype=q.dtype, device=q.device)
+    block = max(16, min(256, SCORE_BYTES // (4 * hq * s)))
+    for i0 in range(0, n, block):
+        i1 = min(n, i0 + block)
+        end = s - n + i1                                       # keys the block's last query sees
+        scores = torch.matmul(qg[:, :, i0:i1], kt[..., :end]) * scale      # [Hkv, G, b, end]
+        # row r sits at position s - n + i0 + r and sees keys 0..s - n + i0 + r
+        visible = torch.ones(i1 - i0, end, dtype=torch.bool, device=q.device).tril_(s - n + i0)
+        scores.masked_fill_(~visible, float("-inf"))
+        out[:, :, i0:i1] = torch.matmul(scores.softmax(dim=-1), vv[:, :, :end])
+    return out.permute(2, 0, 1, 3).reshape(n, hq, d)

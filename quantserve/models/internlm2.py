@@ -8,34 +8,17 @@ import re
 
 import torch
 
-from quantserve.models.layers import ModelArgs, eos_ids
-from quantserve.models.rope import rope_from_config
+from quantserve.models import llama
+from quantserve.models.layers import ModelArgs
 from quantserve.models.llama import fuse, rename
 
 
 def model_args(cfg: dict) -> ModelArgs:
-    heads = cfg["num_attention_heads"]
-    theta, scaling = rope_from_config(cfg)
-    bias = cfg.get("bias", False)
-    return ModelArgs(
-        model_type="internlm2",
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_layers=cfg["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg["hidden_size"] // heads,
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        qkv_bias=bias,
-        o_bias=bias,
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=eos_ids(cfg),
-    )
+    """The config uses Llama's key names; `bias` covers both wqkv and wo."""
+    args = llama.model_args({"max_position_embeddings": 32768, **cfg})
+    args.model_type = "internlm2"
+    args.qkv_bias = args.o_bias = cfg.get("bias", False)
+    return args
 
 
 RENAMES = [

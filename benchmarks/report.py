@@ -1,0 +1,100 @@
+"""Assemble BENCHMARKS.md from the tables the benchmark scripts wrote to benchmarks/results/.
+
+    python benchmarks/bench_engine.py && python benchmarks/profile_decode.py \
+        && python benchmarks/bench_kv_quant.py && python benchmarks/bench_prefix_cache.py \
+        && python benchmarks/report.py
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+HEADER = """# Benchmarks
+
+Every figure here comes from a script in `benchmarks/`, run on this project's reference machine
+(2 cores of an AMD EPYC with AVX2/FMA, 24 GB RAM, no GPU, torch 2.13.0 CPU), and every speed
+is a ratio against a baseline measured in the same run on the same machine. Timings vary by
+about 10% from run to run here, so each speed is the best of 3 runs, for the baseline and for
+quantserve alike. This file is assembled by `benchmarks/report.py` from the tables the scripts
+write to `benchmarks/results/`.
+"""
+
+ENGINE = """## Engine: decode speed vs transformers (`benchmarks/bench_engine.py`)
+
+SmolLM2-135M-Instruct (the default model), 128-token prompt, 128 new tokens, EOS ignored,
+greedy. transformers is `generate()` at batch 1. Its "decode" rate leaves its prefill out:
+`127 / (time(128 new tokens) - time(1 new token))`; its "generate() rate" is 128 new tokens
+over the wall time of the whole call. quantserve at batch 1 is measured like the decode rate;
+"16 seqs" is 16 requests submitted together and decoded by continuous batching (total tokens/s
+of the decode phase; "e2e" also counts their prefill).
+
+![decode tokens/s](benchmarks/results/engine.png)
+
+{table}
+`dtype` is the weight storage type, the same for both. quantserve multiplies in float32 from
+float16/bfloat16 weights; transformers computes in the storage type. `--dtype auto` on this
+model (a float32 checkpoint) is float16, as in LMDeploy.
+
+Against the issue's targets: batch 1 is 4x or more in every dtype. 16 sequences are short of
+20x transformers' batch-1 *decode-only* rate, and above it against transformers' `generate()`
+rate. At 16 rows a step is compute-bound: the linears run at ~110 GFLOP/s on the two cores
+(see the profile), and the LM head alone (49152 x 576) is 15% of the step.
+"""
+
+PROFILE = """## Where a decode step's time goes (`benchmarks/profile_decode.py`)
+
+{table}
+How the time was cut, measured along the way (batch 1 / 16 sequences, tokens/s):
+
+1. Plain PyTorch modules, float32 (`F.linear` on MKL, SDPA over gathered blocks):
+   14.2 / 63. 67% of a step in `aten::mm` (MKL's GEMV reads fp32 weights at ~10 GB/s here),
+   9% gathering KV blocks, ~25% Python and small ops.
+2. Native AVX2 linear on panel-packed weights (16 output rows per panel, k-major, float32
+   accumulation, fp16/bf16 widened on load) and a paged decode-attention kernel that reads
+   the blocks in place: 33 / 158 (bfloat16).
+3. Fused add+RMSNorm, RoPE, KV write, SiLU·mul kernels, then the whole decode step in one
+   native call (no Python between layers): 86 / 288 (bfloat16).
+4. Attention: 8 keys per dot product with one transposed reduction, vectorised softmax,
+   values accumulated in registers: 2x less attention time at 16 sequences.
+
+Python is now under 5% of a step; the rest is weight bandwidth at batch 1 (the 135M
+parameters are read once per step: 270 MB at fp16) and FMA throughput at batch 16.
+"""
+
+KV = """## KV cache quantization (`benchmarks/bench_kv_quant.py`)
+
+Perplexity through the engine's paged cache (`quantserve eval ppl --chunk-size 64`: every
+64-token chunk attends to the cache as stored, quantized or not), WikiText-2 test, first windows
+of 2048 tokens (the whole split is ~140 windows, ~25 minutes per setting on two cores).
+
+{table}
+int4 here is better than LMDeploy's scheme on the same model: with plain per-token min/max int4
+(15 levels, float zero, LMDeploy's), the first window's perplexity rose 15.7%; rotating each
+head by a Hadamard matrix first brought that to +6.4%, and giving keys (which carry most of the
+error: int4 V alone costs +0.5%, int4 K alone +5.8%) a scale and zero per half of the head to
+the figure above. Capacity counts the 3 bytes of scale and zero per head and group.
+"""
+
+PREFIX = """## Prefix caching (`benchmarks/bench_prefix_cache.py`)
+
+Two requests sharing a 1,500-token document, each with its own question, on the default model:
+
+{table}"""
+
+
+def table(name: str) -> str:
+    path = RESULTS / name
+    return path.read_text() if path.exists() else f"(run the script to produce {name})\n"
+
+
+def main() -> None:
+    parts = [HEADER, ENGINE.format(table=table("engine.md")), PROFILE.format(table=table("profile.md")),
+             KV.format(table=table("kv_quant.md")), PREFIX.format(table=table("prefix_cache.md"))]
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()
