@@ -1,0 +1,136 @@
+"""The engine behind an asyncio interface: generate() streams token ids, abort() stops.
+
+One worker thread owns the Engine (which is not thread-safe) and loops: take new commands
+(add / abort) → step → hand each request's new tokens to its asyncio queue. Callers never touch
+the Engine. Cancelling a generate() iterator (a client that disconnects) aborts its request,
+and its KV blocks return to the pool at once. If a step raises, the requests of that step fail
+with the error and the engine carries on with the others.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from quantserve.config import SamplingParams
+from quantserve.engine.engine import Engine, RequestError
+from quantserve.engine.request import FinishReason, Request
+
+
+@dataclass
+class TokenEvent:
+    token_ids: list[int]                 # new since the previous event
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    sent: int = 0
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.commands: queue.Queue = queue.Queue()
+        self.streams: dict[str, _Stream] = {}
+        self.worker = threading.Thread(target=self._loop, name="quantserve-engine", daemon=True)
+        self.running = True
+        self.worker.start()
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        """Stream the request's tokens; RequestError if the engine rejects it."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self.commands.put(("add", request_id, prompt_ids, params, stream))
+        finished = False
+        try:
+            while not finished:
+                event = await stream.events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                finished = event.finish_reason is not None
+                yield event
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.commands.put(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self.running = False
+        self.commands.put(("wake",))
+        self.worker.join(timeout=10)
+
+    # ---- worker thread ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while self.running:
+            self._take_commands(block=not self.engine.has_work)
+            if self.engine.has_work:
+                self._step()
+
+    def _take_commands(self, block: bool) -> None:
+        try:
+            command = self.commands.get(timeout=0.5) if block else self.commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(command)
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "add":
+            _, rid, ids, params, stream = command
+            try:
+                self.engine.add_request(rid, ids, params)
+                self.streams[rid] = stream
+            except RequestError as e:
+                stream.loop.call_soon_threadsafe(stream.events.put_nowait, e)
+        elif command[0] == "abort":
+            rid = command[1]
+            self.engine.abort(rid)
+            stream = self.streams.pop(rid, None)
+            if stream is not None:
+                self._send(stream, TokenEvent([], 0, 0, 0, FinishReason.ABORT.value))
+
+    def _step(self) -> None:
+        try:
+            changed = self.engine.step()
+        except Exception as e:            # a fault fails the requests it touched, not the engine
+            self._fail_running(e)
+            return
+        for request in changed:
+            stream = self.streams.get(request.request_id)
+            if stream is not None:
+                self._publish(request, stream)
+
+    def _publish(self, r: Request, stream: _Stream) -> None:
+        new = r.output_token_ids[stream.sent:]
+        stream.sent = len(r.output_token_ids)
+        reason = r.finish_reason.value if r.is_finished else None
+        if reason is not None:
+            self.streams.pop(r.request_id, None)
+        self._send(stream, TokenEvent(new, len(r.prompt_token_ids), len(r.output_token_ids),
+                                      r.num_cached_tokens, reason))
+
+    def _fail_running(self, error: Exception) -> None:
+        for request in list(self.engine.scheduler.running):
+            self.engine.abort(request.request_id)
+            stream = self.streams.pop(request.request_id, None)
+            if stream is not None:
+                stream.loop.call_soon_threadsafe(stream.events.put_nowait,
+                                                 RuntimeError(f"engine step failed: {error}"))
+
+    @staticmethod
+    def _send(stream: _Stream, event: TokenEvent) -> None:
+        stream.loop.call_soon_threadsafe(stream.events.put_nowait, event)
