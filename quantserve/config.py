@@ -132,6 +132,19 @@ class GenerationConfig:
             min_new_tokens=self.min_new_tokens or 0,
         )
 
+    @classmethod
+    def from_model(cls, model_dir, **fallback) -> GenerationConfig:
+        """The model's generation_config.json sampling defaults (as LMDeploy's --generation-config
+        auto), else `fallback`."""
+        import json
+        from pathlib import Path
+
+        path = Path(model_dir) / "generation_config.json"
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        keys = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        found = {k: saved[k] for k in keys if saved.get(k) is not None}
+        return cls(**(found if "temperature" in found or "do_sample" in found else fallback))
+
     def updated(self, **changes) -> GenerationConfig:
         known = {f.name for f in fields(self)}
         return replace(self, **{k: v for k, v in changes.items() if k in known and v is not None})

@@ -115,3 +115,16 @@ def test_out_of_vocab_stop_token_ids_rejected(pipe):
     with pytest.raises(RequestError, match="stop token ids"):
         pipe("Hi", gen_config=GenerationConfig(stop_token_ids=[10**6], min_new_tokens=2))
     assert pipe("Hi", gen_config=GREEDY).generate_token_len > 0
+
+
+def test_sampling_defaults_come_from_generation_config(tmp_path):
+    from quantserve.cli.args import generation_config
+    from quantserve.cli.main import build_parser
+
+    (tmp_path / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.2, "top_p": 0.9}')
+    defaults = GenerationConfig.from_model(tmp_path, temperature=0.7)
+    assert (defaults.do_sample, defaults.temperature, defaults.top_p) == (True, 0.2, 0.9)
+    assert GenerationConfig.from_model(tmp_path / "missing", temperature=0.7).temperature == 0.7
+    ns = build_parser().parse_args(["chat", "--temperature", "0", "--top_k", "5"])
+    cfg = generation_config(ns, defaults)
+    assert (cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k) == (False, 0.0, 0.9, 5)

@@ -85,13 +85,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="WARNING")
 
 
-def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Unset flags fall back to the model's generation_config.json (see GenerationConfig.from_model)."""
+    g = p.add_argument_group("sampling (default: the model's generation_config.json)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None, help="0 = off")
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
     g.add_argument("--max-new-tokens", type=int, default=1024)
     g.add_argument("--seed", type=int, default=None)
 
@@ -106,8 +107,10 @@ def engine_config(ns: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**{f: getattr(ns, f) for f in ENGINE_FIELDS})
 
 
-def generation_config(ns: argparse.Namespace) -> GenerationConfig:
-    return GenerationConfig(
-        do_sample=ns.temperature > 0, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
-        min_p=ns.min_p, repetition_penalty=ns.repetition_penalty, max_new_tokens=ns.max_new_tokens,
-        random_seed=ns.seed)
+def generation_config(ns: argparse.Namespace, defaults: GenerationConfig) -> GenerationConfig:
+    """Explicit sampling flags over the model's defaults."""
+    flags = dict(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, min_p=ns.min_p,
+                 repetition_penalty=ns.repetition_penalty, max_new_tokens=ns.max_new_tokens, random_seed=ns.seed)
+    if ns.temperature is not None:
+        flags["do_sample"] = ns.temperature > 0
+    return defaults.updated(**flags)

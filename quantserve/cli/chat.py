@@ -15,16 +15,17 @@ from quantserve.cli.args import add_engine_args, add_model_arg, add_sampling_arg
 def add_arguments(p) -> None:
     add_model_arg(p)
     add_engine_args(p)
-    add_sampling_args(p, temperature=0.7)
+    add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt for the conversation")
 
 
 def run(ns) -> int:
     from quantserve.api import Pipeline
+    from quantserve.config import GenerationConfig
 
     logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr, format="%(message)s")
-    gen = generation_config(ns)
     pipe = Pipeline(ns.model_path, engine_config(ns), ns.chat_template)
+    gen = generation_config(ns, GenerationConfig.from_model(pipe.model_path, do_sample=True, temperature=0.7, top_p=0.9))
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"quantserve chat: {pipe.model_path}\n{pipe.engine.memory_summary()}\n"

