@@ -161,3 +161,26 @@ def test_chunking_does_not_change_tokens_with_rounded_caches(tiny_llama, quant_p
     chunked = run(make_engine(tiny_llama, dtype=dtype, quant_policy=quant_policy, max_prefill_token_num=7),
                   PROMPTS, params)
     assert chunked == whole
+
+
+def test_cli_flags_reach_the_engine_config():
+    from quantserve.cli.args import engine_config
+    from quantserve.cli.main import build_parser
+
+    ns = build_parser().parse_args(["chat", "--cache_max_entry_count", "2GiB", "--quant-policy", "int4",
+                                    "--hf-overrides", '{"rope_scaling": {"rope_type": "linear", "factor": 2}}',
+                                    "--rope-scaling-factor", "2", "--enable-prefix-caching"])
+    cfg = engine_config(ns)
+    assert cfg.cache_max_entry_count == "2GiB" and cfg.quant_policy == 4 and cfg.enable_prefix_caching
+    assert cfg.model_overrides()["rope_scaling"] == {"rope_type": "dynamic", "factor": 2.0}
+
+
+def test_bad_flag_values_are_one_line_cli_errors(tiny_llama):
+    import subprocess
+    import sys
+
+    for args in (["--quant-policy", "3"], ["--hf-overrides", "{nope"], ["--cache-max-entry-count", "lots"]):
+        proc = subprocess.run([sys.executable, "-m", "quantserve.cli.main", "chat", str(tiny_llama), *args],
+                              input="", capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert args[0] in proc.stderr or args[0].replace("-", "_")[2:] in proc.stderr, proc.stderr
