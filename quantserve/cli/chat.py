@@ -1,8 +1,10 @@
 """`quantserve chat [MODEL]`: multi-turn chat in the terminal.
 
-Interactive: type a message and press Enter; the reply streams. Ctrl-C stops the current reply,
-`end` clears the history, `exit` (or Ctrl-D) quits. When stdin is not a terminal each line is
-one user turn and only the replies are printed, one per turn.
+Interactive: type a message and press Enter; the reply streams, sampled with the model's
+generation_config.json defaults. Ctrl-C stops the current reply, `end` clears the history,
+`exit` (or Ctrl-D) quits. When stdin is not a terminal each line is one user turn, only the
+replies are printed, one per turn, and they are greedy (reproducible) unless sampling flags
+are given.
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ def run(ns) -> int:
 
     logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr, format="%(message)s")
     pipe = Pipeline(ns.model_path, engine_config(ns), ns.chat_template)
-    gen = generation_config(ns, GenerationConfig.from_model(pipe.model_path, do_sample=True, temperature=0.7, top_p=0.9))
     interactive = sys.stdin.isatty()
+    # a person gets the model's sampling defaults; a script gets reproducible (greedy) replies
+    defaults = GenerationConfig.from_model(pipe.model_path, do_sample=True, temperature=0.7, top_p=0.9)
+    gen = generation_config(ns, defaults if interactive else GenerationConfig())
     if interactive:
         print(f"quantserve chat: {pipe.model_path}\n{pipe.engine.memory_summary()}\n"
               "Enter sends; 'end' clears the history; 'exit' quits; Ctrl-C stops a reply.", file=sys.stderr)
