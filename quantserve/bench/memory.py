@@ -66,7 +66,9 @@ def kv_bytes_per_token(shape: ModelShape, dtype: str, quant_policy: int) -> floa
     if not shape.known:
         return None
     if quant_policy:
-        per_head = 2 * shape.head_dim * quant_policy / 8 + 3 * (3 if quant_policy == 4 else 2)
+        from quantserve.kvcache.quant import bytes_per_head_token
+
+        per_head = bytes_per_head_token(shape.head_dim, quant_policy, None)
     else:
         per_head = 2 * shape.head_dim * BYTES[dtype]
     return shape.num_layers * shape.num_kv_heads * per_head

@@ -17,7 +17,7 @@ from quantserve.engine.request import FinishReason, Request
 from quantserve.engine.scheduler import Scheduler
 from quantserve.kvcache.budget import CachePlan, free_memory, plan_cache
 from quantserve.kvcache.paged import PagedKVCache
-from quantserve.models.loader import load_model, model_args_for, read_config, require_supported, torch_dtype
+from quantserve.models.loader import load_model, model_args, model_config, require_supported, torch_dtype
 
 logger = logging.getLogger("quantserve")
 
@@ -33,14 +33,13 @@ class Engine:
         self.config = config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        overrides = config.model_overrides()
-        cfg = {**read_config(Path(model_path)), **overrides}
+        cfg = model_config(Path(model_path), config.model_overrides())
         require_supported(cfg)
-        self.args = model_args_for(Path(model_path), overrides)
+        self.args = model_args(cfg)
         self.session_len = config.session_len or self.args.max_position_embeddings
         self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE[config.device]
         self.dtype = torch_dtype(config.dtype, cfg, config.device)
-        self.model = load_model(Path(model_path), self.dtype, config.device, self.session_len, overrides, progress)
+        self.model = load_model(Path(model_path), self.dtype, config.device, self.session_len, cfg, progress)
         self.weights_bytes = self.model.weight_bytes()
         self.plan = self._plan_cache()
         self.cache = PagedKVCache(self.args.num_layers, self.plan.num_blocks, self.plan.block_size,

@@ -112,8 +112,9 @@ def dequantize_kv(stored: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     return x @ hadamard(x.shape[-1]) if rotates(bits, x.shape[-1]) else x
 
 
-def bytes_per_head_token(head_dim: int, bits: int, dtype: torch.dtype) -> int:
-    """Cache bytes for one head of one token, K and V together, parameters included."""
+def bytes_per_head_token(head_dim: int, bits: int, dtype: torch.dtype | None) -> int:
+    """Cache bytes for one head of one token, K and V together, parameters included
+    (dtype: the float cache's, unused when quantized)."""
     if bits == 0:
         return 2 * head_dim * torch.finfo(dtype).bits // 8
     groups = groups_for("k", bits) + groups_for("v", bits)

@@ -48,9 +48,12 @@ def family_for(cfg: dict):
     return importlib.import_module(f"quantserve.models.{FAMILIES[model_type]}")
 
 
-def model_args_for(model_dir: Path, hf_overrides: dict | None = None) -> ModelArgs:
-    cfg = read_config(model_dir)
-    cfg.update(hf_overrides or {})
+def model_config(model_dir: Path, hf_overrides: dict | None = None) -> dict:
+    """config.json with --hf-overrides merged in."""
+    return {**read_config(model_dir), **(hf_overrides or {})}
+
+
+def model_args(cfg: dict) -> ModelArgs:
     return family_for(cfg).model_args(cfg)
 
 
@@ -86,11 +89,11 @@ def read_checkpoint(files: list[Path], progress: bool) -> dict[str, torch.Tensor
 
 
 def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: int,
-               hf_overrides: dict | None = None, progress: bool = True) -> CausalLM:
+               cfg: dict | None = None, progress: bool = True) -> CausalLM:
     """Weights stored in `dtype`; activations (and the small norm weights) in float32 on CPU,
-    where the kernels compute in float32 whatever the storage, else in `dtype`."""
-    cfg = read_config(model_dir)
-    cfg.update(hf_overrides or {})
+    where the kernels compute in float32 whatever the storage, else in `dtype`. cfg: the
+    model_config() already read, if the caller has it."""
+    cfg = cfg or read_config(model_dir)
     family = family_for(cfg)
     args = family.model_args(cfg)
     weights = family.convert_weights(read_checkpoint(checkpoint_files(model_dir), progress), args)
