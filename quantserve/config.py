@@ -166,6 +166,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     eos_token_ids: tuple[int, ...] = ()
     min_new_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
+    logprobs: int | None = None                      # None: off; k: the sampled token's + top k
+    guide: object | None = field(default=None, compare=False)   # has start() -> a per-request Guide
     extra: dict = field(default_factory=dict, compare=False)
 
     @property

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from quantserve.config import SamplingParams
-from quantserve.engine.engine import Engine, RequestError
-from quantserve.engine.request import FinishReason, Request
+from quantserve.engine.engine import Engine, EngineStats, RequestError
+from quantserve.engine.request import FinishReason, Request, TokenLogprobs
 
 
 @dataclass
@@ -26,6 +26,8 @@ class TokenEvent:
     num_output_tokens: int
     num_cached_tokens: int
     finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] | None = None    # one per new token, when the request asked
+    queue_time: float | None = None                # seconds from arrival to first schedule (first event)
 
 
 @dataclass
@@ -62,6 +64,10 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self.commands.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's counters (read from the worker's state without locking)."""
+        return self.engine.stats()
 
     def shutdown(self) -> None:
         self.running = False
@@ -115,13 +121,14 @@ class AsyncEngine:
                 self._publish(request, stream)
 
     def _publish(self, r: Request, stream: _Stream) -> None:
-        new = r.output_token_ids[stream.sent:]
-        stream.sent = len(r.output_token_ids)
+        first, stream.sent = stream.sent, len(r.output_token_ids)
         reason = r.finish_reason.value if r.is_finished else None
         if reason is not None:
             self.streams.pop(r.request_id, None)
-        self._send(stream, TokenEvent(new, len(r.prompt_token_ids), len(r.output_token_ids),
-                                      r.num_cached_tokens, reason))
+        logprobs = r.output_logprobs[first:stream.sent] if r.params.logprobs is not None else None
+        queued = r.first_scheduled_time - r.arrival_time if first == 0 and r.first_scheduled_time else None
+        self._send(stream, TokenEvent(r.output_token_ids[first:stream.sent], len(r.prompt_token_ids),
+                                      len(r.output_token_ids), r.num_cached_tokens, reason, logprobs, queued))
 
     def _fail_running(self, error: Exception) -> None:
         for request in list(self.engine.scheduler.running):

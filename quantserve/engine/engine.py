@@ -6,6 +6,7 @@ HTTP) lives outside engine/ and talks to it through add_request / step / abort.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,20 @@ from quantserve.models.loader import load_model, model_args, model_config, requi
 logger = logging.getLogger("quantserve")
 
 DEFAULT_MAX_BATCH_SIZE = {"cpu": 16, "cuda": 128}
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int              # includes free blocks still holding cached prefixes
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+
+    @property
+    def kv_usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
 
 class RequestError(ValueError):
@@ -95,6 +110,8 @@ class Engine:
         self._validate(request_id, prompt_token_ids)
         if any(not 0 <= t < self.args.vocab_size for t in (*params.stop_token_ids, *params.eos_token_ids)):
             raise RequestError(f"stop token ids must be in [0, {self.args.vocab_size})")
+        if any(not 0 <= t < self.args.vocab_size for t, _ in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {self.args.vocab_size})")
         request = Request(request_id, list(prompt_token_ids), params, self.session_len)
         self.requests[request_id] = request
         self.scheduler.add(request)
@@ -115,6 +132,11 @@ class Engine:
         request = self.requests.pop(request_id, None)
         if request is not None and not request.is_finished:
             self.scheduler.finish(request, FinishReason.ABORT)
+
+    def stats(self) -> EngineStats:
+        blocks = self.scheduler.blocks
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), blocks.num_blocks,
+                           blocks.num_free_blocks, blocks.queried_tokens, blocks.hit_tokens)
 
     @property
     def has_work(self) -> bool:

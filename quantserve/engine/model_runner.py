@@ -38,6 +38,7 @@ class ModelRunner:
         if not requests:
             return {}
         tokens = sampler.sample(logits, requests)
+        sampler.record_logprobs(logits, tokens, requests)
         return {r.request_id: t for r, t in zip(requests, tokens)}
 
     @torch.inference_mode()

@@ -8,13 +8,29 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from quantserve.config import SamplingParams
 
 _counter = itertools.count()
+
+
+class Guide(Protocol):
+    """Constrained decoding for one request: which tokens may come next."""
+
+    def allowed(self, vocab_size: int) -> torch.Tensor: ...      # [V] bool
+    def accept(self, token_id: int) -> None: ...
+    def is_finished(self) -> bool: ...
+
+
+@dataclass
+class TokenLogprobs:
+    logprob: float                              # of the sampled token, under the model's distribution
+    top: list[tuple[int, float]]                # the k most likely (token id, logprob), best first
 
 
 class Status(enum.Enum):
@@ -45,10 +61,16 @@ class Request:
     arrival: int = field(default_factory=lambda: next(_counter))
     generator: torch.Generator | None = None
     num_preemptions: int = 0
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)   # when params.logprobs is set
+    guide: Guide | None = None                                            # constrained decoding state
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+        if self.params.guide is not None:
+            self.guide = self.params.guide.start()
 
     @property
     def num_tokens(self) -> int:
@@ -64,6 +86,8 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
+        if self.guide is not None:
+            self.guide.accept(token_id)
         self.finish_reason = self._finish_reason(token_id)
         if self.finish_reason is not None:
             self.status = Status.FINISHED
@@ -72,6 +96,8 @@ class Request:
         p = self.params
         n_out = len(self.output_token_ids)
         if n_out >= p.min_new_tokens and (token_id in p.eos_token_ids or token_id in p.stop_token_ids):
+            return FinishReason.STOP
+        if self.guide is not None and self.guide.is_finished():
             return FinishReason.STOP
         if n_out >= p.max_new_tokens or self.num_tokens >= self.max_total_tokens:
             return FinishReason.LENGTH

@@ -1,7 +1,7 @@
 """Logits -> next token ids, one row per request that samples this step.
 
-Order (as in transformers / vLLM): penalties on raw logits, min_new_tokens masking,
-temperature, top-k, top-p, min-p, then a draw. Greedy rows take the argmax of the penalised
+Order (as in transformers / vLLM): logit_bias and the constrained-decoding mask, penalties,
+min_new_tokens masking, temperature, top-k, top-p, min-p, then a draw. Greedy rows take the argmax of the penalised
 logits. A seeded row draws from its own torch.Generator, so its text does not depend on what
 else is in the batch.
 """
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from quantserve.engine.request import Request
+from quantserve.engine.request import Request, TokenLogprobs
 
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
     """logits: [N, V] float32, row i belongs to requests[i] -> N token ids."""
+    logits = apply_bias_and_guides(logits, requests)
     logits = apply_penalties(logits, requests)
     logits = mask_early_stop(logits, requests)
     greedy = torch.tensor([r.params.greedy for r in requests])
@@ -23,6 +24,36 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
         probs = filtered_probs(logits[rows], [requests[i] for i in rows.tolist()])
         tokens[rows] = draw(probs, [requests[i] for i in rows.tolist()])
     return tokens.tolist()
+
+
+def apply_bias_and_guides(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    rows = [i for i, r in enumerate(requests) if r.params.logit_bias or r.guide is not None]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        r = requests[i]
+        if r.params.logit_bias:
+            ids, bias = zip(*r.params.logit_bias)
+            logits[i, list(ids)] += torch.tensor(bias)
+        if r.guide is not None:
+            logits[i].masked_fill_(~r.guide.allowed(logits.shape[1]), float("-inf"))
+    return logits
+
+
+def record_logprobs(logits: torch.Tensor, tokens: list[int], requests: list[Request]) -> None:
+    """Append each asking request's TokenLogprobs (of the model's own distribution, before any
+    bias, mask or temperature: OpenAI's and vLLM's convention)."""
+    rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    if not rows:
+        return
+    logp = logits[rows].log_softmax(dim=-1)
+    k = max(requests[i].params.logprobs for i in rows)
+    top_vals, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
+    for j, i in enumerate(rows):
+        r, n = requests[i], requests[i].params.logprobs
+        top = list(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist()))
+        r.output_logprobs.append(TokenLogprobs(float(logp[j, tokens[i]]), top))
 
 
 def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

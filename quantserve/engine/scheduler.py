@@ -11,6 +11,7 @@ Data flow: schedule() -> SchedulerOutput -> ModelRunner -> sampled token ids -> 
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -93,6 +94,8 @@ class Scheduler:
             self.waiting.popleft()
             request.status = Status.RUNNING
             self.running.append(request)
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             scheduled.append(ScheduledRequest(request, n))
             budget -= n
         return budget

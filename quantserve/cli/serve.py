@@ -1,0 +1,86 @@
+"""`quantserve serve api_server [MODEL]` and `quantserve serve api_client URL`, with LMDeploy's flags."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from quantserve.cli.args import add_engine_args, add_model_arg, engine_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="serve_command", required=True, metavar="{api_server,api_client}")
+    server = sub.add_parser("api_server", help="OpenAI-compatible HTTP server")
+    add_model_arg(server)
+    add_engine_args(server)
+    add_server_args(server)
+    client = sub.add_parser("api_client", help="chat with a running api_server from the terminal")
+    client.add_argument("api_server_url", help="e.g. http://localhost:23333")
+    client.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key, if the server needs one")
+    client.add_argument("--model", default=None, help="model name (default: the server's first model)")
+    client.add_argument("--system", default=None, help="system prompt")
+    client.add_argument("--temperature", type=float, default=None)
+    client.add_argument("--max-tokens", type=int, default=None)
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--server-name", default="0.0.0.0", help="address to listen on")
+    g.add_argument("--server-port", type=int, default=23333)
+    g.add_argument("--model-name", default=None, help="name served in /v1/models (default: the model directory's name)")
+    g.add_argument("--api-keys", nargs="*", default=None, help="accepted Bearer keys (default: no authentication)")
+    g.add_argument("--allow-origins", nargs="*", default=["*"], help="CORS origins")
+    g.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    g.add_argument("--allow-methods", nargs="*", default=["*"], help="CORS methods")
+    g.add_argument("--allow-headers", nargs="*", default=["*"], help="CORS headers")
+    g.add_argument("--max-concurrent-requests", type=int, default=64, help="requests generating at once")
+    g.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests waiting for a slot; past this a request gets 429 with Retry-After")
+    g.add_argument("--rate-limit", type=int, default=None, help="requests per minute per API key (or client address)")
+    g.add_argument("--max-body-size", type=int, default=8 * 1024 * 1024, help="largest request body in bytes (413 past it)")
+    g.add_argument("--max-n", type=int, default=16, help="largest n per request")
+    g.add_argument("--tool-call-parser", default=None, choices=["hermes", "qwen", "qwen2_5", "internlm", "internlm2", "llama3"],
+                   help="tool-call format (default: detected from the chat template)")
+    g.add_argument("--ssl", action="store_true", help="serve HTTPS with --ssl-certfile / --ssl-keyfile "
+                   "(default: the SSL_CERTFILE / SSL_KEYFILE environment variables, as LMDeploy)")
+    g.add_argument("--ssl-certfile", default=os.environ.get("SSL_CERTFILE"))
+    g.add_argument("--ssl-keyfile", default=os.environ.get("SSL_KEYFILE"))
+    g.add_argument("--disable-fastapi-docs", action="store_true")
+    g.add_argument("--disable-prefix-caching", action="store_true",
+                   help="prefix caching is on by default when serving (n > 1 and repeated prompts share KV blocks)")
+    g.add_argument("--max-log-len", type=int, default=None, help="accepted for LMDeploy compatibility")
+
+
+def run(ns) -> int:
+    if ns.serve_command == "api_client":
+        from quantserve.serve.client import run_client
+
+        return run_client(ns.api_server_url, ns.api_key, ns.model, ns.system, ns.temperature, ns.max_tokens)
+    return run_api_server(ns)
+
+
+def run_api_server(ns) -> int:
+    from quantserve.config import ConfigError
+    from quantserve.serve.openai_app import ServerConfig
+    from quantserve.serve.plan import Limits
+    from quantserve.serve.server import default_model_name, run_server
+
+    logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    for flag in ("max_concurrent_requests", "max_queued_requests", "max_body_size", "max_n", "server_port"):
+        if getattr(ns, flag) <= 0:
+            raise ConfigError(f"must be > 0, got {getattr(ns, flag)}", field=flag)
+    if ns.rate_limit is not None and ns.rate_limit <= 0:
+        raise ConfigError("must be > 0", field="rate_limit")
+    if ns.ssl and not (ns.ssl_certfile and ns.ssl_keyfile):
+        raise ConfigError("needs --ssl-certfile and --ssl-keyfile (or SSL_CERTFILE / SSL_KEYFILE)", field="ssl")
+    if ns.model_path and not os.path.exists(ns.model_path):
+        raise ConfigError(f"the model path {ns.model_path} does not exist")
+    ns.enable_prefix_caching = ns.enable_prefix_caching or not ns.disable_prefix_caching
+    limits = Limits(max_n=ns.max_n, max_body_bytes=ns.max_body_size, max_concurrent_requests=ns.max_concurrent_requests,
+                    max_queued_requests=ns.max_queued_requests, rate_limit=ns.rate_limit)
+    server = ServerConfig(ns.model_name or default_model_name(ns.model_path), ns.api_keys or [], ns.allow_origins,
+                          ns.allow_credentials, ns.allow_methods, ns.allow_headers, limits, ns.disable_fastapi_docs)
+    run_server(ns.model_path, engine_config(ns), server, ns.server_name, ns.server_port, ns.chat_template,
+               ns.tool_call_parser, ns.log_level, ns.ssl, ns.ssl_keyfile, ns.ssl_certfile)
+    return 0

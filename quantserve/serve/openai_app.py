@@ -1,0 +1,345 @@
+"""The OpenAI-compatible HTTP server (FastAPI).
+
+Routes parse a body (protocol.py), plan it (plan.py), run it (service.py) and shape the answer
+(responses.py). /health is 503 until the model is loaded and whenever the engine thread is gone.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from quantserve.serve.errors import APIError, error_body, install_error_handlers
+from quantserve.serve.metrics import Metrics
+from quantserve.serve.middleware import APIKeyAuth, BodyLimit
+from quantserve.serve.plan import Limits, Plan, chat_plan, completion_plans
+from quantserve.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                       CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
+                                       ModelList, TokenizeRequest, TokenizeResponse)
+from quantserve.serve.responses import (ChoiceResult, UsageCounter, chat_chunk, chat_response, completion_chunk,
+                                        completion_response)
+from quantserve.serve.service import ChoiceDelta, Service
+
+logger = logging.getLogger("quantserve.serve")
+
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 500, 503)}
+SSE = {200: {"content": {"text/event-stream": {}}}}
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_keys: list[str] = field(default_factory=list)
+    allow_origins: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    allow_methods: list[str] = field(default_factory=lambda: ["*"])
+    allow_headers: list[str] = field(default_factory=lambda: ["*"])
+    limits: Limits = field(default_factory=Limits)
+    disable_docs: bool = False
+
+
+class ServerState:
+    """The service once loaded (None while loading), or why loading failed."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.service: Service | None = None
+        self.metrics: Metrics | None = None
+        self.error: str | None = None
+        self.model_card: dict = {}
+
+    def ready(self) -> Service:
+        if self.service is None:
+            raise APIError(503, self.error or "the model is still loading", None, "not_ready")
+        if not self.service.engine.worker.is_alive():
+            raise APIError(503, "the engine has stopped", None, "engine_dead")
+        return self.service
+
+    def load_in_background(self, load: Callable[[], tuple[Service, dict]],
+                           on_error: Callable[[Exception], None] | None = None) -> threading.Thread:
+        def run():
+            try:
+                self.service, self.model_card = load()
+                self.metrics = self.service.metrics
+            except Exception as e:          # reported by /health and every route
+                self.error = f"loading the model failed: {e}"
+                if on_error is not None:
+                    on_error(e)
+        thread = threading.Thread(target=run, name="quantserve-load", daemon=True)
+        thread.start()
+        return thread
+
+
+def build_app(state: ServerState) -> FastAPI:
+    cfg = state.config
+    docs = {} if not cfg.disable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="quantserve", description="OpenAI-compatible API for quantized LLMs", version="0.1.0",
+                  **docs)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=cfg.limits.max_body_bytes)
+    app.add_middleware(APIKeyAuth, api_keys=cfg.api_keys)
+    app.add_middleware(CORSMiddleware, allow_origins=cfg.allow_origins, allow_credentials=cfg.allow_credentials,
+                       allow_methods=cfg.allow_methods, allow_headers=cfg.allow_headers)
+    add_info_routes(app, state)
+    add_generation_routes(app, state)
+    add_websocket_route(app, state)
+    drop_422_from_openapi(app)
+    return app
+
+
+def add_info_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/", include_in_schema=False)
+    async def root():
+        return RedirectResponse("/docs")
+
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    async def health():
+        state.ready()
+        return {"status": "ok"}
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    async def models():
+        state.ready()
+        return {"object": "list", "data": [state.model_card]}
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics():
+        body = state.metrics.render() if state.metrics else b""
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/v1/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+    async def tokenize(body: TokenizeRequest):
+        service = ready_for(state, body.model)
+        model = service.model
+        if body.messages is not None:
+            req = ChatCompletionRequest(model=cfg_name(state), messages=body.messages, max_tokens=1)
+            ids = chat_plan_ids(req, service)
+        else:
+            ids = model.tokenizer.hf.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": model.session_len}
+
+    @app.post("/v1/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+    async def detokenize(body: DetokenizeRequest):
+        service = ready_for(state, body.model)
+        vocab = service.model.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", "tokens", "invalid_value")
+        return {"prompt": service.model.tokenizer.hf.decode(body.tokens)}
+
+
+def cfg_name(state: ServerState) -> str:
+    return state.config.model_name
+
+
+def chat_plan_ids(req: ChatCompletionRequest, service: Service) -> list[int]:
+    from quantserve.serve.plan import encode_chat
+
+    tools = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
+    return encode_chat(req, service.model, tools)
+
+
+def ready_for(state: ServerState, model: str | None) -> Service:
+    service = state.ready()
+    if model is not None and model != state.config.model_name:
+        raise APIError(404, f"the model '{model}' does not exist; this server serves '{state.config.model_name}'",
+                       "model", "model_not_found")
+    return service
+
+
+def client_key(request: Request) -> str:
+    auth = request.headers.get("authorization")
+    return auth or (request.client.host if request.client else "unknown")
+
+
+def add_generation_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **SSE})
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        service = admit(state, body.model, request)
+        plan = await asyncio.to_thread(chat_plan, body, service.model, service.limits)
+        return await respond(service, request, [plan], body, chat=True)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, **SSE})
+    async def completions(body: CompletionRequest, request: Request):
+        service = admit(state, body.model, request)
+        plans = await asyncio.to_thread(completion_plans, body, service.model, service.limits)
+        return await respond(service, request, plans, body, chat=False)
+
+
+def admit(state: ServerState, model: str, request: Request) -> Service:
+    service = ready_for(state, model)
+    service.check_rate(client_key(request))
+    service.check_capacity()
+    return service
+
+
+async def respond(service: Service, request: Request, plans: list[Plan], body, chat: bool):
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    service.metrics.prompt_tokens.inc(sum(len(p.prompt_ids) for p in plans))
+    chunks = Chunker(service, rid, body, plans, chat)
+    if body.stream:
+        return StreamingResponse(sse(service, chunks), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    task = asyncio.create_task(collect(service, chunks))
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.25)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return Response(status_code=499)
+    return JSONResponse(task.result())
+
+
+class Chunker:
+    """Merges the plans' choice streams and shapes chunks / the final body."""
+
+    def __init__(self, service: Service, rid: str, body, plans: list[Plan], chat: bool):
+        self.service, self.rid, self.body, self.plans, self.chat = service, rid, body, plans, chat
+        self.model = body.model
+        self.tok = service.model.tokenizer
+        self.logprobs = bool(body.logprobs) if chat else body.logprobs is not None
+        self.usage = UsageCounter(prompt=sum(len(p.prompt_ids) for p in plans))
+        self.echo = {p.first_index + j: p.echo for p in plans for j in range(len(p.params)) if p.echo}
+        self.first_seen: set[int] = set()
+
+    async def deltas(self) -> AsyncIterator[ChoiceDelta]:
+        streams = [self.service.stream(p, f"{self.rid}-{k}") for k, p in enumerate(self.plans)]
+        firsts = {p.first_index for p in self.plans}
+        async for d in merge(streams):
+            self.usage.add(d)
+            if d.index in firsts and d.index not in self.first_seen:
+                self.usage.cached += d.cached_tokens
+            yield d
+
+    def chunk(self, d: ChoiceDelta) -> dict:
+        first = d.index not in self.first_seen
+        self.first_seen.add(d.index)
+        if self.chat:
+            return chat_chunk(self.rid, self.model, d, self.tok, self.logprobs, first=first)
+        prefix = self.echo.get(d.index, "") if first else ""
+        return completion_chunk(self.rid, self.model, d, self.tok, self.logprobs, prefix)
+
+    def usage_chunk(self) -> dict | None:
+        opts = self.body.stream_options
+        if not (opts and opts.include_usage):
+            return None
+        make = chat_chunk if self.chat else completion_chunk
+        return make(self.rid, self.model, None, self.tok, False, usage=self.usage.body())
+
+
+async def merge(streams: list[AsyncIterator]) -> AsyncIterator:
+    """Items of several async iterators as they come; closing this closes all of them."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(it):
+        try:
+            async for item in it:
+                await queue.put(item)
+        except Exception as e:
+            await queue.put(e)
+        await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect(service: Service, chunks: Chunker) -> dict:
+    results: dict[int, ChoiceResult] = {}
+    async with service.admitted():
+        async for d in chunks.deltas():
+            results.setdefault(d.index, ChoiceResult()).add(d)
+    if chunks.chat:
+        return chat_response(chunks.rid, chunks.model, results, chunks.usage, chunks.tok, chunks.logprobs)
+    return completion_response(chunks.rid, chunks.model, results, chunks.usage, chunks.tok, chunks.logprobs,
+                               chunks.echo)
+
+
+async def sse(service: Service, chunks: Chunker) -> AsyncIterator[str]:
+    async for item in stream_chunks(service, chunks):
+        yield f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def stream_chunks(service: Service, chunks: Chunker) -> AsyncIterator[dict]:
+    """Chunks, then the usage chunk if asked; an error mid-stream becomes an error object."""
+    try:
+        async with service.admitted():
+            async for d in chunks.deltas():
+                yield chunks.chunk(d)
+        usage = chunks.usage_chunk()
+        if usage is not None:
+            yield usage
+    except APIError as e:
+        yield e.body()
+
+
+def add_websocket_route(app: FastAPI, state: ServerState) -> None:
+    @app.websocket("/v1/chat/completions/ws")
+    async def chat_ws(ws: WebSocket):
+        """One JSON chat request in; its stream chunks out as JSON messages, then "[DONE]"."""
+        await ws.accept()
+        try:
+            raw = await ws.receive_text()
+            try:
+                body = ChatCompletionRequest.model_validate_json(raw)
+                service = ready_for(state, body.model)
+                service.check_capacity()
+                plan = await asyncio.to_thread(chat_plan, body, service.model, service.limits)
+            except ValidationError as e:
+                err = e.errors()[0]
+                param = ".".join(str(p) for p in err["loc"]) or None
+                await ws.send_json(error_body(400, f"{param}: {err['msg']}" if param else err["msg"], param,
+                                              "invalid_value"))
+                return await ws.close()
+            except APIError as e:
+                await ws.send_json(e.body())
+                return await ws.close()
+            chunks = Chunker(service, f"chatcmpl-{uuid.uuid4().hex}", body, [plan], chat=True)
+            async with aclosing(stream_chunks(service, chunks)) as items:
+                async for item in items:
+                    await ws.send_json(item)
+            await ws.send_text("[DONE]")
+            await ws.close()
+        except WebSocketDisconnect:
+            pass
+
+
+def drop_422_from_openapi(app: FastAPI) -> None:
+    """Validation failures are 400 here, never 422: keep the published schema honest."""
+    build = app.openapi
+
+    def openapi():
+        schema = build()
+        for path in schema.get("paths", {}).values():
+            for op in path.values():
+                op.get("responses", {}).pop("422", None)
+        return schema
+
+    app.openapi = openapi

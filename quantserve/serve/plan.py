@@ -1,0 +1,204 @@
+"""An OpenAI request body -> a Plan: prompt token ids, SamplingParams and the text-side options
+(stop strings, tool parsing, logprobs). Everything that can be refused is refused here, with a
+400 naming the field, before the engine sees the request.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from quantserve.config import GenerationConfig, SamplingParams
+from quantserve.guided import Grammar, GrammarError, json_schema_grammar, tool_calls_schema
+from quantserve.serve.errors import APIError
+from quantserve.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from quantserve.serve.tools import ToolParser, template_supports_tools, tools_system_prompt
+from quantserve.text import Tokenizer
+
+FIM_MARKERS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+               ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
+
+
+@dataclass
+class Limits:
+    max_n: int = 16
+    max_stops: int = 16
+    max_stop_len: int = 256
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_concurrent_requests: int = 64
+    max_queued_requests: int = 256
+    rate_limit: int | None = None          # requests per minute per API key (or client address)
+
+
+@dataclass
+class Plan:
+    prompt_ids: list[int]
+    params: list[SamplingParams]            # one per choice
+    stop_words: list[str] = field(default_factory=list)
+    skip_special_tokens: bool = True
+    tool_parser: ToolParser | None = None   # auto tool choice: parse the model's own format
+    forced_tools: bool = False              # required / named: output is a JSON list of calls
+    echo: str = ""                          # completions: prompt text put before the output
+    first_index: int = 0                    # choice indices start here (completions with many prompts)
+
+
+@dataclass
+class ModelInfo:
+    tokenizer: Tokenizer
+    session_len: int
+    vocab_size: int
+    defaults: GenerationConfig             # the model's generation_config.json sampling defaults
+    tool_parser: ToolParser
+
+
+def chat_plan(req: ChatCompletionRequest, model: ModelInfo, limits: Limits) -> Plan:
+    check_common(req, model, limits)
+    tools = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
+    use_tools = bool(tools) and req.tool_choice != "none"
+    prompt_ids = encode_chat(req, model, tools if use_tools else [])
+    forced = use_tools and req.tool_choice not in (None, "auto")
+    grammar = chat_grammar(req, model, tools) if (forced or req.response_format) else None
+    parser = model.tool_parser if use_tools and not forced else None
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req, model, len(prompt_ids), logprobs, grammar)
+    skip = req.skip_special_tokens and not (parser and parser.keeps_special_tokens)
+    return Plan(prompt_ids, params, req.stop or [], skip, parser, forced)
+
+
+def completion_plans(req: CompletionRequest, model: ModelInfo, limits: Limits) -> list[Plan]:
+    check_common(req, model, limits)
+    if req.echo and req.logprobs is not None:
+        raise APIError(400, "echo with logprobs is not supported", "echo", "unsupported")
+    prompts = req.prompt if isinstance(req.prompt, list) and not isinstance(req.prompt[0], int) else [req.prompt]
+    plans = []
+    for i, prompt in enumerate(prompts):
+        ids = encode_completion(prompt, req.suffix, model.tokenizer)
+        check_token_ids(ids, model)
+        params = sampling_params(req, model, len(ids), req.logprobs, None)
+        echo = (prompt if isinstance(prompt, str) else model.tokenizer.decode(prompt)) if req.echo else ""
+        plans.append(Plan(ids, params, req.stop or [], req.skip_special_tokens, echo=echo, first_index=i * req.n))
+    return plans
+
+
+def check_common(req: SamplingFields, model: ModelInfo, limits: Limits) -> None:
+    if req.n > limits.max_n:
+        raise APIError(400, f"n must be at most {limits.max_n}, got {req.n}", "n", "invalid_value")
+    stops = req.stop or []
+    if len(stops) > limits.max_stops:
+        raise APIError(400, f"at most {limits.max_stops} stop strings, got {len(stops)}", "stop", "invalid_value")
+    if any(len(s) > limits.max_stop_len for s in stops):
+        raise APIError(400, f"stop strings must be at most {limits.max_stop_len} characters", "stop", "invalid_value")
+    bad = [k for k in req.logit_bias or {} if not 0 <= int(k) < model.vocab_size]
+    if bad:
+        raise APIError(400, f"logit_bias token id {bad[0]} is outside the vocabulary [0, {model.vocab_size})",
+                       "logit_bias", "invalid_value")
+
+
+def encode_chat(req: ChatCompletionRequest, model: ModelInfo, tools: list[dict]) -> list[int]:
+    tok = model.tokenizer
+    if not req.do_preprocess:
+        return tok.hf.encode("".join(m.text() for m in req.messages), add_special_tokens=True)
+    native = template_supports_tools(tok.chat_template)
+    messages = [message_dict(m, native) for m in req.messages]
+    if tools and not native:
+        messages = with_tools_prompt(messages, tools)
+    kwargs = dict(req.chat_template_kwargs or {})
+    if tools and native:
+        kwargs["tools"] = [{"type": "function", "function": t} for t in tools]
+    try:
+        text = tok.hf.apply_chat_template(messages, chat_template=tok.chat_template, add_generation_prompt=True,
+                                          tokenize=False, **kwargs)
+    except Exception as e:            # the template's own checks (role order, missing fields), or its errors
+        raise APIError(400, f"the chat template refused these messages: {e}", "messages", "invalid_value") from None
+    return tok.hf.encode(text, add_special_tokens=False)
+
+
+def message_dict(m: ChatMessage, native_tools: bool) -> dict:
+    d: dict = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    if m.tool_calls:
+        calls = [{"name": c.function.name, "arguments": parse_arguments(c.function.arguments)} for c in m.tool_calls]
+        if native_tools:
+            d["tool_calls"] = [{"type": "function", "function": c} for c in calls]
+        else:
+            d["content"] += "".join(f"<tool_call>\n{json.dumps(c, ensure_ascii=False)}\n</tool_call>" for c in calls)
+    if m.name:
+        d["name"] = m.name
+    if m.tool_call_id:
+        d["tool_call_id"] = m.tool_call_id
+    return d
+
+
+def parse_arguments(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise APIError(400, "tool call arguments must be a JSON object", "messages", "invalid_value") from None
+    if not isinstance(value, dict):
+        raise APIError(400, "tool call arguments must be a JSON object", "messages", "invalid_value")
+    return value
+
+
+def with_tools_prompt(messages: list[dict], tools: list[dict]) -> list[dict]:
+    prompt = tools_system_prompt(tools)
+    if messages[0]["role"] == "system":
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + prompt}, *messages[1:]]
+    return [{"role": "system", "content": prompt}, *messages]
+
+
+def encode_completion(prompt: str | list[int], suffix: str | None, tok: Tokenizer) -> list[int]:
+    if suffix is None:
+        return tok.hf.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
+    vocab = tok.hf.get_vocab()
+    markers = next((m for m in FIM_MARKERS if all(t in vocab for t in m)), None)
+    if markers is None:
+        raise APIError(400, "suffix needs a fill-in-the-middle model; this one has no FIM tokens", "suffix", "unsupported")
+    text = prompt if isinstance(prompt, str) else tok.decode(prompt)
+    return tok.hf.encode(f"{markers[0]}{text}{markers[1]}{suffix}{markers[2]}", add_special_tokens=False)
+
+
+def check_token_ids(ids: list[int], model: ModelInfo) -> None:
+    if any(not 0 <= t < model.vocab_size for t in ids):
+        raise APIError(400, f"prompt token ids must be in [0, {model.vocab_size})", "prompt", "invalid_value")
+
+
+def chat_grammar(req: ChatCompletionRequest, model: ModelInfo, tools: list[dict]) -> Grammar | None:
+    try:
+        if req.tools and req.tool_choice not in (None, "auto", "none"):
+            named = req.tool_choice.function.name if not isinstance(req.tool_choice, str) else None
+            chosen = [t for t in tools if named is None or t["name"] == named]
+            text = json_schema_grammar(tool_calls_schema(chosen, req.parallel_tool_calls and named is None))
+            param = "tools"
+        elif req.response_format.type == "json_object":
+            text, param = json_schema_grammar(None), "response_format"
+        elif req.response_format.type == "json_schema":
+            text, param = json_schema_grammar(req.response_format.json_schema.schema_), "response_format"
+        else:
+            return None
+        return Grammar(model.tokenizer, model.vocab_size, text)
+    except GrammarError as e:
+        raise APIError(400, f"invalid schema: {e}", param, "invalid_value") from None
+
+
+def sampling_params(req: SamplingFields, model: ModelInfo, prompt_len: int, logprobs: int | None,
+                    grammar: Grammar | None) -> list[SamplingParams]:
+    room = model.session_len - prompt_len
+    if room <= 0 or (req.max_new_tokens or 0) > room:
+        raise APIError(400, f"This model's maximum context length is {model.session_len} tokens; the prompt has "
+                       f"{prompt_len} tokens and {req.max_new_tokens or 1} were requested for the output",
+                       "messages" if isinstance(req, ChatCompletionRequest) else "prompt", "context_length_exceeded")
+    d = model.defaults
+    temperature = d.temperature if req.temperature is None else req.temperature
+    if req.temperature is None and not d.do_sample:
+        temperature = 0.0
+    top_k = d.top_k if req.top_k is None else max(req.top_k, 0)
+    base = dict(
+        max_new_tokens=req.max_new_tokens or room, temperature=temperature,
+        top_p=d.top_p if req.top_p is None else req.top_p, top_k=top_k,
+        min_p=d.min_p if req.min_p is None else req.min_p,
+        repetition_penalty=d.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        eos_token_ids=() if req.ignore_eos else tuple(model.tokenizer.eos_token_ids),
+        min_new_tokens=req.min_new_tokens or 0,
+        logit_bias=tuple((int(k), v) for k, v in (req.logit_bias or {}).items()),
+        logprobs=logprobs, guide=grammar)
+    seeds = [None] * req.n if req.seed is None else [req.seed + i for i in range(req.n)]
+    return [SamplingParams(**base, seed=s) for s in seeds]

@@ -1,0 +1,180 @@
+"""Plans -> engine requests -> per-choice deltas (text, tokens, logprobs, tool calls).
+
+One Plan has n choices. Choice 0 starts alone; the others start once it has its first token, so
+its prompt blocks are in the prefix cache and the n choices share the prompt's KV. Each choice
+has its own TextStream (detokenizing, stop strings) and, with tools, a ToolStream. A consumer
+that stops iterating (a client that went away) cancels the choices, which aborts their engine
+requests and frees their KV blocks.
+
+Admission: at most `max_concurrent_requests` requests generate at once, `max_queued_requests`
+more wait for a slot, and past that a request gets 429 at once; an optional per-key rate limit.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from quantserve.engine.async_engine import AsyncEngine
+from quantserve.engine.engine import RequestError
+from quantserve.engine.request import TokenLogprobs
+from quantserve.serve.errors import APIError
+from quantserve.serve.metrics import Metrics
+from quantserve.serve.plan import Limits, ModelInfo, Plan
+from quantserve.serve.tools import ParsedCall, ToolStream, parse_forced
+from quantserve.text import TextStream
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    tool_calls: list[ParsedCall] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Service:
+    def __init__(self, engine: AsyncEngine, model: ModelInfo, limits: Limits, metrics: Metrics):
+        self.engine, self.model, self.limits, self.metrics = engine, model, limits, metrics
+        self.slots = asyncio.Semaphore(limits.max_concurrent_requests)
+        self.queued = 0
+        self.recent: dict[str, deque] = defaultdict(deque)
+
+    # ---- admission -----------------------------------------------------------------------------
+
+    def check_rate(self, client: str) -> None:
+        if not self.limits.rate_limit:
+            return
+        now, window = time.monotonic(), self.recent[client]
+        while window and now - window[0] > 60:
+            window.popleft()
+        if len(window) >= self.limits.rate_limit:
+            self.metrics.rejected("rate_limit")
+            retry = max(1, int(61 - (now - window[0])))
+            raise APIError(429, f"rate limit of {self.limits.rate_limit} requests per minute reached",
+                           None, "rate_limit_exceeded", {"Retry-After": str(retry)})
+        window.append(now)
+
+    def check_capacity(self) -> None:
+        """429 with Retry-After when every slot is busy and the queue is full."""
+        if self.slots.locked() and self.queued >= self.limits.max_queued_requests:
+            self.metrics.rejected("overloaded")
+            raise APIError(429, "the server is overloaded; retry shortly", None, "overloaded", {"Retry-After": "1"})
+
+    @asynccontextmanager
+    async def admitted(self):
+        """Hold a generation slot (waiting in the queue for one) while generating."""
+        self.queued += 1
+        try:
+            await self.slots.acquire()
+        finally:
+            self.queued -= 1
+        try:
+            yield
+        finally:
+            self.slots.release()
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    async def stream(self, plan: Plan, request_id: str) -> AsyncIterator[ChoiceDelta]:
+        """Deltas of every choice of the plan, as they come; raises APIError on failure."""
+        queue: asyncio.Queue = asyncio.Queue()
+        n = len(plan.params)
+        tasks = [asyncio.create_task(self._choice(plan, 0, request_id, queue))]
+        finished = 0
+        try:
+            while finished < n:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise _as_api_error(item)
+                if len(tasks) < n and (item.token_ids or item.finish_reason):
+                    tasks += [asyncio.create_task(self._choice(plan, j, request_id, queue)) for j in range(1, n)]
+                finished += item.finish_reason is not None
+                yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            if finished < n and any(isinstance(r, asyncio.CancelledError) for r in results):
+                self.metrics.aborted.inc()
+
+    async def _choice(self, plan: Plan, j: int, request_id: str, queue: asyncio.Queue) -> None:
+        params = plan.params[j]
+        text = TextStream(self.model.tokenizer, plan.prompt_ids, plan.stop_words, plan.skip_special_tokens)
+        tools = ToolStream(plan.tool_parser) if plan.tool_parser else None
+        timer = _Timer(self.metrics)
+        generator = self.engine.generate(f"{request_id}-{j}", plan.prompt_ids, params)
+        try:
+            async for ev in generator:
+                timer.tick(ev.token_ids, ev.queue_time)
+                delta = ChoiceDelta(plan.first_index + j, text.add(ev.token_ids, final=ev.finish_reason is not None),
+                                    ev.token_ids, ev.logprobs or [], ev.finish_reason, [], ev.num_prompt_tokens,
+                                    ev.num_output_tokens, ev.num_cached_tokens)
+                if text.stopped:
+                    delta.finish_reason = "stop"
+                if tools is not None:
+                    finish_tools(delta, tools)
+                elif plan.forced_tools and delta.finish_reason:
+                    delta.tool_calls = parse_forced(text.text)
+                    delta.finish_reason = "tool_calls" if delta.tool_calls else delta.finish_reason
+                await queue.put(delta)
+                if delta.finish_reason:
+                    timer.done(delta.finish_reason)
+                    return
+        except Exception as e:
+            await queue.put(e)
+        finally:
+            await generator.aclose()
+
+
+def finish_tools(delta: ChoiceDelta, tools: ToolStream) -> None:
+    """Route the choice's text through the tool parser: content now, calls at the end."""
+    delta.text = tools.add(delta.text)
+    if delta.finish_reason:
+        rest, calls = tools.finish()
+        delta.text += rest
+        if calls:
+            delta.tool_calls, delta.finish_reason = calls, "tool_calls"
+
+
+class _Timer:
+    """Latency metrics of one choice."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.start = self.last = time.monotonic()
+        self.tokens = 0
+
+    def tick(self, token_ids: list[int], queue_time: float | None) -> None:
+        now = time.monotonic()
+        if queue_time is not None:
+            self.metrics.queue.observe(queue_time)
+        if token_ids and self.tokens == 0:
+            self.metrics.ttft.observe(now - self.start)
+        elif token_ids:
+            per_token = (now - self.last) / len(token_ids)
+            self.metrics.itl.observe(per_token)
+            self.metrics.tpot.observe(per_token)
+        self.tokens += len(token_ids)
+        self.last = now
+
+    def done(self, reason: str) -> None:
+        self.metrics.e2e.observe(time.monotonic() - self.start)
+        self.metrics.generation_tokens.inc(self.tokens)
+        self.metrics.success(reason)
+
+
+def _as_api_error(error: BaseException) -> APIError:
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, RequestError):
+        return APIError(400, str(error), None, "invalid_value")
+    return APIError(500, f"generation failed: {error}", None, "engine_error")
