@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 ANY_JSON_OBJECT = {"type": "object"}
+# json.dumps spacing and nothing else: free whitespace lets a model pad forever
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class GrammarError(ValueError):
@@ -68,7 +70,7 @@ def json_schema_grammar(schema: dict | None) -> str:
     if schema is not None and not isinstance(schema, dict):
         raise GrammarError("a JSON schema must be an object")
     try:
-        return LLMatcher.grammar_from_json_schema(json.dumps(schema or ANY_JSON_OBJECT))
+        return LLMatcher.grammar_from_json_schema(json.dumps(schema or ANY_JSON_OBJECT), defaults=JSON_STYLE)
     except ValueError as e:
         raise GrammarError(str(e)) from None
 

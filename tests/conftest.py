@@ -129,3 +129,62 @@ def default_model() -> Path:
     from quantserve.models.resolve import default_model_path
 
     return default_model_path(progress=False)
+
+
+class RunningServer:
+    """An api_server on a free local port, in this process (uvicorn in a thread)."""
+
+    def __init__(self, model_dir: Path, engine_config=None, **server_options):
+        import socket
+        import threading
+
+        import uvicorn
+
+        from quantserve.config import EngineConfig
+        from quantserve.serve.openai_app import ServerConfig, ServerState, build_app
+        from quantserve.serve.server import load_service
+
+        self.config = ServerConfig(server_options.pop("model_name", "tiny"), **server_options)
+        self.state = ServerState(self.config)
+        engine_config = engine_config or EngineConfig(dtype="float32", enable_prefix_caching=True,
+                                                      cache_max_tokens=4096, max_batch_size=16)
+        self.state.service, self.state.model_card = load_service(str(model_dir), engine_config, self.config,
+                                                                 progress=False)
+        self.state.metrics = self.state.service.metrics
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(build_app(self.state), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            self.thread.join(0.05)
+
+    @property
+    def engine(self):
+        return self.state.service.engine
+
+    def client(self, **kwargs):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "none"), max_retries=0, **kwargs)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_server_model(tmp_path_factory) -> Path:
+    """The tiny chat model with a 2048-token context (prompts with tool descriptions are long)."""
+    return add_tokenizer(build_llama(tmp_path_factory.mktemp("tiny_server") / "llama", max_position_embeddings=2048))
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_server_model):
+    server = RunningServer(tiny_server_model)
+    yield server
+    server.close()
