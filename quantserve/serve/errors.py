@@ -42,7 +42,7 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """The first problem, phrased for a person, and the field it is about."""
     err = exc.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _union_tag(p)]
     param = ".".join(loc) or None
     if err.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}", None
@@ -50,6 +50,11 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "the request needs a JSON body", None
     msg = err["msg"].removeprefix("Value error, ")
     return (f"{param}: {msg}" if param else msg), param
+
+
+def _union_tag(part) -> bool:
+    """pydantic names the union member it tried ('str', "literal['a']", 'function-after[...]')."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or any(c in part for c in "[(-"))
 
 
 def install_error_handlers(app: FastAPI) -> None:

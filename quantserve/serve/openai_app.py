@@ -164,31 +164,54 @@ def client_key(request: Request) -> str:
 def add_generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **SSE})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        service = admit(state, body.model, request)
-        plan = await asyncio.to_thread(chat_plan, body, service.model, service.limits)
-        return await respond(service, request, [plan], body, chat=True)
+        service = ready_for(state, body.model)
+        service.check_rate(client_key(request))
+        return await respond(service, request, body, chat=True)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, **SSE})
     async def completions(body: CompletionRequest, request: Request):
-        service = admit(state, body.model, request)
-        plans = await asyncio.to_thread(completion_plans, body, service.model, service.limits)
-        return await respond(service, request, plans, body, chat=False)
+        service = ready_for(state, body.model)
+        service.check_rate(client_key(request))
+        return await respond(service, request, body, chat=False)
 
 
-def admit(state: ServerState, model: str, request: Request) -> Service:
-    service = ready_for(state, model)
-    service.check_rate(client_key(request))
-    service.check_capacity()
-    return service
+async def respond(service: Service, request: Request, body, chat: bool) -> Response:
+    """Plan, then stream (SSE) or collect; the admission ticket is released however this ends."""
+    ticket, streaming = service.reserve(), None
+    try:
+        if chat:
+            plans = [await asyncio.to_thread(chat_plan, body, service.model, service.limits)]
+        else:
+            plans = await asyncio.to_thread(completion_plans, body, service.model, service.limits)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        service.metrics.prompt_tokens.inc(sum(len(p.prompt_ids) for p in plans))
+        chunks = Chunker(service, rid, body, plans, chat)
+        if body.stream:
+            streaming = TicketStream(sse(service, chunks), ticket)     # releases the ticket itself
+            return streaming
+        return await collect_unless_gone(service, chunks, request)
+    finally:
+        if streaming is None:
+            ticket.release()
 
 
-async def respond(service: Service, request: Request, plans: list[Plan], body, chat: bool):
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    service.metrics.prompt_tokens.inc(sum(len(p.prompt_ids) for p in plans))
-    chunks = Chunker(service, rid, body, plans, chat)
-    if body.stream:
-        return StreamingResponse(sse(service, chunks), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+class TicketStream(StreamingResponse):
+    """An SSE response that releases its admission ticket when it ends, however it ends."""
+
+    def __init__(self, content, ticket):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.ticket = ticket
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ticket.release()
+
+
+async def collect_unless_gone(service: Service, chunks: Chunker, request: Request) -> Response:
+    """The whole answer; if the client disconnects first, stop generating (its KV is freed)."""
     task = asyncio.create_task(collect(service, chunks))
     while not task.done():
         await asyncio.wait({task}, timeout=0.25)
@@ -310,8 +333,7 @@ def add_websocket_route(app: FastAPI, state: ServerState) -> None:
             try:
                 body = ChatCompletionRequest.model_validate_json(raw)
                 service = ready_for(state, body.model)
-                service.check_capacity()
-                plan = await asyncio.to_thread(chat_plan, body, service.model, service.limits)
+                ticket = service.reserve()
             except ValidationError as e:
                 err = e.errors()[0]
                 param = ".".join(str(p) for p in err["loc"]) or None
@@ -321,14 +343,26 @@ def add_websocket_route(app: FastAPI, state: ServerState) -> None:
             except APIError as e:
                 await ws.send_json(e.body())
                 return await ws.close()
-            chunks = Chunker(service, f"chatcmpl-{uuid.uuid4().hex}", body, [plan], chat=True)
-            async with aclosing(stream_chunks(service, chunks)) as items:
-                async for item in items:
-                    await ws.send_json(item)
-            await ws.send_text("[DONE]")
-            await ws.close()
+            try:
+                await stream_over_websocket(ws, service, body)
+            finally:
+                ticket.release()
         except WebSocketDisconnect:
             pass
+
+
+async def stream_over_websocket(ws: WebSocket, service: Service, body: ChatCompletionRequest) -> None:
+    try:
+        plan = await asyncio.to_thread(chat_plan, body, service.model, service.limits)
+    except APIError as e:
+        await ws.send_json(e.body())
+        return await ws.close()
+    chunks = Chunker(service, f"chatcmpl-{uuid.uuid4().hex}", body, [plan], chat=True)
+    async with aclosing(stream_chunks(service, chunks)) as items:
+        async for item in items:
+            await ws.send_json(item)
+    await ws.send_text("[DONE]")
+    await ws.close()
 
 
 def drop_422_from_openapi(app: FastAPI) -> None:

@@ -45,7 +45,7 @@ class Service:
     def __init__(self, engine: AsyncEngine, model: ModelInfo, limits: Limits, metrics: Metrics):
         self.engine, self.model, self.limits, self.metrics = engine, model, limits, metrics
         self.slots = asyncio.Semaphore(limits.max_concurrent_requests)
-        self.queued = 0
+        self.active = 0          # admitted requests: generating or queued for a slot
         self.recent: dict[str, deque] = defaultdict(deque)
 
     # ---- admission -----------------------------------------------------------------------------
@@ -63,24 +63,20 @@ class Service:
                            None, "rate_limit_exceeded", {"Retry-After": str(retry)})
         window.append(now)
 
-    def check_capacity(self) -> None:
-        """429 with Retry-After when every slot is busy and the queue is full."""
-        if self.slots.locked() and self.queued >= self.limits.max_queued_requests:
+    def reserve(self) -> Ticket:
+        """Count the request in at once (no await between check and count); 429 with Retry-After
+        when every slot is busy and the queue is full. The caller releases the ticket."""
+        if self.active >= self.limits.max_concurrent_requests + self.limits.max_queued_requests:
             self.metrics.rejected("overloaded")
             raise APIError(429, "the server is overloaded; retry shortly", None, "overloaded", {"Retry-After": "1"})
+        self.active += 1
+        return Ticket(self)
 
     @asynccontextmanager
     async def admitted(self):
         """Hold a generation slot (waiting in the queue for one) while generating."""
-        self.queued += 1
-        try:
-            await self.slots.acquire()
-        finally:
-            self.queued -= 1
-        try:
+        async with self.slots:
             yield
-        finally:
-            self.slots.release()
 
     # ---- generation ----------------------------------------------------------------------------
 
@@ -89,11 +85,12 @@ class Service:
         queue: asyncio.Queue = asyncio.Queue()
         n = len(plan.params)
         tasks = [asyncio.create_task(self._choice(plan, 0, request_id, queue))]
-        finished = 0
+        finished, failed = 0, False
         try:
             while finished < n:
                 item = await queue.get()
                 if isinstance(item, BaseException):
+                    failed = True
                     raise _as_api_error(item)
                 if len(tasks) < n and (item.token_ids or item.finish_reason):
                     tasks += [asyncio.create_task(self._choice(plan, j, request_id, queue)) for j in range(1, n)]
@@ -102,9 +99,9 @@ class Service:
         finally:
             for t in tasks:
                 t.cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            if finished < n and any(isinstance(r, asyncio.CancelledError) for r in results):
+            if finished < n and not failed:
                 self.metrics.aborted.inc()
+            await asyncio.gather(*tasks, return_exceptions=True)    # may be cut short if we are cancelled
 
     async def _choice(self, plan: Plan, j: int, request_id: str, queue: asyncio.Queue) -> None:
         params = plan.params[j]
@@ -133,6 +130,19 @@ class Service:
             await queue.put(e)
         finally:
             await generator.aclose()
+
+
+class Ticket:
+    """One admitted request's place in the count; release() is idempotent."""
+
+    def __init__(self, service: Service):
+        self.service = service
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.service.active -= 1
 
 
 def finish_tools(delta: ChoiceDelta, tools: ToolStream) -> None:
