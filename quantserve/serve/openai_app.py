@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from quantserve.serve.errors import APIError, error_body, install_error_handlers
 from quantserve.serve.metrics import Metrics
 from quantserve.serve.middleware import APIKeyAuth, BodyLimit
-from quantserve.serve.plan import Limits, Plan, chat_plan, completion_plans
+from quantserve.serve.plan import Limits, Plan, chat_plan, completion_plans, encode_chat
 from quantserve.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                        CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
                                        ModelList, TokenizeRequest, TokenizeResponse)
@@ -122,8 +122,7 @@ def add_info_routes(app: FastAPI, state: ServerState) -> None:
         service = ready_for(state, body.model)
         model = service.model
         if body.messages is not None:
-            req = ChatCompletionRequest(model=cfg_name(state), messages=body.messages, max_tokens=1)
-            ids = chat_plan_ids(req, service)
+            ids = await asyncio.to_thread(encode_chat, body.messages, model, [])
         else:
             ids = model.tokenizer.hf.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": model.session_len}
@@ -135,17 +134,6 @@ def add_info_routes(app: FastAPI, state: ServerState) -> None:
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", "tokens", "invalid_value")
         return {"prompt": service.model.tokenizer.hf.decode(body.tokens)}
-
-
-def cfg_name(state: ServerState) -> str:
-    return state.config.model_name
-
-
-def chat_plan_ids(req: ChatCompletionRequest, service: Service) -> list[int]:
-    from quantserve.serve.plan import encode_chat
-
-    tools = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
-    return encode_chat(req, service.model, tools)
 
 
 def ready_for(state: ServerState, model: str | None) -> Service:

@@ -54,7 +54,7 @@ def chat_plan(req: ChatCompletionRequest, model: ModelInfo, limits: Limits) -> P
     check_common(req, model, limits)
     tools = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
     use_tools = bool(tools) and req.tool_choice != "none"
-    prompt_ids = encode_chat(req, model, tools if use_tools else [])
+    prompt_ids = encode_chat(req.messages, model, tools if use_tools else [], req.do_preprocess, req.chat_template_kwargs)
     forced = use_tools and req.tool_choice not in (None, "auto")
     grammar = chat_grammar(req, model, tools) if (forced or req.response_format) else None
     parser = model.tool_parser if use_tools and not forced else None
@@ -93,15 +93,16 @@ def check_common(req: SamplingFields, model: ModelInfo, limits: Limits) -> None:
                        "logit_bias", "invalid_value")
 
 
-def encode_chat(req: ChatCompletionRequest, model: ModelInfo, tools: list[dict]) -> list[int]:
+def encode_chat(messages: list[ChatMessage], model: ModelInfo, tools: list[dict], do_preprocess: bool = True,
+                template_kwargs: dict | None = None) -> list[int]:
     tok = model.tokenizer
-    if not req.do_preprocess:
-        return tok.hf.encode("".join(m.text() for m in req.messages), add_special_tokens=True)
+    if not do_preprocess:
+        return tok.hf.encode("".join(m.text() for m in messages), add_special_tokens=True)
     native = template_supports_tools(tok.chat_template)
-    messages = [message_dict(m, native) for m in req.messages]
+    messages = [message_dict(m, native) for m in messages]
     if tools and not native:
         messages = with_tools_prompt(messages, tools)
-    kwargs = dict(req.chat_template_kwargs or {})
+    kwargs = dict(template_kwargs or {})
     if tools and native:
         kwargs["tools"] = [{"type": "function", "function": t} for t in tools]
     try:

@@ -13,8 +13,8 @@ MAX_LOGIT_BIAS = 100.0
 
 
 class Strict(BaseModel):
-    """Unknown fields are ignored (clients send extras); NaN / inf are refused."""
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    """Unknown fields are ignored (clients send extras); NaN / inf and type coercion ("5" for 5) are refused."""
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(Strict):
@@ -188,7 +188,7 @@ class CompletionRequest(SamplingFields):
 class TokenizeRequest(Strict):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = True
 
     @model_validator(mode="after")
