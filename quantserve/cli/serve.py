@@ -39,6 +39,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="requests waiting for a slot; past this a request gets 429 with Retry-After")
     g.add_argument("--rate-limit", type=int, default=None, help="requests per minute per API key (or client address)")
     g.add_argument("--max-body-size", type=int, default=8 * 1024 * 1024, help="largest request body in bytes (413 past it)")
+    g.add_argument("--default-max-tokens", type=int, default=1024,
+                   help="output tokens when a request sets no max_tokens (capped by the context)")
     g.add_argument("--max-n", type=int, default=16, help="largest n per request")
     g.add_argument("--tool-call-parser", default=None, choices=["hermes", "qwen", "qwen2_5", "internlm", "internlm2", "llama3"],
                    help="tool-call format (default: detected from the chat template)")
@@ -67,7 +69,8 @@ def run_api_server(ns) -> int:
     from quantserve.serve.server import default_model_name, run_server
 
     logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    for flag in ("max_concurrent_requests", "max_queued_requests", "max_body_size", "max_n", "server_port"):
+    for flag in ("max_concurrent_requests", "max_queued_requests", "max_body_size", "max_n", "server_port",
+                 "default_max_tokens"):
         if getattr(ns, flag) <= 0:
             raise ConfigError(f"must be > 0, got {getattr(ns, flag)}", field=flag)
     if ns.rate_limit is not None and ns.rate_limit <= 0:
@@ -80,7 +83,8 @@ def run_api_server(ns) -> int:
     limits = Limits(max_n=ns.max_n, max_body_bytes=ns.max_body_size, max_concurrent_requests=ns.max_concurrent_requests,
                     max_queued_requests=ns.max_queued_requests, rate_limit=ns.rate_limit)
     server = ServerConfig(ns.model_name or default_model_name(ns.model_path), ns.api_keys or [], ns.allow_origins,
-                          ns.allow_credentials, ns.allow_methods, ns.allow_headers, limits, ns.disable_fastapi_docs)
+                          ns.allow_credentials, ns.allow_methods, ns.allow_headers, limits, ns.disable_fastapi_docs,
+                          ns.default_max_tokens)
     run_server(ns.model_path, engine_config(ns), server, ns.server_name, ns.server_port, ns.chat_template,
                ns.tool_call_parser, ns.log_level, ns.ssl, ns.ssl_keyfile, ns.ssl_certfile)
     return 0

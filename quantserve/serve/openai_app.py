@@ -46,6 +46,7 @@ class ServerConfig:
     allow_headers: list[str] = field(default_factory=lambda: ["*"])
     limits: Limits = field(default_factory=Limits)
     disable_docs: bool = False
+    default_max_tokens: int = 1024
 
 
 class ServerState:

@@ -48,6 +48,7 @@ class ModelInfo:
     vocab_size: int
     defaults: GenerationConfig             # the model's generation_config.json sampling defaults
     tool_parser: ToolParser
+    default_max_tokens: int = 1024         # when a request sets no max_tokens (capped by the context)
 
 
 def chat_plan(req: ChatCompletionRequest, model: ModelInfo, limits: Limits) -> Plan:
@@ -192,7 +193,7 @@ def sampling_params(req: SamplingFields, model: ModelInfo, prompt_len: int, logp
         temperature = 0.0
     top_k = d.top_k if req.top_k is None else max(req.top_k, 0)
     base = dict(
-        max_new_tokens=req.max_new_tokens or room, temperature=temperature,
+        max_new_tokens=req.max_new_tokens or min(room, model.default_max_tokens), temperature=temperature,
         top_p=d.top_p if req.top_p is None else req.top_p, top_k=top_k,
         min_p=d.min_p if req.min_p is None else req.min_p,
         repetition_penalty=d.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,

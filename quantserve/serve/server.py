@@ -31,7 +31,7 @@ def load_service(model_path: str | None, engine_config: EngineConfig, server: Se
     tokenizer = Tokenizer(path, load_chat_template(chat_template))
     defaults = GenerationConfig.from_model(path, do_sample=True, temperature=1.0)
     model = ModelInfo(tokenizer, engine.session_len, engine.args.vocab_size, defaults,
-                      parser_for(tokenizer.chat_template, tool_call_parser))
+                      parser_for(tokenizer.chat_template, tool_call_parser), server.default_max_tokens)
     async_engine = AsyncEngine(engine)
     metrics = Metrics(server.model_name, async_engine.stats)
     card = {"id": server.model_name, "object": "model", "created": int(time.time()), "owned_by": "quantserve",
