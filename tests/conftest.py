@@ -134,7 +134,7 @@ def default_model() -> Path:
 class RunningServer:
     """An api_server on a free local port, in this process (uvicorn in a thread)."""
 
-    def __init__(self, model_dir: Path, engine_config=None, **server_options):
+    def __init__(self, model_dir: Path, engine_config=None, uvicorn_options: dict | None = None, **server_options):
         import socket
         import threading
 
@@ -154,9 +154,11 @@ class RunningServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        uvicorn_options = uvicorn_options or {}
+        self.url = f"{'https' if 'ssl_certfile' in uvicorn_options else 'http'}://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(build_app(self.state), host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+                                                    log_level="warning", timeout_graceful_shutdown=1,
+                                                    **uvicorn_options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:

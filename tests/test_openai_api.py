@@ -251,3 +251,66 @@ def test_api_keys_cors_and_open_health(tiny_server_model):
         assert "access-control-allow-origin" not in bad.headers
     finally:
         server.close()
+
+
+def test_tls(tiny_server_model, tmp_path):
+    import ssl
+    import subprocess
+
+    from conftest import RunningServer
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = RunningServer(tiny_server_model, uvicorn_options={"ssl_certfile": str(cert), "ssl_keyfile": str(key)})
+    try:
+        assert server.url.startswith("https://")
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(server.url + "/health")                     # an unknown certificate is refused
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert))) as http:
+            client = server.client(http_client=http)
+            assert client.chat.completions.create(model="tiny", messages=MSG, max_tokens=2).choices[0].message
+    finally:
+        server.close()
+
+
+def test_chat_templates_render_in_a_sandbox(tiny_server):
+    from quantserve.serve.plan import encode_chat
+    from quantserve.serve.protocol import ChatMessage
+    from quantserve.serve.errors import APIError
+
+    model = tiny_server.state.service.model
+    saved = model.tokenizer.chat_template
+    model.tokenizer.chat_template = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    try:
+        with pytest.raises(APIError) as e:
+            encode_chat([ChatMessage(role="user", content="hi")], model, [])
+        assert e.value.status == 400 and "template" in e.value.message
+    finally:
+        model.tokenizer.chat_template = saved
+
+
+def test_health_is_503_while_loading_after_a_failed_load_and_when_the_engine_stopped(tiny_server_model):
+    from fastapi.testclient import TestClient
+
+    from conftest import RunningServer
+    from quantserve.serve.openai_app import ServerConfig, ServerState, build_app
+
+    state = ServerState(ServerConfig("tiny"))
+    client = TestClient(build_app(state))
+    for path, method in (("/health", "get"), ("/v1/models", "get")):
+        r = getattr(client, method)(path)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+    assert client.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG}).status_code == 503
+    state.error = "loading the model failed: no config.json"
+    assert "no config.json" in client.get("/health").json()["error"]["message"]
+
+    server = RunningServer(tiny_server_model)
+    try:
+        assert httpx.get(server.url + "/health").status_code == 200
+        server.engine.shutdown()
+        r = httpx.get(server.url + "/health")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    finally:
+        server.close()
