@@ -19,6 +19,10 @@ class FlexibleParser(argparse.ArgumentParser):
 
 
 def normalize_flag(arg: str) -> str:
+    """`--foo_bar` -> `--foo-bar`; a flag pasted from a web page with an en or em dash
+    (`–quant-policy`) -> `--quant-policy`."""
+    if arg[:1] in ("\u2013", "\u2014"):
+        arg = "--" + arg[1:]
     if not arg.startswith("--"):
         return arg
     name, eq, value = arg.partition("=")

@@ -51,6 +51,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-fastapi-docs", action="store_true")
     g.add_argument("--disable-prefix-caching", action="store_true",
                    help="prefix caching is on by default when serving (n > 1 and repeated prompts share KV blocks)")
+    g.add_argument("--instance-num", dest="max_batch_size", type=int,
+                   help="LMDeploy's old name for --max-batch-size")
     g.add_argument("--max-log-len", type=int, default=None, help="accepted for LMDeploy compatibility")
 
 
