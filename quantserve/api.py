@@ -87,7 +87,9 @@ class Pipeline:
                 params = cfg.to_sampling_params(self.tokenizer.eos_token_ids)
                 rid = f"pipe-{next(_ids)}"
                 request = self.engine.add_request(rid, ids, params)
-                jobs[rid] = _Job(i, request, TextStream(self.tokenizer, ids, cfg.stop_words, cfg.skip_special_tokens))
+                stream = TextStream(self.tokenizer, ids, cfg.stop_words, cfg.skip_special_tokens,
+                                    params.eos_token_ids + params.stop_token_ids)
+                jobs[rid] = _Job(i, request, stream)
         except BaseException as e:
             for job in jobs.values():
                 self.engine.abort(job.request.request_id)

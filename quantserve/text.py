@@ -79,8 +79,9 @@ class TextStream:
     """One request's output text, built incrementally from its token ids."""
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop_words: list[str] | None,
-                 skip_special_tokens: bool = True):
+                 skip_special_tokens: bool = True, hidden_ids: tuple[int, ...] = ()):
         self.tokenizer = tokenizer
+        self.hidden = frozenset(hidden_ids)    # EOS / stop token ids: they end the text, never appear in it
         self.skip_special = skip_special_tokens
         self.stop_words = [s for s in (stop_words or []) if s]
         self.holdback = max((len(s) for s in self.stop_words), default=1) - 1
@@ -97,6 +98,8 @@ class TextStream:
         for token in new_ids:
             if self.stopped:
                 break
+            if token in self.hidden:
+                continue
             self.ids.append(token)
             before = len(self.text)
             self.text += self._decode_step()

@@ -100,3 +100,35 @@ def test_failing_step_fails_its_requests_only(engines):
     finally:
         runner.execute = original
     assert len(tokens) == 16
+
+
+def test_shutdown_fails_open_streams_instead_of_leaving_them_waiting(tiny_llama):
+    cfg = EngineConfig(dtype="float32", cache_block_seq_len=16, session_len=256, max_batch_size=8)
+    engine = AsyncEngine(Engine(tiny_llama, cfg, progress=False))
+
+    async def run():
+        stream = engine.generate("long", PROMPTS[0], SamplingParams(max_new_tokens=200, eos_token_ids=()))
+        await stream.__anext__()
+        await asyncio.to_thread(engine.shutdown)
+        with pytest.raises(RuntimeError, match="stopped"):
+            async for _ in stream:
+                pass
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_logprobs_are_of_the_unmasked_distribution(engines):
+    import torch
+
+    from quantserve.engine import sampler
+    from quantserve.engine.request import Request
+
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])       # token 2 (EOS) is the most likely
+    request = Request("r", [1], SamplingParams(min_new_tokens=2, eos_token_ids=(2,), logprobs=2), 64)
+    tokens = sampler.sample(logits, [request])
+    sampler.record_logprobs(logits, tokens, [request])
+    expected = logits[0].log_softmax(-1)
+    assert tokens == [3]                                # EOS is masked for the draw ...
+    entry = request.output_logprobs[0]
+    assert entry.top[0][0] == 2 and entry.top[0][1] == pytest.approx(float(expected[2]))   # ... not for logprobs
+    assert entry.logprob == pytest.approx(float(expected[3]))

@@ -314,3 +314,64 @@ def test_health_is_503_while_loading_after_a_failed_load_and_when_the_engine_sto
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
     finally:
         server.close()
+
+
+def test_usage_counts_a_prompts_cache_hits_once(client):
+    long = [{"role": "user", "content": "Héllo wörld, this prompt is long enough. " * 6}]
+    client.chat.completions.create(model="tiny", messages=long, max_tokens=1)
+    full = client.chat.completions.create(model="tiny", messages=long, max_tokens=8, temperature=0)
+    streamed = list(client.chat.completions.create(model="tiny", messages=long, max_tokens=8, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True}))
+    cached = full.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached <= full.usage.prompt_tokens and cached % 64 == 0
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens == cached
+
+
+def test_forced_tool_calls_are_not_also_content(client):
+    kw = dict(model="tiny", messages=MSG, max_tokens=80, temperature=1.0, seed=5, tools=[WEATHER],
+              tool_choice="required", parallel_tool_calls=False)
+    r = client.chat.completions.create(**kw)
+    assert r.choices[0].message.tool_calls and r.choices[0].message.content is None
+    deltas = [c.choices[0].delta for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    assert all(not d.content for d in deltas)
+
+
+def test_eos_text_never_shows_even_with_special_tokens_kept(client, tiny_server):
+    eos = tiny_server.state.service.model.tokenizer.eos_token_ids[0]
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=5, logit_bias={str(eos): 100},
+                                       extra_body={"skip_special_tokens": False})
+    assert r.choices[0].message.content == "" and r.choices[0].finish_reason == "stop"
+
+
+def test_streamed_completion_text_offsets_keep_counting(client):
+    text, firsts = "", []
+    for chunk in client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=12,
+                                           temperature=0, logprobs=1, stream=True):
+        for c in chunk.choices:
+            if c.logprobs and c.logprobs.text_offset:
+                firsts.append((c.logprobs.text_offset[0], len(text)))     # each chunk starts where the text is
+            text += c.text
+    assert firsts and all(offset == sent for offset, sent in firsts) and firsts[-1][0] > 0
+
+
+def test_websocket_refuses_binary_garbage_and_counts_against_the_rate_limit(tiny_server_model):
+    from websockets.sync.client import connect
+
+    from conftest import RunningServer
+    from quantserve.serve.plan import Limits
+
+    server = RunningServer(tiny_server_model, limits=Limits(rate_limit=2))
+    ws_url = server.url.replace("http", "ws") + "/v1/chat/completions/ws"
+    body = json.dumps({"model": "tiny", "messages": MSG, "max_tokens": 2})
+    try:
+        with connect(ws_url) as ws:
+            ws.send(b"\xff\x00garbage")
+            assert json.loads(ws.recv())["error"]["type"] == "invalid_request_error"
+        replies = []
+        for _ in range(3):
+            with connect(ws_url) as ws:
+                ws.send(body)
+                replies.append(json.loads(ws.recv()))
+        assert "error" not in replies[1] and replies[2]["error"]["code"] == "rate_limit_exceeded"
+    finally:
+        server.close()

@@ -130,14 +130,20 @@ def test_rate_limit_per_key(tiny_server_model):
     from conftest import RunningServer
     from quantserve.serve.plan import Limits
 
-    server = RunningServer(tiny_server_model, limits=Limits(rate_limit=3))
+    def codes(server, keys):
+        return [httpx.post(server.url + CHAT, json=body(max_tokens=1), headers={"Authorization": f"Bearer {k}"})
+                .status_code for k in keys]
+
+    keyed = RunningServer(tiny_server_model, limits=Limits(rate_limit=3), api_keys=["a", "b"])
     try:
-        codes = [httpx.post(server.url + CHAT, json=body(max_tokens=1), headers={"Authorization": "Bearer a"}).status_code
-                 for _ in range(4)]
-        other = httpx.post(server.url + CHAT, json=body(max_tokens=1), headers={"Authorization": "Bearer b"})
-        assert codes == [200, 200, 200, 429] and other.status_code == 200
+        assert codes(keyed, "aaaab") == [200, 200, 200, 429, 200]
     finally:
-        server.close()
+        keyed.close()
+    open_server = RunningServer(tiny_server_model, limits=Limits(rate_limit=3))
+    try:        # without keys the budget is per client address: made-up keys do not buy more
+        assert codes(open_server, "wxyz") == [200, 200, 200, 429]
+    finally:
+        open_server.close()
 
 
 def test_a_failing_step_fails_only_its_requests(tiny_server, monkeypatch):

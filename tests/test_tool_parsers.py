@@ -89,3 +89,17 @@ def test_parser_is_picked_from_the_chat_template():
 def test_tools_prompt_lists_every_tool():
     prompt = tools_system_prompt([{"name": "get_weather", "parameters": {"type": "object"}}, {"name": "f"}])
     assert '"name": "get_weather"' in prompt and '"name": "f"' in prompt and "<tool_call>" in prompt
+
+
+def test_strings_inside_arguments_may_hold_separators_and_tags():
+    llama = '{"name": "search", "parameters": {"q": "a;b"}}; {"name": "f", "parameters": {}}'
+    assert [json.loads(c.arguments) for c in Llama3Parser().split(llama)[1]] == [{"q": "a;b"}, {}]
+    hermes = '<tool_call>{"name": "echo", "arguments": {"s": "</tool_call> and <tool_call>"}}</tool_call>'
+    (call,) = HermesParser().split(hermes)[1]
+    assert json.loads(call.arguments) == {"s": "</tool_call> and <tool_call>"}
+
+
+def test_arguments_that_are_not_an_object_are_not_a_call():
+    text = '<tool_call>{"name": "f", "arguments": 5}</tool_call>'
+    assert HermesParser().split(text) == (text, [])
+    assert parse_forced('[{"name": "f", "arguments": [1]}]') == []

@@ -81,6 +81,7 @@ class AsyncEngine:
             self._take_commands(block=not self.engine.has_work)
             if self.engine.has_work:
                 self._step()
+        self._fail_all(RuntimeError("the engine stopped"))
 
     def _take_commands(self, block: bool) -> None:
         try:
@@ -101,7 +102,7 @@ class AsyncEngine:
                 self.engine.add_request(rid, ids, params)
                 self.streams[rid] = stream
             except RequestError as e:
-                stream.loop.call_soon_threadsafe(stream.events.put_nowait, e)
+                self._fail(stream, e)
         elif command[0] == "abort":
             rid = command[1]
             self.engine.abort(rid)
@@ -131,13 +132,24 @@ class AsyncEngine:
                                       len(r.output_token_ids), r.num_cached_tokens, reason, logprobs, queued))
 
     def _fail_running(self, error: Exception) -> None:
-        for request in list(self.engine.scheduler.running):
-            self.engine.abort(request.request_id)
-            stream = self.streams.pop(request.request_id, None)
-            if stream is not None:
-                stream.loop.call_soon_threadsafe(stream.events.put_nowait,
-                                                 RuntimeError(f"engine step failed: {error}"))
+        """Fail the step's requests: the running ones, and any that finished inside the failed
+        step before their tokens were published."""
+        running = {r.request_id for r in self.engine.scheduler.running}
+        for rid in [rid for rid in self.streams if rid in running or rid not in self.engine.requests]:
+            self.engine.abort(rid)
+            self._fail(self.streams.pop(rid), RuntimeError(f"engine step failed: {error}"))
+
+    def _fail_all(self, error: Exception) -> None:
+        for rid in list(self.streams):
+            self.engine.abort(rid)
+            self._fail(self.streams.pop(rid), error)
+
+    def _fail(self, stream: _Stream, error: Exception) -> None:
+        self._send(stream, error)
 
     @staticmethod
-    def _send(stream: _Stream, event: TokenEvent) -> None:
-        stream.loop.call_soon_threadsafe(stream.events.put_nowait, event)
+    def _send(stream: _Stream, item: TokenEvent | Exception) -> None:
+        try:
+            stream.loop.call_soon_threadsafe(stream.events.put_nowait, item)
+        except RuntimeError:        # the caller's event loop is closed: nobody is listening
+            pass

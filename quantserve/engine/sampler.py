@@ -82,13 +82,16 @@ def penalise_row(row: torch.Tensor, request: Request) -> torch.Tensor:
 
 
 def mask_early_stop(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """Forbid EOS / stop token ids until a request has min_new_tokens."""
-    for i, r in enumerate(requests):
-        p = r.params
-        if len(r.output_token_ids) < p.min_new_tokens:
-            banned = list(set(p.eos_token_ids) | set(p.stop_token_ids))
-            if banned:
-                logits[i, banned] = float("-inf")
+    """Forbid EOS / stop token ids until a request has min_new_tokens (on a copy: the caller's
+    logits still feed the logprobs)."""
+    rows = [(i, list(set(r.params.eos_token_ids) | set(r.params.stop_token_ids))) for i, r in enumerate(requests)
+            if len(r.output_token_ids) < r.params.min_new_tokens]
+    rows = [(i, banned) for i, banned in rows if banned]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i, banned in rows:
+        logits[i, banned] = float("-inf")
     return logits
 
 

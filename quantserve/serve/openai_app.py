@@ -125,7 +125,8 @@ def add_info_routes(app: FastAPI, state: ServerState) -> None:
         if body.messages is not None:
             ids = await asyncio.to_thread(encode_chat, body.messages, model, [])
         else:
-            ids = model.tokenizer.hf.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await asyncio.to_thread(model.tokenizer.hf.encode, body.prompt,
+                                          add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": model.session_len}
 
     @app.post("/v1/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
@@ -134,7 +135,7 @@ def add_info_routes(app: FastAPI, state: ServerState) -> None:
         vocab = service.model.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", "tokens", "invalid_value")
-        return {"prompt": service.model.tokenizer.hf.decode(body.tokens)}
+        return {"prompt": await asyncio.to_thread(service.model.tokenizer.hf.decode, body.tokens)}
 
 
 def ready_for(state: ServerState, model: str | None) -> Service:
@@ -145,22 +146,25 @@ def ready_for(state: ServerState, model: str | None) -> Service:
     return service
 
 
-def client_key(request: Request) -> str:
-    auth = request.headers.get("authorization")
-    return auth or (request.client.host if request.client else "unknown")
+def client_key(state: ServerState, conn: Request | WebSocket) -> str:
+    """Rate limits count per API key when keys are configured (the middleware checked it),
+    otherwise per client address: a made-up header must not buy a fresh budget."""
+    if state.config.api_keys:
+        return conn.headers.get("authorization", "")
+    return conn.client.host if conn.client else "unknown"
 
 
 def add_generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **SSE})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         service = ready_for(state, body.model)
-        service.check_rate(client_key(request))
+        service.check_rate(client_key(state, request))
         return await respond(service, request, body, chat=True)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, **SSE})
     async def completions(body: CompletionRequest, request: Request):
         service = ready_for(state, body.model)
-        service.check_rate(client_key(request))
+        service.check_rate(client_key(state, request))
         return await respond(service, request, body, chat=False)
 
 
@@ -221,24 +225,28 @@ class Chunker:
         self.logprobs = bool(body.logprobs) if chat else body.logprobs is not None
         self.usage = UsageCounter(prompt=sum(len(p.prompt_ids) for p in plans))
         self.echo = {p.first_index + j: p.echo for p in plans for j in range(len(p.params)) if p.echo}
-        self.first_seen: set[int] = set()
+        self.offsets: dict[int, int] = {}       # choice -> characters sent so far (chunks' text_offset)
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         streams = [self.service.stream(p, f"{self.rid}-{k}") for k, p in enumerate(self.plans)]
         firsts = {p.first_index for p in self.plans}
+        counted: set[int] = set()
         async for d in merge(streams):
             self.usage.add(d)
-            if d.index in firsts and d.index not in self.first_seen:
+            if d.index in firsts and d.index not in counted:      # a prompt's cache hits, once
+                counted.add(d.index)
                 self.usage.cached += d.cached_tokens
             yield d
 
     def chunk(self, d: ChoiceDelta) -> dict:
-        first = d.index not in self.first_seen
-        self.first_seen.add(d.index)
+        first = d.index not in self.offsets
         if self.chat:
+            self.offsets[d.index] = 0
             return chat_chunk(self.rid, self.model, d, self.tok, self.logprobs, first=first)
         prefix = self.echo.get(d.index, "") if first else ""
-        return completion_chunk(self.rid, self.model, d, self.tok, self.logprobs, prefix)
+        offset = self.offsets.get(d.index, 0) + len(prefix)
+        self.offsets[d.index] = offset + len(d.text)
+        return completion_chunk(self.rid, self.model, d, self.tok, self.logprobs, prefix, offset)
 
     def usage_chunk(self) -> dict | None:
         opts = self.body.stream_options
@@ -318,10 +326,14 @@ def add_websocket_route(app: FastAPI, state: ServerState) -> None:
         """One JSON chat request in; its stream chunks out as JSON messages, then "[DONE]"."""
         await ws.accept()
         try:
-            raw = await ws.receive_text()
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            raw = message.get("text") if message.get("text") is not None else message.get("bytes") or b""
             try:
                 body = ChatCompletionRequest.model_validate_json(raw)
                 service = ready_for(state, body.model)
+                service.check_rate(client_key(state, ws))
                 ticket = service.reserve()
             except ValidationError as e:
                 err = e.errors()[0]

@@ -21,6 +21,7 @@ FIM_MARKERS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
 @dataclass
 class Limits:
     max_n: int = 16
+    max_sequences: int = 64                # prompts x n in one completions request
     max_stops: int = 16
     max_stop_len: int = 256
     max_body_bytes: int = 8 * 1024 * 1024
@@ -70,6 +71,9 @@ def completion_plans(req: CompletionRequest, model: ModelInfo, limits: Limits) -
     if req.echo and req.logprobs is not None:
         raise APIError(400, "echo with logprobs is not supported", "echo", "unsupported")
     prompts = req.prompt if isinstance(req.prompt, list) and not isinstance(req.prompt[0], int) else [req.prompt]
+    if len(prompts) * req.n > limits.max_sequences:
+        raise APIError(400, f"{len(prompts)} prompts x n={req.n} asks for {len(prompts) * req.n} sequences; "
+                       f"at most {limits.max_sequences} per request", "prompt", "invalid_value")
     plans = []
     for i, prompt in enumerate(prompts):
         ids = encode_completion(prompt, req.suffix, model.tokenizer)
@@ -202,5 +206,5 @@ def sampling_params(req: SamplingFields, model: ModelInfo, prompt_len: int, logp
         min_new_tokens=req.min_new_tokens or 0,
         logit_bias=tuple((int(k), v) for k, v in (req.logit_bias or {}).items()),
         logprobs=logprobs, guide=grammar)
-    seeds = [None] * req.n if req.seed is None else [req.seed + i for i in range(req.n)]
+    seeds = [None] * req.n if req.seed is None else [(req.seed + i) % 2**64 for i in range(req.n)]
     return [SamplingParams(**base, seed=s) for s in seeds]

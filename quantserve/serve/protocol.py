@@ -5,6 +5,7 @@ the engine. Limits that depend on the server (n, stops, logprobs) come from `Lim
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -102,7 +103,7 @@ class SamplingFields(Strict):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
@@ -128,7 +129,7 @@ class SamplingFields(Strict):
     @classmethod
     def _bias(cls, v):
         for key, bias in (v or {}).items():
-            if not key.lstrip("-").isdigit():
+            if not re.fullmatch(r"-?[0-9]{1,9}", key):
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             if abs(bias) > MAX_LOGIT_BIAS:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")

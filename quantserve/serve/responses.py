@@ -77,8 +77,9 @@ def chat_response(rid: str, model: str, results: dict[int, ChoiceResult], usage:
                   tok: Tokenizer, logprobs: bool) -> dict:
     choices = []
     for i, r in sorted(results.items()):
-        message = {"role": "assistant", "content": r.text if (r.text or not r.tool_calls) else None,
-                   "tool_calls": tool_calls_body(r.tool_calls)}
+        message = {"role": "assistant", "content": r.text if (r.text or not r.tool_calls) else None}
+        if r.tool_calls:
+            message["tool_calls"] = tool_calls_body(r.tool_calls)
         choices.append({"index": i, "message": message, "finish_reason": r.finish_reason,
                         "logprobs": chat_logprobs(tok, r.token_ids, r.logprobs) if logprobs else None})
     return {"id": rid, "object": "chat.completion", "created": now(), "model": model, "choices": choices,
@@ -114,12 +115,12 @@ def completion_response(rid: str, model: str, results: dict[int, ChoiceResult], 
 
 
 def completion_chunk(rid: str, model: str, d: ChoiceDelta | None, tok: Tokenizer, logprobs: bool,
-                     prefix: str = "", usage: dict | None = None) -> dict:
+                     prefix: str = "", offset: int = 0, usage: dict | None = None) -> dict:
     chunk = {"id": rid, "object": "text_completion", "created": now(), "model": model, "choices": []}
     if usage is not None:
         chunk["usage"] = usage
         return chunk
-    lp = completion_logprobs(tok, d.token_ids, d.logprobs, 0) if logprobs and d.logprobs else None
+    lp = completion_logprobs(tok, d.token_ids, d.logprobs, offset) if logprobs and d.logprobs else None
     chunk["choices"].append({"index": d.index, "text": prefix + d.text, "logprobs": lp,
                              "finish_reason": d.finish_reason})
     return chunk

@@ -53,7 +53,11 @@ class Service:
     def check_rate(self, client: str) -> None:
         if not self.limits.rate_limit:
             return
-        now, window = time.monotonic(), self.recent[client]
+        now = time.monotonic()
+        if len(self.recent) > 4096:          # forget clients idle for a minute, so the table stays small
+            for key in [k for k, w in self.recent.items() if not w or now - w[-1] > 60]:
+                del self.recent[key]
+        window = self.recent[client]
         while window and now - window[0] > 60:
             window.popleft()
         if len(window) >= self.limits.rate_limit:
@@ -105,7 +109,8 @@ class Service:
 
     async def _choice(self, plan: Plan, j: int, request_id: str, queue: asyncio.Queue) -> None:
         params = plan.params[j]
-        text = TextStream(self.model.tokenizer, plan.prompt_ids, plan.stop_words, plan.skip_special_tokens)
+        text = TextStream(self.model.tokenizer, plan.prompt_ids, plan.stop_words, plan.skip_special_tokens,
+                          params.eos_token_ids + params.stop_token_ids)
         tools = ToolStream(plan.tool_parser) if plan.tool_parser else None
         timer = _Timer(self.metrics)
         generator = self.engine.generate(f"{request_id}-{j}", plan.prompt_ids, params)
@@ -119,9 +124,8 @@ class Service:
                     delta.finish_reason = "stop"
                 if tools is not None:
                     finish_tools(delta, tools)
-                elif plan.forced_tools and delta.finish_reason:
-                    delta.tool_calls = parse_forced(text.text)
-                    delta.finish_reason = "tool_calls" if delta.tool_calls else delta.finish_reason
+                elif plan.forced_tools:
+                    finish_forced_tools(delta, text.text)
                 await queue.put(delta)
                 if delta.finish_reason:
                     timer.done(delta.finish_reason)
@@ -153,6 +157,18 @@ def finish_tools(delta: ChoiceDelta, tools: ToolStream) -> None:
         delta.text += rest
         if calls:
             delta.tool_calls, delta.finish_reason = calls, "tool_calls"
+
+
+def finish_forced_tools(delta: ChoiceDelta, full_text: str) -> None:
+    """Forced calls are JSON, not content: nothing streams as text; at the end the calls, or the
+    raw text as content if it did not complete (a length cut-off)."""
+    delta.text = ""
+    if delta.finish_reason:
+        delta.tool_calls = parse_forced(full_text)
+        if delta.tool_calls:
+            delta.finish_reason = "tool_calls"
+        else:
+            delta.text = full_text
 
 
 class _Timer:

@@ -32,10 +32,9 @@ def _call_from_json(obj) -> ParsedCall | None:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            return None
+        args = _loads(args)
+    if not isinstance(args, dict):         # OpenAI's contract: arguments are a JSON object
+        return None
     return ParsedCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
@@ -44,6 +43,48 @@ def _loads(text: str):
         return json.loads(text)
     except json.JSONDecodeError:
         return None
+
+
+def _json_values(text: str, separators: str = "") -> list | None:
+    """Consecutive JSON values in `text`, with whitespace and `separators` between them; None if
+    anything else is there. Strings inside the values may hold any character (';', tags)."""
+    decoder, values, i = json.JSONDecoder(), [], 0
+    while True:
+        while i < len(text) and (text[i].isspace() or text[i] in separators):
+            i += 1
+        if i == len(text):
+            return values
+        try:
+            value, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return None
+        values.append(value)
+
+
+def _calls_after(marker: str, text: str, end_markers: tuple[str, ...]) -> list[ParsedCall]:
+    """Each `marker` opens one JSON object (a call), optionally closed by one of `end_markers`;
+    only whitespace may sit between calls. Any deviation: no calls (the text stays content)."""
+    calls, decoder, i = [], json.JSONDecoder(), 0
+    while (i := _skip_space(text, i)) < len(text):
+        if not text.startswith(marker, i):
+            return []
+        try:
+            obj, i = decoder.raw_decode(text, _skip_space(text, i + len(marker)))
+        except json.JSONDecodeError:
+            return []
+        call = _call_from_json(obj)
+        if call is None:
+            return []
+        calls.append(call)
+        i = _skip_space(text, i)
+        i += next((len(m) for m in end_markers if text.startswith(m, i)), 0)
+    return calls
+
+
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
 
 
 class ToolParser:
@@ -79,9 +120,7 @@ class HermesParser(ToolParser):
     markers = ("<tool_call>",)
 
     def parse_calls(self, text: str) -> list[ParsedCall]:
-        bodies = re.findall(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", text, flags=re.S)
-        calls = [_call_from_json(_loads(b)) for b in bodies]
-        return [c for c in calls if c is not None]
+        return _calls_after("<tool_call>", text, ("</tool_call>",))
 
 
 class InternLM2Parser(ToolParser):
@@ -90,10 +129,9 @@ class InternLM2Parser(ToolParser):
     keeps_special_tokens = True
 
     def parse_calls(self, text: str) -> list[ParsedCall]:
-        bodies = re.findall(r"<\|action_start\|>\s*<\|plugin\|>\s*(.*?)\s*(?:<\|action_end\|>|<\|im_end\|>|$)",
-                            text, flags=re.S)
-        calls = [_call_from_json(_loads(b)) for b in bodies]
-        return [c for c in calls if c is not None]
+        return _calls_after("<|action_start|><|plugin|>", re.sub(r"<\|action_start\|>\s*<\|plugin\|>",
+                                                                  "<|action_start|><|plugin|>", text),
+                            ("<|action_end|>", "<|im_end|>"))
 
 
 class Llama3Parser(ToolParser):
@@ -112,8 +150,8 @@ class Llama3Parser(ToolParser):
         return len(text) if not stripped or "<|python_tag|>".startswith(stripped) else 0
 
     def parse_calls(self, text: str) -> list[ParsedCall]:
-        text = re.sub(r"<\|(python_tag|eom_id|eot_id)\|>", "", text).strip()
-        calls = [_call_from_json(_loads(part)) for part in text.split(";") if part.strip()]
+        values = _json_values(re.sub(r"<\|(python_tag|eom_id|eot_id)\|>", "", text), separators=";")
+        calls = [_call_from_json(v) for v in values or []]
         return calls if calls and all(calls) else []
 
 
@@ -138,7 +176,8 @@ def parse_forced(text: str) -> list[ParsedCall]:
     items = _loads(text)
     if not isinstance(items, list):
         return []
-    return [c for c in (_call_from_json(i) for i in items) if c is not None]
+    calls = [_call_from_json(i) for i in items]
+    return calls if all(calls) else []
 
 
 def template_supports_tools(template: str) -> bool:
