@@ -7,6 +7,7 @@ and nothing that might be the start of a stop string is emitted until that is ru
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from quantserve.config import ConfigError
@@ -73,6 +74,51 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for (part of a UTF-8 character, for byte tokens): what
+        OpenAI's logprobs `bytes` field carries so clients can rebuild multi-byte text."""
+        piece = self.hf.convert_ids_to_tokens(token_id)
+        if piece is None:
+            return b""
+        if token_id in self.hf.all_special_ids or piece in self.hf.get_added_vocab():
+            return piece.encode()
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):     # sentencepiece byte fallback
+            return bytes([int(piece[3:5], 16)])
+        if self._byte_level:
+            table = _unicode_to_byte()
+            return bytes(table[c] for c in piece if c in table)
+        return piece.replace("\u2581", " ").encode()
+
+    @property
+    def _byte_level(self) -> bool:
+        if not hasattr(self, "_is_byte_level"):
+            backend = getattr(self.hf, "backend_tokenizer", None)
+            decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+            self._is_byte_level = _mentions_byte_level(decoder)
+        return self._is_byte_level
+
+
+def _mentions_byte_level(decoder) -> bool:
+    if not isinstance(decoder, dict):
+        return False
+    return decoder.get("type") == "ByteLevel" or any(_mentions_byte_level(d) for d in decoder.get("decoders") or [])
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    """Byte-level BPE writes byte b as a printable character: itself when printable, otherwise
+    chr(256 + n) for the n-th unprintable byte. This is the inverse map."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
 
 
 class TextStream:

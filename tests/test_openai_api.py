@@ -87,6 +87,14 @@ def test_logprobs_are_log_probabilities_of_the_sampled_tokens(client):
         assert item.logprob == pytest.approx(best.logprob)          # greedy takes the most likely token
 
 
+def test_logprob_bytes_rebuild_the_text_even_across_split_characters(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "日本語 ✓"}], max_tokens=24,
+                                       temperature=1.0, seed=4, logprobs=True, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    raw = b"".join(bytes(item.bytes) for item in content)
+    assert raw.decode("utf-8", errors="replace") == r.choices[0].message.content
+
+
 def test_logit_bias_forces_a_token(client, tiny_server):
     tok = tiny_server.state.service.model.tokenizer.hf
     target = tok.encode(" Paris", add_special_tokens=False)[0]

@@ -51,8 +51,7 @@ def token_text(tok: Tokenizer, token_id: int) -> str:
 
 def chat_logprobs(tok: Tokenizer, token_ids: list[int], entries: list[TokenLogprobs]) -> dict:
     def item(t: int, lp: float) -> dict:
-        s = token_text(tok, t)
-        return {"token": s, "logprob": max(lp, -9999.0), "bytes": list(s.encode())}
+        return {"token": token_text(tok, t), "logprob": max(lp, -9999.0), "bytes": list(tok.token_bytes(t))}
 
     return {"content": [{**item(t, e.logprob), "top_logprobs": [item(i, v) for i, v in e.top]}
                         for t, e in zip(token_ids, entries)]}

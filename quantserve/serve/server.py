@@ -55,7 +55,8 @@ def run_server(model_path: str | None, engine_config: EngineConfig, server: Serv
           f"(API docs: {scheme}://{shown}:{port}/docs; /health is 503 until the model is loaded)",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), ssl_keyfile=ssl_keyfile if ssl else None,
-                ssl_certfile=ssl_certfile if ssl else None, timeout_graceful_shutdown=5)
+                ssl_certfile=ssl_certfile if ssl else None, timeout_graceful_shutdown=5,
+                ws_max_size=server.limits.max_body_bytes)
 
 
 def exit_on_load_error(error: Exception) -> None:
