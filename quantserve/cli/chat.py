@@ -12,6 +12,7 @@ import logging
 import sys
 
 from quantserve.cli.args import add_engine_args, add_model_arg, add_sampling_args, engine_config, generation_config
+from quantserve.cli.terminal import chat_loop
 
 
 def add_arguments(p) -> None:
@@ -34,35 +35,8 @@ def run(ns) -> int:
     if interactive:
         print(f"quantserve chat: {pipe.model_path}\n{pipe.engine.memory_summary()}\n"
               "Enter sends; 'end' clears the history; 'exit' quits; Ctrl-C stops a reply.", file=sys.stderr)
-    history = [{"role": "system", "content": ns.system}] if ns.system else []
-    base = len(history)
-    while (line := _read(interactive)) is not None:
-        text = line.strip()
-        if text == "exit":
-            break
-        if text == "end":
-            del history[base:]
-            print("(history cleared)", file=sys.stderr)
-            continue
-        if not text:
-            continue
-        history.append({"role": "user", "content": text})
-        reply = _reply(pipe, history, gen)
-        if reply is None:
-            history.pop()
-        else:
-            history.append({"role": "assistant", "content": reply})
+    chat_loop(lambda history: _reply(pipe, history, gen), ns.system, interactive)
     return 0
-
-
-def _read(interactive: bool) -> str | None:
-    try:
-        return input("\nuser> ") if interactive else sys.stdin.readline() or None
-    except EOFError:
-        return None
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return ""
 
 
 def _reply(pipe, history: list[dict], gen) -> str | None:
@@ -71,7 +45,7 @@ def _reply(pipe, history: list[dict], gen) -> str | None:
 
     parts: list[str] = []
     try:
-        for chunk in pipe.stream_infer([list(history)], gen_config=gen):
+        for chunk in pipe.stream_infer([history], gen_config=gen):
             parts.append(chunk.text)
             sys.stdout.write(chunk.text)
             sys.stdout.flush()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+from quantserve.cli.terminal import chat_loop
+
 
 def run_client(url: str, api_key: str | None, model: str | None, system: str | None,
                temperature: float | None, max_tokens: int | None) -> int:
@@ -24,33 +26,8 @@ def run_client(url: str, api_key: str | None, model: str | None, system: str | N
     if interactive:
         print(f"connected to {url}, model '{model}'. Enter sends; 'end' clears the history; 'exit' quits.",
               file=sys.stderr)
-    history = [{"role": "system", "content": system}] if system else []
-    base_len = len(history)
-    while (line := read_line(interactive)) is not None:
-        text = line.strip()
-        if text == "exit":
-            break
-        if text == "end":
-            del history[base_len:]
-            continue
-        if text:
-            history.append({"role": "user", "content": text})
-            reply = stream_reply(client, model, history, temperature, max_tokens)
-            if reply is None:
-                history.pop()
-            else:
-                history.append({"role": "assistant", "content": reply})
+    chat_loop(lambda history: stream_reply(client, model, history, temperature, max_tokens), system, interactive)
     return 0
-
-
-def read_line(interactive: bool) -> str | None:
-    try:
-        return input("\nuser> ") if interactive else sys.stdin.readline() or None
-    except EOFError:
-        return None
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return ""
 
 
 def stream_reply(client, model: str, history: list[dict], temperature, max_tokens) -> str | None:
