@@ -134,7 +134,8 @@ def default_model() -> Path:
 class RunningServer:
     """An api_server on a free local port, in this process (uvicorn in a thread)."""
 
-    def __init__(self, model_dir: Path, engine_config=None, uvicorn_options: dict | None = None, **server_options):
+    def __init__(self, model_dir: Path, engine_config=None, uvicorn_options: dict | None = None, with_ui: bool = False,
+                 **server_options):
         import socket
         import threading
 
@@ -142,7 +143,7 @@ class RunningServer:
 
         from quantserve.config import EngineConfig
         from quantserve.serve.openai_app import ServerConfig, ServerState, build_app
-        from quantserve.serve.server import load_service
+        from quantserve.serve.server import build_self_ui, load_service
 
         self.config = ServerConfig(server_options.pop("model_name", "tiny"), **server_options)
         self.state = ServerState(self.config)
@@ -156,7 +157,8 @@ class RunningServer:
             self.port = s.getsockname()[1]
         uvicorn_options = uvicorn_options or {}
         self.url = f"{'https' if 'ssl_certfile' in uvicorn_options else 'http'}://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(build_app(self.state), host="127.0.0.1", port=self.port,
+        ui = build_self_ui(self.port, self.config, False) if with_ui else None
+        self.server = uvicorn.Server(uvicorn.Config(build_app(self.state, ui), host="127.0.0.1", port=self.port,
                                                     log_level="warning", timeout_graceful_shutdown=1,
                                                     **uvicorn_options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -10,11 +10,17 @@ from quantserve.cli.args import add_engine_args, add_model_arg, engine_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="serve_command", required=True, metavar="{api_server,api_client}")
+    sub = p.add_subparsers(dest="serve_command", required=True, metavar="{api_server,api_client,gradio}")
     server = sub.add_parser("api_server", help="OpenAI-compatible HTTP server")
     add_model_arg(server)
     add_engine_args(server)
     add_server_args(server)
+    ui = sub.add_parser("gradio", help="chat page: for a running api_server (URL), or with the model in-process")
+    ui.add_argument("model_path", nargs="?", default=None, metavar="URL_OR_MODEL",
+                    help="http(s)://host:port of an api_server, or a model (nothing: the default model)")
+    ui.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key of the api_server (URL mode)")
+    add_engine_args(ui)
+    add_server_args(ui, port=6006)
     client = sub.add_parser("api_client", help="chat with a running api_server from the terminal")
     client.add_argument("api_server_url", help="e.g. http://localhost:23333")
     client.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key, if the server needs one")
@@ -24,10 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     client.add_argument("--max-tokens", type=int, default=None)
 
 
-def add_server_args(p: argparse.ArgumentParser) -> None:
+def add_server_args(p: argparse.ArgumentParser, port: int = 23333) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--server-name", default="0.0.0.0", help="address to listen on")
-    g.add_argument("--server-port", type=int, default=23333)
+    g.add_argument("--server-port", type=int, default=port)
     g.add_argument("--model-name", default=None, help="name served in /v1/models (default: the model directory's name)")
     g.add_argument("--api-keys", nargs="*", default=None, help="accepted Bearer keys (default: no authentication)")
     g.add_argument("--allow-origins", nargs="*", default=["*"], help="CORS origins")
@@ -61,10 +67,19 @@ def run(ns) -> int:
         from quantserve.serve.client import run_client
 
         return run_client(ns.api_server_url, ns.api_key, ns.model, ns.system, ns.temperature, ns.max_tokens)
-    return run_api_server(ns)
+    if ns.serve_command == "gradio" and is_url(ns.model_path):
+        from quantserve.serve.server import run_ui
+
+        run_ui(ns.model_path, ns.api_key, ns.server_name, ns.server_port)
+        return 0
+    return run_api_server(ns, with_ui=ns.serve_command == "gradio")
 
 
-def run_api_server(ns) -> int:
+def is_url(text: str | None) -> bool:
+    return bool(text) and text.startswith(("http://", "https://"))
+
+
+def run_api_server(ns, with_ui: bool = False) -> int:
     from quantserve.config import ConfigError
     from quantserve.serve.openai_app import ServerConfig
     from quantserve.serve.plan import Limits
@@ -88,5 +103,5 @@ def run_api_server(ns) -> int:
                           ns.allow_credentials, ns.allow_methods, ns.allow_headers, limits, ns.disable_fastapi_docs,
                           ns.default_max_tokens)
     run_server(ns.model_path, engine_config(ns), server, ns.server_name, ns.server_port, ns.chat_template,
-               ns.tool_call_parser, ns.log_level, ns.ssl, ns.ssl_keyfile, ns.ssl_certfile)
+               ns.tool_call_parser, ns.log_level, ns.ssl, ns.ssl_keyfile, ns.ssl_certfile, with_ui)
     return 0

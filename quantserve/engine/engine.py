@@ -79,9 +79,20 @@ class Engine:
                 "raise --cache-max-entry-count or lower --session-len")
         return plan
 
+    @property
+    def kv_cache_dtype(self) -> str:
+        return {0: str(self.dtype).replace("torch.", ""), 8: "int8", 4: "int4"}[self.cache.kv_bits]
+
+    def describe(self) -> dict:
+        """What a user wants to see about the running model: precision, capacity, memory."""
+        return {"weights": str(self.dtype).replace("torch.", ""), "kv_cache": self.kv_cache_dtype,
+                "session_len": self.session_len, "max_batch_size": self.max_batch_size,
+                "kv_cache_tokens": self.plan.num_tokens, "prefix_caching": self.config.enable_prefix_caching,
+                "memory": self.memory_summary()}
+
     def memory_summary(self) -> str:
         """The start-up memory table: weights, KV cache, activations, total (GB = 1e9 bytes)."""
-        kv_name = {0: str(self.dtype).replace("torch.", ""), 8: "int8", 4: "int4"}[self.cache.kv_bits]
+        kv_name = self.kv_cache_dtype
         acts = self.activation_bytes()
         rows = [("weights", self.weights_bytes, f"{str(self.dtype).replace('torch.', '')}"),
                 ("KV cache", self.cache.nbytes,

@@ -81,7 +81,8 @@ class ServerState:
         return thread
 
 
-def build_app(state: ServerState) -> FastAPI:
+def build_app(state: ServerState, ui=None) -> FastAPI:
+    """The API; with `ui` (a Gradio Blocks) the chat page is served at `/` next to it."""
     cfg = state.config
     docs = {} if not cfg.disable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="quantserve", description="OpenAI-compatible API for quantized LLMs", version="0.1.0",
@@ -91,17 +92,22 @@ def build_app(state: ServerState) -> FastAPI:
     app.add_middleware(APIKeyAuth, api_keys=cfg.api_keys)
     app.add_middleware(CORSMiddleware, allow_origins=cfg.allow_origins, allow_credentials=cfg.allow_credentials,
                        allow_methods=cfg.allow_methods, allow_headers=cfg.allow_headers)
-    add_info_routes(app, state)
+    add_info_routes(app, state, root_redirect=ui is None)
     add_generation_routes(app, state)
     add_websocket_route(app, state)
     drop_422_from_openapi(app)
+    if ui is not None:
+        import gradio as gr
+
+        app = gr.mount_gradio_app(app, ui, path="/", footer_links=[])
     return app
 
 
-def add_info_routes(app: FastAPI, state: ServerState) -> None:
-    @app.get("/", include_in_schema=False)
-    async def root():
-        return RedirectResponse("/docs")
+def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True) -> None:
+    if root_redirect:
+        @app.get("/", include_in_schema=False)
+        async def root():
+            return RedirectResponse("/docs")
 
     @app.get("/health", responses={503: {"model": ErrorResponse}})
     async def health():
@@ -112,6 +118,13 @@ def add_info_routes(app: FastAPI, state: ServerState) -> None:
     async def models():
         state.ready()
         return {"object": "list", "data": [state.model_card]}
+
+    @app.get("/info", responses=ERRORS)
+    async def info():
+        """The served model's precision, capacity and memory table (shown by the web UI)."""
+        service = state.ready()
+        return {"model": state.config.model_name, "path": state.model_card.get("root"),
+                **service.engine.engine.describe()}
 
     @app.get("/metrics", response_class=Response)
     async def metrics():

@@ -42,21 +42,43 @@ def load_service(model_path: str | None, engine_config: EngineConfig, server: Se
 
 def run_server(model_path: str | None, engine_config: EngineConfig, server: ServerConfig, host: str, port: int,
                chat_template: str | None = None, tool_call_parser: str | None = None, log_level: str = "WARNING",
-               ssl: bool = False, ssl_keyfile: str | None = None, ssl_certfile: str | None = None) -> None:
+               ssl: bool = False, ssl_keyfile: str | None = None, ssl_certfile: str | None = None,
+               with_ui: bool = False) -> None:
+    """Serve the API (and, with_ui, the chat page at `/`) until interrupted."""
     import uvicorn
 
     state = ServerState(server)
-    app = build_app(state)
+    app = build_app(state, ui=build_self_ui(port, server, ssl) if with_ui else None)
     state.load_in_background(lambda: load_service(model_path, engine_config, server, chat_template,
                                                   tool_call_parser), on_error=exit_on_load_error)
     scheme = "https" if ssl else "http"
     shown = "localhost" if host in ("0.0.0.0", "::") else host
+    page = f"chat page: {scheme}://{shown}:{port}/; " if with_ui else ""
     print(f"quantserve: serving '{server.model_name}' at {scheme}://{shown}:{port}/v1 "
-          f"(API docs: {scheme}://{shown}:{port}/docs; /health is 503 until the model is loaded)",
+          f"({page}API docs: {scheme}://{shown}:{port}/docs; /health is 503 until the model is loaded)",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), ssl_keyfile=ssl_keyfile if ssl else None,
                 ssl_certfile=ssl_certfile if ssl else None, timeout_graceful_shutdown=5,
                 ws_max_size=server.limits.max_body_bytes)
+
+
+def build_self_ui(port: int, server: ServerConfig, ssl: bool):
+    """The chat page of in-process mode: it calls this same server's API."""
+    from quantserve.serve.webui import Backend, build_ui
+
+    scheme = "https" if ssl else "http"
+    key = server.api_keys[0] if server.api_keys else None
+    return build_ui(Backend(f"{scheme}://127.0.0.1:{port}", key), title=f"quantserve · {server.model_name}")
+
+
+def run_ui(url: str, api_key: str | None, host: str, port: int) -> None:
+    """Client mode: the chat page for a server running elsewhere."""
+    from quantserve.serve.webui import Backend, build_ui
+
+    print(f"quantserve: chat page for {url} at http://{'localhost' if host == '0.0.0.0' else host}:{port}/",
+          file=sys.stderr, flush=True)
+    build_ui(Backend(url, api_key), title=f"quantserve · {url}").launch(server_name=host, server_port=port,
+                                                                        footer_links=[])
 
 
 def exit_on_load_error(error: Exception) -> None:
