@@ -31,3 +31,10 @@ def test_flags_pasted_with_en_dashes():
 def test_api_client_command():
     ns = parse("quantserve serve api_client http://localhost:23333 --api-key k")
     assert (ns.serve_command, ns.api_server_url, ns.api_key) == ("api_client", "http://localhost:23333", "k")
+
+
+def test_gradio_commands():
+    client = parse("quantserve serve gradio http://localhost:23333 --server-name 0.0.0.0 --server-port 6006")
+    assert (client.serve_command, client.model_path, client.server_port) == ("gradio", "http://localhost:23333", 6006)
+    local = parse("quantserve serve gradio /m --quant-policy 8")
+    assert local.model_path == "/m" and engine_config(local).quant_policy == 8 and local.server_port == 6006

@@ -117,3 +117,22 @@ def test_bad_flags_are_one_line_errors(default_model):
         out = subprocess.run([sys.executable, "-m", "quantserve.cli.main", "serve", "api_server", *args],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode != 0 and flag in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_gradio_command_serves_the_page_for_a_url():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "quantserve.cli.main", "serve", "gradio",
+                             f"http://127.0.0.1:{free_port()}", "--server-name", "127.0.0.1", "--server-port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, page = time.monotonic() + 60, None
+        while time.monotonic() < deadline and page is None:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/")
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert page is not None and page.status_code == 200 and "<html" in page.text.lower()
+    finally:
+        proc.terminate()
+        proc.wait(30)

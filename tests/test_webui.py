@@ -180,6 +180,13 @@ def test_errors_are_readable(browser, tiny_server_model):
 
     server = RunningServer(tiny_server_model, api_keys=["right"])
     try:
+        ui, page_url = launch_ui(server.url + "/not/the/api", api_key="right")
+        page = Page(browser, page_url)
+        page.info("not a quantserve api_server")
+        page.ask("hello?")
+        assert "is this the address of an api_server" in page.wait_reply(lambda t: "⚠️" in t)
+        ui.close()
+
         ui, page_url = launch_ui(server.url, api_key="wrong")
         page = Page(browser, page_url)
         page.info("API key")

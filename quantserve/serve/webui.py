@@ -46,6 +46,8 @@ class Backend:
                 r = await http.get(self.root + "/info", headers=headers)
         except httpx.HTTPError:
             return f"**Cannot reach the server at {self.root}** — is `quantserve serve api_server` running there?"
+        if r.status_code == 404:
+            return f"**{self.root} is not a quantserve api_server** (no /info there); chat may still work"
         if r.status_code != 200:
             return f"**{self.root}:** {error_text(r)}"
         i = r.json()
@@ -84,6 +86,8 @@ def describe_error(e: Exception, root: str) -> str:
         return f"cannot reach the server at {root} — is it running?"
     if isinstance(e, openai.AuthenticationError):
         return "the server refused the API key (start the page with --api-key KEY)"
+    if isinstance(e, openai.NotFoundError) and "model" not in str(e.body):
+        return f"{root} has no OpenAI API — is this the address of an api_server (http://host:port)?"
     if isinstance(e, openai.APIStatusError):
         body = e.body if isinstance(e.body, dict) else {}
         return f"the server said ({e.status_code}): {body.get('message') or e.message}"
