@@ -203,3 +203,17 @@ def test_errors_are_readable(browser, tiny_server_model):
         ui.close()
     finally:
         server.close()
+
+
+def test_two_people_chat_at_the_same_time(browser, model_server):
+    ui, page_url = launch_ui(model_server.url)
+    try:
+        pages = [Page(browser, page_url) for _ in range(2)]
+        for page in pages:
+            page.ask("Write a long story about a lighthouse keeper.")
+        for page in pages:                       # both stream at once: neither waits for the other
+            page.wait_reply(lambda t: len(t) > 30, timeout=30)
+        for page in pages:
+            page.page.click("#qs-stop")
+    finally:
+        ui.close()

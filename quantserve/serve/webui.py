@@ -103,15 +103,15 @@ def speed_line(start: float, first: float | None, end: float, tokens: int) -> st
 
 
 async def respond(backend: Backend, message: str, history: list[dict], *settings):
-    """The chat handler: (history, textbox, stats) updates while the reply streams."""
+    """The chat handler: (history, stats) updates while the reply streams."""
     s = Settings(*settings)
     if not message.strip():
-        yield history, "", ""
+        yield history, ""
         return
     history = history + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
     messages = ([{"role": "system", "content": s.system}] if s.system.strip() else []) + conversation(history[:-1])
     start, first, tokens = time.monotonic(), None, 0
-    yield history, "", "…"
+    yield history, "…"
     try:
         async for kind, value in backend.stream(messages, s):
             if kind == "usage":
@@ -120,10 +120,10 @@ async def respond(backend: Backend, message: str, history: list[dict], *settings
             first = first or time.monotonic()
             tokens += 1                 # one chunk per token while streaming; usage gives the exact count
             history[-1]["content"] += value
-            yield history, "", speed_line(start, first, time.monotonic(), tokens)
+            yield history, speed_line(start, first, time.monotonic(), tokens)
     except Exception as e:              # shown on the page; the page keeps working
         history[-1]["content"] += f"{WARNING}{describe_error(e, backend.root)}"
-    yield history, "", speed_line(start, first, time.monotonic(), tokens)
+    yield history, speed_line(start, first, time.monotonic(), tokens)
 
 
 def conversation(history: list[dict]) -> list[dict]:
@@ -171,10 +171,16 @@ def build_ui(backend: Backend, title: str = "quantserve"):
         inputs = [box, chat, system, temperature, top_p, top_k, max_tokens, seed]
 
         async def handler(*args):
-            async for update in respond(backend, *args):
-                yield update
+            """Empty the input box once, when the turn is taken: what the user types during the
+            reply stays there."""
+            cleared = False
+            async for history, line in respond(backend, *args):
+                yield history, (gr.skip() if cleared else ""), line
+                cleared = True
 
-        runs = [box.submit(handler, inputs, [chat, box, stats]), send.click(handler, inputs, [chat, box, stats])]
+        # the server does its own admission control: the page does not queue users behind each other
+        runs = [box.submit(handler, inputs, [chat, box, stats], concurrency_limit=None),
+                send.click(handler, inputs, [chat, box, stats], concurrency_limit=None)]
         stop.click(None, None, None, cancels=runs)
         clear.click(lambda: ([], "", ""), None, [chat, box, stats], cancels=runs)
         ui.load(backend.info_markdown, None, info)
