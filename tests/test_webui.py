@@ -211,8 +211,9 @@ def test_two_people_chat_at_the_same_time(browser, model_server):
         pages = [Page(browser, page_url) for _ in range(2)]
         for page in pages:
             page.ask("Write a long story about a lighthouse keeper.")
-        for page in pages:                       # both stream at once: neither waits for the other
-            page.wait_reply(lambda t: len(t) > 30, timeout=30)
+        first = pages[0].wait_reply(lambda t: len(t) > 30, timeout=30)
+        pages[1].wait_reply(lambda t: len(t) > 30, timeout=8)        # it does not wait for the first story ...
+        assert len(pages[0].reply()) > len(first)                     # ... which is still streaming
         for page in pages:
             page.page.click("#qs-stop")
     finally:
