@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 
 SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SUPPORTED_DEVICES = ("cpu", "cuda")
-SUPPORTED_MODEL_FORMATS = (None, "hf", "gguf")
+SUPPORTED_MODEL_FORMATS = (None, "hf", "gguf", "awq", "gptq")
 
 
 class ConfigError(ValueError):
@@ -79,7 +79,7 @@ class EngineConfig:
         _check(self.device in SUPPORTED_DEVICES, f"device must be one of {SUPPORTED_DEVICES}, got {self.device!r}")
         _check(self.rope_scaling_factor >= 0, "rope_scaling_factor must be >= 0")
         _check(self.model_format in SUPPORTED_MODEL_FORMATS,
-               f"model_format {self.model_format!r} is not supported by this build; supported: hf, gguf")
+               f"model_format {self.model_format!r} is not supported; supported: hf, gguf, awq, gptq")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from quantserve.cli.args import FlexibleParser
 COMMANDS = {
     "chat": ("quantserve.cli.chat", "interactive chat in the terminal (one turn per line when piped)"),
     "serve": ("quantserve.cli.serve", "serve a model: OpenAI-compatible api_server, and api_client"),
+    "lite": ("quantserve.cli.lite", "quantize weights: auto_awq, auto_gptq, rtn"),
     "eval": ("quantserve.cli.eval", "evaluate a model: perplexity on WikiText-2 or PTB through the engine"),
     "mem": ("quantserve.cli.mem", "memory calculator: weights, KV cache, other; inference and training"),
     "default-model": ("quantserve.cli.default_model", "print the path of the default model, preparing it offline"),

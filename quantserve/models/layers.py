@@ -177,8 +177,10 @@ class CausalLM(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes of weights held (parameters plus packed kernel copies)."""
-        packed = sum(m.packed.nbytes for m in self.modules() if isinstance(m, Linear) and m.packed is not None)
-        return packed + sum(p.nbytes for p in self.parameters())
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        packed = sum(m.packed.nbytes for m in linears if m.packed is not None)
+        integer = sum(b.nbytes for m in linears for b in m.buffers(recurse=False))
+        return packed + integer + sum(p.nbytes for p in self.parameters())
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata, cache: PagedKVCache) -> torch.Tensor:

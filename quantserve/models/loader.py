@@ -16,6 +16,8 @@ from tqdm import tqdm
 from quantserve.config import ConfigError
 from quantserve.models.layers import CausalLM, ModelArgs
 from quantserve.models.rope import RotaryEmbedding
+from quantserve.quant.checkpoint import split_quantized
+from quantserve.quant.primitives import QuantizedWeight
 
 # HF model_type -> module in quantserve.models
 FAMILIES = {
@@ -96,20 +98,42 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
     cfg = cfg or read_config(model_dir)
     family = family_for(cfg)
     args = family.model_args(cfg)
-    weights = family.convert_weights(read_checkpoint(checkpoint_files(model_dir), progress), args)
+    raw = read_checkpoint(checkpoint_files(model_dir), progress)
+    quantized = {}
+    if cfg.get("quantization_config"):
+        raw, quantized = split_quantized(raw, cfg["quantization_config"])
+    weights = family.convert_weights(raw, args)
     rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling,
                            args.max_position_embeddings, max_positions)
     with torch.device("meta"):
         model = CausalLM(args, rope)
     compute = torch.float32 if device == "cpu" else dtype
     weights = {k: v.to(compute if "norm" in k else dtype) for k, v in weights.items()}
+    codes = fused_quantized(family, quantized, args)
     try:
-        model.load_state_dict(weights, strict=True, assign=True)
+        missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+        if unexpected or set(missing) != {f"{name}.weight" for name in codes}:
+            raise RuntimeError(f"missing {sorted(set(missing) - {f'{n}.weight' for n in codes})[:5]}, "
+                               f"unexpected {unexpected[:5]}")
     except RuntimeError as e:
         raise ModelLoadError(f"checkpoint in {model_dir} does not match its config: {e}") from None
+    for name, qw in codes.items():
+        model.get_submodule(name).set_quantized(qw)
     model = model.to(device).eval()
     model.finalize(compute)
     return model
+
+
+def fused_quantized(family, quantized: dict[str, QuantizedWeight], args: ModelArgs) -> dict[str, QuantizedWeight]:
+    """Unpacked HF-named linears -> internal names, fused like float weights: codes, scales and
+    zeros all run along the output dimension, so the family's own fusion applies to each."""
+    if not quantized:
+        return {}
+    pieces = [family.convert_weights({f"{name}.weight": getattr(qw, part) for name, qw in quantized.items()}, args)
+              for part in ("q", "scales", "zeros")]
+    spec = next(iter(quantized.values())).spec
+    return {name.removesuffix(".weight"): QuantizedWeight(q, pieces[1][name], pieces[2][name], spec)
+            for name, q in pieces[0].items()}
 
 
 def torch_dtype(name: str, cfg: dict, device: str) -> torch.dtype:
@@ -123,6 +147,6 @@ def torch_dtype(name: str, cfg: dict, device: str) -> torch.dtype:
 
 def require_supported(cfg: dict) -> None:
     family_for(cfg)
-    if cfg.get("quantization_config"):
-        method = cfg["quantization_config"].get("quant_method")
-        raise ConfigError(f"quantized checkpoints ({method}) are not supported by this build yet")
+    q = cfg.get("quantization_config")
+    if q and q.get("quant_method") not in ("awq", "gptq"):
+        raise ConfigError(f"quantized checkpoints ({q.get('quant_method')}) are not supported; awq and gptq are")

@@ -1,0 +1,57 @@
+"""`quantserve lite auto_awq | auto_gptq | rtn MODEL`: weight quantization, LMDeploy's flags."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+METHODS = {"auto_awq": "awq", "auto_gptq": "gptq", "rtn": "rtn"}
+
+
+def boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return value in ("true", "1", "yes")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="lite_command", required=True, metavar="{auto_awq,auto_gptq,rtn}")
+    helps = {"auto_awq": "AWQ: activation-aware scales and clipping, then 4-bit group quantization",
+             "auto_gptq": "GPTQ: Hessian-based error compensation, layer by layer",
+             "rtn": "round-to-nearest, data-free"}
+    for name, text in helps.items():
+        q = sub.add_parser(name, help=text, description=text)
+        q.add_argument("model_path", help="a float Hugging Face model directory")
+        q.add_argument("--work-dir", default="./work_dir", help="where the quantized model is written")
+        q.add_argument("--w-bits", type=int, default=4, help="weight bits: 4 or 8")
+        q.add_argument("--w-group-size", type=int, default=128, help="input channels per group: 32, 64, 128, -1")
+        q.add_argument("--w-sym", action="store_true", help="symmetric quantization (no zero point)")
+        q.add_argument("--calib-dataset", default="ptb", help="ptb, wikitext2, c4, pileval, or a .txt/.jsonl path")
+        q.add_argument("--calib-samples", type=int, default=128, help="0 = data-free (round-to-nearest)")
+        q.add_argument("--calib-seqlen", type=int, default=2048)
+        q.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward")
+        q.add_argument("--search-scale", type=boolean, nargs="?", const=True, default=False,
+                       help="AWQ: search the scale exponent per block (default: 0.5)")
+        q.add_argument("--no-clip", action="store_true", help="AWQ: skip the clipping search")
+        q.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ: Hessian damping")
+        q.add_argument("--desc-act", type=boolean, nargs="?", const=True, default=False,
+                       help="GPTQ: act-order (columns by decreasing Hessian diagonal)")
+        q.add_argument("--dtype", default="auto", help="accepted for LMDeploy compatibility")
+        q.add_argument("--device", default="cpu", help="accepted for LMDeploy compatibility (runs on the CPU)")
+        q.add_argument("--trust-remote-code", action="store_true")
+
+
+def run(ns) -> int:
+    from quantserve.quant.primitives import QuantError, QuantSpec
+    from quantserve.quant.run import LiteJob
+    from quantserve.quant.run import run as quantize_model
+
+    logging.basicConfig(level="WARNING", stream=sys.stderr)
+    if ns.calib_samples < 0 or ns.calib_seqlen <= 0 or ns.batch_size <= 0:
+        raise QuantError("--calib-samples must be >= 0, --calib-seqlen and --batch-size > 0")
+    job = LiteJob(ns.model_path, ns.work_dir, METHODS[ns.lite_command],
+                  QuantSpec(ns.w_bits, ns.w_group_size, ns.w_sym), ns.calib_dataset, ns.calib_samples,
+                  ns.calib_seqlen, ns.batch_size, ns.search_scale, not ns.no_clip, ns.damp_percent, ns.desc_act)
+    print(quantize_model(job))
+    return 0

@@ -1,0 +1,94 @@
+"""Quantized checkpoints on disk: write (AutoAWQ / GPTQ layout, atomically) and read back.
+
+A run writes into a hidden sibling directory and renames it into place only when everything is
+written, so a failed or interrupted run never leaves a directory that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from quantserve.quant.formats import pack_awq, pack_gptq, unpack_awq, unpack_gptq
+from quantserve.quant.primitives import QuantError, QuantizedWeight, QuantSpec
+
+COPIED = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
+          "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
+
+
+def quantization_config(method: str, spec: QuantSpec, desc_act: bool = False) -> dict:
+    if method == "awq":
+        return {"quant_method": "awq", "version": "gemm", "bits": spec.bits, "group_size": spec.group_size,
+                "zero_point": not spec.symmetric}
+    return {"quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size, "desc_act": desc_act,
+            "sym": spec.symmetric, "checkpoint_format": "gptq"}
+
+
+def save_quantized(src_dir: Path, out_dir: Path, config: dict, floats: dict[str, torch.Tensor],
+                   quantized: dict[str, QuantizedWeight], method: str, spec: QuantSpec) -> None:
+    """floats: every tensor kept in floating point (HF names; float32 is stored as float16, as
+    AutoAWQ does); quantized: linear name -> codes."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=parent))
+    except OSError as e:
+        raise QuantError(f"--work-dir {out_dir}: cannot write there ({e.strerror})") from None
+    try:
+        tensors = {k: (v.half() if v.dtype == torch.float32 else v).contiguous() for k, v in floats.items()}
+        pack = pack_awq if method == "awq" else pack_gptq
+        for name, qw in quantized.items():
+            tensors.update({f"{name}.{k}": v for k, v in pack(qw).items()})
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = {**config, "quantization_config": quantization_config(method, spec)}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name in COPIED:
+            if (Path(src_dir) / name).is_file():
+                shutil.copy2(Path(src_dir) / name, tmp / name)
+        _replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace(tmp: Path, out_dir: Path) -> None:
+    """Move the finished directory into place (an older result there is replaced)."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def split_quantized(weights: dict[str, torch.Tensor], qcfg: dict
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight]]:
+    """A loaded quantized checkpoint -> (plain tensors, linear name -> unpacked codes)."""
+    method = qcfg.get("quant_method")
+    bits, group = int(qcfg.get("bits", 4)), int(qcfg.get("group_size", 128))
+    if method not in ("awq", "gptq"):
+        raise QuantError(f"quantization method {method!r} is not supported (awq and gptq are)")
+    if method == "awq" and str(qcfg.get("version", "gemm")).lower() != "gemm":
+        raise QuantError(f"AWQ version {qcfg.get('version')!r} is not supported (gemm is)")
+    bases = sorted(n[: -len(".qweight")] for n in weights if n.endswith(".qweight"))
+    quantized: dict[str, QuantizedWeight] = {}
+    for base in bases:
+        parts = {k: weights.pop(f"{base}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")
+                 if f"{base}.{k}" in weights}
+        if method == "awq":
+            quantized[base] = unpack_awq(parts, group)
+        else:
+            qw, g_idx = unpack_gptq(parts, bits, group)
+            if not torch.equal(g_idx, torch.arange(len(g_idx)) // (len(g_idx) // qw.scales.shape[1])):
+                raise QuantError(f"{base}: act-order GPTQ without static groups (g_idx not monotonic) is not "
+                                 "supported; quantize with --desc-act False, or with static groups")
+            quantized[base] = qw
+    return weights, quantized

@@ -1,0 +1,83 @@
+"""`quantserve lite …`: model directory -> quantized checkpoint, with a summary.
+
+read config and weights (HF names) -> check the settings against every linear -> the method
+(RTN, AWQ, GPTQ) turns float linears into integer codes (AWQ also rescales the float weights
+that feed them) -> packed checkpoint written atomically -> summary (time, sizes).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from quantserve.quant.arch import arch_for, quantized_linears
+from quantserve.quant.checkpoint import save_quantized
+from quantserve.quant.primitives import QuantError, QuantSpec, check_spec, quantize
+
+
+@dataclass
+class LiteJob:
+    model: str
+    work_dir: str
+    method: str                     # rtn, awq or gptq
+    spec: QuantSpec
+    calib_dataset: str = "ptb"
+    calib_samples: int = 128
+    calib_seqlen: int = 2048
+    batch_size: int = 1
+    search_scale: bool = False
+    clip: bool = True
+    damp_percent: float = 0.01
+    desc_act: bool = False
+    progress: bool = True
+
+
+def run(job: LiteJob) -> str:
+    from quantserve.models.loader import checkpoint_files, read_checkpoint, read_config
+
+    start = time.monotonic()
+    src = Path(job.model)
+    cfg = read_config(src)
+    if cfg.get("quantization_config"):
+        raise QuantError(f"{src} is already quantized ({cfg['quantization_config'].get('quant_method')}); "
+                         "start from the float model")
+    arch = arch_for(cfg.get("model_type"))
+    weights = read_checkpoint(checkpoint_files(src), job.progress)
+    names = quantized_linears(arch, cfg["num_hidden_layers"])
+    for name in names:
+        check_spec(job.spec, weights[f"{name}.weight"].shape[1], name)
+    float_bytes = sum(t.nbytes for t in weights.values())
+    quantized = quantize_linears(job, cfg, weights, names)
+    method = "gptq" if job.method == "gptq" or job.spec.bits != 4 else "awq"
+    for name in quantized:
+        del weights[f"{name}.weight"]
+    save_quantized(src, Path(job.work_dir), cfg, weights, quantized, method, job.spec)
+    return summary(job, start, float_bytes, src)
+
+
+def quantize_linears(job: LiteJob, cfg: dict, weights: dict[str, torch.Tensor], names: list[str]) -> dict:
+    gptq_zeros = job.method == "gptq" or job.spec.bits != 4     # GPTQ's format stores zero - 1
+    if job.method == "rtn" or job.calib_samples == 0:
+        return {name: rtn(weights[f"{name}.weight"], job.spec, gptq_zeros)
+                for name in tqdm(names, desc="round-to-nearest", disable=not job.progress, file=sys.stderr)}
+    raise QuantError(f"{job.method} with calibration is not available in this build yet; "
+                     "use --calib-samples 0 (round-to-nearest)")
+
+
+def rtn(w: torch.Tensor, spec: QuantSpec, gptq_zeros: bool):
+    return quantize(w.float(), spec, min_zero=1 if gptq_zeros else 0)
+
+
+def summary(job: LiteJob, start: float, float_bytes: int, src: Path) -> str:
+    out = Path(job.work_dir)
+    disk_before = sum(f.stat().st_size for f in src.iterdir() if f.is_file())
+    disk_after = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    quant_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return (f"quantized {src.name} with {job.method.upper()} W{job.spec.bits} g{job.spec.group_size} "
+            f"in {time.monotonic() - start:.1f} s -> {out}\n"
+            f"on disk:   {disk_before / 1e6:,.1f} MB -> {disk_after / 1e6:,.1f} MB\n"
+            f"weights:   {float_bytes / 1e6:,.1f} MB -> {quant_bytes / 1e6:,.1f} MB")
