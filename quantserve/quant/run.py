@@ -6,6 +6,7 @@ that feed them) -> packed checkpoint written atomically -> summary (time, sizes)
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ def run(job: LiteJob) -> str:
     start = time.monotonic()
     src = Path(job.model)
     cfg = read_config(src)
+    ensure_writable(Path(job.work_dir))
     if cfg.get("quantization_config"):
         raise QuantError(f"{src} is already quantized ({cfg['quantization_config'].get('quant_method')}); "
                          "start from the float model")
@@ -57,6 +59,15 @@ def run(job: LiteJob) -> str:
         del weights[f"{name}.weight"]
     save_quantized(src, Path(job.work_dir), cfg, weights, quantized, method, job.spec)
     return summary(job, start, float_bytes, src)
+
+
+def ensure_writable(out: Path) -> None:
+    """Fail before any work when the result could not be written."""
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise QuantError(f"--work-dir {out}: cannot write there ({probe} is not a writable directory)")
 
 
 def quantize_linears(job: LiteJob, cfg: dict, weights: dict[str, torch.Tensor], names: list[str]) -> dict:
