@@ -77,7 +77,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qs_kv_write_quant.argtypes = [p, ctypes.c_long, i, i, i, p, p, p, p, i, i]
     lib.qs_decode_attention_quant.argtypes = [p, ctypes.c_long, p, p, p, p, i, i, i, i, i, i, f, p, i]
     lib.qs_decode_layers.argtypes = [p, i, p, p, p]
-    for fn in (lib.qs_linear, lib.qs_decode_attention, lib.qs_add_rmsnorm, lib.qs_rope, lib.qs_kv_write,
+    lib.qs_linear_q.argtypes = [p, i, i, p, i, p, p, i, p, p, i, i]
+    for fn in (lib.qs_linear, lib.qs_linear_q, lib.qs_decode_attention, lib.qs_add_rmsnorm, lib.qs_rope, lib.qs_kv_write,
                lib.qs_silu_mul, lib.qs_decode_layers, lib.qs_kv_write_quant, lib.qs_decode_attention_quant):
         fn.restype = None
 
@@ -118,6 +119,36 @@ def linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | N
     y = torch.empty(m, n, dtype=torch.float32)
     cpu().qs_linear(x.data_ptr(), m, k, packed.data_ptr(), W_TYPES[packed.dtype],
                     bias.data_ptr() if bias is not None else None, y.data_ptr(), n, torch.get_num_threads())
+    return y
+
+
+def pack_quantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codes [N, K] uint8, scales / zeros [N, G] -> (panels [ceil(N/16), K, 8 or 16] uint8,
+    scales and mins [ceil(N/16), G, 16] float32), the layout of qs_linear_q."""
+    n, k = codes.shape
+    rows = -(-n // PANEL) * PANEL
+    padded = torch.zeros(rows, k, dtype=torch.uint8)
+    padded[:n] = codes
+    panels = padded.view(-1, PANEL, k).transpose(1, 2)                       # [P, K, 16]
+    if bits == 4:
+        panels = panels[:, :, :8] | (panels[:, :, 8:] << 4)                   # row j low, row j + 8 high
+    params = torch.zeros(2, rows, scales.shape[1])
+    params[0, :n] = scales.float()
+    params[1, :n] = -zeros.float() * scales.float()
+    params = params.view(2, -1, PANEL, scales.shape[1]).transpose(2, 3)      # [2, P, G, 16]
+    return panels.contiguous(), params[0].contiguous(), params[1].contiguous()
+
+
+def linear_quantized(x: torch.Tensor, packed: tuple[torch.Tensor, ...], n: int, bits: int, group_size: int,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """x: [M, K] float32 contiguous; packed: pack_quantized() -> [M, n] float32."""
+    m, k = x.shape
+    codes, scales, mins = packed
+    y = torch.empty(m, n, dtype=torch.float32)
+    cpu().qs_linear_q(x.data_ptr(), m, k, codes.data_ptr(), bits, scales.data_ptr(), mins.data_ptr(),
+                      k if group_size == -1 else group_size, bias.data_ptr() if bias is not None else None,
+                      y.data_ptr(), n, torch.get_num_threads())
     return y
 
 

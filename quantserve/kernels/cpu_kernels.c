@@ -164,6 +164,104 @@ void qs_linear(const float *x, int M, int K, const void *packed, int wtype, cons
     }
 }
 
+/* Integer weights (W4A16 / W8A16): panels of 16 output rows as above, k-major, codes unsigned.
+ * 4-bit: 8 bytes per k, byte j = row j (low nibble) | row j + 8 (high nibble). 8-bit: 16 bytes.
+ * Per (panel, group): scales[p][g][16] and mins[p][g][16] (min = -zero * scale). Each weight is
+ * rebuilt as fma(code, scale, min) in a register (one row of x) or into a per-thread panel
+ * buffer (several rows, then the float kernel): the same float for every batch size, so the
+ * results stay batch-invariant. The codes never become a float matrix in memory. */
+static inline __attribute__((always_inline)) void dequant16(const uint8_t *w, const int BITS, __m256 s0,
+                                                            __m256 s1, __m256 m0, __m256 m1, __m256 *lo,
+                                                            __m256 *hi) {
+    __m128i v;
+    if (BITS == 4) {
+        __m128i raw = _mm_loadl_epi64((const __m128i *)w), mask = _mm_set1_epi8(0x0F);
+        v = _mm_unpacklo_epi64(_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16(raw, 4), mask));
+    } else {
+        v = _mm_loadu_si128((const __m128i *)w);
+    }
+    *lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), s0, m0);
+    *hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))), s1, m1);
+}
+
+/* One row of x against panel p. */
+static inline __attribute__((always_inline)) void row_x_qpanel(const int BITS, const float *x, int K, int gs,
+                                                               const uint8_t *w, const float *scales,
+                                                               const float *mins, long p, int N,
+                                                               const float *bias, float *y) {
+    const long bpk = BITS == 4 ? 8 : 16, G = K / gs;
+    const uint8_t *wp = w + p * (long)K * bpk;
+    const float *sp = scales + p * G * NR, *mp = mins + p * G * NR;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (long g = 0; g < G; g++) {
+        __m256 s0 = _mm256_loadu_ps(sp + g * NR), s1 = _mm256_loadu_ps(sp + g * NR + 8);
+        __m256 m0 = _mm256_loadu_ps(mp + g * NR), m1 = _mm256_loadu_ps(mp + g * NR + 8);
+        for (long k = g * gs; k < (g + 1) * gs; k++) {
+            __m256 w0, w1;
+            dequant16(wp + k * bpk, BITS, s0, s1, m0, m1, &w0, &w1);
+            __m256 xb = _mm256_broadcast_ss(x + k);
+            a0 = _mm256_fmadd_ps(xb, w0, a0);
+            a1 = _mm256_fmadd_ps(xb, w1, a1);
+        }
+    }
+    long n0 = p * NR;
+    store_tile(a0, a1, y + n0, N - n0 < NR ? (int)(N - n0) : NR, bias ? bias + n0 : NULL);
+}
+
+/* Panel p rebuilt as float32 [K][16] (the float kernel's panel layout). */
+static void dequant_panel(const int BITS, int K, int gs, const uint8_t *w, const float *scales,
+                          const float *mins, long p, float *out) {
+    const long bpk = BITS == 4 ? 8 : 16, G = K / gs;
+    const uint8_t *wp = w + p * (long)K * bpk;
+    const float *sp = scales + p * G * NR, *mp = mins + p * G * NR;
+    for (long g = 0; g < G; g++) {
+        __m256 s0 = _mm256_loadu_ps(sp + g * NR), s1 = _mm256_loadu_ps(sp + g * NR + 8);
+        __m256 m0 = _mm256_loadu_ps(mp + g * NR), m1 = _mm256_loadu_ps(mp + g * NR + 8);
+        for (long k = g * gs; k < (g + 1) * gs; k++) {
+            __m256 w0, w1;
+            dequant16(wp + k * bpk, BITS, s0, s1, m0, m1, &w0, &w1);
+            _mm256_storeu_ps(out + k * NR, w0);
+            _mm256_storeu_ps(out + k * NR + 8, w1);
+        }
+    }
+}
+
+static void qrow_4(const float *x, int K, int gs, const uint8_t *w, const float *sc, const float *mn, long p,
+                   int N, const float *b, float *y) { row_x_qpanel(4, x, K, gs, w, sc, mn, p, N, b, y); }
+static void qrow_8(const float *x, int K, int gs, const uint8_t *w, const float *sc, const float *mn, long p,
+                   int N, const float *b, float *y) { row_x_qpanel(8, x, K, gs, w, sc, mn, p, N, b, y); }
+
+/* x: [M, K] float32; packed: [ceil(N/16), K, 8 or 16] codes; scales, mins: [ceil(N/16), G, 16];
+ * y: [M, N]. */
+void qs_linear_q(const float *x, int M, int K, const uint8_t *packed, int bits, const float *scales,
+                 const float *mins, int group_size, const float *bias, float *y, int N, int nthreads) {
+    long npanels = (N + NR - 1) / NR;
+    if (M == 1) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (long p = 0; p < npanels; p++)
+            (bits == 4 ? qrow_4 : qrow_8)(x, K, group_size, packed, scales, mins, p, N, bias, y);
+        return;
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *panel = aligned_alloc(64, sizeof(float) * (size_t)K * NR);
+#pragma omp for schedule(static)
+        for (long p = 0; p < npanels; p++) {
+            dequant_panel(bits, K, group_size, packed, scales, mins, p, panel);
+            int nvalid = N - p * NR < NR ? (int)(N - p * NR) : NR;
+            for (int m0 = 0; m0 < M; m0 += 6) {
+                int mt = M - m0 < 6 ? M - m0 : 6;
+                float tile[6 * NR];         /* rows of 16 outputs; bias added on the copy, as store_tile */
+                MICRO[W_F32][mt](x + (long)m0 * K, K, panel, 0, NR, NULL, tile);
+                for (int i = 0; i < mt; i++)
+                    for (int j = 0; j < nvalid; j++)
+                        y[(long)(m0 + i) * N + p * NR + j] = tile[i * NR + j] + (bias ? bias[p * NR + j] : 0.0f);
+            }
+        }
+        free(panel);
+    }
+}
+
 static inline float dot(const float *a, const void *b, int ctype, long off, int D) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (int d = 0; d < D; d += 16) {
@@ -371,10 +469,24 @@ void qs_silu_mul(const float *gate_up, float *out, int T, int I) {
 /* ---- a whole decode step through every layer in one call ------------------------------- */
 
 typedef struct {
-    const void *qkv, *o, *gate_up, *down;        /* packed weights (wtype) */
+    const void *w;                     /* float panels (wtype), or integer code panels when bits > 0 */
+    const float *scales, *mins;        /* integer weights only */
+    int bits, group_size;
+} LinearWeights;
+
+typedef struct {
+    LinearWeights qkv, o, gate_up, down;
     const float *qkv_bias, *o_bias;              /* or NULL */
     const float *attn_norm, *mlp_norm;           /* [H] */
 } LayerWeights;
+
+static void run_linear(const LinearWeights *lw, int wtype, const float *x, int M, int K, const float *bias,
+                       float *y, int N, int nthreads) {
+    if (lw->bits)
+        qs_linear_q(x, M, K, lw->w, lw->bits, lw->scales, lw->mins, lw->group_size, bias, y, N, nthreads);
+    else
+        qs_linear(x, M, K, lw->w, wtype, bias, y, N, nthreads);
+}
 
 typedef struct {
     int T, H, Hq, Hkv, D, I, wtype, ctype, block_size, max_blocks, nthreads;
@@ -632,14 +744,14 @@ void qs_decode_layers(const LayerWeights *layers, int L, const DecodeBatch *b, f
         } else {
             qs_add_rmsnorm(x, residual, w->attn_norm, b->eps, h, T, H);
         }
-        qs_linear(h, T, H, w->qkv, b->wtype, w->qkv_bias, qkv, nqkv, b->nthreads);
+        run_linear(&w->qkv, b->wtype, h, T, H, w->qkv_bias, qkv, nqkv, b->nthreads);
         qs_rope(qkv, T, nqkv, b->Hq + b->Hkv, b->D, b->positions, b->cos, b->sin);
         attend(b, l, qkv, nqkv, qd, kvd, attn);
-        qs_linear(attn, T, qd, w->o, b->wtype, w->o_bias, x, H, b->nthreads);
+        run_linear(&w->o, b->wtype, attn, T, qd, w->o_bias, x, H, b->nthreads);
         qs_add_rmsnorm(x, residual, w->mlp_norm, b->eps, h, T, H);
-        qs_linear(h, T, H, w->gate_up, b->wtype, NULL, gu, 2 * b->I, b->nthreads);
+        run_linear(&w->gate_up, b->wtype, h, T, H, NULL, gu, 2 * b->I, b->nthreads);
         qs_silu_mul(gu, act, T, b->I);
-        qs_linear(act, T, b->I, w->down, b->wtype, NULL, x, H, b->nthreads);
+        run_linear(&w->down, b->wtype, act, T, b->I, NULL, x, H, b->nthreads);
     }
     free(h); free(qkv); free(attn); free(gu); free(act);
 }

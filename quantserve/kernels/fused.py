@@ -15,9 +15,21 @@ from quantserve import kernels
 _p, _i, _f, _l = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
 
 
+class LinearWeights(ctypes.Structure):
+    _fields_ = [("w", _p), ("scales", _p), ("mins", _p), ("bits", _i), ("group_size", _i)]
+
+    @classmethod
+    def of(cls, linear) -> LinearWeights:
+        if linear.qpacked is not None:
+            codes, scales, mins = linear.qpacked
+            group = linear.in_features if linear.spec.group_size == -1 else linear.spec.group_size
+            return cls(codes.data_ptr(), scales.data_ptr(), mins.data_ptr(), linear.spec.bits, group)
+        return cls(linear.packed.data_ptr(), None, None, 0, 0)
+
+
 class LayerWeights(ctypes.Structure):
-    _fields_ = [("qkv", _p), ("o", _p), ("gate_up", _p), ("down", _p), ("qkv_bias", _p), ("o_bias", _p),
-                ("attn_norm", _p), ("mlp_norm", _p)]
+    _fields_ = [("qkv", LinearWeights), ("o", LinearWeights), ("gate_up", LinearWeights), ("down", LinearWeights),
+                ("qkv_bias", _p), ("o_bias", _p), ("attn_norm", _p), ("mlp_norm", _p)]
 
 
 class DecodeBatch(ctypes.Structure):
@@ -40,10 +52,12 @@ class FusedDecoder:
         self.model = model
         a = model.args
         layers = model.layers
-        self.wtype = kernels.W_TYPES[layers[0].attn.qkv.packed.dtype]
+        floats = [m.packed.dtype for l in layers for m in (l.attn.qkv, l.attn.o, l.mlp.gate_up, l.mlp.down)
+                  if m.packed is not None]
+        self.wtype = kernels.W_TYPES[floats[0]] if floats else 0
         self.structs = (LayerWeights * len(layers))(*[
-            LayerWeights(_ptr(l.attn.qkv.packed), _ptr(l.attn.o.packed), _ptr(l.mlp.gate_up.packed),
-                         _ptr(l.mlp.down.packed), _ptr(l.attn.qkv.bias), _ptr(l.attn.o.bias),
+            LayerWeights(LinearWeights.of(l.attn.qkv), LinearWeights.of(l.attn.o), LinearWeights.of(l.mlp.gate_up),
+                         LinearWeights.of(l.mlp.down), _ptr(l.attn.qkv.bias), _ptr(l.attn.o.bias),
                          _ptr(l.attn_norm.weight), _ptr(l.mlp_norm.weight)) for l in layers])
         self.dims = dict(H=a.hidden_size, Hq=a.num_heads, Hkv=a.num_kv_heads, D=a.head_dim, I=a.intermediate_size)
         self.eps, self.scale = a.rms_norm_eps, a.head_dim ** -0.5
@@ -52,7 +66,9 @@ class FusedDecoder:
     def build(cls, model) -> FusedDecoder | None:
         a = model.args
         linears = [m for l in model.layers for m in (l.attn.qkv, l.attn.o, l.mlp.gate_up, l.mlp.down)]
-        if any(m.packed is None for m in linears) or len({m.packed.dtype for m in linears}) != 1:
+        if any(m.packed is None and m.qpacked is None for m in linears):
+            return None
+        if len({m.packed.dtype for m in linears if m.packed is not None}) > 1:
             return None
         if (a.head_dim % 16 or a.head_dim > kernels.MAX_HEAD_DIM or a.hidden_size % 16 or a.intermediate_size % 16
                 or a.num_heads // a.num_kv_heads > 16):

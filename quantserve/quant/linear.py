@@ -35,10 +35,22 @@ class Linear(nn.Module):
         codes = unpack_nibbles(self.codes) if self.spec.bits == 4 else self.codes
         return dequantize(codes, self.scales, self.zeros, self.spec)
 
+    @property
+    def qpacked(self) -> tuple[torch.Tensor, ...] | None:
+        """The native kernel's (codes, scales, mins) panels, once finalized for it."""
+        return (self.qcodes, self.qscales, self.qmins) if hasattr(self, "qcodes") else None
+
     def finalize(self) -> None:
         """Repack for the native kernel when it can run this layer; drops the [N, K] copy."""
         if self.spec is not None:
             self.bias = None if self.bias is None else nn.Parameter(self.bias.data.float())
+            if kernels.usable(self.codes) and self.spec.bits in (4, 8):
+                codes = unpack_nibbles(self.codes) if self.spec.bits == 4 else self.codes
+                packed = kernels.pack_quantized(codes, self.scales, self.zeros, self.spec.bits)
+                for name in ("codes", "scales", "zeros"):
+                    delattr(self, name)
+                for name, t in zip(("qcodes", "qscales", "qmins"), packed):
+                    self.register_buffer(name, t)
             return
         if kernels.usable(self.weight):
             self.packed = kernels.pack_weight(self.weight.data)
@@ -49,6 +61,9 @@ class Linear(nn.Module):
         """x: [T, K] -> [T, N] in x's dtype."""
         if self.packed is not None:
             return kernels.linear(x.float().contiguous(), self.packed, self.out_features, self.bias)
+        if self.qpacked is not None:
+            return kernels.linear_quantized(x.float().contiguous(), self.qpacked, self.out_features, self.spec.bits,
+                                            self.spec.group_size, self.bias).to(x.dtype)
         if self.spec is not None:          # reference path: one layer dequantized at a time
             return F.linear(x.float(), self.dequantized(), self.bias).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(self.weight.dtype)
