@@ -21,6 +21,11 @@ class ScaleGroup:
 class Arch:
     linears: tuple[str, ...]
     scale_groups: tuple[ScaleGroup, ...]
+    inputs: dict[str, str]        # HF projection (last two name parts) -> the engine module reading that input
+
+    def input_site(self, linear: str, layer: int) -> str:
+        """The engine projection whose input this HF linear reads (its statistics)."""
+        return f"layers.{layer}.{self.inputs['.'.join(linear.split('.')[-2:])]}"
 
 
 LLAMA = Arch(
@@ -34,7 +39,10 @@ LLAMA = Arch(
         ScaleGroup("model.layers.{i}.post_attention_layernorm", ("model.layers.{i}.mlp.gate_proj",
                    "model.layers.{i}.mlp.up_proj")),
         ScaleGroup("model.layers.{i}.mlp.up_proj", ("model.layers.{i}.mlp.down_proj",)),
-    ))
+    ),
+    inputs={"self_attn.q_proj": "attn.qkv", "self_attn.k_proj": "attn.qkv", "self_attn.v_proj": "attn.qkv",
+            "self_attn.o_proj": "attn.o", "mlp.gate_proj": "mlp.gate_up", "mlp.up_proj": "mlp.gate_up",
+            "mlp.down_proj": "mlp.down"})
 
 INTERNLM2 = Arch(
     linears=("model.layers.{i}.attention.wqkv", "model.layers.{i}.attention.wo",
@@ -45,7 +53,9 @@ INTERNLM2 = Arch(
         ScaleGroup("model.layers.{i}.ffn_norm", ("model.layers.{i}.feed_forward.w1",
                                                  "model.layers.{i}.feed_forward.w3")),
         ScaleGroup("model.layers.{i}.feed_forward.w3", ("model.layers.{i}.feed_forward.w2",)),
-    ))
+    ),
+    inputs={"attention.wqkv": "attn.qkv", "attention.wo": "attn.o", "feed_forward.w1": "mlp.gate_up",
+            "feed_forward.w3": "mlp.gate_up", "feed_forward.w2": "mlp.down"})
 
 ARCHS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "internlm2": INTERNLM2}
 

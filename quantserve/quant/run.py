@@ -75,8 +75,24 @@ def quantize_linears(job: LiteJob, cfg: dict, weights: dict[str, torch.Tensor], 
     if job.method == "rtn" or job.calib_samples == 0:
         return {name: rtn(weights[f"{name}.weight"], job.spec, gptq_zeros)
                 for name in tqdm(names, desc="round-to-nearest", disable=not job.progress, file=sys.stderr)}
+    if job.method == "awq":
+        from quantserve.quant.awq import awq
+
+        stats = calibrate(job)
+        return awq(weights, arch_for(cfg["model_type"]), cfg["num_hidden_layers"], stats, job.spec,
+                   job.search_scale, job.clip, job.progress)
     raise QuantError(f"{job.method} with calibration is not available in this build yet; "
-                     "use --calib-samples 0 (round-to-nearest)")
+                     "use --calib-samples 0 (round-to-nearest) or lite auto_awq")
+
+
+def calibrate(job: LiteJob) -> dict:
+    from transformers import AutoTokenizer
+
+    from quantserve.quant.calib import calibration_windows, collect_stats
+
+    tokenizer = AutoTokenizer.from_pretrained(job.model, trust_remote_code=True)
+    windows = calibration_windows(tokenizer, job.calib_dataset, job.calib_samples, job.calib_seqlen)
+    return collect_stats(Path(job.model), windows, job.batch_size, progress=job.progress)
 
 
 def rtn(w: torch.Tensor, spec: QuantSpec, gptq_zeros: bool):

@@ -1,0 +1,106 @@
+"""AWQ (Lin et al., 2023): activation-aware scaling, then a clipping search, then group quantization.
+
+For each scale group (a norm or linear, and the linears reading its output) with input x:
+  1. s = mean|x|^alpha per input channel (normalised), alpha from a 20-point grid in [0, 1)
+     minimising || Q(W diag(s)) diag(s)^-1 X - W X || over sampled calibration rows
+     (--search-scale; without it alpha = 0.5, as LMDeploy);
+  2. s is folded in: the producer's output is divided by s (a norm's weight, or a linear's
+     rows), the consumers' input columns are multiplied by s, so the float model is unchanged;
+  3. clipping: per (output row, group), the range is shrunk by the ratio in [0.5, 1] that
+     minimises the group's output error on sampled rows (q/k are left unclipped, as in the
+     paper's code: attention scores are sensitive to their extremes).
+The error is measured on each group's linear outputs rather than the whole block's output.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from tqdm import tqdm
+
+from quantserve.quant.arch import Arch, ScaleGroup, layer_names
+from quantserve.quant.calib import InputStats
+from quantserve.quant.primitives import QuantizedWeight, QuantSpec, fake_quantize, quantize
+
+ALPHA_GRID = [i / 20 for i in range(20)]
+CLIP_GRID = [1 - 0.5 * i / 20 for i in range(20)]          # 1.0 down to 0.525
+CLIP_ROWS = 512
+NO_CLIP = ("q_proj", "k_proj", "wqkv")
+
+
+def awq(weights: dict[str, torch.Tensor], arch: Arch, num_layers: int, stats: dict[str, InputStats],
+        spec: QuantSpec, search_scale: bool, clip: bool, progress: bool = True) -> dict[str, QuantizedWeight]:
+    """Rescales `weights` (HF names) in place; returns the quantized linears."""
+    quantized: dict[str, QuantizedWeight] = {}
+    for layer in tqdm(range(num_layers), desc="AWQ", unit="layer", disable=not progress, file=sys.stderr):
+        input_scales: dict[str, torch.Tensor] = {}       # linear -> s its input columns were multiplied by
+        for group in arch.scale_groups:
+            s = apply_scale_group(weights, arch, layer, group, stats, spec, search_scale)
+            input_scales.update({layer_names(c, layer): s for c in group.consumers} if s is not None else {})
+        for template in arch.linears:
+            name = layer_names(template, layer)
+            w = weights[f"{name}.weight"].float()
+            ratios = 1.0
+            if clip and not name.endswith(NO_CLIP):       # the model now feeds this linear x / s
+                rows = stats[arch.input_site(name, layer)].rows_sample()[:CLIP_ROWS]
+                ratios = clip_ratios(w, rows / input_scales.get(name, 1.0), spec)
+            quantized[name] = quantize(w, spec, ratios)
+    return quantized
+
+
+def apply_scale_group(weights: dict, arch: Arch, layer: int, group: ScaleGroup, stats: dict, spec: QuantSpec,
+                      search: bool) -> torch.Tensor | None:
+    """Search and fold the group's input scales; returns s (None when the group does not apply)."""
+    producer = layer_names(group.producer, layer)
+    consumers = [layer_names(c, layer) for c in group.consumers]
+    w = torch.cat([weights[f"{c}.weight"].float() for c in consumers])           # [sum N, K]
+    prod_w = weights[f"{producer}.weight"]
+    if group.needs_same_width and prod_w.shape[0] != w.shape[1]:
+        return None                                     # GQA: v_proj's rows do not line up with o_proj's inputs
+    x = stats[arch.input_site(consumers[0], layer)]
+    mean_abs = x.mean_abs
+    alpha = best_alpha(w, mean_abs, x.rows_sample(), spec) if search else 0.5
+    s = scales_for(mean_abs, alpha)
+    for c in consumers:
+        weights[f"{c}.weight"] = (weights[f"{c}.weight"].float() * s).to(weights[f"{c}.weight"].dtype)
+    if prod_w.dim() == 1:                               # a norm: its output is divided by s
+        weights[f"{producer}.weight"] = (prod_w.float() / s).to(prod_w.dtype)
+    else:                                               # a linear: its output rows
+        weights[f"{producer}.weight"] = (prod_w.float() / s.unsqueeze(1)).to(prod_w.dtype)
+        bias = weights.get(f"{producer}.bias")
+        if bias is not None:
+            weights[f"{producer}.bias"] = (bias.float() / s).to(bias.dtype)
+    return s
+
+
+def scales_for(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
+    s = mean_abs.clamp(min=1e-4).pow(alpha)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def best_alpha(w: torch.Tensor, mean_abs: torch.Tensor, rows: torch.Tensor, spec: QuantSpec) -> float:
+    """The grid alpha whose scaled quantization best reproduces W x on the sampled rows."""
+    reference = rows @ w.t()                                                      # [S, N]
+    errors = []
+    for alpha in ALPHA_GRID:
+        s = scales_for(mean_abs, alpha)
+        wq = fake_quantize(w * s, spec) / s
+        errors.append(float((rows @ wq.t() - reference).pow(2).mean()))
+    return ALPHA_GRID[min(range(len(errors)), key=errors.__getitem__)]
+
+
+def clip_ratios(w: torch.Tensor, rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """w: [N, K], rows: [S, K] -> per (row, group) ratio [N, G] minimising the group's output error."""
+    n, k = w.shape
+    g, width = spec.groups(k), spec.width(k)
+    xg = rows.reshape(rows.shape[0], g, width)                                     # [S, G, w]
+    wg = w.reshape(n, g, width)                                                    # [N, G, w]
+    best_err = torch.full((n, g), float("inf"))
+    best = torch.ones(n, g)
+    for ratio in CLIP_GRID:
+        dq = fake_quantize(w, spec, ratio).reshape(n, g, width) - wg               # [N, G, w]
+        err = torch.einsum("sgw,ngw->sng", xg, dq).pow(2).mean(0)                 # [N, G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, ratio), best)
+    return best

@@ -1,0 +1,110 @@
+"""Calibration data and activation statistics for AWQ.
+
+Datasets: `ptb` (PTB train, bundled), `wikitext2` (the bundled validation split: the Hugging
+Face hub is not reachable offline, so the train split LMDeploy uses is not available; a notice
+says so), `c4` / `pileval` (hub only: a clear error offline), or a local `.txt` / `.jsonl` path.
+Windows of `seqlen` tokens are drawn at random (seeded) from the tokenized text.
+
+Statistics come from the engine itself (float32, paged cache, chunked prefill): pre-hooks on
+the four projections of every layer record each input channel's mean |x| and a uniform
+sample of input rows, which the scale and clipping searches replay.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from quantserve.quant.primitives import QuantError
+
+BUNDLED = {"ptb": "ptb.train.txt", "wikitext2": "wiki.valid.raw"}
+HUB_ONLY = ("c4", "pileval")
+
+
+def calibration_text(name: str) -> str:
+    if name in BUNDLED:
+        if name == "wikitext2":
+            print("calibration: wikitext2 from the bundled validation split (the hub's train split is not "
+                  "reachable offline)", file=sys.stderr)
+        return resources.files("quantserve.data").joinpath(BUNDLED[name]).read_text(encoding="utf-8")
+    if name in HUB_ONLY:
+        raise QuantError(f"--calib-dataset {name} is downloaded from the Hugging Face hub, which is not reachable "
+                         "here; use ptb, wikitext2 or a local .txt/.jsonl file")
+    path = Path(name)
+    if not path.is_file():
+        raise QuantError(f"--calib-dataset {name!r}: not a known dataset (ptb, wikitext2, c4, pileval) "
+                         "nor an existing .txt/.jsonl file")
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return "\n\n".join(r["text"] if isinstance(r, dict) else str(r) for r in rows)
+    return path.read_text(encoding="utf-8")
+
+
+def calibration_windows(tokenizer, name: str, samples: int, seqlen: int, seed: int = 0) -> list[list[int]]:
+    ids = tokenizer.encode(calibration_text(name), add_special_tokens=False)
+    if len(ids) < seqlen + 1:
+        raise QuantError(f"--calib-dataset {name}: {len(ids)} tokens, fewer than one window of --calib-seqlen {seqlen}")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, len(ids) - seqlen) for _ in range(samples)]
+    return [ids[s:s + seqlen] for s in starts]
+
+
+@dataclass
+class InputStats:
+    """What one projection saw: per-channel mean |x| and up to `keep` sampled input rows."""
+    keep: int
+    abs_sum: torch.Tensor | None = None
+    rows: int = 0
+    sample: list[torch.Tensor] = field(default_factory=list)
+    rng: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+
+    def add(self, x: torch.Tensor) -> None:                     # x: [T, K]
+        x = x.float()
+        self.abs_sum = x.abs().sum(0) if self.abs_sum is None else self.abs_sum + x.abs().sum(0)
+        self.rows += x.shape[0]
+        take = min(x.shape[0], max(1, self.keep // 16))          # a few rows from every chunk
+        self.sample.append(x[torch.randperm(x.shape[0], generator=self.rng)[:take]].clone())
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / self.rows
+
+    def rows_sample(self) -> torch.Tensor:
+        rows = torch.cat(self.sample)
+        return rows[torch.randperm(rows.shape[0], generator=self.rng)[: self.keep]]
+
+
+PROJECTIONS = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")
+
+
+@torch.inference_mode()
+def collect_stats(model_dir: Path, windows: list[list[int]], batch_size: int, keep: int = 2048,
+                  progress: bool = True) -> dict[str, InputStats]:
+    """Run the float model over the windows; internal projection name -> InputStats."""
+    from quantserve.config import EngineConfig, SamplingParams
+    from quantserve.engine.engine import Engine
+
+    seqlen = len(windows[0])
+    engine = Engine(model_dir, EngineConfig(dtype="float32", session_len=seqlen + 1, max_batch_size=batch_size,
+                                            cache_max_tokens=(seqlen + 64) * batch_size,
+                                            max_prefill_token_num=min(8192, seqlen * batch_size)), progress=False)
+    stats = {f"layers.{i}.{p}": InputStats(keep) for i in range(engine.args.num_layers) for p in PROJECTIONS}
+    hooks = [engine.model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, args, s=s: s.add(args[0])) for name, s in stats.items()]
+    try:
+        for start in tqdm(range(0, len(windows), batch_size), desc="calibration", unit="batch",
+                          disable=not progress, file=sys.stderr):
+            for j, ids in enumerate(windows[start:start + batch_size]):
+                engine.add_request(f"c{start + j}", ids, SamplingParams(max_new_tokens=1))
+            while engine.has_work:
+                engine.step()
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
