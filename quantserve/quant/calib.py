@@ -57,9 +57,12 @@ def calibration_windows(tokenizer, name: str, samples: int, seqlen: int, seed: i
 
 @dataclass
 class InputStats:
-    """What one projection saw: per-channel mean |x| and up to `keep` sampled input rows."""
+    """What one projection saw: per-channel mean |x|, up to `keep` sampled input rows, and
+    (for GPTQ) X^T X."""
     keep: int
+    with_hessian: bool = False
     abs_sum: torch.Tensor | None = None
+    xtx: torch.Tensor | None = None
     rows: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)
     rng: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
@@ -67,9 +70,14 @@ class InputStats:
     def add(self, x: torch.Tensor) -> None:                     # x: [T, K]
         x = x.float()
         self.abs_sum = x.abs().sum(0) if self.abs_sum is None else self.abs_sum + x.abs().sum(0)
+        if self.with_hessian:
+            self.xtx = x.t() @ x if self.xtx is None else self.xtx.addmm_(x.t(), x)
         self.rows += x.shape[0]
         take = min(x.shape[0], max(1, self.keep // 16))          # a few rows from every chunk
         self.sample.append(x[torch.randperm(x.shape[0], generator=self.rng)[:take]].clone())
+
+    def hessian(self) -> torch.Tensor:
+        return 2 * self.xtx / self.rows                          # [K, K]
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -85,7 +93,7 @@ PROJECTIONS = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")
 
 @torch.inference_mode()
 def collect_stats(model_dir: Path, windows: list[list[int]], batch_size: int, keep: int = 2048,
-                  progress: bool = True) -> dict[str, InputStats]:
+                  progress: bool = True, hessian: bool = False) -> dict[str, InputStats]:
     """Run the float model over the windows; internal projection name -> InputStats."""
     from quantserve.config import EngineConfig, SamplingParams
     from quantserve.engine.engine import Engine
@@ -94,7 +102,7 @@ def collect_stats(model_dir: Path, windows: list[list[int]], batch_size: int, ke
     engine = Engine(model_dir, EngineConfig(dtype="float32", session_len=seqlen + 1, max_batch_size=batch_size,
                                             cache_max_tokens=(seqlen + 64) * batch_size,
                                             max_prefill_token_num=min(8192, seqlen * batch_size)), progress=False)
-    stats = {f"layers.{i}.{p}": InputStats(keep) for i in range(engine.args.num_layers) for p in PROJECTIONS}
+    stats = {f"layers.{i}.{p}": InputStats(keep, hessian) for i in range(engine.args.num_layers) for p in PROJECTIONS}
     hooks = [engine.model.get_submodule(name).register_forward_pre_hook(
         lambda _m, args, s=s: s.add(args[0])) for name, s in stats.items()]
     try:

@@ -81,18 +81,21 @@ def quantize_linears(job: LiteJob, cfg: dict, weights: dict[str, torch.Tensor], 
         stats = calibrate(job)
         return awq(weights, arch_for(cfg["model_type"]), cfg["num_hidden_layers"], stats, job.spec,
                    job.search_scale, job.clip, job.progress)
-    raise QuantError(f"{job.method} with calibration is not available in this build yet; "
-                     "use --calib-samples 0 (round-to-nearest) or lite auto_awq")
+    from quantserve.quant.gptq import gptq
+
+    stats = calibrate(job, hessian=True)
+    return gptq(weights, arch_for(cfg["model_type"]), cfg["num_hidden_layers"], stats, job.spec,
+                job.damp_percent, job.desc_act, job.progress)
 
 
-def calibrate(job: LiteJob) -> dict:
+def calibrate(job: LiteJob, hessian: bool = False) -> dict:
     from transformers import AutoTokenizer
 
     from quantserve.quant.calib import calibration_windows, collect_stats
 
     tokenizer = AutoTokenizer.from_pretrained(job.model, trust_remote_code=True)
     windows = calibration_windows(tokenizer, job.calib_dataset, job.calib_samples, job.calib_seqlen)
-    return collect_stats(Path(job.model), windows, job.batch_size, progress=job.progress)
+    return collect_stats(Path(job.model), windows, job.batch_size, progress=job.progress, hessian=hessian)
 
 
 def rtn(w: torch.Tensor, spec: QuantSpec, gptq_zeros: bool):
