@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ: Hessian damping")
         q.add_argument("--desc-act", type=boolean, nargs="?", const=True, default=False,
                        help="GPTQ: act-order (columns by decreasing Hessian diagonal)")
+        q.add_argument("--fake-quant", action="store_true",
+                       help="write the dequantized float weights instead of packed codes (any bits, e.g. 3, for evaluation)")
         q.add_argument("--dtype", default="auto", help="accepted for LMDeploy compatibility")
         q.add_argument("--device", default="cpu", help="accepted for LMDeploy compatibility (runs on the CPU)")
         q.add_argument("--trust-remote-code", action="store_true")
@@ -52,6 +54,7 @@ def run(ns) -> int:
         raise QuantError("--calib-samples must be >= 0, --calib-seqlen and --batch-size > 0")
     job = LiteJob(ns.model_path, ns.work_dir, METHODS[ns.lite_command],
                   QuantSpec(ns.w_bits, ns.w_group_size, ns.w_sym), ns.calib_dataset, ns.calib_samples,
-                  ns.calib_seqlen, ns.batch_size, ns.search_scale, not ns.no_clip, ns.damp_percent, ns.desc_act)
+                  ns.calib_seqlen, ns.batch_size, ns.search_scale, not ns.no_clip, ns.damp_percent, ns.desc_act,
+                  fake_quant=ns.fake_quant)
     print(quantize_model(job))
     return 0

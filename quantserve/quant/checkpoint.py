@@ -32,6 +32,19 @@ def save_quantized(src_dir: Path, out_dir: Path, config: dict, floats: dict[str,
                    quantized: dict[str, QuantizedWeight], method: str, spec: QuantSpec) -> None:
     """floats: every tensor kept in floating point (HF names; float32 is stored as float16, as
     AutoAWQ does); quantized: linear name -> codes."""
+    tensors = {k: (v.half() if v.dtype == torch.float32 else v).contiguous() for k, v in floats.items()}
+    pack = pack_awq if method == "awq" else pack_gptq
+    for name, qw in quantized.items():
+        tensors.update({f"{name}.{k}": v for k, v in pack(qw).items()})
+    write_checkpoint(src_dir, out_dir, {**config, "quantization_config": quantization_config(method, spec)}, tensors)
+
+
+def save_float(src_dir: Path, out_dir: Path, config: dict, weights: dict[str, torch.Tensor]) -> None:
+    """A plain float checkpoint (pseudo-quantized weights, for evaluation)."""
+    write_checkpoint(src_dir, out_dir, config, {k: v.contiguous() for k, v in weights.items()})
+
+
+def write_checkpoint(src_dir: Path, out_dir: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -42,12 +55,7 @@ def save_quantized(src_dir: Path, out_dir: Path, config: dict, floats: dict[str,
     except OSError as e:
         raise QuantError(f"--work-dir {out_dir}: cannot write there ({e.strerror})") from None
     try:
-        tensors = {k: (v.half() if v.dtype == torch.float32 else v).contiguous() for k, v in floats.items()}
-        pack = pack_awq if method == "awq" else pack_gptq
-        for name, qw in quantized.items():
-            tensors.update({f"{name}.{k}": v for k, v in pack(qw).items()})
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = {**config, "quantization_config": quantization_config(method, spec)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for name in COPIED:
             if (Path(src_dir) / name).is_file():

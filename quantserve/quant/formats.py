@@ -64,7 +64,7 @@ def unpack_awq(tensors: dict[str, torch.Tensor], group_size: int) -> QuantizedWe
 def pack_gptq(w: QuantizedWeight) -> dict[str, torch.Tensor]:
     bits = w.spec.bits
     if bits not in (4, 8):
-        raise QuantError(f"{bits}-bit weights cannot be packed here (4 or 8 bits); measure them with --fake-quant")
+        raise QuantError(f"{bits}-bit weights cannot be packed (4 or 8 bits); evaluate them with --fake-quant")
     if int(w.zeros.min()) < 1:
         raise QuantError("GPTQ's format stores zero - 1: zero points must be >= 1 (quantize with min_zero=1)")
     k, groups = w.q.shape[1], w.scales.shape[1]

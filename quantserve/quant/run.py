@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from quantserve.quant.arch import arch_for, quantized_linears
-from quantserve.quant.checkpoint import save_quantized
+from quantserve.quant.checkpoint import save_float, save_quantized
 from quantserve.quant.primitives import QuantError, QuantSpec, check_spec, quantize
 
 
@@ -35,6 +35,7 @@ class LiteJob:
     damp_percent: float = 0.01
     desc_act: bool = False
     progress: bool = True
+    fake_quant: bool = False        # write dequantized float weights (any bits, e.g. W3 for evaluation)
 
 
 def run(job: LiteJob) -> str:
@@ -44,6 +45,9 @@ def run(job: LiteJob) -> str:
     src = Path(job.model)
     cfg = read_config(src)
     ensure_writable(Path(job.work_dir))
+    if job.spec.bits not in (4, 8) and not job.fake_quant:
+        raise QuantError(f"--w-bits {job.spec.bits}: packed checkpoints hold 4 or 8 bits; add --fake-quant to "
+                         "write dequantized weights for evaluation")
     if cfg.get("quantization_config"):
         raise QuantError(f"{src} is already quantized ({cfg['quantization_config'].get('quant_method')}); "
                          "start from the float model")
@@ -54,6 +58,11 @@ def run(job: LiteJob) -> str:
         check_spec(job.spec, weights[f"{name}.weight"].shape[1], name)
     float_bytes = sum(t.nbytes for t in weights.values())
     quantized = quantize_linears(job, cfg, weights, names)
+    if job.fake_quant:
+        for name, qw in quantized.items():
+            weights[f"{name}.weight"] = qw.dequantize().to(weights[f"{name}.weight"].dtype)
+        save_float(src, Path(job.work_dir), cfg, weights)
+        return summary(job, start, float_bytes, src)
     method = "gptq" if job.method == "gptq" or job.spec.bits != 4 else "awq"
     for name in quantized:
         del weights[f"{name}.weight"]
