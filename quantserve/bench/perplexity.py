@@ -12,6 +12,7 @@ import math
 import sys
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -31,9 +32,13 @@ class PerplexityResult:
 
 
 def dataset_text(name: str) -> str:
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    return resources.files("quantserve.data").joinpath(DATASETS[name]).read_text(encoding="utf-8")
+    """A bundled dataset by name, or any text file by path."""
+    if name in DATASETS:
+        return resources.files("quantserve.data").joinpath(DATASETS[name]).read_text(encoding="utf-8")
+    path = Path(name)
+    if not path.is_file():
+        raise ValueError(f"--dataset {name!r} is neither a bundled dataset ({', '.join(DATASETS)}) nor a text file")
+    return path.read_text(encoding="utf-8")
 
 
 @torch.inference_mode()

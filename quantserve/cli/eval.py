@@ -14,12 +14,14 @@ def add_arguments(p) -> None:
     p.add_argument("what", choices=["ppl"], help="what to evaluate")
     add_model_arg(p)
     add_engine_args(p)
-    p.add_argument("--dataset", default="wikitext2", choices=["wikitext2", "ptb"],
-                   help="wikitext2 = WikiText-2 raw test split, ptb = Penn Treebank validation split (bundled)")
+    p.add_argument("--dataset", default="wikitext2",
+                   help="wikitext2 = WikiText-2 raw test split, ptb = Penn Treebank validation split (bundled), "
+                        "or the path of any text file")
     p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="prefill chunk in tokens (sets --max-prefill-token-num); small chunks make attention read the cache")
-    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    p.add_argument("--max-windows", "--max-samples", dest="max_windows", type=int, default=None,
+                   help="score only the first N windows")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
