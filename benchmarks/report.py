@@ -2,6 +2,7 @@
 
     python benchmarks/bench_engine.py && python benchmarks/profile_decode.py \
         && python benchmarks/bench_kv_quant.py && python benchmarks/bench_prefix_cache.py \
+        && python benchmarks/bench_weight_quant.py && python benchmarks/bench_weight_quality.py \
         && python benchmarks/report.py
 """
 from __future__ import annotations
@@ -79,6 +80,34 @@ error: int4 V alone costs +0.5%, int4 K alone +5.8%) a scale and zero per half o
 the figure above. Capacity counts the 3 bytes of scale and zero per head and group.
 """
 
+WEIGHT_SPEED = """## Integer weights: speed and memory vs bfloat16 (`benchmarks/bench_weight_quant.py`)
+
+The default model quantized with `lite rtn` (speed and memory do not depend on how the codes
+were chosen), run through the engine with the fused decode step; 128-token prompt, 128 new
+tokens, best of 3, the bfloat16 model measured in the same run. Group 128 does not divide this
+model's 576-wide layers, hence 64 and 32.
+
+{table}
+Memory: the integer models hold 46–65% of the bf16 bytes, not the ≤ 40% the issue asks for,
+because the tied 49152 x 576 embedding / LM head (28M of the 135M parameters, 57 MB) stays in
+bfloat16; quantizing it is the next step. Speed: at 16 sequences integer weights match bf16
+(+2–6%); at batch 1 they are 13% slower. The kernel widens 16 codes per step to float32 and
+multiplies in float32 (W4A16); on two cores that conversion costs about as much as the bytes it
+saves, so the 1.5x target at batch 1 is not met. What would: integer dot products on quantized
+activations (AVX2 `maddubs`, W4A8 as llama.cpp's Q4_0 x Q8_0), which read 4 bits per weight and
+skip the float conversion.
+"""
+
+WEIGHT_QUALITY = """## Weight quantization quality (`benchmarks/bench_weight_quality.py`)
+
+SmolLM2-135M-Instruct, group 64 (not 32: this model's weights come from a Q4_1 GGUF and already
+sit on a 32-wide 4-bit grid, which would make RTN look perfect). Pseudo-quantized weights
+(`--fake-quant`) for W4 and W3 alike; calibration 128 x 512 tokens of PTB train or WikiText-2
+(bundled validation split); AWQ with the alpha search and clipping; GPTQ damp 0.01. Scored on
+WikiText-2 test, the same first windows for every row (the count is in the JSON).
+
+{table}"""
+
 PREFIX = """## Prefix caching (`benchmarks/bench_prefix_cache.py`)
 
 Two requests sharing a 1,500-token document, each with its own question, on the default model:
@@ -93,7 +122,9 @@ def table(name: str) -> str:
 
 def main() -> None:
     parts = [HEADER, ENGINE.format(table=table("engine.md")), PROFILE.format(table=table("profile.md")),
-             KV.format(table=table("kv_quant.md")), PREFIX.format(table=table("prefix_cache.md"))]
+             KV.format(table=table("kv_quant.md")), PREFIX.format(table=table("prefix_cache.md")),
+             WEIGHT_SPEED.format(table=table("weight_quant.md")),
+             WEIGHT_QUALITY.format(table=table("weight_quality.md"))]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
 
