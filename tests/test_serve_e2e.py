@@ -136,3 +136,24 @@ def test_gradio_command_serves_the_page_for_a_url():
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.slow
+def test_readme_homework_script_quantizes_serves_and_answers(tmp_path):
+    """examples/serve_and_ask.sh: lite auto_awq (W4A16), api_server --model-format awq with an int4
+    KV cache, the tutorial's openai client script."""
+    import os
+
+    env = {**os.environ, "PORT": str(free_port()), "QUANTSERVE_HOME": str(tmp_path / "home")}
+    default = Path(subprocess.run([sys.executable, "-m", "quantserve.cli.main", "default-model"], capture_output=True,
+                                  text=True, check=True).stdout.strip())
+    (tmp_path / "home" / "models").mkdir(parents=True)
+    os.symlink(default, tmp_path / "home" / "models" / default.name)          # no second conversion ...
+    os.symlink(default.parents[1] / "kernels", tmp_path / "home" / "kernels")  # ... nor kernel build
+    done = subprocess.run(["bash", str(ROOT / "examples" / "serve_and_ask.sh")], capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "quantized SmolLM2-135M-Instruct with AWQ W4 g64" in done.stdout
+    assert "int4" in done.stderr and "weights" in done.stderr                  # the server's memory table
+    reply = done.stdout.strip().splitlines()[-1].lower()
+    assert len(reply.split()) >= 5, done.stdout[-2000:]

@@ -49,7 +49,7 @@ class Engine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         cfg = model_config(Path(model_path), config.model_overrides())
-        require_supported(cfg)
+        require_supported(cfg, config.model_format)
         self.args = model_args(cfg)
         self.session_len = config.session_len or self.args.max_position_embeddings
         self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE[config.device]

@@ -145,8 +145,14 @@ def torch_dtype(name: str, cfg: dict, device: str) -> torch.dtype:
     return torch.bfloat16 if stored == "bfloat16" else torch.float16
 
 
-def require_supported(cfg: dict) -> None:
+def require_supported(cfg: dict, model_format: str | None = None) -> None:
+    """The architecture and quantization are known, and --model-format (if given) says the truth."""
     family_for(cfg)
     q = cfg.get("quantization_config")
-    if q and q.get("quant_method") not in ("awq", "gptq"):
-        raise ConfigError(f"quantized checkpoints ({q.get('quant_method')}) are not supported; awq and gptq are")
+    method = q.get("quant_method") if q else None
+    if q and method not in ("awq", "gptq"):
+        raise ConfigError(f"quantized checkpoints ({method}) are not supported; awq and gptq are")
+    if model_format in ("awq", "gptq") and method != model_format:
+        raise ConfigError(f"the model is {method or 'not quantized (hf)'}, not {model_format}; "
+                          f"make an {model_format} model with `quantserve lite auto_{model_format}`",
+                          field="model_format")
