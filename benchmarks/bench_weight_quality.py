@@ -60,7 +60,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
     p.add_argument("--max-windows", type=int, default=40, help="windows per seqlen (0 = all)")
+    p.add_argument("--table-only", action="store_true", help="write the table from the saved results")
     args = p.parse_args()
+    if args.table_only:
+        return write_table(json.loads(OUT.read_text()))
     windows = args.max_windows or None
     model = resolve_model(args.model)
     done = json.loads(OUT.read_text()) if OUT.is_file() else {}
@@ -83,15 +86,17 @@ def main() -> None:
 
 def write_table(done: dict) -> None:
     base = done["float"]
-    lines = ["| model | ppl @2048 | ppl @512 | gap to float closed vs RTN (2048) | quantize time (s) |",
-             "|---|---|---|---|---|"]
+    lines = ["| model | ppl @2048 | ppl @512 | gap to float closed vs RTN (2048) |", "|---|---|---|---|"]
     for name, r in done.items():
         bits = name.split("W")[1][0] if "W" in name else None
         rtn = done.get(f"rtn W{bits} (-)") if bits else None
         closed = ""
         if rtn and not name.startswith("rtn") and rtn["ppl_2048"] > base["ppl_2048"]:
             closed = f"{(rtn['ppl_2048'] - r['ppl_2048']) / (rtn['ppl_2048'] - base['ppl_2048']):.0%}"
-        lines.append(f"| {name} | {r['ppl_2048']:.3f} | {r['ppl_512']:.3f} | {closed} | {r['quantize_s']:.0f} |")
+        lines.append(f"| {name} | {r['ppl_2048']:.3f} | {r['ppl_512']:.3f} | {closed} |")
+    missing = [name for name, *_ in ROWS if name not in done]
+    if missing:
+        lines.append(f"\nNot measured yet (the script resumes where it stopped): {', '.join(missing)}.")
     (RESULTS / "weight_quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
