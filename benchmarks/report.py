@@ -104,7 +104,7 @@ SmolLM2-135M-Instruct, group 64 (not 32: this model's weights come from a Q4_1 G
 sit on a 32-wide 4-bit grid, which would make RTN look perfect). Pseudo-quantized weights
 (`--fake-quant`) for W4 and W3 alike; calibration 128 x 512 tokens of PTB train or WikiText-2
 (bundled validation split); AWQ with the alpha search and clipping; GPTQ damp 0.01. Scored on
-WikiText-2 test, the same first windows for every row (the count is in the JSON).
+WikiText-2 test, the same first windows for every row (10 windows of each length in this run; `--max-windows 0` scores the whole split).
 
 {table}"""
 
