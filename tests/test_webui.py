@@ -62,6 +62,17 @@ class Page:
         self.page.fill("#qs-input textarea", text)
         self.page.press("#qs-input textarea", "Enter")
 
+    def set_number(self, elem_id: str, value: float) -> None:
+        """Type a value into a slider's number box (the settings accordion opens first)."""
+        box = self.page.locator(f"#{elem_id} input[type=number]")
+        if not box.is_visible():
+            self.page.click("text=settings")
+        box.fill(str(value))
+        box.press("Enter")
+
+    def greedy(self) -> None:
+        self.set_number("qs-temperature", 0)
+
     def reply(self) -> str:
         bots = self.page.locator("#qs-chat .bot.message")
         return bots.last.inner_text() if bots.count() else ""
@@ -132,9 +143,8 @@ def test_a_full_reply_shows_its_speed_and_new_chat_clears(browser, model_server)
     ui, page_url = launch_ui(model_server.url)
     try:
         page = Page(browser, page_url)
-        page.page.click("text=settings")
-        page.page.fill("#qs-max-tokens input[type=number]", "32")
-        page.page.press("#qs-max-tokens input[type=number]", "Enter")
+        page.set_number("qs-max-tokens", 32)
+        page.greedy()
         page.ask("What is the capital of France?")
         page.wait_reply(lambda t: "Paris" in t)
         page.page.wait_for_function(
@@ -158,6 +168,7 @@ def test_in_process_mode_serves_page_and_api_together(browser, default_model):
         assert httpx.get(server.url + "/v1/models").json()["data"][0]["id"] == "SmolLM2-135M-Instruct"
         page = Page(browser, server.url + "/")
         assert "float16" in page.info("weights")
+        page.greedy()
         page.ask("What is the capital of France?")
         page.wait_reply(lambda t: "Paris" in t)
         page.screenshot("webui-in-process.png")

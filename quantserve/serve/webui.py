@@ -163,7 +163,7 @@ def build_ui(backend: Backend, title: str = "quantserve"):
         with gr.Accordion("settings", open=False):
             system = gr.Textbox(label="system prompt", value="", lines=2)
             with gr.Row():
-                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature")
+                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature", elem_id="qs-temperature")
                 top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="top-p")
                 top_k = gr.Slider(0, 200, value=0, step=1, label="top-k (0 = off)")
                 max_tokens = gr.Slider(16, 4096, value=512, step=16, label="max new tokens", elem_id="qs-max-tokens")
