@@ -36,7 +36,6 @@ class ChoiceDelta:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     tool_calls: list[ParsedCall] = field(default_factory=list)
-    prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
 
@@ -118,8 +117,8 @@ class Service:
             async for ev in generator:
                 timer.tick(ev.token_ids, ev.queue_time)
                 delta = ChoiceDelta(plan.first_index + j, text.add(ev.token_ids, final=ev.finish_reason is not None),
-                                    ev.token_ids, ev.logprobs or [], ev.finish_reason, [], ev.num_prompt_tokens,
-                                    ev.num_output_tokens, ev.num_cached_tokens)
+                                    ev.token_ids, ev.logprobs or [], ev.finish_reason,
+                                    completion_tokens=ev.num_output_tokens, cached_tokens=ev.num_cached_tokens)
                 if text.stopped:
                     delta.finish_reason = "stop"
                 if tools is not None:
