@@ -39,8 +39,9 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """The first problem, phrased for a person, and the field it is about."""
+def validation_message(exc) -> tuple[str, str | None]:
+    """The first problem of a RequestValidationError or pydantic ValidationError, phrased for a
+    person, and the field it is about."""
     err = exc.errors()[0]
     loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _union_tag(p)]
     param = ".".join(loc) or None

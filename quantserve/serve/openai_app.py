@@ -19,7 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from quantserve.serve.errors import APIError, error_body, install_error_handlers
+from quantserve.serve.errors import APIError, error_body, install_error_handlers, validation_message
 from quantserve.serve.metrics import Metrics
 from quantserve.serve.middleware import APIKeyAuth, BodyLimit
 from quantserve.serve.plan import Limits, Plan, chat_plan, completion_plans, encode_chat
@@ -349,10 +349,8 @@ def add_websocket_route(app: FastAPI, state: ServerState) -> None:
                 service.check_rate(client_key(state, ws))
                 ticket = service.reserve()
             except ValidationError as e:
-                err = e.errors()[0]
-                param = ".".join(str(p) for p in err["loc"]) or None
-                await ws.send_json(error_body(400, f"{param}: {err['msg']}" if param else err["msg"], param,
-                                              "invalid_value"))
+                message, param = validation_message(e)
+                await ws.send_json(error_body(400, message, param, "invalid_value"))
                 return await ws.close()
             except APIError as e:
                 await ws.send_json(e.body())
