@@ -1,9 +1,11 @@
-"""The integer-weight kernel (W4A16 / W8A16) against dequantize-then-matmul, batch invariance,
-and the fused decode step on a quantized model."""
+"""The integer-weight kernel (4- and 8-bit weights, activations quantized to int8 per 32-block)
+against dequantize-then-matmul, batch invariance, the int8 output head, and a packed model
+against transformers running the same dequantized weights."""
 from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from quantserve import kernels
 from quantserve.quant.primitives import QuantSpec, quantize
@@ -57,3 +59,40 @@ def test_fused_decode_of_a_quantized_model_equals_the_module_path(tiny_llama, tm
                     done[r.request_id] = r.output_token_ids
         outputs.append(done)
     assert outputs[0] == outputs[1]
+
+
+def test_a_quantized_model_reads_its_tied_embedding_from_the_int8_head(tiny_dirs, tmp_path):
+    from quantserve.config import EngineConfig
+    from quantserve.engine.engine import Engine
+    from quantserve.quant.run import LiteJob, run
+
+    run(LiteJob(str(tiny_dirs["qwen2"]), str(tmp_path / "q"), "rtn", QuantSpec(4, 32), progress=False))  # tied
+    model = Engine(tmp_path / "q", EngineConfig(dtype="float32", cache_max_tokens=512), progress=False).model
+    assert model.lm_head.spec == QuantSpec(8, 64) and model.lm_head.qpacked is not None
+    embed = load_file(str(tmp_path / "q" / "model.safetensors"))["model.embed_tokens.weight"].float()
+    ids = torch.tensor([0, 7, 8, 319])                  # first and last rows of 8-row panels
+    expected = quantize(embed, QuantSpec(8, 64)).dequantize()[ids]
+    assert torch.allclose(model.embed(ids), expected, atol=1e-3 * float(embed.abs().max()))   # float16 scales
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_packed_model_logits_match_transformers_on_the_dequantized_weights(tiny_dirs, tmp_path, family):
+    """The same codes, once packed for the kernel and once written as float weights (--fake-quant)
+    for transformers, which scores the engine's own greedy continuation: prefill and fused-decode
+    logits agree to the int8 rounding of the activations and of the output head."""
+    from test_parity import engine_logits, small_engine
+    from transformers import AutoModelForCausalLM
+
+    from quantserve.quant.run import LiteJob, run
+
+    spec, prompt = QuantSpec(4, 32), list(range(3, 40))
+    run(LiteJob(str(tiny_dirs[family]), str(tmp_path / "packed"), "rtn", spec, progress=False))
+    run(LiteJob(str(tiny_dirs[family]), str(tmp_path / "float"), "rtn", spec, progress=False, fake_quant=True))
+    engine = small_engine(tmp_path / "packed")
+    assert engine.model.fused is not None and engine.model.lm_head.qpacked is not None
+    got = engine_logits(engine, prompt, 16)                                        # [17, V]
+    ids = torch.tensor([prompt + got.argmax(-1)[:-1].tolist()])
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(tmp_path / "float").eval()(ids).logits[0, len(prompt) - 1:]
+    assert float((got - expected).norm() / expected.norm()) <= 2e-2
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9

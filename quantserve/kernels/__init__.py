@@ -122,22 +122,39 @@ def linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | N
     return y
 
 
+QPANEL = 8          # output rows per integer-weight panel
+QBLOCK = 32         # activation quantization block; K and group sizes must be multiples of it
+
+
+def quantized_usable(in_features: int, group_size: int, bits: int) -> bool:
+    """Whether qs_linear_q takes this integer layer."""
+    group = in_features if group_size == -1 else group_size
+    return bits in (4, 8) and in_features % QBLOCK == 0 and group % QBLOCK == 0 and cpu() is not None
+
+
 def pack_quantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """codes [N, K] uint8, scales / zeros [N, G] -> (panels [ceil(N/16), K, 8 or 16] uint8,
-    scales and mins [ceil(N/16), G, 16] float32), the layout of qs_linear_q."""
+    """codes [N, K] (0 .. 2^bits - 1), scales / zeros [N, G] -> the layout of qs_linear_q:
+    panels of 8 rows, 4 consecutive k of a row per 32-bit lane. 4-bit: [P, K/8, 8, 4] uint8 holding
+    k and k + 4 as low and high nibbles; 8-bit: [P, K/4, 8, 4] int8 (code - 128). Scales and mins
+    [P, G, 8] float16, weight = scale * stored code + min."""
     n, k = codes.shape
-    rows = -(-n // PANEL) * PANEL
+    rows = -(-n // QPANEL) * QPANEL
     padded = torch.zeros(rows, k, dtype=torch.uint8)
     padded[:n] = codes
-    panels = padded.view(-1, PANEL, k).transpose(1, 2)                       # [P, K, 16]
     if bits == 4:
-        panels = panels[:, :, :8] | (panels[:, :, 8:] << 4)                   # row j low, row j + 8 high
-    params = torch.zeros(2, rows, scales.shape[1])
-    params[0, :n] = scales.float()
-    params[1, :n] = -zeros.float() * scales.float()
-    params = params.view(2, -1, PANEL, scales.shape[1]).transpose(2, 3)      # [2, P, G, 16]
-    return panels.contiguous(), params[0].contiguous(), params[1].contiguous()
+        c = padded.view(-1, QPANEL, k // 8, 2, 4).permute(0, 2, 1, 3, 4)           # [P, K/8, 8, 2, 4]
+        panels = c[..., 0, :] | (c[..., 1, :] << 4)
+    else:
+        panels = (padded.view(-1, QPANEL, k // 4, 4).permute(0, 2, 1, 3).short() - 128).to(torch.int8)
+    scale, zero = torch.zeros(rows, scales.shape[1]), torch.zeros(rows, scales.shape[1])
+    scale[:n], zero[:n] = scales.float(), zeros.float()
+    mins = (128 - zero) * scale if bits == 8 else -zero * scale
+
+    def by_panel(t: torch.Tensor) -> torch.Tensor:
+        return t.view(-1, QPANEL, t.shape[1]).transpose(1, 2).half().contiguous()   # [P, G, 8]
+
+    return panels.contiguous(), by_panel(scale), by_panel(mins)
 
 
 def linear_quantized(x: torch.Tensor, packed: tuple[torch.Tensor, ...], n: int, bits: int, group_size: int,

@@ -164,102 +164,149 @@ void qs_linear(const float *x, int M, int K, const void *packed, int wtype, cons
     }
 }
 
-/* Integer weights (W4A16 / W8A16): panels of 16 output rows as above, k-major, codes unsigned.
- * 4-bit: 8 bytes per k, byte j = row j (low nibble) | row j + 8 (high nibble). 8-bit: 16 bytes.
- * Per (panel, group): scales[p][g][16] and mins[p][g][16] (min = -zero * scale). Each weight is
- * rebuilt as fma(code, scale, min) in a register (one row of x) or into a per-thread panel
- * buffer (several rows, then the float kernel): the same float for every batch size, so the
- * results stay batch-invariant. The codes never become a float matrix in memory. */
-static inline __attribute__((always_inline)) void dequant16(const uint8_t *w, const int BITS, __m256 s0,
-                                                            __m256 s1, __m256 m0, __m256 m1, __m256 *lo,
-                                                            __m256 *hi) {
-    __m128i v;
+/* Integer weights (W4A8 / W8A8, as llama.cpp's Q4 x Q8_0): each row of x is quantized on the fly
+ * to int8 in blocks of 32 (scale = max|x| / 127), and the weight codes meet it in integer dot
+ * products (AVX2 maddubs); each 32-block's int32 sum becomes float once. Panels of 8 output rows:
+ *   4-bit: [P, K/8, 8 rows, 4 bytes], byte b of row r = code[k + b] | code[k + 4 + b] << 4;
+ *   8-bit: [P, K/4, 8 rows, 4 bytes], byte b of row r = code[k + b] - 128 (signed).
+ * Per (panel, group): scales[p][g][8] and mins[p][g][8] in float16, weight = scale * code + min (for 8-bit
+ * the min includes the +128). The min term multiplies the sum of the *quantized* activations, so
+ * the activation rounding error only meets (code - zero), the centred weight, as in
+ * dequantize-then-matmul. A row's numbers never depend on the other rows of the batch. */
+#define QR 8
+#define QB 32
+
+typedef struct {
+    int8_t *q;           /* [M, K] */
+    float *d;            /* [M, K/32] block scales */
+    float *s;            /* [M, K/32] block sums of the quantized x, d * sum(q) */
+} QuantRows;
+
+static void quantize_rows(const float *x, int M, int K, QuantRows *r, int nthreads) {
+    const int nb = K / QB;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M > 4)
+    for (long i = 0; i < (long)M * nb; i++) {
+        __m256 v[4], amax = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            v[j] = _mm256_loadu_ps(x + i * QB + j * 8);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float top = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        const __m256 inv = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+        __m256i q[4];                              /* round to nearest even, |q| <= 127 */
+        for (int j = 0; j < 4; j++) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
+        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(r->q + i * QB), packed);
+        int32_t lanes[8];
+        _mm256_storeu_si256((__m256i *)lanes, sum);
+        int total = 0;
+        for (int j = 0; j < 8; j++) total += lanes[j];
+        r->d[i] = top / 127.0f;
+        r->s[i] = r->d[i] * (float)total;
+    }
+}
+
+/* int32 sums of one 32-block for MT rows of x against the 8 rows at w. */
+static inline __attribute__((always_inline)) void block_dots(const int BITS, const int MT, const uint8_t *w,
+                                                             const int8_t *xq, long K, __m256i *acc) {
+    const __m256i ones = _mm256_set1_epi16(1);
     if (BITS == 4) {
-        __m128i raw = _mm_loadl_epi64((const __m128i *)w), mask = _mm_set1_epi8(0x0F);
-        v = _mm_unpacklo_epi64(_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16(raw, 4), mask));
-    } else {
-        v = _mm_loadu_si128((const __m128i *)w);
-    }
-    *lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), s0, m0);
-    *hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))), s1, m1);
-}
-
-/* One row of x against panel p. */
-static inline __attribute__((always_inline)) void row_x_qpanel(const int BITS, const float *x, int K, int gs,
-                                                               const uint8_t *w, const float *scales,
-                                                               const float *mins, long p, int N,
-                                                               const float *bias, float *y) {
-    const long bpk = BITS == 4 ? 8 : 16, G = K / gs;
-    const uint8_t *wp = w + p * (long)K * bpk;
-    const float *sp = scales + p * G * NR, *mp = mins + p * G * NR;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (long g = 0; g < G; g++) {
-        __m256 s0 = _mm256_loadu_ps(sp + g * NR), s1 = _mm256_loadu_ps(sp + g * NR + 8);
-        __m256 m0 = _mm256_loadu_ps(mp + g * NR), m1 = _mm256_loadu_ps(mp + g * NR + 8);
-        for (long k = g * gs; k < (g + 1) * gs; k++) {
-            __m256 w0, w1;
-            dequant16(wp + k * bpk, BITS, s0, s1, m0, m1, &w0, &w1);
-            __m256 xb = _mm256_broadcast_ss(x + k);
-            a0 = _mm256_fmadd_ps(xb, w0, a0);
-            a1 = _mm256_fmadd_ps(xb, w1, a1);
-        }
-    }
-    long n0 = p * NR;
-    store_tile(a0, a1, y + n0, N - n0 < NR ? (int)(N - n0) : NR, bias ? bias + n0 : NULL);
-}
-
-/* Panel p rebuilt as float32 [K][16] (the float kernel's panel layout). */
-static void dequant_panel(const int BITS, int K, int gs, const uint8_t *w, const float *scales,
-                          const float *mins, long p, float *out) {
-    const long bpk = BITS == 4 ? 8 : 16, G = K / gs;
-    const uint8_t *wp = w + p * (long)K * bpk;
-    const float *sp = scales + p * G * NR, *mp = mins + p * G * NR;
-    for (long g = 0; g < G; g++) {
-        __m256 s0 = _mm256_loadu_ps(sp + g * NR), s1 = _mm256_loadu_ps(sp + g * NR + 8);
-        __m256 m0 = _mm256_loadu_ps(mp + g * NR), m1 = _mm256_loadu_ps(mp + g * NR + 8);
-        for (long k = g * gs; k < (g + 1) * gs; k++) {
-            __m256 w0, w1;
-            dequant16(wp + k * bpk, BITS, s0, s1, m0, m1, &w0, &w1);
-            _mm256_storeu_ps(out + k * NR, w0);
-            _mm256_storeu_ps(out + k * NR + 8, w1);
-        }
-    }
-}
-
-static void qrow_4(const float *x, int K, int gs, const uint8_t *w, const float *sc, const float *mn, long p,
-                   int N, const float *b, float *y) { row_x_qpanel(4, x, K, gs, w, sc, mn, p, N, b, y); }
-static void qrow_8(const float *x, int K, int gs, const uint8_t *w, const float *sc, const float *mn, long p,
-                   int N, const float *b, float *y) { row_x_qpanel(8, x, K, gs, w, sc, mn, p, N, b, y); }
-
-/* x: [M, K] float32; packed: [ceil(N/16), K, 8 or 16] codes; scales, mins: [ceil(N/16), G, 16];
- * y: [M, N]. */
-void qs_linear_q(const float *x, int M, int K, const uint8_t *packed, int bits, const float *scales,
-                 const float *mins, int group_size, const float *bias, float *y, int N, int nthreads) {
-    long npanels = (N + NR - 1) / NR;
-    if (M == 1) {
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (long p = 0; p < npanels; p++)
-            (bits == 4 ? qrow_4 : qrow_8)(x, K, group_size, packed, scales, mins, p, N, bias, y);
-        return;
-    }
-#pragma omp parallel num_threads(nthreads)
-    {
-        float *panel = aligned_alloc(64, sizeof(float) * (size_t)K * NR);
-#pragma omp for schedule(static)
-        for (long p = 0; p < npanels; p++) {
-            dequant_panel(bits, K, group_size, packed, scales, mins, p, panel);
-            int nvalid = N - p * NR < NR ? (int)(N - p * NR) : NR;
-            for (int m0 = 0; m0 < M; m0 += 6) {
-                int mt = M - m0 < 6 ? M - m0 : 6;
-                float tile[6 * NR];         /* rows of 16 outputs; bias added on the copy, as store_tile */
-                MICRO[W_F32][mt](x + (long)m0 * K, K, panel, 0, NR, NULL, tile);
-                for (int i = 0; i < mt; i++)
-                    for (int j = 0; j < nvalid; j++)
-                        y[(long)(m0 + i) * N + p * NR + j] = tile[i * NR + j] + (bias ? bias[p * NR + j] : 0.0f);
+        const __m256i mask = _mm256_set1_epi8(0x0F);
+        __m256i s16[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                          _mm256_setzero_si256()};
+        for (int s = 0; s < 4; s++) {           /* 8 k per step; 4 steps stay within int16 */
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + s * 32));
+            __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            for (int t = 0; t < MT; t++) {
+                const int8_t *xp = xq + t * K + s * 8;
+                __m256i xa = _mm256_set1_epi32(*(const int32_t *)xp), xb = _mm256_set1_epi32(*(const int32_t *)(xp + 4));
+                s16[t] = _mm256_add_epi16(s16[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa),
+                                                                   _mm256_maddubs_epi16(hi, xb)));
             }
         }
-        free(panel);
+        for (int t = 0; t < MT; t++) acc[t] = _mm256_madd_epi16(s16[t], ones);
+        return;
     }
+    for (int t = 0; t < MT; t++) acc[t] = _mm256_setzero_si256();
+    for (int s = 0; s < 8; s++) {               /* 4 k per step: |w| unsigned times x with w's sign */
+        __m256i v = _mm256_loadu_si256((const __m256i *)(w + s * 32)), av = _mm256_sign_epi8(v, v);
+        for (int t = 0; t < MT; t++) {
+            __m256i xa = _mm256_set1_epi32(*(const int32_t *)(xq + t * K + s * 4));
+            acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(xa, v)), ones));
+        }
+    }
+}
+
+/* MT (1..4) quantized rows of x against panel p. */
+static inline __attribute__((always_inline)) void qtile(const int BITS, const int MT, const QuantRows *x, long row0,
+                                                        int K, int gs, const uint8_t *w, const uint16_t *scales,
+                                                        const uint16_t *mins, long p, int N, const float *bias,
+                                                        float *y) {
+    const long nb = K / QB, G = K / gs, bpg = gs / QB;
+    const uint8_t *wp = w + p * (long)K * (BITS == 4 ? 4 : 8);       /* 8 rows x K codes */
+    const uint16_t *sp = scales + p * G * QR, *mp = mins + p * G * QR;
+    __m256 out[4];
+    for (int t = 0; t < MT; t++) out[t] = _mm256_setzero_ps();
+    for (long g = 0; g < G; g++) {
+        __m256 part[4];
+        float xsum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int t = 0; t < MT; t++) part[t] = _mm256_setzero_ps();
+        for (long b = g * bpg; b < (g + 1) * bpg; b++) {
+            __m256i acc[4];
+            block_dots(BITS, MT, wp + b * QB * QR / (BITS == 4 ? 2 : 1), x->q + (row0 * nb + b) * QB, K, acc);
+            for (int t = 0; t < MT; t++) {
+                long i = (row0 + t) * nb + b;
+                part[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), _mm256_broadcast_ss(x->d + i), part[t]);
+                xsum[t] += x->s[i];
+            }
+        }
+        __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sp + g * QR)));
+        __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mp + g * QR)));
+        for (int t = 0; t < MT; t++)
+            out[t] = _mm256_fmadd_ps(_mm256_set1_ps(xsum[t]), m, _mm256_fmadd_ps(part[t], s, out[t]));
+    }
+    const long n0 = p * QR;
+    const int nvalid = N - n0 < QR ? (int)(N - n0) : QR;
+    for (int t = 0; t < MT; t++) {
+        float tmp[QR];
+        _mm256_storeu_ps(tmp, out[t]);
+        for (int j = 0; j < nvalid; j++) y[(row0 + t) * N + n0 + j] = tmp[j] + (bias ? bias[n0 + j] : 0.0f);
+    }
+}
+
+typedef void (*qtile_fn)(const QuantRows *, long, int, int, const uint8_t *, const uint16_t *, const uint16_t *, long,
+                         int, const float *, float *);
+#define DEFINE_QTILE(B, T)                                                                           \
+    static void qtile_##B##_##T(const QuantRows *x, long r, int K, int gs, const uint8_t *w,         \
+                                const uint16_t *sc, const uint16_t *mn, long p, int N, const float *b, \
+                                float *y) { qtile(B, T, x, r, K, gs, w, sc, mn, p, N, b, y); }
+DEFINE_QTILE(4, 1) DEFINE_QTILE(4, 2) DEFINE_QTILE(4, 3) DEFINE_QTILE(4, 4)
+DEFINE_QTILE(8, 1) DEFINE_QTILE(8, 2) DEFINE_QTILE(8, 3) DEFINE_QTILE(8, 4)
+static const qtile_fn QTILE[2][4] = {{qtile_4_1, qtile_4_2, qtile_4_3, qtile_4_4},
+                                     {qtile_8_1, qtile_8_2, qtile_8_3, qtile_8_4}};
+
+/* x: [M, K] float32 (K and group_size multiples of 32); packed, scales, mins: as above;
+ * y: [M, N]. */
+void qs_linear_q(const float *x, int M, int K, const uint8_t *packed, int bits, const uint16_t *scales,
+                 const uint16_t *mins, int group_size, const float *bias, float *y, int N, int nthreads) {
+    const long nb = K / QB, npanels = (N + QR - 1) / QR;
+    QuantRows xr = {malloc((size_t)M * K), malloc(sizeof(float) * M * nb), malloc(sizeof(float) * M * nb)};
+    quantize_rows(x, M, K, &xr, nthreads);
+    const qtile_fn *fns = QTILE[bits == 4 ? 0 : 1];
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (long p = 0; p < npanels; p++)
+        for (int m0 = 0; m0 < M; m0 += 4) {
+            int mt = M - m0 < 4 ? M - m0 : 4;
+            fns[mt - 1](&xr, m0, K, group_size, packed, scales, mins, p, N, bias, y);
+        }
+    free(xr.q);
+    free(xr.d);
+    free(xr.s);
 }
 
 static inline float dot(const float *a, const void *b, int ctype, long off, int D) {
@@ -470,7 +517,7 @@ void qs_silu_mul(const float *gate_up, float *out, int T, int I) {
 
 typedef struct {
     const void *w;                     /* float panels (wtype), or integer code panels when bits > 0 */
-    const float *scales, *mins;        /* integer weights only */
+    const uint16_t *scales, *mins;     /* integer weights only (float16) */
     int bits, group_size;
 } LinearWeights;
 

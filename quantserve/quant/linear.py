@@ -44,7 +44,8 @@ class Linear(nn.Module):
         """Repack for the native kernel when it can run this layer; drops the [N, K] copy."""
         if self.spec is not None:
             self.bias = None if self.bias is None else nn.Parameter(self.bias.data.float())
-            if kernels.usable(self.codes) and self.spec.bits in (4, 8):
+            if kernels.usable(self.codes) and kernels.quantized_usable(self.in_features, self.spec.group_size,
+                                                                        self.spec.bits):
                 codes = unpack_nibbles(self.codes) if self.spec.bits == 4 else self.codes
                 packed = kernels.pack_quantized(codes, self.scales, self.zeros, self.spec.bits)
                 for name in ("codes", "scales", "zeros"):
