@@ -11,6 +11,7 @@ COMMANDS = {
     "serve": ("quantserve.cli.serve", "serve a model: OpenAI-compatible api_server, and api_client"),
     "lite": ("quantserve.cli.lite", "quantize weights: auto_awq, auto_gptq, rtn"),
     "eval": ("quantserve.cli.eval", "evaluate a model: perplexity on WikiText-2 or PTB through the engine"),
+    "bench": ("quantserve.cli.bench", "benchmark: engine throughput and latency, or any OpenAI-compatible server"),
     "mem": ("quantserve.cli.mem", "memory calculator: weights, KV cache, other; inference and training"),
     "default-model": ("quantserve.cli.default_model", "print the path of the default model, preparing it offline"),
 }

@@ -55,15 +55,20 @@ def calibration_windows(tokenizer, name: str, samples: int, seqlen: int, seed: i
     return [ids[s:s + seqlen] for s in starts]
 
 
+HESSIAN_ROWS = 65536    # GPTQ's X^T X uses at most this many token rows (a random subset)
+
+
 @dataclass
 class InputStats:
     """What one projection saw: per-channel mean |x|, up to `keep` sampled input rows, and
-    (for GPTQ) X^T X."""
+    (for GPTQ) X^T X over a `hessian_share` of the rows."""
     keep: int
     with_hessian: bool = False
+    hessian_share: float = 1.0
     abs_sum: torch.Tensor | None = None
     xtx: torch.Tensor | None = None
     rows: int = 0
+    hessian_rows: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)
     rng: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
 
@@ -71,13 +76,19 @@ class InputStats:
         x = x.float()
         self.abs_sum = x.abs().sum(0) if self.abs_sum is None else self.abs_sum + x.abs().sum(0)
         if self.with_hessian:
-            self.xtx = x.t() @ x if self.xtx is None else self.xtx.addmm_(x.t(), x)
+            self._add_hessian(x)
         self.rows += x.shape[0]
         take = min(x.shape[0], max(1, self.keep // 16))          # a few rows from every chunk
         self.sample.append(x[torch.randperm(x.shape[0], generator=self.rng)[:take]].clone())
 
+    def _add_hessian(self, x: torch.Tensor) -> None:
+        if self.hessian_share < 1.0:
+            x = x[torch.randperm(x.shape[0], generator=self.rng)[:max(1, round(x.shape[0] * self.hessian_share))]]
+        self.xtx = x.t() @ x if self.xtx is None else self.xtx.addmm_(x.t(), x)
+        self.hessian_rows += x.shape[0]
+
     def hessian(self) -> torch.Tensor:
-        return 2 * self.xtx / self.rows                          # [K, K]
+        return 2 * self.xtx / self.hessian_rows                  # [K, K]
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -102,7 +113,9 @@ def collect_stats(model_dir: Path, windows: list[list[int]], batch_size: int, ke
     engine = Engine(model_dir, EngineConfig(dtype="float32", session_len=seqlen + 1, max_batch_size=batch_size,
                                             cache_max_tokens=(seqlen + 64) * batch_size,
                                             max_prefill_token_num=min(8192, seqlen * batch_size)), progress=False)
-    stats = {f"layers.{i}.{p}": InputStats(keep, hessian) for i in range(engine.args.num_layers) for p in PROJECTIONS}
+    share = min(1.0, HESSIAN_ROWS / (seqlen * len(windows)))
+    stats = {f"layers.{i}.{p}": InputStats(keep, hessian, share)
+             for i in range(engine.args.num_layers) for p in PROJECTIONS}
     hooks = [engine.model.get_submodule(name).register_forward_pre_hook(
         lambda _m, args, s=s: s.add(args[0])) for name, s in stats.items()]
     try:

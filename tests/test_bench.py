@@ -1,0 +1,108 @@
+"""`quantserve bench throughput|latency|serving` on small workloads: the counts they report are
+the work that was done, the files are written, and bad input is a one-line error."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from quantserve.cli.main import main
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def written(tmp_path, kind: str) -> tuple[list[dict], list[dict]]:
+    (json_path,) = tmp_path.glob(f"{kind}-*.json")
+    (csv_path,) = tmp_path.glob(f"{kind}-*.csv")
+    with open(csv_path) as f:
+        return json.loads(json_path.read_text()), list(csv.DictReader(f))
+
+
+ENGINE = ["--dtype", "float32", "--cache-max-tokens", "4096", "--no-progress"]
+
+
+def test_throughput_runs_every_request_to_its_length(tiny_server_model, tmp_path, capsys):
+    code, out, _ = run_cli(["bench", "throughput", str(tiny_server_model), "--num-prompts", "6", "--input-len", "20",
+                            "--output-len", "7", "--concurrency", "4", "--output-dir", str(tmp_path), *ENGINE], capsys)
+    assert code == 0 and "output tok/s" in out
+    (row,), (csv_row,) = written(tmp_path, "throughput")
+    assert row["num_prompts"] == 6 and row["output_tokens"] == 6 * 7 and row["input_tokens"] == 6 * 20
+    assert row["output_tokens_per_s"] == pytest.approx(row["output_tokens"] / row["elapsed_s"])
+    assert float(csv_row["requests_per_s"]) == pytest.approx(row["requests_per_s"])
+
+
+def test_latency_grid_has_a_row_per_point_and_a_plot(tiny_server_model, tmp_path, capsys):
+    code, out, _ = run_cli(["bench", "latency", str(tiny_server_model), "--batch-size", "1", "3", "--input-len", "16,32",
+                            "--output-len", "5", "--output-dir", str(tmp_path), *ENGINE], capsys)
+    assert code == 0 and "decode tok/s" in out
+    rows, csv_rows = written(tmp_path, "latency")
+    assert [(r["batch"], r["input_len"]) for r in rows] == [(1, 16), (1, 32), (3, 16), (3, 32)]
+    assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["weights_gb"] > 0 for r in rows)
+    assert len(csv_rows) == 4 and next(tmp_path.glob("latency-*.png")).stat().st_size > 10_000
+
+
+def test_serving_against_a_live_server(tiny_server, tiny_server_model, tmp_path, capsys):
+    before = tiny_server.engine.stats()
+    code, out, _ = run_cli(["bench", "serving", "--base-url", tiny_server.url + "/v1", "--tokenizer",
+                            str(tiny_server_model), "--num-prompts", "8", "--input-len", "24", "--output-len", "6",
+                            "--concurrency", "1", "4", "--output-dir", str(tmp_path), "--no-progress"], capsys)
+    assert code == 0 and "TTFT p50 ms" in out
+    rows, csv_rows = written(tmp_path, "serving")
+    assert [r["concurrency"] for r in rows] == [1, 4] and len(csv_rows) == 2
+    for row in rows:
+        assert row["completed"] == 8 and row["failed"] == 0 and row["model"] == "tiny"
+        assert row["output_tokens"] == 8 * 6                      # ignore_eos: every request ran to its length
+        assert 0 < row["ttft_ms"]["p50"] <= row["e2e_ms"]["p50"] and row["tpot_ms"]["p50"] > 0
+        assert row["itl_ms"]["p99"] >= row["itl_ms"]["p50"] > 0
+    assert len(list(tmp_path.glob("serving-*.png"))) == 2         # percentiles, throughput vs concurrency
+    assert tiny_server.engine.stats().num_free_blocks == before.num_free_blocks
+
+
+def test_serving_reports_refused_requests(tiny_server_model, tmp_path, capsys):
+    from conftest import RunningServer
+
+    server = RunningServer(tiny_server_model, api_keys=["right"])
+    try:
+        code, out, err = run_cli(["bench", "serving", "--base-url", server.url, "--model", "tiny", "--api-key", "wrong",
+                                  "--tokenizer", str(tiny_server_model), "--num-prompts", "3", "--input-len", "8",
+                                  "--output-len", "4", "--output-dir", str(tmp_path), "--no-progress"], capsys)
+    finally:
+        server.close()
+    assert code == 1 and "HTTP 401" in err
+    (row,), _ = written(tmp_path, "serving")
+    assert row["completed"] == 0 and row["failed"] == 3
+
+
+def test_sharegpt_dataset(tiny_server_model, tmp_path):
+    from quantserve.bench.workload import load
+    from quantserve.text import Tokenizer
+
+    rows = [{"conversations": [{"from": "human", "value": "Quartz zebras jump over lazy wolves."},
+                               {"from": "gpt", "value": "Wolves nap while zebras run."}]},
+            {"conversations": [{"from": "human", "value": "hi"}]},                     # no reply: skipped
+            {"id": "no conversations"}]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(rows))
+    tok = Tokenizer(tiny_server_model).hf
+    (req,) = load(tok, str(path), 10, 0, None, 0)
+    assert req.prompt_ids == tok.encode(req.prompt, add_special_tokens=False)
+    assert req.output_len == len(tok.encode("Wolves nap while zebras run.", add_special_tokens=False))
+    assert load(tok, str(path), 10, 0, 3, 0)[0].output_len == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["throughput", "--num-prompts", "0"], "--num-prompts must be at least 1"),
+    (["throughput", "--dataset", "/nonexistent.json"], "--dataset /nonexistent.json: not a readable ShareGPT"),
+    (["latency", "--batch-size", "0"], "--batch-size, --input-len and --output-len must be at least 1"),
+    (["serving", "--base-url", "http://127.0.0.1:9", "--request-rate", "0"], "--request-rate must be > 0"),
+])
+def test_bad_input_is_one_line(args, message, tiny_server_model, tmp_path, capsys):
+    model = [] if args[0] == "serving" else [str(tiny_server_model)]
+    extra = ["--tokenizer", str(tiny_server_model)] if args[0] == "serving" else ENGINE
+    code, _, err = run_cli(["bench", args[0], *model, *args[1:], *extra, "--output-dir", str(tmp_path)], capsys)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
