@@ -106,3 +106,32 @@ def test_bad_input_is_one_line(args, message, tiny_server_model, tmp_path, capsy
     extra = ["--tokenizer", str(tiny_server_model)] if args[0] == "serving" else ENGINE
     code, _, err = run_cli(["bench", args[0], *model, *args[1:], *extra, "--output-dir", str(tmp_path)], capsys)
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_serving_against_llama_cpp_server(default_model, tmp_path, capsys):
+    """llama.cpp's OpenAI server (llama-cpp-python, an optional benchmark dependency) on the
+    default model's shipped Q4_1 GGUF."""
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is an optional benchmark dependency")
+    import subprocess
+    import sys
+
+    from benchmarks.bench_llamacpp import free_port, wait_ready
+    from quantserve import envs
+
+    gguf = envs.quantserve_home() / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", "2",
+                             "--port", str(port), "--host", "127.0.0.1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=120)
+        code, out, _ = run_cli(["bench", "serving", "--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "4",
+                                "--input-len", "32", "--output-len", "8", "--concurrency", "2",
+                                "--output-dir", str(tmp_path), "--no-progress"], capsys)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert code == 0
+    (row,), _ = written(tmp_path, "serving")
+    assert row["completed"] == 4 and row["output_tokens"] == 4 * 8 and row["ttft_ms"]["p50"] > 0

@@ -167,6 +167,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     the G query heads of a KV head batched against it (no repeated K/V)."""
     n, hq, d = q.shape
     s, hkv, _ = k.shape
+    if s == n:          # no past: torch's fused causal kernel (flash attention on CPU), ~1.9x faster at 2048
+        o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                           v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale,
+                                           enable_gqa=True)           # [1, Hq, N, D]
+        return o[0].transpose(0, 1)
     g = hq // hkv
     qg = q.view(n, hkv, g, d).permute(1, 2, 0, 3)              # [Hkv, G, N, D]
     kt = k.permute(1, 2, 0).unsqueeze(1)                       # [Hkv, 1, D, S]
