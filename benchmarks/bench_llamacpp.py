@@ -223,7 +223,7 @@ def serving(models: dict[str, Path], ggufs: dict[str, Path], model_dir: Path, ar
     port = free_port()
     theirs = serve_and_measure([sys.executable, "-m", "llama_cpp.server", "--model", str(ggufs["Q4_0"]),
                                 "--n_threads", str(THREADS), "--n_ctx", "4096", "--port", str(port),
-                                "--host", "127.0.0.1"], port, model_dir, args)
+                                "--host", "127.0.0.1", "--interrupt_requests", "False"], port, model_dir, args)
     return {"quantserve W4 g64": ours, "llama.cpp Q4_0 (llama-cpp-python server)": theirs}
 
 
