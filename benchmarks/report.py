@@ -3,6 +3,7 @@
     python benchmarks/bench_engine.py && python benchmarks/profile_decode.py \
         && python benchmarks/bench_kv_quant.py && python benchmarks/bench_prefix_cache.py \
         && python benchmarks/bench_weight_quant.py && python benchmarks/bench_weight_quality.py \
+        && python benchmarks/bench_llamacpp.py \
         && python benchmarks/report.py
 """
 from __future__ import annotations
@@ -132,6 +133,46 @@ linear layers' FLOPs at ~120 GFLOP/s on two cores. 128 x 512 calibration, as in 
 above, takes about 6 minutes.
 """
 
+LLAMACPP = """## quantserve vs llama.cpp and transformers (`benchmarks/bench_llamacpp.py`)
+
+SmolLM2-135M-Instruct, 2 threads, greedy, EOS ignored, best of 3, all in one run:
+`pip install llama-cpp-python` (it builds llama.cpp from source; an optional benchmark
+dependency, plus `sse-starlette starlette-context` for its server), then
+`python benchmarks/bench_llamacpp.py`. llama.cpp runs through its C API (llama-cpp-python's
+ctypes bindings: one `llama_decode` per step, greedy argmax, no sampler chain); its F16, Q8_0
+and Q4_0 files are the shipped Q4_1 requantized by llama.cpp's own quantize API, so both sides
+hold the same weights. Our W4/W8 are `lite rtn` group 64 with the int8 output head. Decode:
+128-token prompt, 128 new tokens; prefill: one 512-token prompt; 16 seqs: 16 prompts decoded
+together, total tokens/s of the decode phase. "Step reads": weight bytes read per batch-1
+step x steps/s, next to the machine's copy bandwidth. Serving: 64 requests, 128 tokens in /
+128 out, concurrency 8, `quantserve bench serving` against each server. llama-cpp-python's
+server runs one request at a time (requests wait their turn with `--interrupt_requests False`;
+by default it drops a streaming request when the next arrives), which is what its TTFT shows;
+llama.cpp's own C++ `llama-server` with parallel slots would batch them.
+
+![quantserve vs llama.cpp](benchmarks/results/llamacpp.png)
+
+{table}
+| target (issue 6) | measured | met |
+|---|---|---|
+| decode batch 1, W4 vs Q4_0 >= 1.0x | {w4_q40} | {w4_q40_ok} |
+| decode batch 1, float vs F16 >= 1.0x | {f_f16} | {f_f16_ok} |
+| 16 streams, total tokens/s >= 3x llama.cpp batched | {n_q40} (W4 vs Q4_0), {n_f16} (float vs F16) | {n_ok} |
+| prefill 512 >= 1.0x at the same precision | {p_f16} (F16), {p_q80} (Q8_0), {p_q40} (Q4_0), {p_q41} (Q4_1) | {p_ok} |
+| serving requests/s >= 2x llama.cpp's server, p50 TTFT no worse | {srv_rps}, TTFT {srv_ttft} | {srv_ok} |
+| >= 10x transformers generate() at batch 1 | {hf} | {hf_ok} |
+
+What limits the misses. *16 streams*: llama.cpp decodes 16 sequences in one batch too
+(200-220 tokens/s here, twice the figure quoted in the issue), so 3x would need ~650 tokens/s
+from two cores; our 16-row step is compute-bound (the profile above: linears at ~110 GFLOP/s,
+attention 16%, the LM head 17% at float). *Prefill*: our float GEMM runs at ~110-130 GFLOP/s
+against llama.cpp's F16/Q4_0 prefill paths; the W4 path pays per-block float scaling that
+llama.cpp's Q4_0 (one scale, no min) does not. *transformers*: its bf16 `generate()` here is
+15 tokens/s, so 10x is 151 tokens/s at batch 1; we reach 131 (W4), and batch 1 is bound by
+memory bandwidth: the W4 step reads 90 MB at 11.8 GB/s effective against a 24.5 GB/s copy
+bandwidth, with per-layer synchronisation of the two threads taking the rest.
+"""
+
 PREFIX = """## Prefix caching (`benchmarks/bench_prefix_cache.py`)
 
 Two requests sharing a 1,500-token document, each with its own question, on the default model:
@@ -153,11 +194,47 @@ def weight_ratios() -> dict:
                 w4_mem=f"{w4['weights_gb'] / base['weights_gb']:.0%}")
 
 
+def llamacpp_targets() -> dict:
+    """The issue's targets, filled from benchmarks/results/llamacpp.json."""
+    path = RESULTS / "llamacpp.json"
+    if not path.exists():
+        return {}
+    r = json.loads(path.read_text())
+    ours, theirs, n = r["engine"]["quantserve"], r["engine"]["llama.cpp"], r["args"]["concurrency"]
+
+    def x(a: float, b: float) -> float:
+        return a / b
+
+    b1 = lambda o, t: x(ours[o]["decode_b1_tok_s"], theirs[t]["decode_b1_tok_s"])      # noqa: E731
+    pre = lambda o, t: x(ours[o]["prefill512_tok_s"], theirs[t]["prefill512_tok_s"])   # noqa: E731
+    many = lambda o, t: x(ours[o][f"decode_{n}seq_tok_s"], theirs[t][f"decode_{n}seq_tok_s"])  # noqa: E731
+    yes = lambda ok: "yes" if ok else "**no**"                                         # noqa: E731
+    prefill = [pre("float16", "F16"), pre("W8 g64", "Q8_0"), pre("W4 g64", "Q4_0"), pre("W4 g64", "Q4_1")]
+    hf = x(ours["W4 g64"]["decode_b1_tok_s"], max(r["transformers_generate_b1"].values()))
+    out = dict(w4_q40=f"{b1('W4 g64', 'Q4_0'):.2f}x", w4_q40_ok=yes(b1("W4 g64", "Q4_0") >= 1),
+               f_f16=f"{b1('float16', 'F16'):.2f}x", f_f16_ok=yes(b1("float16", "F16") >= 1),
+               n_q40=f"{many('W4 g64', 'Q4_0'):.2f}x", n_f16=f"{many('float16', 'F16'):.2f}x",
+               n_ok=yes(min(many("W4 g64", "Q4_0"), many("float16", "F16")) >= 3),
+               p_f16=f"{prefill[0]:.2f}x", p_q80=f"{prefill[1]:.2f}x", p_q40=f"{prefill[2]:.2f}x",
+               p_q41=f"{prefill[3]:.2f}x", p_ok=yes(min(prefill) >= 1) if min(prefill) >= 1 else
+               f"**no** ({sum(p >= 1 for p in prefill)} of 4)",
+               hf=f"{hf:.2f}x", hf_ok=yes(hf >= 10), srv_rps="not run", srv_ttft="", srv_ok="")
+    if r["serving"]:
+        (_, o), (_, t) = r["serving"].items()
+        rps, ttft = x(o["requests_per_s"], t["requests_per_s"]), (o["ttft_ms"]["p50"], t["ttft_ms"]["p50"])
+        out.update(srv_rps=f"{rps:.2f}x", srv_ttft=f"{ttft[0]:.0f} vs {ttft[1]:.0f} ms",
+                   srv_ok=yes(rps >= 2 and ttft[0] <= ttft[1]))
+    return out
+
+
 def main() -> None:
     parts = [HEADER, ENGINE.format(table=table("engine.md")), PROFILE.format(table=table("profile.md")),
              KV.format(table=table("kv_quant.md")), PREFIX.format(table=table("prefix_cache.md")),
              WEIGHT_SPEED.format(table=table("weight_quant.md"), **weight_ratios()),
              WEIGHT_QUALITY.format(table=table("weight_quality.md"))]
+    targets = llamacpp_targets()
+    if targets:
+        parts.insert(3, LLAMACPP.format(table=table("llamacpp.md"), **targets))
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
 
