@@ -80,3 +80,16 @@ def test_calibration_data_choices(tmp_path):
     lines = tmp_path / "mine.jsonl"
     lines.write_text('{"text": "first document"}\n{"text": "second one"}\n')
     assert calibration_text(str(lines)) == "first document\n\nsecond one"
+
+
+def test_hessian_from_a_share_of_the_rows_estimates_the_whole():
+    """GPTQ's X^T X is capped at HESSIAN_ROWS token rows: a random share of every chunk."""
+    from quantserve.quant.calib import InputStats
+
+    x = torch.randn(8192, 16, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.5, 2.0, 16)
+    whole, share = InputStats(64, True), InputStats(64, True, 0.25)
+    for chunk in x.split(512):
+        whole.add(chunk)
+        share.add(chunk)
+    assert (whole.hessian_rows, share.hessian_rows, share.rows) == (8192, 2048, 8192)
+    assert float((share.hessian() - whole.hessian()).norm() / whole.hessian().norm()) < 0.05
