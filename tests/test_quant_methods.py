@@ -92,4 +92,5 @@ def test_hessian_from_a_share_of_the_rows_estimates_the_whole():
         whole.add(chunk)
         share.add(chunk)
     assert (whole.hessian_rows, share.hessian_rows, share.rows) == (8192, 2048, 8192)
-    assert float((share.hessian() - whole.hessian()).norm() / whole.hessian().norm()) < 0.05
+    # sampling error of 2048 rows in 16 dimensions is ~sqrt(16 / 2048) = 9%; a wrong normalisation is 75%
+    assert float((share.hessian() - whole.hessian()).norm() / whole.hessian().norm()) < 0.15
