@@ -99,22 +99,21 @@ def workload(ns, tokenizer_path) -> list:
     return load(Tokenizer(tokenizer_path).hf, ns.dataset, ns.num_prompts, ns.input_len, ns.output_len, ns.seed)
 
 
-def load_engine(ns, session_len: int):
+def load_engine(ns, path: Path, session_len: int):
     from quantserve.engine.engine import Engine
-    from quantserve.models.resolve import resolve_model
 
     ns.session_len = max(ns.session_len or 0, session_len)
-    path = resolve_model(ns.model_path)
-    return path, Engine(path, engine_config(ns), progress=not ns.no_progress)
+    return Engine(path, engine_config(ns), progress=not ns.no_progress)
 
 
 def run_throughput(ns) -> int:
     from quantserve.bench import offline, results
     from quantserve.models.resolve import resolve_model
 
-    requests = workload(ns, resolve_model(ns.model_path))
+    path = resolve_model(ns.model_path)
+    requests = workload(ns, path)
     ns.max_batch_size = ns.max_batch_size or min(len(requests), ns.concurrency or len(requests), 64)
-    path, engine = load_engine(ns, max(len(r.prompt_ids) + r.output_len for r in requests) + 1)
+    engine = load_engine(ns, path, max(len(r.prompt_ids) + r.output_len for r in requests) + 1)
     offline.throughput(engine, requests[:1], progress=False)                         # warm-up
     row = {"model": str(path), **offline.throughput(engine, requests, ns.concurrency, not ns.no_progress)}
     print(results.table([row], [("num_prompts", "prompts"), ("elapsed_s", "seconds"), ("requests_per_s", "req/s"),
@@ -129,6 +128,7 @@ def run_throughput(ns) -> int:
 def run_latency(ns) -> int:
     from quantserve.bench import offline, results
     from quantserve.bench.workload import synthetic
+    from quantserve.models.resolve import resolve_model
     from quantserve.text import Tokenizer
 
     flat = lambda groups: [v for g in groups for v in g]  # noqa: E731
@@ -136,7 +136,8 @@ def run_latency(ns) -> int:
     if any(min(p.batch, p.input_len, p.output_len) < 1 for p in points):
         raise ValueError("--batch-size, --input-len and --output-len must be at least 1")
     ns.max_batch_size = max(ns.max_batch_size or 0, *(p.batch for p in points))
-    path, engine = load_engine(ns, max(p.input_len + p.output_len for p in points) + 1)
+    path = resolve_model(ns.model_path)
+    engine = load_engine(ns, path, max(p.input_len + p.output_len for p in points) + 1)
     tokenizer = Tokenizer(path).hf
     offline.latency(engine, points[0], [synthetic(tokenizer, 1, 8, 1)[0].prompt_ids], 1)    # warm-up
     rows = []
