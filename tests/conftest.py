@@ -17,10 +17,10 @@ def save_hf(model, path: Path) -> Path:
     return path
 
 
-def build_llama(path: Path, **overrides) -> Path:
+def build_llama(path: Path, seed: int = 0, **overrides) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return save_hf(LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides})).eval(), path)
 
 
@@ -143,15 +143,15 @@ class RunningServer:
 
         from quantserve.config import EngineConfig
         from quantserve.serve.openai_app import ServerConfig, ServerState, build_app
-        from quantserve.serve.server import build_self_ui, load_service
+        from quantserve.serve.server import build_self_ui, make_loader
 
         self.config = ServerConfig(server_options.pop("model_name", "tiny"), **server_options)
         self.state = ServerState(self.config)
         engine_config = engine_config or EngineConfig(dtype="float32", enable_prefix_caching=True,
                                                       cache_max_tokens=4096, max_batch_size=16)
-        self.state.service, self.state.model_card = load_service(str(model_dir), engine_config, self.config,
-                                                                 progress=False)
-        self.state.metrics = self.state.service.metrics
+        self.state.models.loader = make_loader(engine_config, self.config, self.state.metrics, progress=False)
+        service, card = self.state.models.loader(self.config.model_name, str(model_dir), {})
+        self.state.models.add(self.config.model_name, service, card, str(model_dir))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -178,7 +178,9 @@ class RunningServer:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
-        self.engine.shutdown()
+        for slot in self.state.models.slots.values():
+            if slot.service is not None:
+                slot.service.engine.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import httpx
 import jsonschema
@@ -304,15 +305,24 @@ def test_health_is_503_while_loading_after_a_failed_load_and_when_the_engine_sto
 
     from conftest import RunningServer
     from quantserve.serve.openai_app import ServerConfig, ServerState, build_app
+    from quantserve.serve.registry import ModelRegistry
 
-    state = ServerState(ServerConfig("tiny"))
+    gate = threading.Event()
+
+    def slow_failing_load(name, path, overrides):
+        gate.wait(10)
+        raise FileNotFoundError(f"no config.json in {path}")
+
+    state = ServerState(ServerConfig("tiny"), ModelRegistry(slow_failing_load))
+    loading = state.models.start([("tiny", "/nowhere")])
     client = TestClient(build_app(state))
     for path, method in (("/health", "get"), ("/v1/models", "get")):
         r = getattr(client, method)(path)
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
     assert client.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG}).status_code == 503
-    state.error = "loading the model failed: no config.json"
-    assert "no config.json" in client.get("/health").json()["error"]["message"]
+    gate.set()
+    loading.join(10)
+    assert "no config.json in /nowhere" in client.get("/health").json()["error"]["message"]
 
     server = RunningServer(tiny_server_model)
     try:

@@ -6,15 +6,23 @@ import logging
 import os
 import sys
 
-from quantserve.cli.args import add_engine_args, add_model_arg, engine_config
+from quantserve.cli.args import add_engine_args, engine_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="serve_command", required=True, metavar="{api_server,api_client,gradio}")
-    server = sub.add_parser("api_server", help="OpenAI-compatible HTTP server")
-    add_model_arg(server)
+    server = sub.add_parser("api_server", help="OpenAI-compatible HTTP server (one model or several)")
+    server.add_argument("model_path", nargs="*", default=[],
+                        help="model directories or .gguf files, a directory of models, or nothing for the "
+                             "default model (SmolLM2-135M-Instruct)")
     add_engine_args(server)
     add_server_args(server)
+    g = server.add_argument_group("models")
+    g.add_argument("--admin-api-keys", nargs="*", default=None,
+                   help="Bearer keys that may load, unload and reload models at run time (default: nobody)")
+    g.add_argument("--models-dir", default=None,
+                   help="directory whose subdirectories /v1/models/load finds by name")
+    g.add_argument("--proxy-url", default=None, help="register with this `serve proxy` once loaded")
     ui = sub.add_parser("gradio", help="chat page: for a running api_server (URL), or with the model in-process")
     ui.add_argument("model_path", nargs="?", default=None, metavar="URL_OR_MODEL",
                     help="http(s)://host:port of an api_server, or a model (nothing: the default model)")
@@ -34,7 +42,8 @@ def add_server_args(p: argparse.ArgumentParser, port: int = 23333) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--server-name", default="0.0.0.0", help="address to listen on")
     g.add_argument("--server-port", type=int, default=port)
-    g.add_argument("--model-name", default=None, help="name served in /v1/models (default: the model directory's name)")
+    g.add_argument("--model-name", nargs="+", default=None,
+                   help="name served in /v1/models, one per model (default: the model directory's name)")
     g.add_argument("--api-keys", nargs="*", default=None, help="accepted Bearer keys (default: no authentication)")
     g.add_argument("--allow-origins", nargs="*", default=["*"], help="CORS origins")
     g.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
@@ -80,12 +89,28 @@ def is_url(text: str | None) -> bool:
 
 
 def run_api_server(ns, with_ui: bool = False) -> int:
-    from quantserve.config import ConfigError
     from quantserve.serve.openai_app import ServerConfig
     from quantserve.serve.plan import Limits
-    from quantserve.serve.server import default_model_name, run_server
+    from quantserve.serve.server import run_server
 
     logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    check_server_flags(ns)
+    models = served_models(ns)
+    ns.enable_prefix_caching = ns.enable_prefix_caching or not ns.disable_prefix_caching
+    limits = Limits(max_n=ns.max_n, max_body_bytes=ns.max_body_size, max_concurrent_requests=ns.max_concurrent_requests,
+                    max_queued_requests=ns.max_queued_requests, rate_limit=ns.rate_limit)
+    server = ServerConfig(models[0][0], ns.api_keys or [], ns.allow_origins, ns.allow_credentials, ns.allow_methods,
+                          ns.allow_headers, limits, ns.disable_fastapi_docs, ns.default_max_tokens,
+                          getattr(ns, "admin_api_keys", None) or [], getattr(ns, "models_dir", None))
+    run_server(models, engine_config(ns), server, ns.server_name, ns.server_port, ns.chat_template,
+               ns.tool_call_parser, ns.log_level, ns.ssl, ns.ssl_keyfile, ns.ssl_certfile, with_ui,
+               getattr(ns, "proxy_url", None))
+    return 0
+
+
+def check_server_flags(ns) -> None:
+    from quantserve.config import ConfigError
+
     for flag in ("max_concurrent_requests", "max_queued_requests", "max_body_size", "max_n", "server_port",
                  "default_max_tokens"):
         if getattr(ns, flag) <= 0:
@@ -94,14 +119,36 @@ def run_api_server(ns, with_ui: bool = False) -> int:
         raise ConfigError("must be > 0", field="rate_limit")
     if ns.ssl and not (ns.ssl_certfile and ns.ssl_keyfile):
         raise ConfigError("needs --ssl-certfile and --ssl-keyfile (or SSL_CERTFILE / SSL_KEYFILE)", field="ssl")
-    if ns.model_path and not os.path.exists(ns.model_path):
-        raise ConfigError(f"the model path {ns.model_path} does not exist")
-    ns.enable_prefix_caching = ns.enable_prefix_caching or not ns.disable_prefix_caching
-    limits = Limits(max_n=ns.max_n, max_body_bytes=ns.max_body_size, max_concurrent_requests=ns.max_concurrent_requests,
-                    max_queued_requests=ns.max_queued_requests, rate_limit=ns.rate_limit)
-    server = ServerConfig(ns.model_name or default_model_name(ns.model_path), ns.api_keys or [], ns.allow_origins,
-                          ns.allow_credentials, ns.allow_methods, ns.allow_headers, limits, ns.disable_fastapi_docs,
-                          ns.default_max_tokens)
-    run_server(ns.model_path, engine_config(ns), server, ns.server_name, ns.server_port, ns.chat_template,
-               ns.tool_call_parser, ns.log_level, ns.ssl, ns.ssl_keyfile, ns.ssl_certfile, with_ui)
-    return 0
+    models_dir = getattr(ns, "models_dir", None)
+    if models_dir and not os.path.isdir(models_dir):
+        raise ConfigError(f"{models_dir} is not a directory", field="models_dir")
+
+
+def served_models(ns) -> list[tuple[str, str | None]]:
+    """(name, path) of every model to serve: the paths given (a directory of models counts as
+    each model in it), named by --model-name or by their directory; none: the default model."""
+    from quantserve.config import ConfigError
+    from quantserve.serve.server import default_model_name
+
+    paths = ns.model_path if isinstance(ns.model_path, list) else [ns.model_path] if ns.model_path else []
+    for path in paths:
+        if not os.path.exists(path):
+            raise ConfigError(f"the model path {path} does not exist")
+    paths = [p for path in paths for p in expand_models_dir(path)] or [None]
+    names = ns.model_name or [default_model_name(p) for p in paths]
+    if len(names) != len(paths):
+        raise ConfigError(f"{len(names)} names for {len(paths)} models", field="model_name")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"names must differ, got {' '.join(names)}", field="model_name")
+    return list(zip(names, paths))
+
+
+def expand_models_dir(path: str) -> list[str]:
+    """A directory without config.json whose subdirectories are models stands for those models."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_dir() or (p / "config.json").exists():
+        return [path]
+    inside = sorted(str(c) for c in p.iterdir() if (c / "config.json").is_file() or c.suffix.lower() == ".gguf")
+    return inside or [path]

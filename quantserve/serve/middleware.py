@@ -55,9 +55,11 @@ class BodyLimit:
 
 
 class APIKeyAuth:
-    def __init__(self, app, api_keys: list[str]):
+    """With API keys configured, every route but the open ones needs one of them (or an admin key)."""
+
+    def __init__(self, app, api_keys: list[str], admin_keys: list[str] = ()):
         self.app = app
-        self.keys = [k.encode() for k in api_keys]
+        self.keys = [k.encode() for k in [*api_keys, *admin_keys]] if api_keys else []
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS or not self.keys:
@@ -72,8 +74,13 @@ class APIKeyAuth:
                          "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
     def valid(self, header: bytes) -> bool:
-        scheme, _, token = header.partition(b" ")
-        ok = False
-        for key in self.keys:          # no early exit: the time does not depend on which key matched
-            ok |= hmac.compare_digest(token.strip(), key)
-        return ok and scheme.lower() == b"bearer"
+        return bearer_matches(header, self.keys)
+
+
+def bearer_matches(header: bytes, keys: list[bytes]) -> bool:
+    """`Bearer <key>` with one of `keys`, compared in constant time."""
+    scheme, _, token = header.partition(b" ")
+    ok = False
+    for key in keys:          # no early exit: the time does not depend on which key matched
+        ok |= hmac.compare_digest(token.strip(), key)
+    return ok and scheme.lower() == b"bearer"

@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -20,9 +19,11 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from pydantic import ValidationError
 
 from quantserve.serve.errors import APIError, error_body, install_error_handlers, validation_message
-from quantserve.serve.metrics import Metrics
+from quantserve.serve.metrics import ServerMetrics
 from quantserve.serve.middleware import APIKeyAuth, BodyLimit
+from quantserve.serve.model_admin import add_model_admin_routes
 from quantserve.serve.plan import Limits, Plan, chat_plan, completion_plans, encode_chat
+from quantserve.serve.registry import ModelRegistry
 from quantserve.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                        CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
                                        ModelList, TokenizeRequest, TokenizeResponse)
@@ -47,38 +48,32 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     disable_docs: bool = False
     default_max_tokens: int = 1024
+    admin_api_keys: list[str] = field(default_factory=list)    # may load, unload and reload models
+    models_dir: str | None = None                               # where /v1/models/load finds models by name
 
 
 class ServerState:
-    """The service once loaded (None while loading), or why loading failed."""
+    """The models served (each 503 while it loads) and the metrics they share."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, models: ModelRegistry | None = None):
         self.config = config
-        self.service: Service | None = None
-        self.metrics: Metrics | None = None
-        self.error: str | None = None
-        self.model_card: dict = {}
+        self.models = models or ModelRegistry()
+        self.metrics = ServerMetrics()
 
-    def ready(self) -> Service:
-        if self.service is None:
-            raise APIError(503, self.error or "the model is still loading", None, "not_ready")
-        if not self.service.engine.worker.is_alive():
-            raise APIError(503, "the engine has stopped", None, "engine_dead")
-        return self.service
+    def ready(self, model: str | None = None) -> Service:
+        return self.models.get(model)
 
-    def load_in_background(self, load: Callable[[], tuple[Service, dict]],
-                           on_error: Callable[[Exception], None] | None = None) -> threading.Thread:
-        def run():
-            try:
-                self.service, self.model_card = load()
-                self.metrics = self.service.metrics
-            except Exception as e:          # reported by /health and every route
-                self.error = f"loading the model failed: {e}"
-                if on_error is not None:
-                    on_error(e)
-        thread = threading.Thread(target=run, name="quantserve-load", daemon=True)
-        thread.start()
-        return thread
+    @property
+    def service(self) -> Service:
+        """The first model's Service."""
+        return self.models.get()
+
+    def check_health(self) -> None:
+        """503 unless every model is loaded and its engine alive."""
+        if not self.models.slots:
+            self.models.get()
+        for name in list(self.models.slots):
+            self.models.get(name)
 
 
 def build_app(state: ServerState, ui=None) -> FastAPI:
@@ -89,11 +84,12 @@ def build_app(state: ServerState, ui=None) -> FastAPI:
                   **docs)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=cfg.limits.max_body_bytes)
-    app.add_middleware(APIKeyAuth, api_keys=cfg.api_keys)
+    app.add_middleware(APIKeyAuth, api_keys=cfg.api_keys, admin_keys=cfg.admin_api_keys)
     app.add_middleware(CORSMiddleware, allow_origins=cfg.allow_origins, allow_credentials=cfg.allow_credentials,
                        allow_methods=cfg.allow_methods, allow_headers=cfg.allow_headers)
     add_info_routes(app, state, root_redirect=ui is None)
     add_generation_routes(app, state)
+    add_model_admin_routes(app, state)
     add_websocket_route(app, state)
     drop_422_from_openapi(app)
     if ui is not None:
@@ -111,29 +107,31 @@ def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True
 
     @app.get("/health", responses={503: {"model": ErrorResponse}})
     async def health():
-        state.ready()
+        state.check_health()
         return {"status": "ok"}
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def models():
-        state.ready()
-        return {"object": "list", "data": [state.model_card]}
+        cards = state.models.cards()
+        if not cards:
+            state.check_health()
+        return {"object": "list", "data": cards}
 
     @app.get("/info", responses=ERRORS)
-    async def info():
-        """The served model's precision, capacity and memory table (shown by the web UI)."""
-        service = state.ready()
-        return {"model": state.config.model_name, "path": state.model_card.get("root"),
-                **service.engine.engine.describe()}
+    async def info(model: str | None = None):
+        """A served model's precision, capacity and memory table (shown by the web UI)."""
+        service = state.ready(model)
+        name = model or state.models.default
+        return {"model": name, "path": state.models.slots[name].card.get("root"), **service.engine.engine.describe()}
 
     @app.get("/metrics", response_class=Response)
     async def metrics():
-        body = state.metrics.render() if state.metrics else b""
+        body = state.metrics.render()
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/v1/tokenize", response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize(body: TokenizeRequest):
-        service = ready_for(state, body.model)
+        service = state.ready(body.model)
         model = service.model
         if body.messages is not None:
             ids = await asyncio.to_thread(encode_chat, body.messages, model, [])
@@ -144,19 +142,11 @@ def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True
 
     @app.post("/v1/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
     async def detokenize(body: DetokenizeRequest):
-        service = ready_for(state, body.model)
+        service = state.ready(body.model)
         vocab = service.model.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", "tokens", "invalid_value")
         return {"prompt": await asyncio.to_thread(service.model.tokenizer.hf.decode, body.tokens)}
-
-
-def ready_for(state: ServerState, model: str | None) -> Service:
-    service = state.ready()
-    if model is not None and model != state.config.model_name:
-        raise APIError(404, f"the model '{model}' does not exist; this server serves '{state.config.model_name}'",
-                       "model", "model_not_found")
-    return service
 
 
 def client_key(state: ServerState, conn: Request | WebSocket) -> str:
@@ -170,13 +160,13 @@ def client_key(state: ServerState, conn: Request | WebSocket) -> str:
 def add_generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **SSE})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        service = ready_for(state, body.model)
+        service = state.ready(body.model)
         service.check_rate(client_key(state, request))
         return await respond(service, request, body, chat=True)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, **SSE})
     async def completions(body: CompletionRequest, request: Request):
-        service = ready_for(state, body.model)
+        service = state.ready(body.model)
         service.check_rate(client_key(state, request))
         return await respond(service, request, body, chat=False)
 
@@ -345,7 +335,7 @@ def add_websocket_route(app: FastAPI, state: ServerState) -> None:
             raw = message.get("text") if message.get("text") is not None else message.get("bytes") or b""
             try:
                 body = ChatCompletionRequest.model_validate_json(raw)
-                service = ready_for(state, body.model)
+                service = state.ready(body.model)
                 service.check_rate(client_key(state, ws))
                 ticket = service.reserve()
             except ValidationError as e:

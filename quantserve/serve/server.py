@@ -1,6 +1,7 @@
 """Load a model into a Service and run the HTTP server around it."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -8,16 +9,17 @@ import time
 from pathlib import Path
 
 from quantserve.config import EngineConfig, GenerationConfig
-from quantserve.serve.metrics import Metrics
+from quantserve.serve.metrics import ServerMetrics
 from quantserve.serve.openai_app import ServerConfig, ServerState, build_app
 from quantserve.serve.plan import ModelInfo
+from quantserve.serve.registry import Loader
 from quantserve.serve.service import Service
 
 logger = logging.getLogger("quantserve.serve")
 
 
-def load_service(model_path: str | None, engine_config: EngineConfig, server: ServerConfig,
-                 chat_template: str | None = None, tool_call_parser: str | None = None,
+def load_service(name: str, model_path: str | None, engine_config: EngineConfig, server: ServerConfig,
+                 hub: ServerMetrics, chat_template: str | None = None, tool_call_parser: str | None = None,
                  progress: bool = True) -> tuple[Service, dict]:
     """Model -> Engine -> AsyncEngine -> Service, and the /v1/models card."""
     from quantserve.engine.async_engine import AsyncEngine
@@ -27,39 +29,105 @@ def load_service(model_path: str | None, engine_config: EngineConfig, server: Se
     from quantserve.text import Tokenizer, load_chat_template
 
     path = resolve_model(model_path, progress=progress)
+    check_memory(path, engine_config)
     engine = Engine(path, engine_config, progress=progress)
     tokenizer = Tokenizer(path, load_chat_template(chat_template))
     defaults = GenerationConfig.from_model(path, do_sample=True, temperature=1.0)
     model = ModelInfo(tokenizer, engine.session_len, engine.args.vocab_size, defaults,
                       parser_for(tokenizer.chat_template, tool_call_parser), server.default_max_tokens)
     async_engine = AsyncEngine(engine)
-    metrics = Metrics(server.model_name, async_engine.stats)
-    card = {"id": server.model_name, "object": "model", "created": int(time.time()), "owned_by": "quantserve",
+    card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "quantserve",
             "root": str(path), "max_model_len": engine.session_len}
-    print(f"quantserve: {path}\n{engine.memory_summary()}", file=sys.stderr, flush=True)
-    return Service(async_engine, model, server.limits, metrics), card
+    print(f"quantserve: '{name}' from {path}\n{engine.memory_summary()}", file=sys.stderr, flush=True)
+    return Service(async_engine, model, server.limits, hub.for_model(name, async_engine.stats)), card
 
 
-def run_server(model_path: str | None, engine_config: EngineConfig, server: ServerConfig, host: str, port: int,
-               chat_template: str | None = None, tool_call_parser: str | None = None, log_level: str = "WARNING",
-               ssl: bool = False, ssl_keyfile: str | None = None, ssl_certfile: str | None = None,
-               with_ui: bool = False) -> None:
-    """Serve the API (and, with_ui, the chat page at `/`) until interrupted."""
+def check_memory(path: Path, config: EngineConfig) -> None:
+    """Refuse, before anything is allocated, a model whose weights and one full session of KV
+    cache (or the cache asked for) do not fit in the free memory."""
+    from quantserve.bench.memory import kv_bytes_per_token, shape_from_config, weight_bytes
+    from quantserve.kvcache.budget import budget_bytes, free_memory
+    from quantserve.models.loader import read_config
+
+    cfg = read_config(path)
+    shape = shape_from_config(cfg)
+    quant = cfg.get("quantization_config") or {}
+    dtype = "fp32" if config.dtype == "float32" else "bf16"
+    weights = weight_bytes(shape.params, dtype, quant.get("bits", 16), quant.get("group_size", 128))
+    per_token = kv_bytes_per_token(shape, dtype, config.quant_policy) or 0
+    free = free_memory(config.device)
+    tokens = config.cache_max_tokens or config.session_len or cfg.get("max_position_embeddings", 4096)
+    kv = tokens * per_token
+    if isinstance(config.cache_max_entry_count, str) and config.cache_max_tokens is None:
+        kv = max(kv, budget_bytes(config.cache_max_entry_count, free))
+    if weights + kv > free:
+        raise MemoryError(f"not enough memory: {weights / 1e9:.2f} GB of weights + {kv / 1e9:.2f} GB of KV cache "
+                          f"({tokens:,} tokens) > {free / 1e9:.2f} GB free")
+
+
+def make_loader(engine_config: EngineConfig, server: ServerConfig, hub: ServerMetrics,
+                chat_template: str | None = None, tool_call_parser: str | None = None,
+                progress: bool = True) -> Loader:
+    """How the registry loads a model: the server's engine settings with the request's overrides."""
+    def load(name: str, path: str | None, overrides: dict) -> tuple[Service, dict]:
+        config = dataclasses.replace(engine_config, **overrides)
+        return load_service(name, path, config, server, hub, chat_template, tool_call_parser, progress)
+    return load
+
+
+def run_server(models: list[tuple[str, str | None]], engine_config: EngineConfig, server: ServerConfig, host: str,
+               port: int, chat_template: str | None = None, tool_call_parser: str | None = None,
+               log_level: str = "WARNING", ssl: bool = False, ssl_keyfile: str | None = None,
+               ssl_certfile: str | None = None, with_ui: bool = False, proxy_url: str | None = None) -> None:
+    """Serve the API for `models` ((name, path) pairs; with_ui also the chat page at `/`) until
+    interrupted; with proxy_url, register with that router once every model is loaded."""
     import uvicorn
 
     state = ServerState(server)
+    state.models.loader = make_loader(engine_config, server, state.metrics, chat_template, tool_call_parser)
     app = build_app(state, ui=build_self_ui(port, server, ssl) if with_ui else None)
-    state.load_in_background(lambda: load_service(model_path, engine_config, server, chat_template,
-                                                  tool_call_parser), on_error=exit_on_load_error)
+    loading = state.models.start(models, on_error=exit_on_load_error)
     scheme = "https" if ssl else "http"
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     page = f"chat page: {scheme}://{shown}:{port}/; " if with_ui else ""
-    print(f"quantserve: serving '{server.model_name}' at {scheme}://{shown}:{port}/v1 "
-          f"({page}API docs: {scheme}://{shown}:{port}/docs; /health is 503 until the model is loaded)",
+    names = ", ".join(f"'{name}'" for name, _ in models)
+    print(f"quantserve: serving {names} at {scheme}://{shown}:{port}/v1 "
+          f"({page}API docs: {scheme}://{shown}:{port}/docs; /health is 503 until the models are loaded)",
           file=sys.stderr, flush=True)
+    if proxy_url:
+        register_with_proxy(proxy_url, f"{scheme}://{reachable_host(host)}:{port}", loading)
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), ssl_keyfile=ssl_keyfile if ssl else None,
                 ssl_certfile=ssl_certfile if ssl else None, timeout_graceful_shutdown=5,
                 ws_max_size=server.limits.max_body_bytes)
+
+
+def reachable_host(host: str) -> str:
+    """The address other machines use for this one when listening on every interface."""
+    import socket
+
+    if host not in ("0.0.0.0", "::"):
+        return host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def register_with_proxy(proxy_url: str, own_url: str, loading) -> None:
+    """LMDeploy's --proxy-url: once the models are loaded, add this server to the router's nodes."""
+    import threading
+
+    import httpx
+
+    def run():
+        loading.join()
+        try:
+            r = httpx.post(proxy_url.rstrip("/") + "/nodes/add", json={"url": own_url}, timeout=10)
+            r.raise_for_status()
+            print(f"quantserve: registered {own_url} with the proxy at {proxy_url}", file=sys.stderr, flush=True)
+        except httpx.HTTPError as e:
+            logger.warning("could not register with the proxy at %s: %s", proxy_url, e)
+    threading.Thread(target=run, name="quantserve-register", daemon=True).start()
 
 
 def build_self_ui(port: int, server: ServerConfig, ssl: bool):

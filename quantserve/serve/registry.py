@@ -1,0 +1,160 @@
+"""The models one server serves, by name: loaded at start-up or at run time, unloaded, hot-reloaded.
+
+A request looks its model up once and keeps that Service to the end. Swapping a name to a new
+Service (hot reload) or dropping the name (unload) therefore never touches a request already
+admitted: the old Service drains (its count of admitted requests reaches zero) before its
+engine stops. New requests see the new Service, or a 404 once the name is gone.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from quantserve.serve.errors import APIError
+from quantserve.serve.service import Service
+
+logger = logging.getLogger("quantserve.serve")
+
+# (name, path, engine overrides) -> the model's Service and its /v1/models card
+Loader = Callable[[str, str | None, dict], tuple[Service, dict]]
+
+
+@dataclass
+class ModelSlot:
+    name: str
+    path: str | None
+    service: Service | None = None     # None while loading, or after a failed start-up load
+    card: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+class ModelRegistry:
+    def __init__(self, loader: Loader | None = None, drain_timeout: float = 600.0):
+        self.loader = loader
+        self.slots: dict[str, ModelSlot] = {}
+        self.busy: set[str] = set()          # names with a load, unload or reload under way
+        self.drain_timeout = drain_timeout
+
+    # ---- lookup --------------------------------------------------------------------------------
+
+    @property
+    def default(self) -> str | None:
+        return next(iter(self.slots), None)
+
+    def get(self, name: str | None = None) -> Service:
+        """The Service for `name` (None: the first model); 404 for a name not served, 503 while
+        it loads, after its load failed, or once its engine has stopped."""
+        slot = self.slots.get(name if name is not None else self.default)
+        if slot is None:
+            served = ", ".join(f"'{n}'" for n in self.slots) or "no model"
+            if name is None:
+                raise APIError(503, "no model is loaded", None, "not_ready")
+            raise APIError(404, f"the model '{name}' does not exist; this server serves {served}",
+                           "model", "model_not_found")
+        if slot.service is None:
+            raise APIError(503, slot.error or f"the model '{slot.name}' is still loading", None, "not_ready")
+        if not slot.service.engine.worker.is_alive():
+            raise APIError(503, f"the engine of '{slot.name}' has stopped", None, "engine_dead")
+        return slot.service
+
+    def cards(self) -> list[dict]:
+        return [s.card for s in self.slots.values() if s.service is not None]
+
+    def add(self, name: str, service: Service, card: dict, path: str | None = None) -> None:
+        self.slots[name] = ModelSlot(name, path, service, card)
+
+    # ---- start-up ------------------------------------------------------------------------------
+
+    def start(self, models: list[tuple[str, str | None]],
+              on_error: Callable[[Exception], None] | None = None) -> threading.Thread:
+        """Load the start-up models one after the other in a thread; each is 503 until loaded."""
+        for name, path in models:
+            self.slots[name] = ModelSlot(name, path)
+
+        def run():
+            for name, path in models:
+                slot = self.slots[name]
+                try:
+                    slot.service, slot.card = self.loader(name, path, {})
+                except Exception as e:          # reported by /health and by the model's routes
+                    slot.error = f"loading the model '{name}' failed: {e}"
+                    if on_error is not None:
+                        on_error(e)
+        thread = threading.Thread(target=run, name="quantserve-load", daemon=True)
+        thread.start()
+        return thread
+
+    # ---- run time ------------------------------------------------------------------------------
+
+    async def load(self, name: str, path: str | None, overrides: dict) -> dict:
+        """Load a new model under `name`; its card once it serves."""
+        self._claim(name, must_exist=False)
+        try:
+            service, card = await asyncio.to_thread(self._load, name, path, overrides)
+            self.slots[name] = ModelSlot(name, path, service, card)
+            return card
+        finally:
+            self.busy.discard(name)
+
+    async def unload(self, name: str) -> None:
+        """Stop serving `name` at once; its engine stops when its admitted requests have finished."""
+        self._claim(name, must_exist=True)
+        try:
+            slot = self.slots.pop(name)
+            if slot.service is not None:
+                await self._retire(slot.service)
+        finally:
+            self.busy.discard(name)
+
+    async def reload(self, name: str, path: str | None, overrides: dict) -> dict:
+        """Replace `name`'s weights (from `path`, default: where they came from) with no downtime:
+        the new engine loads while the old one serves, then takes the new requests."""
+        self._claim(name, must_exist=True)
+        try:
+            slot = self.slots[name]
+            path = path or slot.path
+            service, card = await asyncio.to_thread(self._load, name, path, overrides)
+            old = slot.service
+            slot.service, slot.card, slot.path, slot.error = service, card, path, None
+            if old is not None:
+                await self._retire(old)
+            return card
+        finally:
+            self.busy.discard(name)
+
+    def _claim(self, name: str, must_exist: bool) -> None:
+        if name in self.busy:
+            raise APIError(409, f"the model '{name}' is already being loaded, unloaded or reloaded", "model",
+                           "model_busy")
+        if must_exist and name not in self.slots:
+            raise APIError(404, f"the model '{name}' does not exist", "model", "model_not_found")
+        if not must_exist and name in self.slots:
+            raise APIError(409, f"a model named '{name}' is already served; unload it or reload it", "model",
+                           "model_exists")
+        if self.loader is None and not must_exist:
+            raise APIError(400, "this server cannot load models", None, "not_supported")
+        self.busy.add(name)
+
+    def _load(self, name: str, path: str | None, overrides: dict) -> tuple[Service, dict]:
+        try:
+            return self.loader(name, path, overrides)
+        except APIError:
+            raise
+        except Exception as e:                  # a bad path, a bad checkpoint, not enough memory
+            raise APIError(400, f"loading the model '{name}' failed: {e}", "path", "load_failed") from e
+
+    async def _retire(self, service: Service) -> None:
+        """Wait for the admitted requests to finish, then stop the engine and forget its gauges."""
+        deadline = time.monotonic() + self.drain_timeout
+        while service.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if service.active:
+            logger.warning("stopping '%s' with %d requests still running", service.metrics.model_name,
+                           service.active)
+        await asyncio.to_thread(service.engine.shutdown)
+        if service.metrics.model_name not in self.slots:          # unloaded, not replaced
+            service.metrics.hub.forget_engine(service.metrics.model_name)
