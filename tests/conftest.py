@@ -131,12 +131,19 @@ def default_model() -> Path:
     return default_model_path(progress=False)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class RunningServer:
     """An api_server on a free local port, in this process (uvicorn in a thread)."""
 
     def __init__(self, model_dir: Path, engine_config=None, uvicorn_options: dict | None = None, with_ui: bool = False,
-                 **server_options):
-        import socket
+                 port: int | None = None, **server_options):
         import threading
 
         import uvicorn
@@ -152,9 +159,7 @@ class RunningServer:
         self.state.models.loader = make_loader(engine_config, self.config, self.state.metrics, progress=False)
         service, card = self.state.models.loader(self.config.model_name, str(model_dir), {})
         self.state.models.add(self.config.model_name, service, card, str(model_dir))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = port or free_port()
         uvicorn_options = uvicorn_options or {}
         self.url = f"{'https' if 'ssl_certfile' in uvicorn_options else 'http'}://127.0.0.1:{self.port}"
         ui = build_self_ui(self.port, self.config, False) if with_ui else None

@@ -10,7 +10,7 @@ from quantserve.cli.args import add_engine_args, engine_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="serve_command", required=True, metavar="{api_server,api_client,gradio}")
+    sub = p.add_subparsers(dest="serve_command", required=True, metavar="{api_server,api_client,gradio,proxy}")
     server = sub.add_parser("api_server", help="OpenAI-compatible HTTP server (one model or several)")
     server.add_argument("model_path", nargs="*", default=[],
                         help="model directories or .gguf files, a directory of models, or nothing for the "
@@ -36,6 +36,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     client.add_argument("--system", default=None, help="system prompt")
     client.add_argument("--temperature", type=float, default=None)
     client.add_argument("--max-tokens", type=int, default=None)
+    add_proxy_args(sub.add_parser("proxy", help="one OpenAI endpoint routing to several api_servers"))
+
+
+def add_proxy_args(p: argparse.ArgumentParser) -> None:
+    from quantserve.serve.proxy import STRATEGIES
+
+    p.add_argument("--server-name", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--server-port", type=int, default=8000)
+    p.add_argument("--routing-strategy", "--strategy", dest="routing_strategy", default="min_expected_latency",
+                   choices=STRATEGIES, help="how a node is chosen among those serving the request's model")
+    p.add_argument("--serving-strategy", default="Hybrid", choices=["Hybrid"],
+                   help="accepted for LMDeploy compatibility (prefill/decode disaggregation is not supported)")
+    p.add_argument("--health-interval", type=float, default=5.0,
+                   help="seconds between health checks of every node; a failing node leaves the rotation")
+    p.add_argument("--nodes", nargs="*", default=[], help="api_server URLs to start with")
+    p.add_argument("--api-keys", nargs="*", default=None, help="Bearer keys the proxy accepts (default: none needed)")
+    p.add_argument("--log-level", default="WARNING")
 
 
 def add_server_args(p: argparse.ArgumentParser, port: int = 23333) -> None:
@@ -76,12 +93,31 @@ def run(ns) -> int:
         from quantserve.serve.client import run_client
 
         return run_client(ns.api_server_url, ns.api_key, ns.model, ns.system, ns.temperature, ns.max_tokens)
+    if ns.serve_command == "proxy":
+        return run_proxy(ns)
     if ns.serve_command == "gradio" and is_url(ns.model_path):
         from quantserve.serve.server import run_ui
 
         run_ui(ns.model_path, ns.api_key, ns.server_name, ns.server_port)
         return 0
     return run_api_server(ns, with_ui=ns.serve_command == "gradio")
+
+
+def run_proxy(ns) -> int:
+    from quantserve.config import ConfigError
+    from quantserve.serve.proxy import run_proxy as serve_proxy
+
+    if ns.server_port <= 0:
+        raise ConfigError(f"must be > 0, got {ns.server_port}", field="server_port")
+    if ns.health_interval <= 0:
+        raise ConfigError(f"must be > 0, got {ns.health_interval}", field="health_interval")
+    for url in ns.nodes:
+        if not is_url(url):
+            raise ConfigError(f"{url} is not an http(s):// URL", field="nodes")
+    logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    serve_proxy(ns.server_name, ns.server_port, ns.routing_strategy, ns.health_interval, ns.api_keys, ns.nodes,
+                ns.log_level)
+    return 0
 
 
 def is_url(text: str | None) -> bool:
