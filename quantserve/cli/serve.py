@@ -37,6 +37,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     client.add_argument("--temperature", type=float, default=None)
     client.add_argument("--max-tokens", type=int, default=None)
     add_proxy_args(sub.add_parser("proxy", help="one OpenAI endpoint routing to several api_servers"))
+    add_ray_args(sub.add_parser("ray", help="replicas of the api_server on Ray Serve (local cluster or --ray-address)"))
+
+
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_path", nargs="?", default=None,
+                   help="model directory or .gguf file (nothing: the default model, SmolLM2-135M-Instruct)")
+    add_engine_args(p)
+    add_server_args(p)
+    g = p.add_argument_group("ray")
+    g.add_argument("--num-replicas", type=int, default=1, help="engine replicas (each holds the model)")
+    g.add_argument("--autoscale", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
+                   help="scale between MIN and MAX replicas by the requests each one holds (replaces --num-replicas)")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0,
+                   help="CPUs Ray reserves for each replica (also its torch threads unless --num-threads is given)")
+    g.add_argument("--max-ongoing-requests", type=int, default=64,
+                   help="requests a replica holds at once; more wait in Ray Serve's router")
+    g.add_argument("--ray-address", default=None,
+                   help="an existing Ray cluster (e.g. ray://head:10001 or auto); default: start a local one")
 
 
 def add_proxy_args(p: argparse.ArgumentParser) -> None:
@@ -95,6 +113,8 @@ def run(ns) -> int:
         return run_client(ns.api_server_url, ns.api_key, ns.model, ns.system, ns.temperature, ns.max_tokens)
     if ns.serve_command == "proxy":
         return run_proxy(ns)
+    if ns.serve_command == "ray":
+        return run_ray(ns)
     if ns.serve_command == "gradio" and is_url(ns.model_path):
         from quantserve.serve.server import run_ui
 
@@ -126,22 +146,66 @@ def is_url(text: str | None) -> bool:
 
 def run_api_server(ns, with_ui: bool = False) -> int:
     from quantserve.serve.openai_app import ServerConfig
-    from quantserve.serve.plan import Limits
     from quantserve.serve.server import run_server
 
     logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     check_server_flags(ns)
     models = served_models(ns)
     ns.enable_prefix_caching = ns.enable_prefix_caching or not ns.disable_prefix_caching
-    limits = Limits(max_n=ns.max_n, max_body_bytes=ns.max_body_size, max_concurrent_requests=ns.max_concurrent_requests,
-                    max_queued_requests=ns.max_queued_requests, rate_limit=ns.rate_limit)
-    server = ServerConfig(models[0][0], ns.api_keys or [], ns.allow_origins, ns.allow_credentials, ns.allow_methods,
-                          ns.allow_headers, limits, ns.disable_fastapi_docs, ns.default_max_tokens,
-                          getattr(ns, "admin_api_keys", None) or [], getattr(ns, "models_dir", None))
+    server = ServerConfig(models[0][0], limits=limits_from(ns), **server_fields(ns))
     run_server(models, engine_config(ns), server, ns.server_name, ns.server_port, ns.chat_template,
                ns.tool_call_parser, ns.log_level, ns.ssl, ns.ssl_keyfile, ns.ssl_certfile, with_ui,
                getattr(ns, "proxy_url", None))
     return 0
+
+
+def server_fields(ns) -> dict:
+    """ServerConfig's fields from the server flags (all but the model's name and the limits)."""
+    return dict(api_keys=ns.api_keys or [], allow_origins=ns.allow_origins, allow_credentials=ns.allow_credentials,
+                allow_methods=ns.allow_methods, allow_headers=ns.allow_headers, disable_docs=ns.disable_fastapi_docs,
+                default_max_tokens=ns.default_max_tokens, admin_api_keys=getattr(ns, "admin_api_keys", None) or [],
+                models_dir=getattr(ns, "models_dir", None))
+
+
+def run_ray(ns) -> int:
+    import dataclasses
+
+    from quantserve.config import ConfigError
+    from quantserve.models.resolve import resolve_model
+
+    logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    check_server_flags(ns)
+    for flag in ("num_replicas", "max_ongoing_requests", "cpus_per_replica"):
+        if getattr(ns, flag) <= 0:
+            raise ConfigError(f"must be > 0, got {getattr(ns, flag)}", field=flag)
+    if ns.autoscale and not (0 <= ns.autoscale[0] <= ns.autoscale[1] and ns.autoscale[1] > 0):
+        raise ConfigError(f"needs 0 <= MIN <= MAX and MAX > 0, got {' '.join(map(str, ns.autoscale))}",
+                          field="autoscale")
+    models = served_models(ns)
+    if len(models) != 1:
+        raise ConfigError(f"serves one model, got {len(models)}", field="model_path")
+    (name, path), = models
+    try:
+        from quantserve.serve.ray_app import ReplicaSpec, run
+    except ImportError as e:
+        raise ConfigError(f"needs Ray Serve ({e}): pip install 'quantserve[ray]'") from None
+    ns.enable_prefix_caching = ns.enable_prefix_caching or not ns.disable_prefix_caching
+    engine = engine_config(ns)
+    if engine.num_threads is None:
+        engine = dataclasses.replace(engine, num_threads=max(1, int(ns.cpus_per_replica)))
+    spec = ReplicaSpec(name, str(resolve_model(path)), dataclasses.asdict(engine), server_fields(ns),
+                       dataclasses.asdict(limits_from(ns)))
+    run(spec, ns.server_name, ns.server_port, ns.ray_address, num_replicas=ns.num_replicas,
+        autoscale=tuple(ns.autoscale) if ns.autoscale else None, cpus_per_replica=ns.cpus_per_replica,
+        max_ongoing_requests=ns.max_ongoing_requests)
+    return 0
+
+
+def limits_from(ns):
+    from quantserve.serve.plan import Limits
+
+    return Limits(max_n=ns.max_n, max_body_bytes=ns.max_body_size, max_concurrent_requests=ns.max_concurrent_requests,
+                  max_queued_requests=ns.max_queued_requests, rate_limit=ns.rate_limit)
 
 
 def check_server_flags(ns) -> None:
