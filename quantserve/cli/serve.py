@@ -197,7 +197,7 @@ def run_ray(ns) -> int:
                        dataclasses.asdict(limits_from(ns)))
     run(spec, ns.server_name, ns.server_port, ns.ray_address, num_replicas=ns.num_replicas,
         autoscale=tuple(ns.autoscale) if ns.autoscale else None, cpus_per_replica=ns.cpus_per_replica,
-        max_ongoing_requests=ns.max_ongoing_requests)
+        max_ongoing_requests=ns.max_ongoing_requests, max_queued_requests=ns.max_queued_requests)
     return 0
 
 

@@ -21,9 +21,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from quantserve.serve.asgi_relay import first_messages, portable_scope, run_asgi, streamed, unavailable
+from quantserve.serve.errors import error_response
 
 logger = logging.getLogger("quantserve.ray")
 
@@ -83,6 +84,9 @@ class Ingress:
             answer = self.replicas.handle.remote(scope, body)
             try:
                 start, first = await first_messages(answer)
+            except BackPressureError:
+                return error_response(429, "every replica is busy and the queue is full; retry shortly", None,
+                                      "overloaded", {"Retry-After": "1"})
             except REPLICA_LOST as e:
                 logger.warning("replica lost before answering (attempt %d): %s", attempt, e)
                 if attempt == MAX_ATTEMPTS:
@@ -93,9 +97,11 @@ class Ingress:
 
 
 def build_application(spec: ReplicaSpec, num_replicas: int = 1, autoscale: tuple[int, int] | None = None,
-                      cpus_per_replica: float = 1.0, max_ongoing_requests: int = 64):
-    """The Ray Serve application: `serve.run(build_application(spec, 2))` on any Ray cluster."""
-    options = {"ray_actor_options": {"num_cpus": cpus_per_replica}, "max_ongoing_requests": max_ongoing_requests}
+                      cpus_per_replica: float = 1.0, max_ongoing_requests: int = 64, max_queued_requests: int = -1):
+    """The Ray Serve application: `serve.run(build_application(spec, 2))` on any Ray cluster.
+    Past max_queued_requests waiting in the router (-1: no limit) a request gets 429."""
+    options = {"ray_actor_options": {"num_cpus": cpus_per_replica}, "max_ongoing_requests": max_ongoing_requests,
+               "max_queued_requests": max_queued_requests}
     if autoscale:
         low, high = autoscale
         options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high,
