@@ -76,3 +76,46 @@ def test_a_replica_killed_under_load_loses_no_request_and_comes_back(ray_server)
         assert time.monotonic() < deadline, replicas()
         time.sleep(1)
     assert ask(client, 0, stream=False)[0]
+
+
+def test_overload_gets_429_and_autoscaling_adds_a_replica(ray_server, default_model):
+    import threading
+
+    import httpx
+    from ray import serve
+
+    from quantserve.config import EngineConfig
+    from quantserve.serve.ray_app import ReplicaSpec, build_application
+
+    engine = EngineConfig(cache_max_tokens=8192, max_batch_size=8, num_threads=1)
+    spec = ReplicaSpec("smol", str(default_model), dataclasses.asdict(engine))
+    serve.delete("quantserve")
+    serve.run(build_application(spec, autoscale=(1, 2), max_ongoing_requests=2, max_queued_requests=2),
+              name="quantserve", route_prefix="/")
+    assert replicas() == {"RUNNING": 1}
+    body = {"model": "smol", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 48}
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda _: httpx.post(ray_server + "/v1/chat/completions", json=body, timeout=300),
+                                range(12)))
+    refused = [r for r in answers if r.status_code == 429]
+    assert refused and all(r.headers["retry-after"] and r.json()["error"]["code"] == "overloaded" for r in refused)
+    assert all(r.status_code == 200 for r in answers if r.status_code != 429)
+
+    stop = threading.Event()
+
+    def steady():
+        while not stop.is_set():
+            httpx.post(ray_server + "/v1/chat/completions", json=body, timeout=300)
+
+    workers = [threading.Thread(target=steady) for _ in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        deadline = time.monotonic() + 120
+        while replicas().get("RUNNING") != 2:
+            assert time.monotonic() < deadline, replicas()
+            time.sleep(1)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(300)

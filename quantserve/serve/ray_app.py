@@ -104,7 +104,7 @@ def build_application(spec: ReplicaSpec, num_replicas: int = 1, autoscale: tuple
                "max_queued_requests": max_queued_requests}
     if autoscale:
         low, high = autoscale
-        options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high,
+        options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, "initial_replicas": max(low, 1),
                                          "target_ongoing_requests": max(1, max_ongoing_requests // 2),
                                          "upscale_delay_s": 5, "downscale_delay_s": 60}
     else:
