@@ -31,10 +31,14 @@ from quantserve.text import Tokenizer  # noqa: E402
 RESULTS = Path(__file__).with_name("results")
 OUT = RESULTS / "weight_quality.json"
 ROWS = [("float", None, None, None, False)] + [
-    (f"{method} W{bits}{' act-order' if act else ''} ({calib})", method, bits, calib, act)
+    (f"{method} W{bits}{' act-order' if act else ' in order' if method == 'gptq' else ''} ({calib})",
+     method, bits, calib, act)
     for bits in (4, 3)
     for method, calib, act in (("rtn", "-", False), ("awq", "ptb", False), ("awq", "wikitext2", False),
-                               ("gptq", "ptb", False), ("gptq", "ptb", True), ("gptq", "wikitext2", False))]
+                               ("gptq", "ptb", False), ("gptq", "ptb", True), ("gptq", "wikitext2", False),
+                               ("gptq", "wikitext2", True))]
+
+ORDER = {name: i for i, (name, *_) in enumerate(ROWS)}
 
 
 def log(msg: str) -> None:
@@ -87,7 +91,8 @@ def main() -> None:
 def write_table(done: dict) -> None:
     base = done["float"]
     lines = ["| model | ppl @2048 | ppl @512 | gap to float closed vs RTN (2048) |", "|---|---|---|---|"]
-    for name, r in done.items():
+    for name in sorted(done, key=lambda n: ORDER.get(n, len(ORDER))):
+        r = done[name]
         bits = name.split("W")[1][0] if "W" in name else None
         rtn = done.get(f"rtn W{bits} (-)") if bits else None
         closed = ""

@@ -182,3 +182,9 @@ def test_hot_reload_under_steady_load_fails_no_request(server, two_models):
             w.result()                       # a failed request would raise here
     assert before > 0 and set(results) == {old_text, new_text}
     assert results[-1] == new_text and not old_engine.worker.is_alive()
+
+
+def test_a_failed_reload_keeps_the_old_weights_serving(server, two_models):
+    r = httpx.post(server.url + "/v1/models/reload", json={"model": "a", "path": "/nowhere"}, headers=ADMIN, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "load_failed"
+    assert complete(server.client(), "a") == reference_text(two_models["a"], PROMPT)

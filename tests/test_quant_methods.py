@@ -94,3 +94,12 @@ def test_hessian_from_a_share_of_the_rows_estimates_the_whole():
     assert (whole.hessian_rows, share.hessian_rows, share.rows) == (8192, 2048, 8192)
     # sampling error of 2048 rows in 16 dimensions is ~sqrt(16 / 2048) = 9%; a wrong normalisation is 75%
     assert float((share.hessian() - whole.hessian()).norm() / whole.hessian().norm()) < 0.15
+
+
+def test_gptq_act_order_is_on_unless_turned_off():
+    from quantserve.cli.main import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["lite", "auto_gptq", "/m"]).desc_act is True
+    assert parse(["lite", "auto_gptq", "/m", "--desc-act", "False"]).desc_act is False
+    assert parse(["lite", "auto_gptq", "/m", "--desc-act"]).desc_act is True

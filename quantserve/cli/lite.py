@@ -35,8 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="AWQ: search the scale exponent per block (default: 0.5)")
         q.add_argument("--no-clip", action="store_true", help="AWQ: skip the clipping search")
         q.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ: Hessian damping")
-        q.add_argument("--desc-act", type=boolean, nargs="?", const=True, default=False,
-                       help="GPTQ: act-order (columns by decreasing Hessian diagonal)")
+        q.add_argument("--desc-act", type=boolean, nargs="?", const=True, default=True,
+                       help="GPTQ: act-order, columns by decreasing Hessian diagonal (default: True; static groups "
+                            "keep it free at inference); False: columns in order")
         q.add_argument("--fake-quant", action="store_true",
                        help="write the dequantized float weights instead of packed codes (any bits, e.g. 3, for evaluation)")
         q.add_argument("--dtype", default="auto", help="accepted for LMDeploy compatibility")

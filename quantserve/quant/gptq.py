@@ -3,10 +3,11 @@ rounding error onto the columns not yet quantized through the inverse Hessian of
 
 H = 2 X^T X / n from the calibration inputs (accumulated by the calibration hooks), damped by
 --damp-percent of its mean diagonal; the Cholesky factor of H^-1 drives the updates, applied
-lazily in blocks of 128 columns. --desc-act quantizes columns by decreasing H diagonal with
-"static groups": each group's scale and zero are fixed beforehand from the original weights,
-so the groups stay contiguous in the checkpoint (g_idx is k // group size) and any GPTQ loader
-reads it. Inputs come from the float model (the quantized layers' outputs are not fed forward).
+lazily in blocks of 128 columns. --desc-act (the default) quantizes columns by decreasing H
+diagonal with "static groups": each group's scale and zero are fixed beforehand from the
+original weights, so the groups stay contiguous in the checkpoint (g_idx is k // group size)
+and any GPTQ loader reads it. Columns in order (--desc-act False) lose to RTN at 3 bits on
+SmolLM2, through v_proj alone (see BENCHMARKS.md). Inputs come from the float model (the quantized layers' outputs are not fed forward).
 """
 from __future__ import annotations
 

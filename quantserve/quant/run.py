@@ -33,7 +33,7 @@ class LiteJob:
     search_scale: bool = False
     clip: bool = True
     damp_percent: float = 0.01
-    desc_act: bool = False
+    desc_act: bool = True           # GPTQ act-order (static groups: free at inference)
     progress: bool = True
     fake_quant: bool = False        # write dequantized float weights (any bits, e.g. W3 for evaluation)
 

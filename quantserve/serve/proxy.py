@@ -45,7 +45,6 @@ class Node:
     unfinished: int = 0
     latency: float | None = None                         # moving average of request seconds
     served: int = 0
-    failed_checks: int = 0
 
     def serves(self, model: str | None) -> bool:
         return model is None or any(card["id"] == model for card in self.models)
@@ -114,7 +113,7 @@ class Proxy:
             ok = False
         if ok != node.healthy:
             logger.warning("node %s is %s", node.url, "back" if ok else "down")
-        node.healthy, node.failed_checks = ok, 0 if ok else node.failed_checks + 1
+        node.healthy = ok
 
     async def watch(self) -> None:
         while True:
