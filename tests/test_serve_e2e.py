@@ -113,8 +113,15 @@ def test_sixteen_concurrent_streams_equal_solo_answers_in_float16(homework_serve
 def test_bad_flags_are_one_line_errors(default_model):
     for args, flag in ((["--max-concurrent-requests", "0"], "--max-concurrent-requests"),
                        (["--ssl"], "--ssl"), (["--quant-policy", "3"], "--quant-policy"),
-                       (["/no/such/model"], "does not exist")):
+                       (["/no/such/model"], "does not exist"), (["--models-dir", "/nowhere"], "--models-dir"),
+                       ([str(default_model), str(default_model), "--model-name", "a"], "--model-name")):
         out = subprocess.run([sys.executable, "-m", "quantserve.cli.main", "serve", "api_server", *args],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and flag in out.stderr and "Traceback" not in out.stderr, out.stderr
+    others = [(["proxy", "--nodes", "foo"], "--nodes"), (["proxy", "--health-interval", "0"], "--health-interval"),
+              (["ray", "--autoscale", "3", "1"], "--autoscale"), (["ray", "--num-replicas", "0"], "--num-replicas")]
+    for command, flag in others:
+        out = subprocess.run([sys.executable, "-m", "quantserve.cli.main", "serve", *command],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode != 0 and flag in out.stderr and "Traceback" not in out.stderr, out.stderr
 
