@@ -62,3 +62,27 @@ def test_first_messages_stop_at_the_first_byte_and_leaving_early_aborts(tiny_ser
 
     start, body = asyncio.run(bad_request())
     assert start["status"] == 400 and json.loads(body["body"])["error"]["param"] == "messages"
+
+
+def test_the_relayed_response_cancels_the_work_only_when_the_client_leaves(tiny_server):
+    from quantserve.serve.asgi_relay import streamed
+    from quantserve.serve.openai_app import build_app
+
+    app = build_app(tiny_server.state)
+
+    async def relay(leave_early: bool) -> tuple[list[bool], bytes]:
+        closed, received = [], b""
+        answer = run_asgi(app, SCOPE, json.dumps({**CHAT, "stream": True, "max_tokens": 40}).encode())
+        start, first = await first_messages(answer)
+        response = streamed(start, first, answer, 1, on_close=lambda: closed.append(True))
+        async for chunk in response.body_iterator:
+            received += chunk
+            if leave_early:
+                break
+        await response.body_iterator.aclose()
+        await answer.aclose()
+        return closed, received
+
+    assert asyncio.run(relay(leave_early=True))[0] == [True]
+    closed, received = asyncio.run(relay(leave_early=False))
+    assert closed == [] and received.endswith(b"data: [DONE]\n\n")

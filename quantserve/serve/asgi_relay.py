@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi.responses import Response, StreamingResponse
 
@@ -64,19 +64,26 @@ async def first_messages(answer) -> tuple[dict, list[dict]]:
     return start, first
 
 
-def streamed(start: dict, first: list[dict], answer, attempts: int, lost: tuple = ()) -> Response:
-    """The response: the messages already read, then the rest as they come."""
+def streamed(start: dict, first: list[dict], answer, attempts: int, lost: tuple = (),
+             on_close: Callable[[], None] | None = None) -> Response:
+    """The response: the messages already read, then the rest as they come. `on_close` runs if
+    the client leaves before the end (it cancels the replica's work)."""
     async def body() -> AsyncIterator[bytes]:
-        for message in first:
-            yield message.get("body", b"")
-        if first and not first[-1].get("more_body"):
-            return
+        finished = False
         try:
-            async for message in answer:
+            for message in first:
                 yield message.get("body", b"")
+            if not (first and not first[-1].get("more_body")):
+                async for message in answer:
+                    yield message.get("body", b"")
+            finished = True
         except lost as e:             # the replica died mid-answer: end with an error event
+            finished = True
             error = error_body(502, f"the replica failed: {e}", None, "replica_failed")
             yield f"data: {json.dumps(error)}\n\n".encode()
+        finally:
+            if not finished and on_close is not None:
+                on_close()
 
     headers = {k.decode(): v.decode() for k, v in start.get("headers", []) if k.lower() != b"content-length"}
     headers["x-quantserve-attempts"] = str(attempts)         # > 1: retried after a replica was lost

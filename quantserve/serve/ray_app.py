@@ -80,6 +80,7 @@ class Ingress:
     @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "OPTIONS"])
     async def forward(self, request: Request, path: str) -> Response:
         scope, body = portable_scope(request.scope), await request.body()
+        lost = None
         for attempt in range(1, MAX_ATTEMPTS + 1):
             answer = self.replicas.handle.remote(scope, body)
             try:
@@ -89,11 +90,10 @@ class Ingress:
                                       "overloaded", {"Retry-After": "1"})
             except REPLICA_LOST as e:
                 logger.warning("replica lost before answering (attempt %d): %s", attempt, e)
-                if attempt == MAX_ATTEMPTS:
-                    return unavailable(str(e))
+                lost = e
                 continue
-            return streamed(start, first, answer, attempt, REPLICA_LOST)
-        return unavailable("no replica")
+            return streamed(start, first, answer, attempt, REPLICA_LOST, on_close=answer.cancel)
+        return unavailable(str(lost))
 
 
 def build_application(spec: ReplicaSpec, num_replicas: int = 1, autoscale: tuple[int, int] | None = None,
