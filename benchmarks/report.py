@@ -3,6 +3,7 @@
     python benchmarks/bench_engine.py && python benchmarks/profile_decode.py \
         && python benchmarks/bench_kv_quant.py && python benchmarks/bench_prefix_cache.py \
         && python benchmarks/bench_weight_quant.py && python benchmarks/bench_weight_quality.py \
+        && python benchmarks/bench_gptq_order.py \
         && python benchmarks/bench_llamacpp.py \
         && python benchmarks/report.py
 """
@@ -114,23 +115,38 @@ WikiText-2 test, the same first windows for every row (10 windows of each length
 
 {table}
 Against the issue's bars: AWQ closes 36% (PTB) and 53% (WikiText-2) of RTN's gap at W4 (bar: a
-third) and 50% / 59% at W3 (bar: half; PTB sits on the line). GPTQ at W4 is worse than RTN
-when calibrated on PTB with columns in order (-19%), better with act-order (+26%) and with
-in-domain WikiText-2 calibration (+16%). At W3 GPTQ beats RTN only with act-order (53.0 vs 70.1);
-in column order it is far worse (124 PTB, 87 WikiText-2). The column order is what matters:
-the in-order path with static groups (ranges fixed from the original weights, as act-order
-uses) still scores 112 (PTB, W3, measured separately), so it is not the group ranges. What
-remains different from the reference GPTQ is that inputs come from the float model rather than
-from the already-quantized layers; making the quantizer sequential is the open item.
+third) and 49.8% / 59% at W3 (bar: half; PTB sits 0.1 ppl short of the line: 45.10 against
+45.00 needed). GPTQ, which now runs with act-order by default, beats RTN at W3 on both
+calibration sets (53.0 PTB, 41.5 WikiText-2, against 70.1) and at W4 closes 26% (PTB) and 44%
+(WikiText-2) of the gap. With columns in order (`--desc-act False`, LMDeploy's default) it is
+worse than RTN at W4 on PTB (-19%) and at W3 on both (124 PTB, 87 WikiText-2): the calibration
+overfitting the issue describes, and more.
 
-Time with the tutorial's flags (`lite auto_awq`, PTB, 128 x 2048 tokens, group 64,
-`--search-scale False`), measured alone: 18 min 51 s, of which 17 min is the calibration forward
-pass (8.1 s per 2048-token window: 262,144 tokens through the float model) and 98 s the clipping
-search. The issue's bar is 10 minutes. Since that run, a prefill with no cached past uses
-torch's fused causal attention (2.6 s instead of 4.8 s of attention per 2048-token window, all
-30 layers): measured again alone, 15 min 25 s (6.1 s per window); the rest is the
-linear layers' FLOPs at ~120 GFLOP/s on two cores. 128 x 512 calibration, as in the table
-above, takes about 6 minutes.
+Which linears do it (`benchmarks/bench_gptq_order.py`: every linear in order except one kind,
+which gets act-order; a smaller run, so the numbers are not comparable with the table's):
+
+{order}
+`v_proj` alone explains nearly all of it: act-order there brings in-order GPTQ from 173 to 110,
+next to RTN's 103; no other kind moves it past 155. Layer by layer, in-order `v_proj` has a
+lower output error than RTN on held-out rows (relative MSE 0.03-0.05 against 0.06-0.09), so the
+damage is in the few rows the uniform sample rarely holds. The likely ones are the attention-sink
+tokens, whose value vectors every later token reads. Act-order with static groups costs nothing
+at inference (the groups stay contiguous, `g_idx = k // group`), hence the new default.
+
+Time with the tutorial's flags (PTB, 128 x 2048 tokens, group 64, `--batch-size 1`), each run
+alone: `lite auto_awq` (`--search-scale False`) 15 min 25 s, of which the calibration forward pass
+is 6.1 s per 2048-token window (262,144 tokens through the float model) and the clipping search
+98 s; `lite auto_gptq` (act-order) 15 min 43 s, of which calibration with the Hessians is 6.85 s
+per window and GPTQ itself 52 s. The issue's bar is 10 minutes, and on this machine the float
+forward pass alone cannot meet it. Per 2048-token window:
+- the linear layers are 2 x 106.2 M weights x 2048 tokens = 435 GFLOP, at the 127-133 GFLOP/s
+  our float32 kernel reaches at these shapes (torch's MKL: 96-130), so 3.3 s;
+- causal attention takes 30 layers x 54 ms (torch's fused SDPA, 9 heads x 2048), so 1.6 s.
+
+That is 4.9 s per window, or 10.5 minutes for 128 windows, before any statistics, search or I/O.
+The integer W8A8 kernel does 113-161 GFLOP/s-equivalent at these shapes, so it offers no way
+out either (and it would calibrate on perturbed activations). Calibration at 128 x 512, as in
+the table above, takes about 6 minutes.
 """
 
 LLAMACPP = """## quantserve vs llama.cpp and transformers (`benchmarks/bench_llamacpp.py`)
@@ -231,7 +247,7 @@ def main() -> None:
     parts = [HEADER, ENGINE.format(table=table("engine.md")), PROFILE.format(table=table("profile.md")),
              KV.format(table=table("kv_quant.md")), PREFIX.format(table=table("prefix_cache.md")),
              WEIGHT_SPEED.format(table=table("weight_quant.md"), **weight_ratios()),
-             WEIGHT_QUALITY.format(table=table("weight_quality.md"))]
+             WEIGHT_QUALITY.format(table=table("weight_quality.md"), order=table("gptq_order.md"))]
     targets = llamacpp_targets()
     if targets:
         parts.insert(3, LLAMACPP.format(table=table("llamacpp.md"), **targets))
