@@ -10,7 +10,7 @@ from quantserve.cli.args import add_engine_args, engine_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="serve_command", required=True, metavar="{api_server,api_client,gradio,proxy}")
+    sub = p.add_subparsers(dest="serve_command", required=True, metavar="{api_server,api_client,gradio,proxy,ray}")
     server = sub.add_parser("api_server", help="OpenAI-compatible HTTP server (one model or several)")
     server.add_argument("model_path", nargs="*", default=[],
                         help="model directories or .gguf files, a directory of models, or nothing for the "
@@ -127,17 +127,27 @@ def run_proxy(ns) -> int:
     from quantserve.config import ConfigError
     from quantserve.serve.proxy import run_proxy as serve_proxy
 
-    if ns.server_port <= 0:
-        raise ConfigError(f"must be > 0, got {ns.server_port}", field="server_port")
-    if ns.health_interval <= 0:
-        raise ConfigError(f"must be > 0, got {ns.health_interval}", field="health_interval")
+    require_positive(ns, "server_port", "health_interval")
     for url in ns.nodes:
         if not is_url(url):
             raise ConfigError(f"{url} is not an http(s):// URL", field="nodes")
-    logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(ns)
     serve_proxy(ns.server_name, ns.server_port, ns.routing_strategy, ns.health_interval, ns.api_keys, ns.nodes,
                 ns.log_level)
     return 0
+
+
+def setup_logging(ns) -> None:
+    logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+def require_positive(ns, *flags: str) -> None:
+    """A one-line error naming the first flag that is not > 0."""
+    from quantserve.config import ConfigError
+
+    for flag in flags:
+        if getattr(ns, flag) <= 0:
+            raise ConfigError(f"must be > 0, got {getattr(ns, flag)}", field=flag)
 
 
 def is_url(text: str | None) -> bool:
@@ -148,7 +158,7 @@ def run_api_server(ns, with_ui: bool = False) -> int:
     from quantserve.serve.openai_app import ServerConfig
     from quantserve.serve.server import run_server
 
-    logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(ns)
     check_server_flags(ns)
     models = served_models(ns)
     ns.enable_prefix_caching = ns.enable_prefix_caching or not ns.disable_prefix_caching
@@ -173,11 +183,9 @@ def run_ray(ns) -> int:
     from quantserve.config import ConfigError
     from quantserve.models.resolve import resolve_model
 
-    logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(ns)
     check_server_flags(ns)
-    for flag in ("num_replicas", "max_ongoing_requests", "cpus_per_replica"):
-        if getattr(ns, flag) <= 0:
-            raise ConfigError(f"must be > 0, got {getattr(ns, flag)}", field=flag)
+    require_positive(ns, "num_replicas", "max_ongoing_requests", "cpus_per_replica")
     if ns.autoscale and not (0 <= ns.autoscale[0] <= ns.autoscale[1] and ns.autoscale[1] > 0):
         raise ConfigError(f"needs 0 <= MIN <= MAX and MAX > 0, got {' '.join(map(str, ns.autoscale))}",
                           field="autoscale")
@@ -211,10 +219,8 @@ def limits_from(ns):
 def check_server_flags(ns) -> None:
     from quantserve.config import ConfigError
 
-    for flag in ("max_concurrent_requests", "max_queued_requests", "max_body_size", "max_n", "server_port",
-                 "default_max_tokens"):
-        if getattr(ns, flag) <= 0:
-            raise ConfigError(f"must be > 0, got {getattr(ns, flag)}", field=flag)
+    require_positive(ns, "max_concurrent_requests", "max_queued_requests", "max_body_size", "max_n", "server_port",
+                     "default_max_tokens")
     if ns.rate_limit is not None and ns.rate_limit <= 0:
         raise ConfigError("must be > 0", field="rate_limit")
     if ns.ssl and not (ns.ssl_certfile and ns.ssl_keyfile):
