@@ -103,3 +103,46 @@ def test_gptq_act_order_is_on_unless_turned_off():
     assert parse(["lite", "auto_gptq", "/m"]).desc_act is True
     assert parse(["lite", "auto_gptq", "/m", "--desc-act", "False"]).desc_act is False
     assert parse(["lite", "auto_gptq", "/m", "--desc-act"]).desc_act is True
+
+
+@pytest.mark.parametrize("family", ["llama", "internlm2"])
+def test_layer_by_layer_calibration_feeds_each_layer_the_quantized_outputs(tiny_dirs, tmp_path, family):
+    """The runner's statistics equal a whole-model forward: of the float model while nothing is
+    replaced, and of the RTN model (at every layer's first projection) once each layer is."""
+    from quantserve.models.loader import checkpoint_files, read_checkpoint, read_config
+    from quantserve.quant.arch import arch_for, layer_names
+    from quantserve.quant.calib import collect_stats
+    from quantserve.quant.run import LiteJob, run
+    from quantserve.quant.sequential import LayerwiseRunner
+
+    model, spec = tiny_dirs[family], QuantSpec(4, 32)
+    cfg = read_config(model)
+    arch, weights = arch_for(cfg["model_type"]), read_checkpoint(checkpoint_files(model), False)
+    windows = torch.randint(0, cfg["vocab_size"], (4, 48), generator=torch.Generator().manual_seed(0)).tolist()
+    rtn_dir = tmp_path / "rtn"
+    run(LiteJob(str(model), str(rtn_dir), "rtn", spec, calib_samples=0, fake_quant=True, progress=False))
+
+    def rtn_layer(layer: int) -> dict[str, torch.Tensor]:
+        names = [f"{layer_names(t, layer)}.weight" for t in arch.linears]
+        return {n: quantize(weights[n].float(), spec, min_zero=1).dequantize() for n in names}
+
+    def statistics(replace: bool) -> dict:
+        seen: dict = {}
+
+        def record(layer, stats):
+            seen.update(stats)
+            return rtn_layer(layer) if replace else {}
+
+        LayerwiseRunner(model, windows, batch_size=3).run(record, progress=False)
+        return seen
+
+    def assert_same(seen: dict, expected: dict, keys: list[str]) -> None:
+        assert len(keys) >= cfg["num_hidden_layers"]
+        for key in keys:
+            torch.testing.assert_close(seen[key].mean_abs, expected[key].mean_abs, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(seen[key].hessian(), expected[key].hessian(), rtol=1e-3, atol=1e-4)
+
+    float_stats = collect_stats(model, windows, 2, progress=False, hessian=True)
+    assert_same(statistics(replace=False), float_stats, list(float_stats))
+    rtn_stats = collect_stats(rtn_dir, windows, 2, progress=False, hessian=True)
+    assert_same(statistics(replace=True), rtn_stats, [k for k in rtn_stats if k.endswith("attn.qkv")])

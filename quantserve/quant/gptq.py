@@ -6,31 +6,35 @@ H = 2 X^T X / n from the calibration inputs (accumulated by the calibration hook
 lazily in blocks of 128 columns. --desc-act (the default) quantizes columns by decreasing H
 diagonal with "static groups": each group's scale and zero are fixed beforehand from the
 original weights, so the groups stay contiguous in the checkpoint (g_idx is k // group size)
-and any GPTQ loader reads it. Columns in order (--desc-act False) lose to RTN at 3 bits on
-SmolLM2, through v_proj alone (see BENCHMARKS.md). Inputs come from the float model (the quantized layers' outputs are not fed forward).
+and any GPTQ loader reads it. Layers are quantized one after another, each from the inputs the
+already quantized layers before it produce (quant/sequential.py).
 """
 from __future__ import annotations
 
-import sys
-
 import torch
-from tqdm import tqdm
 
 from quantserve.quant.arch import Arch, layer_names
 from quantserve.quant.calib import InputStats
 from quantserve.quant.primitives import QuantizedWeight, QuantSpec, group_params
+from quantserve.quant.sequential import LayerwiseRunner
 
 BLOCK = 128
 
 
-def gptq(weights: dict[str, torch.Tensor], arch: Arch, num_layers: int, stats: dict[str, InputStats],
-         spec: QuantSpec, damp_percent: float, desc_act: bool, progress: bool = True) -> dict[str, QuantizedWeight]:
+def gptq(weights: dict[str, torch.Tensor], arch: Arch, runner: LayerwiseRunner, spec: QuantSpec,
+         damp_percent: float, desc_act: bool, progress: bool = True) -> dict[str, QuantizedWeight]:
+    """Quantize every layer's linears in turn; the runner feeds each layer the quantized outputs of the last."""
     quantized: dict[str, QuantizedWeight] = {}
-    names = [layer_names(t, i) for i in range(num_layers) for t in arch.linears]
-    for name in tqdm(names, desc="GPTQ", unit="linear", disable=not progress, file=sys.stderr):
-        layer = int(name.split(".")[2])
-        h = stats[arch.input_site(name, layer)].hessian()
-        quantized[name] = gptq_linear(weights[f"{name}.weight"].float(), h, spec, damp_percent, desc_act)
+
+    def quantize_layer(layer: int, stats: dict[str, InputStats]) -> dict[str, torch.Tensor]:
+        for template in arch.linears:
+            name = layer_names(template, layer)
+            h = stats[arch.input_site(name, layer)].hessian()
+            quantized[name] = gptq_linear(weights[f"{name}.weight"].float(), h, spec, damp_percent, desc_act)
+        return {f"{layer_names(t, layer)}.weight": quantized[layer_names(t, layer)].dequantize()
+                for t in arch.linears}
+
+    runner.run(quantize_layer, progress)
     return quantized
 
 

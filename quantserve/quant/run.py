@@ -91,20 +91,25 @@ def quantize_linears(job: LiteJob, cfg: dict, weights: dict[str, torch.Tensor], 
         return awq(weights, arch_for(cfg["model_type"]), cfg["num_hidden_layers"], stats, job.spec,
                    job.search_scale, job.clip, job.progress)
     from quantserve.quant.gptq import gptq
+    from quantserve.quant.sequential import LayerwiseRunner
 
-    stats = calibrate(job, hessian=True)
-    return gptq(weights, arch_for(cfg["model_type"]), cfg["num_hidden_layers"], stats, job.spec,
-                job.damp_percent, job.desc_act, job.progress)
+    runner = LayerwiseRunner(Path(job.model), calibration_set(job), job.batch_size)
+    return gptq(weights, arch_for(cfg["model_type"]), runner, job.spec, job.damp_percent, job.desc_act, job.progress)
 
 
-def calibrate(job: LiteJob, hessian: bool = False) -> dict:
+def calibration_set(job: LiteJob) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from quantserve.quant.calib import calibration_windows, collect_stats
+    from quantserve.quant.calib import calibration_windows
 
     tokenizer = AutoTokenizer.from_pretrained(job.model, trust_remote_code=True)
-    windows = calibration_windows(tokenizer, job.calib_dataset, job.calib_samples, job.calib_seqlen)
-    return collect_stats(Path(job.model), windows, job.batch_size, progress=job.progress, hessian=hessian)
+    return calibration_windows(tokenizer, job.calib_dataset, job.calib_samples, job.calib_seqlen)
+
+
+def calibrate(job: LiteJob) -> dict:
+    from quantserve.quant.calib import collect_stats
+
+    return collect_stats(Path(job.model), calibration_set(job), job.batch_size, progress=job.progress)
 
 
 def rtn(w: torch.Tensor, spec: QuantSpec, gptq_zeros: bool):
