@@ -146,3 +146,23 @@ def test_layer_by_layer_calibration_feeds_each_layer_the_quantized_outputs(tiny_
     assert_same(statistics(replace=False), float_stats, list(float_stats))
     rtn_stats = collect_stats(rtn_dir, windows, 2, progress=False, hessian=True)
     assert_same(statistics(replace=True), rtn_stats, [k for k in rtn_stats if k.endswith("attn.qkv")])
+
+
+def test_awq_scores_the_gate_up_group_on_the_mlp_output():
+    """mlp_output(down)(x, [gate; up]) is the transformers MLP's output, and the alpha it picks
+    reproduces that output at least as well as the alpha picked on the linears' outputs."""
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
+
+    from quantserve.quant.awq import best_alpha, mlp_output, scales_for
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=128, intermediate_size=256, hidden_act="silu")).eval()
+    x = correlated_inputs(128, rows=512)
+    w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+    output = mlp_output(mlp.down_proj.weight.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(output(x, w), mlp(x), rtol=1e-4, atol=1e-4)
+    spec = QuantSpec(3, 64)
+    err = lambda a: float((output(x, quantize(w * (s := scales_for(x.abs().mean(0), a)), spec).dequantize() / s)  # noqa: E731
+                           - output(x, w)).pow(2).mean())
+    assert err(best_alpha(w, x.abs().mean(0), x, spec, output)) <= err(best_alpha(w, x.abs().mean(0), x, spec))

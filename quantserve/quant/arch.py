@@ -15,6 +15,7 @@ class ScaleGroup:
     producer: str                 # a norm (scales its weight) or a linear (scales its output rows)
     consumers: tuple[str, ...]    # linears reading the producer's output
     needs_same_width: bool = False    # linear -> linear: only when the shapes line up (no GQA)
+    mlp_down: str | None = None       # consumers are (gate, up): the scale search scores the MLP's output
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ LLAMA = Arch(
                    "model.layers.{i}.self_attn.k_proj", "model.layers.{i}.self_attn.v_proj")),
         ScaleGroup("model.layers.{i}.self_attn.v_proj", ("model.layers.{i}.self_attn.o_proj",), True),
         ScaleGroup("model.layers.{i}.post_attention_layernorm", ("model.layers.{i}.mlp.gate_proj",
-                   "model.layers.{i}.mlp.up_proj")),
+                   "model.layers.{i}.mlp.up_proj"), mlp_down="model.layers.{i}.mlp.down_proj"),
         ScaleGroup("model.layers.{i}.mlp.up_proj", ("model.layers.{i}.mlp.down_proj",)),
     ),
     inputs={"self_attn.q_proj": "attn.qkv", "self_attn.k_proj": "attn.qkv", "self_attn.v_proj": "attn.qkv",
@@ -51,7 +52,8 @@ INTERNLM2 = Arch(
     scale_groups=(
         ScaleGroup("model.layers.{i}.attention_norm", ("model.layers.{i}.attention.wqkv",)),
         ScaleGroup("model.layers.{i}.ffn_norm", ("model.layers.{i}.feed_forward.w1",
-                                                 "model.layers.{i}.feed_forward.w3")),
+                                                 "model.layers.{i}.feed_forward.w3"),
+                   mlp_down="model.layers.{i}.feed_forward.w2"),
         ScaleGroup("model.layers.{i}.feed_forward.w3", ("model.layers.{i}.feed_forward.w2",)),
     ),
     inputs={"attention.wqkv": "attn.qkv", "attention.wo": "attn.o", "feed_forward.w1": "mlp.gate_up",

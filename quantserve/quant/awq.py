@@ -2,20 +2,25 @@
 
 For each scale group (a norm or linear, and the linears reading its output) with input x:
   1. s = mean|x|^alpha per input channel (normalised), alpha from a 20-point grid in [0, 1)
-     minimising || Q(W diag(s)) diag(s)^-1 X - W X || over sampled calibration rows
-     (--search-scale; without it alpha = 0.5, as LMDeploy);
+     minimising the output error over sampled calibration rows: of the whole MLP
+     (down(silu(gate x) * up x), gate and up quantized) for the group feeding gate/up, as the
+     paper's code scores that block; of the group's own linears, || Q(W diag(s)) diag(s)^-1 X - W X ||,
+     elsewhere (--search-scale; without it alpha = 0.5, as LMDeploy);
   2. s is folded in: the producer's output is divided by s (a norm's weight, or a linear's
      rows), the consumers' input columns are multiplied by s, so the float model is unchanged;
   3. clipping: per (output row, group), the range is shrunk by the ratio in [0.5, 1] that
      minimises the group's output error on sampled rows (q/k are left unclipped, as in the
      paper's code: attention scores are sensitive to their extremes).
-The error is measured on each group's linear outputs rather than the whole block's output.
+Attention's groups are scored on their linears' outputs, not the attention block's output
+(that needs whole sequences; the statistics keep sampled rows).
 """
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from quantserve.quant.arch import Arch, ScaleGroup, layer_names
@@ -24,7 +29,6 @@ from quantserve.quant.primitives import QuantizedWeight, QuantSpec, fake_quantiz
 
 ALPHA_GRID = [i / 20 for i in range(20)]
 CLIP_GRID = [1 - 0.5 * i / 20 for i in range(20)]          # 1.0 down to 0.525
-CLIP_ROWS = 512
 NO_CLIP = ("q_proj", "k_proj", "wqkv")
 
 
@@ -42,7 +46,7 @@ def awq(weights: dict[str, torch.Tensor], arch: Arch, num_layers: int, stats: di
             w = weights[f"{name}.weight"].float()
             ratios = 1.0
             if clip and not name.endswith(NO_CLIP):       # the model now feeds this linear x / s
-                rows = stats[arch.input_site(name, layer)].rows_sample()[:CLIP_ROWS]
+                rows = stats[arch.input_site(name, layer)].rows_sample()
                 ratios = clip_ratios(w, rows / input_scales.get(name, 1.0), spec)
             quantized[name] = quantize(w, spec, ratios)
     return quantized
@@ -59,7 +63,10 @@ def apply_scale_group(weights: dict, arch: Arch, layer: int, group: ScaleGroup, 
         return None                                     # GQA: v_proj's rows do not line up with o_proj's inputs
     x = stats[arch.input_site(consumers[0], layer)]
     mean_abs = x.mean_abs
-    alpha = best_alpha(w, mean_abs, x.rows_sample(), spec) if search else 0.5
+    output = linear_output
+    if group.mlp_down:
+        output = mlp_output(weights[f"{layer_names(group.mlp_down, layer)}.weight"].float())
+    alpha = best_alpha(w, mean_abs, x.rows_sample(), spec, output) if search else 0.5
     s = scales_for(mean_abs, alpha)
     for c in consumers:
         weights[f"{c}.weight"] = (weights[f"{c}.weight"].float() * s).to(weights[f"{c}.weight"].dtype)
@@ -78,28 +85,48 @@ def scales_for(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def best_alpha(w: torch.Tensor, mean_abs: torch.Tensor, rows: torch.Tensor, spec: QuantSpec) -> float:
-    """The grid alpha whose scaled quantization best reproduces W x on the sampled rows."""
-    reference = rows @ w.t()                                                      # [S, N]
+Output = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]     # (rows [S, K], weight [N, K]) -> [S, *]
+
+
+def linear_output(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return rows @ w.t()
+
+
+def mlp_output(down: torch.Tensor) -> Output:
+    """The MLP's output when w stacks (gate; up); down: [H, I] stays float."""
+    def output(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        gate, up = (rows @ w.t()).chunk(2, dim=-1)                                # [S, I] each
+        return (F.silu(gate) * up) @ down.t()                                     # [S, H]
+    return output
+
+
+def best_alpha(w: torch.Tensor, mean_abs: torch.Tensor, rows: torch.Tensor, spec: QuantSpec,
+               output: Output = linear_output) -> float:
+    """The grid alpha whose scaled quantization best reproduces the output on the sampled rows."""
+    reference = output(rows, w)
     errors = []
     for alpha in ALPHA_GRID:
         s = scales_for(mean_abs, alpha)
         wq = fake_quantize(w * s, spec) / s
-        errors.append(float((rows @ wq.t() - reference).pow(2).mean()))
+        errors.append(float((output(rows, wq) - reference).pow(2).mean()))
     return ALPHA_GRID[min(range(len(errors)), key=errors.__getitem__)]
 
 
 def clip_ratios(w: torch.Tensor, rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """w: [N, K], rows: [S, K] -> per (row, group) ratio [N, G] minimising the group's output error."""
+    """w: [N, K], rows: [S, K] -> per (row, group) ratio [N, G] minimising the group's output error.
+
+    The error of a group's weight change d over the rows is mean_s (x_s . d)^2 = d^T C d with
+    C = X^T X / S per group, so the rows enter once, through C, not once per ratio."""
     n, k = w.shape
     g, width = spec.groups(k), spec.width(k)
-    xg = rows.reshape(rows.shape[0], g, width)                                     # [S, G, w]
-    wg = w.reshape(n, g, width)                                                    # [N, G, w]
+    xg = rows.reshape(rows.shape[0], g, width).transpose(0, 1)                    # [G, S, w]
+    gram = xg.transpose(1, 2) @ xg / rows.shape[0]                                 # [G, w, w]
+    wg = w.reshape(n, g, width).transpose(0, 1)                                    # [G, N, w]
     best_err = torch.full((n, g), float("inf"))
     best = torch.ones(n, g)
     for ratio in CLIP_GRID:
-        dq = fake_quantize(w, spec, ratio).reshape(n, g, width) - wg               # [N, G, w]
-        err = torch.einsum("sgw,ngw->sng", xg, dq).pow(2).mean(0)                 # [N, G]
+        dq = fake_quantize(w, spec, ratio).reshape(n, g, width).transpose(0, 1) - wg    # [G, N, w]
+        err = ((dq @ gram) * dq).sum(-1).t()                                       # [N, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, ratio), best)
