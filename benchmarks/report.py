@@ -3,7 +3,6 @@
     python benchmarks/bench_engine.py && python benchmarks/profile_decode.py \
         && python benchmarks/bench_kv_quant.py && python benchmarks/bench_prefix_cache.py \
         && python benchmarks/bench_weight_quant.py && python benchmarks/bench_weight_quality.py \
-        && python benchmarks/bench_gptq_order.py \
         && python benchmarks/bench_llamacpp.py \
         && python benchmarks/report.py
 """
