@@ -1,6 +1,7 @@
-"""Where a decode step's time goes, for batch 1 and 16 sequences (128-token contexts).
+"""Where a decode step's time goes, for batch 1 and 16 sequences (128-token contexts), for the
+float16 model and its W4 g64 (RTN) checkpoint.
 
-    python benchmarks/profile_decode.py [--dtype float16]
+    python benchmarks/profile_decode.py
 
 Times each stage of Engine.step() separately (scheduling and batch building in Python, the
 native all-layers call, the LM head, sampling, bookkeeping), then splits the native call into
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,7 +66,10 @@ def kernel_split(engine: Engine, n: int, context: int) -> dict:
 
     def run_linears():
         for m, xi in linears:
-            kernels.linear(xi, m.packed, m.out_features, m.bias)
+            if m.packed is not None:
+                kernels.linear(xi, m.packed, m.out_features, m.bias)
+            else:
+                kernels.linear_quantized(xi, m.qpacked, m.out_features, m.spec.bits, m.spec.group_size, m.bias)
 
     def run_attention():
         for i in range(len(layers)):
@@ -107,16 +112,30 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def profile_model(path: Path) -> dict:
+    engine = Engine(path, EngineConfig(dtype="float16", session_len=2048), progress=False)
+    if engine.model.fused is None:
+        sys.exit("native kernels unavailable on this machine: nothing to profile")
+    return {n: profile(engine, n) for n in (1, 16)}
+
+
+def w4_checkpoint(model: Path, work: Path) -> Path:
+    from quantserve.quant.primitives import QuantSpec
+    from quantserve.quant.run import LiteJob, run
+
+    run(LiteJob(str(model), str(work / "w4"), "rtn", QuantSpec(4, 64), progress=False))
+    return work / "w4"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
-    p.add_argument("--dtype", default="float16")
     args = p.parse_args()
-    engine = Engine(resolve_model(args.model), EngineConfig(dtype=args.dtype, session_len=2048), progress=False)
-    if engine.model.fused is None:
-        sys.exit("native kernels unavailable on this machine: nothing to profile")
-    results = {n: profile(engine, n) for n in (1, 16)}
-    md = f"dtype {args.dtype}, {torch.get_num_threads()} threads\n\n" + table(results)
+    model = resolve_model(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = {"float16": model, "W4 g64 (RTN; int8 output head)": w4_checkpoint(model, Path(tmp))}
+        md = "\n".join(f"### {name}, {torch.get_num_threads()} threads\n\n" + table(profile_model(path))
+                       for name, path in variants.items())
     out = Path(__file__).with_name("results")
     out.mkdir(exist_ok=True)
     (out / "profile.md").write_text(md)

@@ -1,10 +1,6 @@
 """Assemble BENCHMARKS.md from the tables the benchmark scripts wrote to benchmarks/results/.
 
-    python benchmarks/bench_engine.py && python benchmarks/profile_decode.py \
-        && python benchmarks/bench_kv_quant.py && python benchmarks/bench_prefix_cache.py \
-        && python benchmarks/bench_weight_quant.py && python benchmarks/bench_weight_quality.py \
-        && python benchmarks/bench_llamacpp.py \
-        && python benchmarks/report.py
+Every script and then this one: benchmarks/run_all.sh.
 """
 from __future__ import annotations
 
@@ -21,7 +17,8 @@ Every figure here comes from a script in `benchmarks/`, run on this project's re
 is a ratio against a baseline measured in the same run on the same machine. Timings vary by
 about 10% from run to run here, so each speed is the best of 3 runs, for the baseline and for
 quantserve alike. This file is assembled by `benchmarks/report.py` from the tables the scripts
-write to `benchmarks/results/`.
+write to `benchmarks/results/`; `benchmarks/run_all.sh` runs every script and then the report,
+in one command.
 """
 
 ENGINE = """## Engine: decode speed vs transformers (`benchmarks/bench_engine.py`)
@@ -67,8 +64,19 @@ How the time was cut, measured along the way (batch 1 / 16 sequences, tokens/s):
 4. Attention: 8 keys per dot product with one transposed reduction, vectorised softmax,
    values accumulated in registers: 2x less attention time at 16 sequences.
 
-Python is now under 5% of a step; the rest is weight bandwidth at batch 1 (the 135M
+Python is now under 5% of a float16 step; the rest is weight bandwidth at batch 1 (the 135M
 parameters are read once per step: 270 MB at fp16) and FMA throughput at batch 16.
+
+W4 at batch 1 reads about 90 MB per step: 60 MB of 4-bit layers (with their fp16 scales and
+mins) in the native call, and the 28 MB int8 output head, which is now about a quarter of the
+step. At batch 16 the integer linears do 2 x 106 M x 16 = 3.4 GFLOP per step; "timed alone"
+they take ~21 ms (~165 GFLOP/s-equivalent on the two cores), the int8 head ~6 ms, attention
+~6 ms, and the norms, RoPE, cache writes and activation quantization the rest of the native
+call. The two "timed alone" rows call each kernel from Python, so at batch 1 they include
+~120 calls' overhead and can exceed the native call that runs them back to back. Timings on
+this machine vary by 10-30% from run to run (the same W4 batch-1 step measured 7.8 ms in one
+run and 5.6 ms in the next), which is why every comparison elsewhere is best-of-3 within one
+run.
 """
 
 KV = """## KV cache quantization (`benchmarks/bench_kv_quant.py`)
@@ -123,17 +131,6 @@ calibration sets (53.0 PTB, 41.5 WikiText-2, against 70.1) and at W4 closes 26% 
 (WikiText-2) of the gap. With columns in order (`--desc-act False`, LMDeploy's default) it is
 worse than RTN at W4 on PTB (-19%) and at W3 on both (124 PTB, 87 WikiText-2): the calibration
 overfitting the issue describes, and more.
-
-Which linears do it (`benchmarks/bench_gptq_order.py`: every linear in order except one kind,
-which gets act-order; a smaller run, so the numbers are not comparable with the table's):
-
-{order}
-`v_proj` alone explains nearly all of it: act-order there brings in-order GPTQ from 173 to 110,
-next to RTN's 103; no other kind moves it past 155. Layer by layer, in-order `v_proj` has a
-lower output error than RTN on held-out rows (relative MSE 0.03-0.05 against 0.06-0.09), so the
-damage is in the few rows the uniform sample rarely holds. The likely ones are the attention-sink
-tokens, whose value vectors every later token reads. Act-order with static groups costs nothing
-at inference (the groups stay contiguous, `g_idx = k // group`), hence the new default.
 
 Time with the tutorial's flags (PTB, 128 x 2048 tokens, group 64, `--batch-size 1`), each run
 alone: `lite auto_awq` (`--search-scale False`) 15 min 25 s, of which the calibration forward pass
@@ -249,7 +246,7 @@ def main() -> None:
     parts = [HEADER, ENGINE.format(table=table("engine.md")), PROFILE.format(table=table("profile.md")),
              KV.format(table=table("kv_quant.md")), PREFIX.format(table=table("prefix_cache.md")),
              WEIGHT_SPEED.format(table=table("weight_quant.md"), **weight_ratios()),
-             WEIGHT_QUALITY.format(table=table("weight_quality.md"), order=table("gptq_order.md"))]
+             WEIGHT_QUALITY.format(table=table("weight_quality.md"))]
     targets = llamacpp_targets()
     if targets:
         parts.insert(3, LLAMACPP.format(table=table("llamacpp.md"), **targets))
