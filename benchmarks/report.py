@@ -177,15 +177,29 @@ llama.cpp's own C++ `llama-server` with parallel slots would batch them.
 | serving requests/s >= 2x llama.cpp's server, p50 TTFT no worse | {srv_rps}, TTFT {srv_ttft} | {srv_ok} |
 | >= 10x transformers generate() at batch 1 | {hf} | {hf_ok} |
 
-What limits the misses. *16 streams*: llama.cpp decodes 16 sequences in one batch too
-(200-220 tokens/s here, twice the figure quoted in the issue), so 3x would need ~650 tokens/s
-from two cores; our 16-row step is compute-bound (the profile above: linears at ~110 GFLOP/s,
-attention 16%, the LM head 17% at float). *Prefill*: our float GEMM runs at ~110-130 GFLOP/s
-against llama.cpp's F16/Q4_0 prefill paths; the W4 path pays per-block float scaling that
-llama.cpp's Q4_0 (one scale, no min) does not. *transformers*: its bf16 `generate()` here is
-15 tokens/s, so 10x is 151 tokens/s at batch 1; we reach 131 (W4), and batch 1 is bound by
-memory bandwidth: the W4 step reads 90 MB at 11.8 GB/s effective against a 24.5 GB/s copy
-bandwidth, with per-layer synchronisation of the two threads taking the rest.
+What limits the misses.
+- *16 streams, 3x*: llama.cpp batches 16 sequences into one `llama_decode` too, and reaches
+  200-220 tokens/s here, twice the 90-110 the issue quotes; against those quoted figures our
+  311 tokens/s would be 2.8-3.5x. 3x the measured llama.cpp is ~650 tokens/s, a 16-token step
+  in 24.6 ms. Our W4 step at 16 rows (profile above) already runs its integer linears at ~165
+  GFLOP/s-equivalent (3.4 GFLOP in ~21 ms) and the int8 head at ~156 (0.9 GFLOP in ~6 ms);
+  with attention (~6 ms) the kernels alone need ~33 ms. 650 tokens/s would need every kernel
+  1.35x faster at once, which is at the two cores' fp32 FMA peak (2 cores x 2 FMA pipes x 8
+  lanes x 2 flops x 2.45 GHz nominal = 157 GFLOP/s, ~190 under boost; our best float GEMM runs
+  measure 190). Tried and dropped, as it did not move beyond this machine's run-to-run noise:
+  blocking the float GEMM's rows to stay in L2 across panels.
+- *Prefill 512, F16 and Q4_0*: 87% and 95% of llama.cpp. A py-spy profile of the float16
+  prefill (468 tokens/s in that run): 71% in the linears (109 GFLOP at ~140 GFLOP/s), 20% in
+  attention (torch's fused causal SDPA, ~60 GFLOP/s at 512 tokens; our own blocked kernel is
+  1.6x slower), the rest norms, RoPE and cache writes. Closing the 13% needs a faster GEMM or
+  attention kernel than these. The W4 path also quantizes every activation row and pays
+  per-group float scaling that llama.cpp's Q4_0 (one scale, no min) does not.
+- *10x transformers at batch 1*: its bf16 `generate()` here is 15 tokens/s, so 10x is 151
+  tokens/s; we reach 131 (W4) in this run, and the W4 step profile above measured 128-177
+  tokens/s across runs. Batch 1 reads ~90 MB per step (11.8 GB/s effective here, against a
+  24.5 GB/s copy bandwidth); the int8 output head is a quarter of that. A 4-bit head would cut
+  ~14 MB, but llama.cpp keeps this model's tied output at 8 bits (Q8_0) even in a Q4_0 file,
+  and so do we.
 """
 
 PREFIX = """## Prefix caching (`benchmarks/bench_prefix_cache.py`)
