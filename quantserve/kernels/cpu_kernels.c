@@ -155,11 +155,18 @@ void qs_linear(const float *x, int M, int K, const void *packed, int wtype, cons
         }
         return;
     }
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (long p = 0; p < npanels; p++) {
-        for (int m0 = 0; m0 < M; m0 += 6) {
-            int mt = M - m0 < 6 ? M - m0 : 6;
-            MICRO[wtype][mt](x + (long)m0 * K, K, packed, p, N, bias, y + (long)m0 * N);
+    /* Rows of x in blocks that stay in L2 (~192 KB) while every panel passes over them. */
+    int mb = (int)(49152 / K) / 6 * 6;
+    if (mb < 6) mb = 6;
+#pragma omp parallel num_threads(nthreads)
+    for (int mstart = 0; mstart < M; mstart += mb) {
+        int mend = mstart + mb < M ? mstart + mb : M;
+#pragma omp for schedule(static)
+        for (long p = 0; p < npanels; p++) {
+            for (int m0 = mstart; m0 < mend; m0 += 6) {
+                int mt = mend - m0 < 6 ? mend - m0 : 6;
+                MICRO[wtype][mt](x + (long)m0 * K, K, packed, p, N, bias, y + (long)m0 * N);
+            }
         }
     }
 }
