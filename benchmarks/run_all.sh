@@ -9,6 +9,7 @@ python benchmarks/profile_decode.py
 python benchmarks/bench_kv_quant.py
 python benchmarks/bench_prefix_cache.py
 python benchmarks/bench_weight_quant.py
+rm -f benchmarks/results/weight_quality.json     # it resumes from this file; start afresh
 python benchmarks/bench_weight_quality.py --max-windows 10
 python benchmarks/bench_llamacpp.py
 python benchmarks/report.py
