@@ -162,5 +162,5 @@ def test_readme_homework_script_quantizes_serves_and_answers(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "quantized SmolLM2-135M-Instruct with AWQ W4 g64" in done.stdout
     assert "int4" in done.stderr and "weights" in done.stderr                  # the server's memory table
-    reply = done.stdout.strip().splitlines()[-1].lower()
+    reply = done.stdout.split("weights:", 1)[1].split("\n", 1)[1]     # what the client printed after the summary
     assert len(reply.split()) >= 5, done.stdout[-2000:]
