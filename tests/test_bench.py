@@ -136,3 +136,17 @@ def test_serving_against_llama_cpp_server(default_model, tmp_path, capsys):
     assert code == 0
     (row,), _ = written(tmp_path, "serving")
     assert row["completed"] == 4 and row["output_tokens"] == 4 * 8 and row["ttft_ms"]["p50"] > 0
+
+
+def test_a_failed_plot_keeps_the_results_and_is_one_line(tiny_server_model, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # as if matplotlib were missing: import fails
+    code, _, err = run_cli(["bench", "latency", str(tiny_server_model), "--batch-size", "1", "--input-len", "8",
+                            "--output-len", "2", "--output-dir", str(tmp_path), *ENGINE], capsys)
+    assert code == 0
+    rows, csv_rows = written(tmp_path, "latency")
+    assert len(rows) == len(csv_rows) == 1 and not list(tmp_path.glob("*.png"))
+    (line,) = [l for l in err.splitlines() if l.startswith("quantserve bench: plot")]
+    assert "not written (ModuleNotFoundError: import of matplotlib" in line and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("results: ") and ".png" not in err.splitlines()[-1]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,16 @@ def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     cells = [[header for _, header in columns]] + [[cell(flatten(r).get(key, "")) for key, _ in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
+
+
+def try_plot(plot, *args) -> bool:
+    """Draw one plot; a failure is one line on stderr, since the JSON and CSV are already written."""
+    try:
+        plot(*args)
+        return True
+    except Exception as error:  # noqa: BLE001 - any plotting failure must not lose measured results
+        print(f"quantserve bench: plot {args[-1]} not written ({type(error).__name__}: {error})", file=sys.stderr)
+        return False
 
 
 def _pyplot():

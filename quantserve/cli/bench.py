@@ -152,9 +152,12 @@ def run_latency(ns) -> int:
                                ("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"), ("peak_rss_gb", "peak RSS GB")]))
     paths = output_paths(ns, "latency")
     results.write(rows, paths["json"], paths["csv"])
-    results.plot_curve(rows, "batch", [("decode_tokens_per_s", "decode"), ("prefill_tokens_per_s", "prefill")],
-                       "batch size", f"{path.name}: tokens/s vs batch", paths["png"])
-    print(f"results: {paths['json']}  {paths['csv']}  {paths['png']}", file=sys.stderr)
+    written = [paths["json"], paths["csv"]]
+    if results.try_plot(results.plot_curve, rows, "batch", [("decode_tokens_per_s", "decode"),
+                        ("prefill_tokens_per_s", "prefill")], "batch size", f"{path.name}: tokens/s vs batch",
+                        paths["png"]):
+        written.append(paths["png"])
+    print("results: " + "  ".join(written), file=sys.stderr)
     return 0
 
 
@@ -182,11 +185,12 @@ def run_serving(ns) -> int:
             print(f"error (concurrency {row['concurrency']}): {error}", file=sys.stderr)
     paths = output_paths(ns, "serving")
     results.write(rows, paths["json"], paths["csv"])
-    results.plot_latency(rows, paths["png"])
-    written = [paths["json"], paths["csv"], paths["png"]]
+    written = [paths["json"], paths["csv"]]
+    plots = [(results.plot_latency, rows, paths["png"])]
     if len(rows) > 1:
-        written.append(paths["png"].replace(".png", "-throughput.png"))
-        results.plot_curve(rows, "concurrency", [("output_tokens_per_s", "output tokens/s")], "concurrency",
-                           f"{rows[0]['model']}: throughput vs concurrency", written[-1])
+        plots.append((results.plot_curve, rows, "concurrency", [("output_tokens_per_s", "output tokens/s")],
+                      "concurrency", f"{rows[0]['model']}: throughput vs concurrency",
+                      paths["png"].replace(".png", "-throughput.png")))
+    written += [args[-1] for plot, *args in plots if results.try_plot(plot, *args)]
     print("results: " + "  ".join(written), file=sys.stderr)
     return 0 if all(r["completed"] for r in rows) else 1
