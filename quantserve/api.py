@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from quantserve.config import EngineConfig, GenerationConfig
 from quantserve.engine.engine import Engine, RequestError
 from quantserve.engine.request import Request
+from quantserve.models.loader import family_for, read_config
 from quantserve.models.resolve import resolve_model
 from quantserve.text import TextStream, Tokenizer, load_chat_template
 
@@ -47,8 +48,9 @@ class Pipeline:
                  chat_template: str | None = None, progress: bool = True):
         path = resolve_model(model_path, progress=progress)
         self.model_path = path
+        family_for(read_config(path))  # a broken or foreign config.json is named as such, before the tokenizer
+        self.tokenizer = Tokenizer(path, load_chat_template(chat_template))  # before the weights: fails fast
         self.engine = Engine(path, backend_config or EngineConfig(), progress=progress)
-        self.tokenizer = Tokenizer(path, load_chat_template(chat_template))
 
     def __call__(self, prompts: Prompt | Sequence[Prompt], gen_config=None,
                  do_preprocess: bool = True) -> Response | list[Response]:

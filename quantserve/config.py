@@ -136,11 +136,12 @@ class GenerationConfig:
     def from_model(cls, model_dir, **fallback) -> GenerationConfig:
         """The model's generation_config.json sampling defaults (as LMDeploy's --generation-config
         auto), else `fallback`."""
-        import json
         from pathlib import Path
 
+        from quantserve.models.loader import read_json
+
         path = Path(model_dir) / "generation_config.json"
-        saved = json.loads(path.read_text()) if path.is_file() else {}
+        saved = read_json(path) if path.is_file() else {}
         keys = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
         found = {k: saved[k] for k in keys if saved.get(k) is not None}
         return cls(**(found if "temperature" in found or "do_sample" in found else fallback))

@@ -70,9 +70,96 @@ def json_schema_grammar(schema: dict | None) -> str:
     if schema is not None and not isinstance(schema, dict):
         raise GrammarError("a JSON schema must be an object")
     try:
-        return LLMatcher.grammar_from_json_schema(json.dumps(schema or ANY_JSON_OBJECT), defaults=JSON_STYLE)
+        closed = closed_objects(schema or ANY_JSON_OBJECT)
+        return LLMatcher.grammar_from_json_schema(json.dumps(closed), defaults=JSON_STYLE)
     except ValueError as e:
         raise GrammarError(str(e)) from None
+
+
+# keywords whose values are schemas that describe the value itself (not `not` / `if`, where a
+# closed object would flip the meaning, nor allOf, handled apart)
+SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+SUBSCHEMA_ITEMS = ("anyOf", "oneOf", "prefixItems", "items", "additionalItems", "additionalProperties")
+# an object using these may take keys its `properties` do not list: it is left open
+OPEN_ENDED = ("anyOf", "oneOf", "patternProperties", "if", "dependentSchemas")
+
+
+def closed_objects(schema: dict) -> dict:
+    """`schema` with OpenAI's structured-output semantics (xgrammar's strict mode): an object that
+    names its properties gets only those, unless it says `additionalProperties` itself. Plain
+    JSON Schema allows any other key, so a model would keep inventing fields until max_tokens.
+    Objects naming no properties ({"type": "object"}) stay open."""
+    return _close(schema, schema, composed_refs(schema), closable=True)
+
+
+def _close(node, root: dict, composed: set[str], closable: bool):
+    if isinstance(node, list):
+        return [_close(n, root, composed, True) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = dict(node)
+    for key in SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            defs = key in ("$defs", "definitions")
+            out[key] = {name: _close(sub, root, composed, not (defs and f"#/{key}/{name}" in composed))
+                        for name, sub in out[key].items()}
+    for key in SUBSCHEMA_ITEMS:
+        if key in out:
+            out[key] = _close(out[key], root, composed, True)
+    members = out.get("allOf")
+    if isinstance(members, list):
+        # allOf intersects: a member closed over its own keys would refuse its siblings' keys
+        out["allOf"] = [_close(m, root, composed, len(members) == 1) for m in members]
+    names = property_names(out, root) if closable and "additionalProperties" not in out else None
+    if names and ("properties" in out or "allOf" in out):
+        out["properties"] = {**{n: {} for n in names}, **out.get("properties", {})}
+        out["additionalProperties"] = False
+    return out
+
+
+def property_names(schema: dict, root: dict, depth: int = 0) -> list[str] | None:
+    """The keys an object schema names, with its allOf members' and $ref target's; None when
+    some of them cannot be known."""
+    if depth > 16 or not isinstance(schema, dict) or any(k in schema for k in OPEN_ENDED):
+        return None
+    names: list[str] = []
+    for part in ([resolve_local_ref(schema["$ref"], root)] if "$ref" in schema else []) + (schema.get("allOf") or []):
+        inner = property_names(part, root, depth + 1)
+        if inner is None:
+            return None
+        names += [n for n in inner if n not in names]
+    return names + [n for n in schema.get("properties") or {} if n not in names]
+
+
+def resolve_local_ref(ref, root: dict) -> dict | None:
+    """The schema `#/a/b` points at inside `root`; None for other references."""
+    if not isinstance(ref, str) or not ref.startswith("#/"):
+        return None
+    node = root
+    for part in ref[2:].split("/"):
+        node = node.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None
+
+
+def composed_refs(schema: dict) -> set[str]:
+    """$refs combined with other keys (allOf siblings, or `properties` beside the $ref): their
+    targets are merged with those keys, so they must stay open themselves."""
+    found: set[str] = set()
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        members = node.get("allOf")
+        if isinstance(members, list) and len(members) > 1:
+            found |= {m["$ref"] for m in members if isinstance(m, dict) and isinstance(m.get("$ref"), str)}
+        if isinstance(node.get("$ref"), str) and "properties" in node:
+            found.add(node["$ref"])
+        for key in (*SUBSCHEMA_MAPS, *SUBSCHEMA_ITEMS, "allOf"):
+            value = node.get(key)
+            stack.extend(value.values() if key in SUBSCHEMA_MAPS and isinstance(value, dict)
+                         else value if isinstance(value, list) else [value])
+    return found
 
 
 def tool_calls_schema(tools: list[dict], parallel: bool) -> dict:

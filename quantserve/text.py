@@ -21,6 +21,8 @@ BUILTIN_TEMPLATES = {
     "base": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
 }
 BUILTIN_TEMPLATES["internlm2"] = BUILTIN_TEMPLATES["chatml"]
+# the files a tokenizer usually comes in (fast, sentencepiece, BPE): named when none is there
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def load_chat_template(spec: str | None) -> str | None:
@@ -42,22 +44,38 @@ def load_chat_template(spec: str | None) -> str | None:
     return text
 
 
+def load_hf_tokenizer(model_dir: str | Path):
+    """transformers' tokenizer of a local model directory; ModelLoadError (one line, naming the
+    directory) when it has none or it cannot be built."""
+    from transformers import AutoTokenizer
+
+    from quantserve.models.loader import ModelLoadError, one_line
+
+    path = Path(model_dir)
+    try:
+        # LMDeploy loads tokenizers with remote code too (InternLM2 ships its own); files are local
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+    except Exception as e:  # transformers reports a broken tokenizer as many types, over several lines
+        if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise ModelLoadError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})") from None
+        raise ModelLoadError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {one_line(e)}") from None
+
+
 class Tokenizer:
     """transformers' tokenizer plus the model's EOS ids and chat template."""
 
     def __init__(self, model_dir: str | Path, chat_template: str | None = None):
-        from transformers import AutoTokenizer
-
-        # LMDeploy loads tokenizers with remote code too (InternLM2 ships its own); files are local
-        self.hf = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+        self.hf = load_hf_tokenizer(model_dir)
         self.chat_template = chat_template or self.hf.chat_template or BUILTIN_TEMPLATES["base"]
         self.eos_token_ids = self._eos_ids(Path(model_dir))
 
     def _eos_ids(self, model_dir: Path) -> list[int]:
         ids = set()
+        from quantserve.models.loader import read_json
+
         gen = model_dir / "generation_config.json"
         if gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
+            eos = read_json(gen).get("eos_token_id")
             ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.hf.eos_token_id is not None:
             ids.add(self.hf.eos_token_id)

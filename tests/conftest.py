@@ -151,6 +151,7 @@ class RunningServer:
         from quantserve.config import EngineConfig
         from quantserve.serve.openai_app import ServerConfig, ServerState, build_app
         from quantserve.serve.server import build_self_ui, make_loader
+        from quantserve.serve.transport import uvicorn_options as transport_options
 
         self.config = ServerConfig(server_options.pop("model_name", "tiny"), **server_options)
         self.state = ServerState(self.config)
@@ -163,9 +164,9 @@ class RunningServer:
         uvicorn_options = uvicorn_options or {}
         self.url = f"{'https' if 'ssl_certfile' in uvicorn_options else 'http'}://127.0.0.1:{self.port}"
         ui = build_self_ui(self.port, self.config, False) if with_ui else None
+        options = {**transport_options(self.config.connections), **uvicorn_options}     # as `serve api_server`
         self.server = uvicorn.Server(uvicorn.Config(build_app(self.state, ui), host="127.0.0.1", port=self.port,
-                                                    log_level="warning", timeout_graceful_shutdown=1,
-                                                    **uvicorn_options))
+                                                    log_level="warning", timeout_graceful_shutdown=1, **options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:

@@ -119,3 +119,29 @@ def test_estimate_matches_measured_on_default_model(capsys, default_model):
     assert r["weights_gb"] == pytest.approx(measured["weights_gb"], rel=0.10)
     per_token = r["kv_bytes_per_token"]
     assert per_token * measured["kv_tokens"] / 1e9 == pytest.approx(measured["kv_cache_gb"], rel=0.10)
+
+
+def resident_fraction(t) -> float:
+    """Fraction of the tensor's pages in RAM now (mincore), whatever else the process holds."""
+    import ctypes
+    import os
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = t.data_ptr() // page * page
+    length = t.data_ptr() + t.untyped_storage().nbytes() - start
+    pages = (ctypes.c_ubyte * (-(-length // page)))()
+    assert ctypes.CDLL(None).mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), pages) == 0
+    return sum(p & 1 for p in pages) / len(pages)
+
+
+def test_the_kv_cache_is_resident_from_the_start():
+    """The start-up table's KV figure is resident at once, so a server's memory does not climb
+    for hours as traffic reaches blocks it has not used yet (prefix caching hands those out
+    before it evicts cached ones)."""
+    import torch
+
+    from quantserve.kvcache.paged import PagedKVCache
+
+    cache = PagedKVCache(4, 512, 64, 4, 64, torch.float16, kv_bits=8)     # [L, blocks, 64, Hkv, D] int8 + scales
+    for part in (cache.k, cache.v, cache.k_scale, cache.v_zero):
+        assert resident_fraction(part) == 1.0

@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                              "default model (SmolLM2-135M-Instruct)")
     add_engine_args(server)
     add_server_args(server)
+    add_connection_args(server)
     g = server.add_argument_group("models")
     g.add_argument("--admin-api-keys", nargs="*", default=None,
                    help="Bearer keys that may load, unload and reload models at run time (default: nobody)")
@@ -29,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ui.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key of the api_server (URL mode)")
     add_engine_args(ui)
     add_server_args(ui, port=6006)
+    add_connection_args(ui)
     client = sub.add_parser("api_client", help="chat with a running api_server from the terminal")
     client.add_argument("api_server_url", help="e.g. http://localhost:23333")
     client.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key, if the server needs one")
@@ -106,6 +108,31 @@ def add_server_args(p: argparse.ArgumentParser, port: int = 23333) -> None:
     g.add_argument("--max-log-len", type=int, default=None, help="accepted for LMDeploy compatibility")
 
 
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    """What one client's connection may hold (uvicorn's names where it has them)."""
+    from quantserve.serve.transport import ConnectionLimits
+
+    d = ConnectionLimits()
+    g = p.add_argument_group("connections")
+    g.add_argument("--timeout-keep-alive", type=float, default=d.timeout_keep_alive, metavar="SECONDS",
+                   help="an idle connection (before its first request or between two) is closed after this "
+                        "(default: %(default)g)")
+    g.add_argument("--timeout-request-read", type=float, default=d.timeout_request_read, metavar="SECONDS",
+                   help="a request's headers, and then its body, must each arrive within this; 408 past it "
+                        "(default: %(default)g)")
+    g.add_argument("--max-header-size", type=int, default=d.max_header_size, metavar="BYTES",
+                   help="largest request line + headers; 431 past it (default: %(default)d)")
+    g.add_argument("--limit-concurrency", type=int, default=d.limit_concurrency, metavar="N",
+                   help="open connections at most; a request on one more gets 503 and is closed "
+                        "(default: %(default)d)")
+
+
+def connections_from(ns):
+    from quantserve.serve.transport import ConnectionLimits
+
+    return ConnectionLimits(ns.timeout_keep_alive, ns.timeout_request_read, ns.max_header_size, ns.limit_concurrency)
+
+
 def run(ns) -> int:
     if ns.serve_command == "api_client":
         from quantserve.serve.client import run_client
@@ -162,7 +189,7 @@ def run_api_server(ns, with_ui: bool = False) -> int:
     check_server_flags(ns)
     models = served_models(ns)
     ns.enable_prefix_caching = ns.enable_prefix_caching or not ns.disable_prefix_caching
-    server = ServerConfig(models[0][0], limits=limits_from(ns), **server_fields(ns))
+    server = ServerConfig(models[0][0], limits=limits_from(ns), connections=connections_from(ns), **server_fields(ns))
     run_server(models, engine_config(ns), server, ns.server_name, ns.server_port, ns.chat_template,
                ns.tool_call_parser, ns.log_level, ns.ssl, ns.ssl_keyfile, ns.ssl_certfile, with_ui,
                getattr(ns, "proxy_url", None))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,13 +58,13 @@ class PagedKVCache:
         rows = (num_layers, num_blocks, block_size, num_kv_heads)
         width = head_dim * kv_bits // 8 if kv_bits else head_dim
         store = torch.uint8 if kv_bits else dtype
-        self.k = lazy_zeros((*rows, width), store, device)
-        self.v = lazy_zeros((*rows, width), store, device)
+        self.k = committed_zeros((*rows, width), store, device)
+        self.v = committed_zeros((*rows, width), store, device)
         for which in ("k", "v") if kv_bits else ():
             groups = groups_for(which, kv_bits)
             params = rows if groups == 1 else (*rows, groups)
-            setattr(self, f"{which}_scale", lazy_zeros(params, torch.float16, device))
-            setattr(self, f"{which}_zero", lazy_zeros(params, torch.uint8, device))
+            setattr(self, f"{which}_scale", committed_zeros(params, torch.float16, device))
+            setattr(self, f"{which}_zero", committed_zeros(params, torch.uint8, device))
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, kv_bits: int = 0) -> int:
@@ -107,13 +106,12 @@ class PagedKVCache:
         return out[0], out[1]
 
 
-def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-    """Zeros whose pages the OS maps on first touch (calloc), so a large cache costs memory
-    only as it fills; masked-out slots must hold finite values, hence zeros, not empty."""
-    if torch.device(device).type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    same_width = {2: np.int16, 4: np.float32, 1: np.uint8}[torch.empty(0, dtype=dtype).element_size()]
-    return torch.from_numpy(np.zeros(shape, dtype=same_width)).view(dtype)
+def committed_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeros written at allocation, so every page is resident from the start: the cache's memory
+    is the start-up table's figure at once, not after traffic has walked every block (prefix
+    caching hands out untouched blocks before it evicts cached ones). Masked-out slots must hold
+    finite values, hence zeros, not empty."""
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,

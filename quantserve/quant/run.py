@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from quantserve.quant.arch import arch_for, quantized_linears
-from quantserve.quant.checkpoint import save_float, save_quantized
+from quantserve.quant.checkpoint import check_replaceable, save_float, save_quantized
 from quantserve.quant.primitives import QuantError, QuantSpec, check_spec, quantize
 
 
@@ -44,7 +44,7 @@ def run(job: LiteJob) -> str:
     start = time.monotonic()
     src = Path(job.model)
     cfg = read_config(src)
-    ensure_writable(Path(job.work_dir))
+    ensure_writable(Path(job.work_dir), src)
     if job.spec.bits not in (4, 8) and not job.fake_quant:
         raise QuantError(f"--w-bits {job.spec.bits}: packed checkpoints hold 4 or 8 bits; add --fake-quant to "
                          "write dequantized weights for evaluation")
@@ -70,13 +70,17 @@ def run(job: LiteJob) -> str:
     return summary(job, start, float_bytes, src)
 
 
-def ensure_writable(out: Path) -> None:
-    """Fail before any work when the result could not be written."""
+def ensure_writable(out: Path, src: Path) -> None:
+    """Fail before any work when the result could not be written, or would replace files that are
+    not an earlier result (the model being quantized among them)."""
+    if out.resolve() == src.resolve():
+        raise QuantError(f"--work-dir {out} is the model being quantized; choose another directory")
     probe = out.parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK):
         raise QuantError(f"--work-dir {out}: cannot write there ({probe} is not a writable directory)")
+    check_replaceable(out)
 
 
 def quantize_linears(job: LiteJob, cfg: dict, weights: dict[str, torch.Tensor], names: list[str]) -> dict:
@@ -98,11 +102,10 @@ def quantize_linears(job: LiteJob, cfg: dict, weights: dict[str, torch.Tensor], 
 
 
 def calibration_set(job: LiteJob) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
     from quantserve.quant.calib import calibration_windows
+    from quantserve.text import load_hf_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(job.model, trust_remote_code=True)
+    tokenizer = load_hf_tokenizer(job.model)
     return calibration_windows(tokenizer, job.calib_dataset, job.calib_samples, job.calib_seqlen)
 
 

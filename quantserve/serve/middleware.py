@@ -1,13 +1,15 @@
-"""ASGI middleware: request body size limit (413) and API-key authentication (401).
+"""ASGI middleware: request body size and time limits (413, 408) and API-key authentication (401).
 
-Both answer in OpenAI's error shape. Keys are compared in constant time against every
+All answer in OpenAI's error shape. Keys are compared in constant time against every
 configured key; /health, /metrics and the docs stay open.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 
+CLOSE = {"Connection": "close"}     # the client may still be sending: do not wait to read the rest
 OPEN_PATHS = {"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/"}
 
 
@@ -22,36 +24,57 @@ async def send_error(send, status: int, message: str, code: str, headers: dict |
     await send({"type": "http.response.body", "body": body})
 
 
-class BodyLimit:
-    """Refuse bodies over `max_bytes` with 413, whether or not Content-Length is sent."""
+class BodyTooLarge(Exception):
+    pass
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+
+class BodyLimit:
+    """Refuse bodies over `max_bytes` with 413, whether or not Content-Length is sent; with
+    `timeout`, read the whole body first and refuse one that takes longer than that many seconds
+    to arrive with 408 (uvicorn has no such deadline: a body trickled a byte a second would hold
+    its connection and its handler for as long as the client likes)."""
+
+    def __init__(self, app, max_bytes: int, timeout: float | None = None):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await send_error(send, 413, f"the request body is larger than {self.max_bytes} bytes",
-                                    "body_too_large")
-        if length is not None:
+            return await self.too_large(send)
+        if length is not None and self.timeout is None:
             return await self.app(scope, receive, send)
-        messages, size = [], 0
-        while True:               # chunked: buffer up to the limit, then replay
-            message = await receive()
-            messages.append(message)
-            size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                return await send_error(send, 413, f"the request body is larger than {self.max_bytes} bytes",
-                                        "body_too_large")
-            if message["type"] != "http.request" or not message.get("more_body"):
-                break
+        try:
+            messages = await self.read_body(receive)
+        except BodyTooLarge:
+            return await self.too_large(send)
+        except asyncio.TimeoutError:
+            return await send_error(send, 408, f"the request body did not arrive within {self.timeout:g} s",
+                                    "request_timeout", CLOSE)
 
         async def replay():
             return messages.pop(0) if messages else await receive()
 
         await self.app(scope, replay, send)
+
+    async def read_body(self, receive) -> list[dict]:
+        """The body's messages, read within the deadline and the size limit."""
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        messages, size = [], 0
+        while True:
+            left = None if deadline is None else max(deadline - loop.time(), 0.0)
+            message = await asyncio.wait_for(receive(), left)
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                raise BodyTooLarge
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return messages
+
+    async def too_large(self, send) -> None:
+        await send_error(send, 413, f"the request body is larger than {self.max_bytes} bytes", "body_too_large", CLOSE)
 
 
 class APIKeyAuth:

@@ -30,10 +30,11 @@ from quantserve.serve.protocol import (ChatCompletionRequest, ChatCompletionResp
 from quantserve.serve.responses import (ChoiceResult, UsageCounter, chat_chunk, chat_response, completion_chunk,
                                         completion_response)
 from quantserve.serve.service import ChoiceDelta, Service
+from quantserve.serve.transport import ConnectionLimits
 
 logger = logging.getLogger("quantserve.serve")
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 500, 503)}
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 429, 500, 503)}
 SSE = {200: {"content": {"text/event-stream": {}}}}
 
 
@@ -50,6 +51,7 @@ class ServerConfig:
     default_max_tokens: int = 1024
     admin_api_keys: list[str] = field(default_factory=list)    # may load, unload and reload models
     models_dir: str | None = None                               # where /v1/models/load finds models by name
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)   # what a slow or idle client may hold
 
 
 class ServerState:
@@ -83,7 +85,7 @@ def build_app(state: ServerState, ui=None) -> FastAPI:
     app = FastAPI(title="quantserve", description="OpenAI-compatible API for quantized LLMs", version="0.1.0",
                   **docs)
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=cfg.limits.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=cfg.limits.max_body_bytes, timeout=cfg.connections.timeout_request_read)
     app.add_middleware(APIKeyAuth, api_keys=cfg.api_keys, admin_keys=cfg.admin_api_keys)
     app.add_middleware(CORSMiddleware, allow_origins=cfg.allow_origins, allow_credentials=cfg.allow_credentials,
                        allow_methods=cfg.allow_methods, allow_headers=cfg.allow_headers)

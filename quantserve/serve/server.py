@@ -14,6 +14,7 @@ from quantserve.serve.openai_app import ServerConfig, ServerState, build_app
 from quantserve.serve.plan import ModelInfo
 from quantserve.serve.registry import Loader
 from quantserve.serve.service import Service
+from quantserve.serve.transport import uvicorn_options
 
 logger = logging.getLogger("quantserve.serve")
 
@@ -98,7 +99,7 @@ def run_server(models: list[tuple[str, str | None]], engine_config: EngineConfig
         register_with_proxy(proxy_url, f"{scheme}://{reachable_host(host)}:{port}", loading)
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), ssl_keyfile=ssl_keyfile if ssl else None,
                 ssl_certfile=ssl_certfile if ssl else None, timeout_graceful_shutdown=5,
-                ws_max_size=server.limits.max_body_bytes)
+                ws_max_size=server.limits.max_body_bytes, **uvicorn_options(server.connections))
 
 
 def reachable_host(host: str) -> str:
