@@ -54,6 +54,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--url", default=None, help="attach to a running server instead of starting one")
     p.add_argument("--pid", type=int, default=None, help="with --url: the server's process id (for its RSS)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-words", type=int, default=300, help="longest note in a prompt (a model's context bounds it)")
+    p.add_argument("--results", type=Path, default=RESULTS, help="where soak-LABEL.json / .png go")
+    p.add_argument("--server-args", default="", help="extra flags for the started server (one string)")
     return p.parse_args()
 
 
@@ -67,10 +70,10 @@ def w4_model() -> Path:
     return out
 
 
-def start_server(model: Path, quant_policy: str, port: int) -> subprocess.Popen:
-    log = open(RESULTS / "server-soak.log", "w")
-    cmd = ["quantserve", "serve", "api_server", str(model), "--quant-policy", quant_policy,
-           "--server-name", "127.0.0.1", "--server-port", str(port), "--model-name", "soak"]
+def start_server(args, model: Path, port: int) -> subprocess.Popen:
+    log = open(args.results / "server-soak.log", "w")
+    cmd = ["quantserve", "serve", "api_server", str(model), "--quant-policy", args.quant_policy,
+           "--server-name", "127.0.0.1", "--server-port", str(port), "--model-name", "soak", *args.server_args.split()]
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -106,19 +109,27 @@ def process_sample(pid: int) -> tuple[float, int]:
 
 # ---- traffic --------------------------------------------------------------------------------------
 
-def user(rng: random.Random) -> list[dict]:
-    """A note of 20-300 words, then a task: prompts of ~40-500 tokens, each one different."""
-    note = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 300)))
+class Traffic(random.Random):
+    """One client's random choices, and the longest note its prompts may carry."""
+
+    def __init__(self, seed: int, max_words: int):
+        super().__init__(seed)
+        self.max_words = max(20, max_words)
+
+
+def user(rng: Traffic) -> list[dict]:
+    """A note of 20 to --max-words words, then a task: prompts that are each different."""
+    note = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, rng.max_words)))
     return [{"role": "user", "content": f"Notes: {note}\n\nWrite a few sentences about {rng.choice(TOPICS)}."}]
 
 
-async def chat(c: openai.AsyncOpenAI, rng: random.Random) -> str:
+async def chat(c: openai.AsyncOpenAI, rng: Traffic) -> str:
     r = await c.chat.completions.create(model="soak", messages=user(rng), max_tokens=rng.randint(16, 128))
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0
     return "ok"
 
 
-async def chat_stream_usage(c: openai.AsyncOpenAI, rng: random.Random) -> str:
+async def chat_stream_usage(c: openai.AsyncOpenAI, rng: Traffic) -> str:
     stream = await c.chat.completions.create(model="soak", messages=user(rng), max_tokens=rng.randint(16, 128),
                                              stream=True, stream_options={"include_usage": True})
     chunks = [chunk async for chunk in stream]
@@ -126,20 +137,20 @@ async def chat_stream_usage(c: openai.AsyncOpenAI, rng: random.Random) -> str:
     return "ok"
 
 
-async def completion(c: openai.AsyncOpenAI, rng: random.Random) -> str:
+async def completion(c: openai.AsyncOpenAI, rng: Traffic) -> str:
     r = await c.completions.create(model="soak", prompt=f"Once upon a time, {rng.choice(TOPICS)}",
                                    max_tokens=rng.randint(16, 128), temperature=0.8, seed=rng.randint(0, 99))
-    assert r.choices[0].text
+    assert r.choices[0].finish_reason in ("stop", "length")
     return "ok"
 
 
-async def n_choices(c: openai.AsyncOpenAI, rng: random.Random) -> str:
+async def n_choices(c: openai.AsyncOpenAI, rng: Traffic) -> str:
     r = await c.chat.completions.create(model="soak", messages=user(rng), max_tokens=16, n=3, temperature=1.0)
     assert sorted(ch.index for ch in r.choices) == [0, 1, 2]
     return "ok"
 
 
-async def tools(c: openai.AsyncOpenAI, rng: random.Random) -> str:
+async def tools(c: openai.AsyncOpenAI, rng: Traffic) -> str:
     messages = [{"role": "user", "content": f"What is the weather in {rng.choice(['Paris', 'Oslo', 'Lima'])}?"}]
     choice = rng.choice(["auto", "required"])
     r = await c.chat.completions.create(model="soak", messages=messages, tools=TOOLS, tool_choice=choice,
@@ -148,7 +159,7 @@ async def tools(c: openai.AsyncOpenAI, rng: random.Random) -> str:
     return "ok"
 
 
-async def json_schema(c: openai.AsyncOpenAI, rng: random.Random) -> str:
+async def json_schema(c: openai.AsyncOpenAI, rng: Traffic) -> str:
     r = await c.chat.completions.create(
         model="soak", messages=[{"role": "user", "content": "Invent a person. Reply in JSON."}], max_tokens=80,
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}})
@@ -157,14 +168,14 @@ async def json_schema(c: openai.AsyncOpenAI, rng: random.Random) -> str:
     return "ok"
 
 
-async def logprobs(c: openai.AsyncOpenAI, rng: random.Random) -> str:
+async def logprobs(c: openai.AsyncOpenAI, rng: Traffic) -> str:
     r = await c.chat.completions.create(model="soak", messages=user(rng), max_tokens=16, logprobs=True,
                                         top_logprobs=3)
     assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
     return "ok"
 
 
-async def dropped_stream(c: openai.AsyncOpenAI, rng: random.Random) -> str:
+async def dropped_stream(c: openai.AsyncOpenAI, rng: Traffic) -> str:
     stream = await c.completions.create(model="soak", prompt="Count: one, two,", max_tokens=200, stream=True)
     keep = rng.randint(1, 6)
     async for _ in stream:
@@ -175,7 +186,7 @@ async def dropped_stream(c: openai.AsyncOpenAI, rng: random.Random) -> str:
     return "dropped"
 
 
-async def bad_request(c: openai.AsyncOpenAI, rng: random.Random) -> str:
+async def bad_request(c: openai.AsyncOpenAI, rng: Traffic) -> str:
     bad = rng.choice([{"temperature": -1}, {"max_tokens": -5}, {"top_p": 7}, {"model": "no-such-model"},
                       {"messages": []}, {"n": 0}])
     body = {"model": "soak", "messages": user(rng), "max_tokens": 8, **bad}
@@ -190,8 +201,7 @@ SCENARIOS = [chat, chat_stream_usage, completion, n_choices, tools, json_schema,
              bad_request]
 
 
-async def client_loop(base_url: str, seed: int, end: float, outcomes: Counter, latencies: list, errors: list):
-    rng = random.Random(seed)
+async def client_loop(base_url: str, rng: Traffic, end: float, outcomes: Counter, latencies: list, errors: list):
     async with openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=300) as c:
         while time.monotonic() < end:
             scenario = rng.choice(SCENARIOS)
@@ -272,7 +282,7 @@ async def soak(args, url: str, pid: int) -> dict:
     outcomes, latencies, errors, samples = Counter(), [], [], []
     start = time.monotonic()
     end = start + args.duration
-    clients = [client_loop(url + "/v1", args.seed * 1000 + i, end, outcomes, latencies, errors)
+    clients = [client_loop(url + "/v1", Traffic(args.seed * 1000 + i, args.max_words), end, outcomes, latencies, errors)
                for i in range(args.clients)]
     await asyncio.gather(sampler(pid, start, end, args.interval, samples), *clients)
     await asyncio.sleep(2)                     # aborted streams finish releasing their blocks
@@ -282,13 +292,13 @@ async def soak(args, url: str, pid: int) -> dict:
 
 def main() -> int:
     args = parse_args()
-    RESULTS.mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     server = None
     if args.url:
         url, pid = args.url.rstrip("/"), args.pid
     else:
         port = 20000 + os.getpid() % 20000
-        server = start_server(Path(args.model) if args.model else w4_model(), args.quant_policy, port)
+        server = start_server(args, Path(args.model) if args.model else w4_model(), port)
         url, pid = f"http://127.0.0.1:{port}", server.pid
     try:
         result = asyncio.run(soak(args, url, pid))
@@ -296,8 +306,8 @@ def main() -> int:
         if server is not None:
             server.terminate()
             server.wait(30)
-    (RESULTS / f"soak-{args.label}.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result["samples"], args.warmup, args.label, RESULTS / f"soak-{args.label}.png")
+    (args.results / f"soak-{args.label}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result["samples"], args.warmup, args.label, args.results / f"soak-{args.label}.png")
     state, leak = result["engine_after"], result["leak"]
     clean = state["running"] == 0 and state["waiting"] == 0 and state["kv_blocks_free"] == state["kv_blocks"]
     print(json.dumps({k: v for k, v in result.items() if k not in ("samples", "errors")}, indent=1))

@@ -22,3 +22,8 @@ def log_level() -> str:
 def kernels_disabled() -> bool:
     """QUANTSERVE_DISABLE_KERNELS=1 forces the plain PyTorch path (for comparison and debugging)."""
     return os.environ.get("QUANTSERVE_DISABLE_KERNELS", "") not in ("", "0")
+
+
+def isa() -> str | None:
+    """QUANTSERVE_ISA=avx512|avx2|torch forces the kernel backend; None: the widest the CPU runs."""
+    return os.environ.get("QUANTSERVE_ISA", "").strip().lower() or None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from quantserve import kernels
 from quantserve.config import ConfigError, EngineConfig, SamplingParams
 from quantserve.engine.block_manager import BlockManager
 from quantserve.engine.model_runner import ModelRunner
@@ -85,10 +86,17 @@ class Engine:
 
     def describe(self) -> dict:
         """What a user wants to see about the running model: precision, capacity, memory."""
-        return {"weights": str(self.dtype).replace("torch.", ""), "kv_cache": self.kv_cache_dtype,
+        return {"kernels": self.kernel_backend(), "weights": str(self.dtype).replace("torch.", ""),
+                "kv_cache": self.kv_cache_dtype,
                 "session_len": self.session_len, "max_batch_size": self.max_batch_size,
                 "kv_cache_tokens": self.plan.num_tokens, "prefix_caching": self.config.enable_prefix_caching,
                 "memory": self.memory_summary()}
+
+    def kernel_backend(self) -> str:
+        """The kernels this engine runs on, decided once at load (CUDA always runs torch ops)."""
+        if torch.device(self.config.device).type != "cpu":
+            return f"torch ({self.config.device})"
+        return f"{kernels.describe()}, {torch.get_num_threads()} threads"
 
     def memory_summary(self) -> str:
         """The start-up memory table: weights, KV cache, activations, total (GB = 1e9 bytes)."""
@@ -101,7 +109,8 @@ class Engine:
                 ("activations", acts, f"peak estimate for {self.config.max_prefill_token_num} tokens per step"),
                 ("total", self.weights_bytes + self.cache.nbytes + acts, f"session_len {self.session_len:,}, "
                  f"max_batch_size {self.max_batch_size}")]
-        return "\n".join(f"{name:<12}{n / 1e9:>9.3f} GB   {note}" for name, n, note in rows)
+        table = "\n".join(f"{name:<12}{n / 1e9:>9.3f} GB   {note}" for name, n, note in rows)
+        return f"{'kernels':<12}{'':>12}   {self.kernel_backend()}\n{table}"
 
     def activation_bytes(self) -> int:
         """Float32 working buffers of the largest step, plus the logits of a full batch."""

@@ -1,7 +1,9 @@
-"""Native CPU kernels, built from cpu_kernels.c on first use and cached by source hash.
+"""Native CPU kernels, built from cpu_kernels.c once per instruction set and cached by source hash.
 
-Everything device-specific lives here. When the CPU lacks AVX2/FMA, no C compiler is found,
-or QUANTSERVE_DISABLE_KERNELS is set, `cpu()` returns None and callers use plain PyTorch.
+Everything device-specific lives here. The kernel backend is decided once, at first use:
+`avx512` (F/BW/VL + VNNI) where the CPU has it, else `avx2` (AVX2/FMA/F16C), else `torch`
+(plain PyTorch ops: no AVX2, no C compiler, or CUDA). QUANTSERVE_ISA=avx512|avx2|torch forces
+one (QUANTSERVE_DISABLE_KERNELS=1 means torch). `cpu()` is that backend's library, or None.
 """
 from __future__ import annotations
 
@@ -21,49 +23,90 @@ from quantserve import envs
 
 logger = logging.getLogger("quantserve")
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+COMMON_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# backend: (compiler flags, /proc/cpuinfo flags the CPU must have, what it uses), widest first
+ISAS = {
+    "avx512": (["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+               ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+               "AVX-512 F/BW/VL + VNNI"),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c"), "AVX2 + FMA + F16C"),
+}
+BACKENDS = (*ISAS, "torch")
 
 W_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 CACHE_TYPES = {**W_TYPES, torch.uint8: 3}
 
 
-def _cpu_has_avx2() -> bool:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return all(f" {flag} " in flags for flag in ("avx2", "fma", "f16c"))
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
 
 
-def _build(target: Path) -> None:
+def runs_here(backend: str) -> bool:
+    """Whether this CPU has every instruction set the backend's build uses."""
+    return backend == "torch" or set(ISAS[backend][1]) <= cpu_flags()
+
+
+@functools.cache
+def backend() -> str:
+    """The kernel backend of this process, decided once."""
+    forced = "torch" if envs.kernels_disabled() else envs.isa()
+    if forced is not None:
+        if forced not in BACKENDS:
+            raise RuntimeError(f"QUANTSERVE_ISA={forced}: expected one of {', '.join(BACKENDS)}")
+        if not runs_here(forced):
+            missing = sorted(set(ISAS[forced][1]) - cpu_flags())
+            raise RuntimeError(f"QUANTSERVE_ISA={forced}: this CPU lacks {', '.join(missing)}")
+        return forced if forced == "torch" or load(forced) is not None else "torch"
+    return next((b for b in ISAS if runs_here(b) and load(b) is not None), "torch")
+
+
+def describe() -> str:
+    """The backend in words, for the memory table, /info and the benchmarks."""
+    name = backend()
+    return f"{name} ({ISAS[name][2]})" if name in ISAS else "torch (plain PyTorch ops)"
+
+
+def _build(target: Path, flags: list[str]) -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) found")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *flags, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True, text=True)
         out.replace(target)
 
 
 @functools.cache
-def cpu() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None when native kernels are unavailable."""
-    if envs.kernels_disabled() or not _cpu_has_avx2():
-        return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = envs.quantserve_home() / "kernels" / f"libqs-{digest}.so"
+def load(isa: str) -> ctypes.CDLL | None:
+    """The kernel library built for `isa` (built on first use), or None if it cannot be built or
+    loaded. Callers check runs_here(isa) first: calling into a build the CPU lacks is SIGILL."""
+    flags = [*COMMON_FLAGS, *ISAS[isa][0]]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    target = envs.quantserve_home() / "kernels" / f"libqs-{isa}-{digest}.so"
     try:
         if not target.exists():
-            logger.info("building CPU kernels (once) -> %s", target)
-            _build(target)
+            logger.info("building %s CPU kernels (once) -> %s", isa, target)
+            _build(target, flags)
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or e
-        logger.warning("native CPU kernels unavailable, using PyTorch ops: %s", detail)
+        logger.warning("%s CPU kernels unavailable: %s", isa, detail)
         return None
     _declare(lib)
     return lib
+
+
+def cpu() -> ctypes.CDLL | None:
+    """The backend's kernel library, or None when the backend is torch."""
+    name = backend()
+    return load(name) if name in ISAS else None
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -1,4 +1,6 @@
-/* quantserve CPU kernels (x86 AVX2 + FMA, OpenMP).
+/* quantserve CPU kernels (x86 AVX2 + FMA, OpenMP), built once per instruction set: the avx512
+ * build (F/BW/VL + VNNI) takes the VNNI paths below, the avx2 build the AVX2 ones. Integer
+ * sums are exact either way, so both builds give bit-identical results.
  *
  * Each result row is computed in an order that does not depend on how many rows are in the
  * batch, so a request gets bit-identical numbers alone or batched.
@@ -218,33 +220,51 @@ static void quantize_rows(const float *x, int M, int K, QuantRows *r, int nthrea
     }
 }
 
-/* int32 sums of one 32-block for MT rows of x against the 8 rows at w. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define VNNI 1
+/* acc + the sums of 4 adjacent u8 x s8 products per int32 lane: one vpdpbusd */
+#define DOT4(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#else
+#define VNNI 0
+#define DOT4(acc, u, s) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+#endif
+
+/* int32 sums of one 32-block for MT rows of x against the 8 rows at w. No sum saturates on
+ * either path (|code| <= 128, |x| <= 127), so VNNI and AVX2 give the same integers. */
 static inline __attribute__((always_inline)) void block_dots(const int BITS, const int MT, const uint8_t *w,
                                                              const int8_t *xq, long K, __m256i *acc) {
-    const __m256i ones = _mm256_set1_epi16(1);
+    for (int t = 0; t < MT; t++) acc[t] = _mm256_setzero_si256();
     if (BITS == 4) {
         const __m256i mask = _mm256_set1_epi8(0x0F);
+#if !VNNI
+        /* 8 k per step in int16; 4 steps stay within int16, then one widening madd */
         __m256i s16[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                           _mm256_setzero_si256()};
-        for (int s = 0; s < 4; s++) {           /* 8 k per step; 4 steps stay within int16 */
+#endif
+        for (int s = 0; s < 4; s++) {
             __m256i v = _mm256_loadu_si256((const __m256i *)(w + s * 32));
             __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
             for (int t = 0; t < MT; t++) {
                 const int8_t *xp = xq + t * K + s * 8;
                 __m256i xa = _mm256_set1_epi32(*(const int32_t *)xp), xb = _mm256_set1_epi32(*(const int32_t *)(xp + 4));
+#if VNNI
+                acc[t] = DOT4(DOT4(acc[t], lo, xa), hi, xb);
+#else
                 s16[t] = _mm256_add_epi16(s16[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa),
                                                                    _mm256_maddubs_epi16(hi, xb)));
+#endif
             }
         }
-        for (int t = 0; t < MT; t++) acc[t] = _mm256_madd_epi16(s16[t], ones);
+#if !VNNI
+        for (int t = 0; t < MT; t++) acc[t] = _mm256_madd_epi16(s16[t], _mm256_set1_epi16(1));
+#endif
         return;
     }
-    for (int t = 0; t < MT; t++) acc[t] = _mm256_setzero_si256();
     for (int s = 0; s < 8; s++) {               /* 4 k per step: |w| unsigned times x with w's sign */
         __m256i v = _mm256_loadu_si256((const __m256i *)(w + s * 32)), av = _mm256_sign_epi8(v, v);
         for (int t = 0; t < MT; t++) {
             __m256i xa = _mm256_set1_epi32(*(const int32_t *)(xq + t * K + s * 4));
-            acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(xa, v)), ones));
+            acc[t] = DOT4(acc[t], av, _mm256_sign_epi8(xa, v));
         }
     }
 }
