@@ -1,21 +1,22 @@
-"""quantserve vs llama.cpp (through llama-cpp-python) vs transformers, same model, same machine, same run.
+"""quantserve vs llama.cpp's own tools, built natively on this machine, same model, same run.
 
-    pip install llama-cpp-python              # optional: builds llama.cpp from source
-    python benchmarks/bench_llamacpp.py       # default model; add --skip-serving for the engine only
+    ../shared/tools/llamacpp.sh                 # builds llama-bench & co. once (about 8 minutes)
+    python benchmarks/bench_llamacpp.py         # default model; --skip-serving for the engine only
 
-Matched precisions on SmolLM2-135M-Instruct: quantserve float16 weights vs llama.cpp F16, our
-W8 g64 vs Q8_0, our W4 g64 vs Q4_0 and Q4_1 (4-bit, groups of 32). The GGUF files are the shipped
-Q4_1 file requantized by llama.cpp's own quantize API (allow_requantize) into F16, Q8_0 and Q4_0:
-the same weights our float model holds, since it was converted from that Q4_1 file. Our integer
-models come from `lite rtn` on it.
+llama.cpp is its own C++ tools (`llama-bench`, `llama-batched-bench`, `llama-server`,
+`llama-quantize`), compiled with GGML_NATIVE, so it uses every instruction set this CPU has
+(AVX-512, VNNI, BF16 where present). Its F16 / Q8_0 / Q4_0 files are the shipped Q4_1 GGUF
+requantized by `llama-quantize --allow-requantize`: the same weights our float model holds, since
+that was converted from the same file. Ours: float16, and `lite rtn` W8 / W4 group 64 (int8
+output head), on the kernel backend chosen at load (its ISA is named in the results).
 
-Engine (both sides greedy, EOS ignored, 2 threads, best of 3): decode at batch 1 (128-token
-prompt, 128 new tokens), prefill of a 512-token prompt, and 16 sequences decoded together (total
-tokens/s of the decode phase; llama.cpp: one llama_decode per step holding the 16 sequences).
-transformers generate() at batch 1 at its faster dtype is the third baseline. Serving: 64
-requests at concurrency 8, 128 in / 128 out, `quantserve bench serving` against our api_server
-(W4 g64) and llama-cpp-python's OpenAI server (Q4_0). Memory: the machine's copy bandwidth next
-to the bytes a batch-1 decode step reads.
+Both sides 2 threads, greedy, best of 3:
+- decode batch 1: `llama-bench -n 128` (tg128); ours 128 new tokens after a 128-token prompt;
+- prefill: `llama-bench -p 512` (pp512); ours one 512-token prompt;
+- 16 streams: `llama-batched-bench -npp 128 -ntg 128 -npl 16` (its S_TG, total generation
+  tokens/s); ours 16 prompts of 128 decoded together, total tokens/s of the decode phase;
+- serving: 64 requests, 128 in / 128 out, concurrency 16, `quantserve bench serving` against our
+  api_server (W4 g64) and the C++ `llama-server -np 16` (Q4_0, 16 parallel slots).
 Writes benchmarks/results/llamacpp.{json,md,png}.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
+import re
 import socket
 import subprocess
 import sys
@@ -35,98 +36,67 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_engine import REPEATS, hf_rates, log, prompt_ids, run_requests  # noqa: E402
-from quantserve import envs  # noqa: E402
+from benchmarks.bench_engine import REPEATS, log, prompt_ids, run_requests  # noqa: E402
+from benchmarks.soak import cpu_name  # noqa: E402
+from quantserve import envs, kernels  # noqa: E402
 from quantserve.config import EngineConfig  # noqa: E402
 from quantserve.engine.engine import Engine  # noqa: E402
 from quantserve.models.resolve import default_model_path  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("results")
-GGUF_TYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3}        # llama.cpp's LLAMA_FTYPE_MOSTLY_*
-PAIRS = [("float16", "F16"), ("W8 g64", "Q8_0"), ("W4 g64", "Q4_0"), ("W4 g64", "Q4_1")]
+PAIRS = [("float16", "F16"), ("W8 g64", "Q8_0"), ("W4 g64", "Q4_0")]
 THREADS = 2
+STREAMS = 16
 
 
-class LlamaCpp:
-    """llama.cpp's C API through llama-cpp-python's ctypes bindings: no sampling chain, no
-    Python per token beyond one llama_decode call and an argmax per sequence."""
-
-    def __init__(self, path: Path, n_seq: int, n_ctx_per_seq: int = 768):
-        import llama_cpp as lc
-
-        self.lc = lc
-        lc.llama_backend_init()
-        self.model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
-        params = lc.llama_context_default_params()
-        params.n_ctx, params.n_batch, params.n_ubatch = n_seq * n_ctx_per_seq, 512, 512
-        params.n_seq_max, params.n_threads, params.n_threads_batch = n_seq, THREADS, THREADS
-        self.ctx = lc.llama_init_from_model(self.model, params)
-        self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
-        self.batch = lc.llama_batch_init(512, 0, n_seq)
-
-    def close(self) -> None:
-        self.lc.llama_batch_free(self.batch)
-        self.lc.llama_free(self.ctx)
-        self.lc.llama_model_free(self.model)
-
-    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
-        """items: (token, position, sequence, wants logits)."""
-        b = self.batch
-        for i, (token, pos, seq, logits) in enumerate(items):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
-            b.seq_id[i][0] = seq
-        b.n_tokens = len(items)
-        if self.lc.llama_decode(self.ctx, b) != 0:
-            raise RuntimeError("llama_decode failed")
-
-    def _argmax(self, i: int) -> int:
-        return int(np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,)).argmax())
-
-    def _prefill(self, prompt: list[int], seq: int) -> int:
-        for start in range(0, len(prompt), 512):
-            chunk = prompt[start:start + 512]
-            last = start + len(chunk) == len(prompt)
-            self._decode([(t, start + j, seq, last and j == len(chunk) - 1) for j, t in enumerate(chunk)])
-        return self._argmax(-1)
-
-    def run(self, prompts: list[list[int]], new: int) -> tuple[float, float]:
-        """-> (seconds until every sequence has its first token, seconds for the rest)."""
-        self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
-        start = time.perf_counter()
-        tokens = [self._prefill(p, s) for s, p in enumerate(prompts)]
-        first = time.perf_counter()
-        positions = [len(p) for p in prompts]
-        for _ in range(new - 1):
-            self._decode([(t, positions[s], s, True) for s, t in enumerate(tokens)])
-            tokens = [self._argmax(i) for i in range(len(prompts))]
-            positions = [p + 1 for p in positions]
-        return first - start, time.perf_counter() - first
+def tool(name: str) -> str:
+    """Path of one of llama.cpp's tools, built once by ../shared/tools/llamacpp.sh."""
+    script = ROOT.parent / "shared" / "tools" / "llamacpp.sh"
+    return subprocess.run(["bash", str(script), name], check=True, capture_output=True, text=True).stdout.strip()
 
 
 def make_gguf(source: Path, kind: str, out_dir: Path) -> Path:
-    """The shipped Q4_1 file requantized by llama.cpp into `kind` (once)."""
-    import llama_cpp as lc
-
+    """The shipped Q4_1 file requantized by llama-quantize into `kind` (once)."""
     target = out_dir / f"SmolLM2-135M-Instruct.{kind}.gguf"
-    if kind == "Q4_1":
-        return source
     if not target.exists():
-        params = lc.llama_model_quantize_default_params()
-        params.ftype, params.allow_requantize, params.nthread = GGUF_TYPES[kind], True, THREADS
-        if lc.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
-            raise RuntimeError(f"llama.cpp could not quantize {source} to {kind}")
+        subprocess.run([tool("llama-quantize"), "--allow-requantize", str(source), str(target), kind, str(THREADS)],
+                       check=True, capture_output=True)
     return target
 
 
-def engine_rates(run, tokenizer, new: int, concurrency: int) -> dict:
-    """Best of REPEATS for each workload; `run(prompts, new) -> (prefill_s, decode_s)`."""
-    run([prompt_ids(tokenizer, 128)], 8)                                              # warm-up
-    decode1 = min(run([prompt_ids(tokenizer, 128)], new)[1] for _ in range(REPEATS))
-    prefill512 = min(run([prompt_ids(tokenizer, 512)], 1)[0] for _ in range(REPEATS))
-    prompts = [prompt_ids(tokenizer, 128, offset=i) for i in range(concurrency)]
-    decode_n = min(run(prompts, new)[1] for _ in range(REPEATS))
-    return {"decode_b1_tok_s": (new - 1) / decode1, "prefill512_tok_s": 512 / prefill512,
-            f"decode_{concurrency}seq_tok_s": concurrency * (new - 1) / decode_n}
+def llama_bench(gguf: Path) -> tuple[dict, dict]:
+    """pp512 and tg128, best of 3 repetitions; and llama.cpp's own view of the build."""
+    out = subprocess.run([tool("llama-bench"), "-m", str(gguf), "-p", "512", "-n", "128", "-t", str(THREADS),
+                          "-r", str(REPEATS), "-o", "json"], check=True, capture_output=True, text=True).stdout
+    tests = json.loads(out)
+    best = {("prefill512_tok_s" if t["n_prompt"] else "decode_b1_tok_s"): max(t["samples_ts"]) for t in tests}
+    info = {k: tests[0].get(k) for k in ("cpu_info", "backends", "build_commit", "type_k")}
+    return best, info
+
+
+def batched(gguf: Path) -> float:
+    """llama-batched-bench's S_TG (total generation tokens/s) for 16 streams, best of 3."""
+    cmd = [tool("llama-batched-bench"), "-m", str(gguf), "-c", str(STREAMS * 256 + 256), "-b", "2048", "-ub", "512",
+           "-npp", "128", "-ntg", "128", "-npl", str(STREAMS), "-t", str(THREADS), "-tb", str(THREADS)]
+    best = 0.0
+    for _ in range(REPEATS):
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        row = next(line for line in out.splitlines() if re.match(rf"\|\s+128 \|\s+128 \|\s+{STREAMS} \|", line))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        best = max(best, float(cells[7]))                                 # PP TG B N_KV T_PP S_PP T_TG S_TG T S
+    return best
+
+
+def engine_rates(engine: Engine, tokenizer) -> dict:
+    """Ours, best of REPEATS each, as the module docstring says."""
+    run_requests(engine, [prompt_ids(tokenizer, 128)], 8)                                          # warm-up
+    decode1 = min(run_requests(engine, [prompt_ids(tokenizer, 128)], 128)[1] for _ in range(REPEATS))
+    prefill512 = min(run_requests(engine, [prompt_ids(tokenizer, 512)], 1)[0] for _ in range(REPEATS))
+    prompts = [prompt_ids(tokenizer, 128, offset=i) for i in range(STREAMS)]
+    decode_n = min(run_requests(engine, prompts, 128)[1] for _ in range(REPEATS))
+    return {"decode_b1_tok_s": 127 / decode1, "prefill512_tok_s": 512 / prefill512,
+            "decode_16_tok_s": STREAMS * 127 / decode_n}
 
 
 def our_models(model_dir: Path, work: Path) -> dict[str, Path]:
@@ -142,61 +112,36 @@ def our_models(model_dir: Path, work: Path) -> dict[str, Path]:
     return models
 
 
-def bench_ours(path: Path, tokenizer, args) -> dict:
-    engine = Engine(path, EngineConfig(dtype="float16", session_len=1024, max_batch_size=max(16, args.concurrency),
+def bench_ours(path: Path, tokenizer) -> dict:
+    engine = Engine(path, EngineConfig(dtype="float16", session_len=1024, max_batch_size=STREAMS,
                                        num_threads=THREADS), progress=False)
-    rates = engine_rates(lambda prompts, new: run_requests(engine, prompts, new), tokenizer, args.new_tokens,
-                         args.concurrency)
-    step_bytes = engine.weights_bytes                       # a batch-1 step reads every weight once
-    return {**rates, "weights_gb": step_bytes / 1e9, "step_gb_s": step_bytes / 1e9 * rates["decode_b1_tok_s"]}
+    rates = engine_rates(engine, tokenizer)
+    step = engine.weights_bytes                          # a batch-1 step reads every weight once
+    return {**rates, "weights_gb": step / 1e9, "step_gb_s": step / 1e9 * rates["decode_b1_tok_s"]}
 
 
-def bench_llamacpp(path: Path, tokenizer, args) -> dict:
-    single, multi = LlamaCpp(path, 1), LlamaCpp(path, args.concurrency)
-    try:
-        rates = engine_rates(lambda prompts, new: (single if len(prompts) == 1 else multi).run(prompts, new),
-                             tokenizer, args.new_tokens, args.concurrency)
-    finally:
-        single.close()
-        multi.close()
-    size = path.stat().st_size
-    return {**rates, "weights_gb": size / 1e9, "step_gb_s": size / 1e9 * rates["decode_b1_tok_s"]}
+def bench_theirs(gguf: Path) -> tuple[dict, dict]:
+    rates, info = llama_bench(gguf)
+    size = gguf.stat().st_size
+    rates.update(decode_16_tok_s=batched(gguf), weights_gb=size / 1e9, step_gb_s=size / 1e9 * rates["decode_b1_tok_s"])
+    return rates, info
 
 
-def copy_bandwidth() -> float:
-    """STREAM-style copy: (bytes read + bytes written) / s, 256 MB arrays, best of 5."""
-    src, dst = torch.ones(64 * 2 ** 20), torch.empty(64 * 2 ** 20)
+def read_bandwidth() -> float:
+    """GB/s of a sum over a 512 MB array (read only), best of 5: what a decode step can stream."""
+    src = torch.ones(128 * 2 ** 20)
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
-        dst.copy_(src)
+        src.sum()
         best = min(best, time.perf_counter() - start)
-    return 2 * src.nbytes / best / 1e9
+    return src.nbytes / best / 1e9
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def serve_and_measure(command: list[str], port: int, tokenizer_dir: Path, args) -> dict:
-    from quantserve.bench.serving import ServingConfig, run
-    from quantserve.bench.workload import synthetic
-    from quantserve.text import Tokenizer
-
-    log_file = open(RESULTS / f"server-{port}.log", "w")
-    proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, proc)
-        requests = synthetic(Tokenizer(tokenizer_dir).hf, args.serving_prompts, 128, 128, seed=1)
-        asyncio.run(run(ServingConfig(url, concurrency=8), requests[:8], progress=False))       # warm-up
-        return asyncio.run(run(ServingConfig(url, concurrency=8), requests, progress=True))
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log_file.close()
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -215,74 +160,84 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise RuntimeError(f"{url} not ready after {timeout} s")
 
 
-def serving(models: dict[str, Path], ggufs: dict[str, Path], model_dir: Path, args) -> dict:
+def serve_and_measure(command: list[str], port: int, tokenizer_dir: Path, prompts: int) -> dict:
+    from quantserve.bench.serving import ServingConfig, run
+    from quantserve.bench.workload import synthetic
+    from quantserve.text import Tokenizer
+
+    log_file = open(RESULTS / f"server-{port}.log", "w")
+    proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc)
+        requests = synthetic(Tokenizer(tokenizer_dir).hf, prompts, 128, 128, seed=1)
+        asyncio.run(run(ServingConfig(url, concurrency=STREAMS), requests[:STREAMS], progress=False))   # warm-up
+        return asyncio.run(run(ServingConfig(url, concurrency=STREAMS), requests, progress=True))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log_file.close()
+
+
+def serving(models: dict[str, Path], ggufs: dict[str, Path], model_dir: Path, prompts: int) -> dict:
     port = free_port()
     ours = serve_and_measure([sys.executable, "-m", "quantserve.cli.main", "serve", "api_server",
                               str(models["W4 g64"]), "--server-port", str(port), "--server-name", "127.0.0.1",
-                              "--num-threads", str(THREADS), "--max-batch-size", "16"], port, model_dir, args)
+                              "--num-threads", str(THREADS), "--max-batch-size", str(STREAMS)], port, model_dir, prompts)
     port = free_port()
-    theirs = serve_and_measure([sys.executable, "-m", "llama_cpp.server", "--model", str(ggufs["Q4_0"]),
-                                "--n_threads", str(THREADS), "--n_ctx", "4096", "--port", str(port),
-                                "--host", "127.0.0.1", "--interrupt_requests", "False"], port, model_dir, args)
-    return {"quantserve W4 g64": ours, "llama.cpp Q4_0 (llama-cpp-python server)": theirs}
+    theirs = serve_and_measure([tool("llama-server"), "-m", str(ggufs["Q4_0"]), "-t", str(THREADS), "-np", str(STREAMS),
+                                "-c", str(STREAMS * 512), "--port", str(port), "--host", "127.0.0.1"],
+                               port, model_dir, prompts)
+    return {"quantserve W4 g64": ours, f"llama-server -np {STREAMS}, Q4_0": theirs}
 
 
 def ratio(a: float, b: float) -> str:
     return f"**{a / b:.2f}x**"
 
 
-def markdown(engine: dict, hf: dict, serve: dict | None, bandwidth: float, n: int) -> str:
-    key = f"decode_{n}seq_tok_s"
-    rows = ["| quantserve | llama.cpp | decode b=1 (ours / theirs) | ratio | prefill 512 (ours / theirs) | ratio | "
-            f"{n} seqs decode (ours / theirs) | ratio | step reads (ours / theirs) |",
+def markdown(engine: dict, serve: dict | None, sides: dict, bandwidth: float) -> str:
+    rows = [f"quantserve: {sides['quantserve']}. llama.cpp: {sides['llama.cpp']}.", "",
+            "| quantserve | llama.cpp | decode b=1 (ours / theirs) | ratio | prefill 512 (ours / theirs) | ratio | "
+            f"{STREAMS} streams (ours / theirs) | ratio | step reads (ours / theirs) |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for ours_name, theirs_name in PAIRS:
         o, t = engine["quantserve"][ours_name], engine["llama.cpp"][theirs_name]
-        rows.append(f"| {ours_name} | {theirs_name} | {o['decode_b1_tok_s']:.1f} / {t['decode_b1_tok_s']:.1f} | "
-                    f"{ratio(o['decode_b1_tok_s'], t['decode_b1_tok_s'])} | {o['prefill512_tok_s']:.0f} / "
-                    f"{t['prefill512_tok_s']:.0f} | {ratio(o['prefill512_tok_s'], t['prefill512_tok_s'])} | "
-                    f"{o[key]:.1f} / {t[key]:.1f} | {ratio(o[key], t[key])} | "
-                    f"{o['step_gb_s']:.1f} / {t['step_gb_s']:.1f} GB/s |")
-    best_hf = max(hf.values())
-    w4 = engine["quantserve"]["W4 g64"]["decode_b1_tok_s"]
-    lines = ["\n".join(rows), "",
-             f"transformers generate() at batch 1 (its faster dtype, {max(hf, key=hf.get)}): {best_hf:.1f} tok/s; "
-             f"quantserve W4 g64 at batch 1: {w4:.1f} tok/s = {ratio(w4, best_hf)}.",
-             f"Copy bandwidth of this machine (read + write): {bandwidth:.1f} GB/s."]
+        cells = [f"{o[k]:.1f} / {t[k]:.1f} | {ratio(o[k], t[k])}"
+                 for k in ("decode_b1_tok_s", "prefill512_tok_s", "decode_16_tok_s")]
+        rows.append(f"| {ours_name} | {theirs_name} | " + " | ".join(cells) +
+                    f" | {o['step_gb_s']:.1f} / {t['step_gb_s']:.1f} GB/s |")
+    rows += ["", f"Read bandwidth of this machine (a sum over 512 MB, 2 threads): {bandwidth:.1f} GB/s."]
     if serve:
-        (ours_name, o), (theirs_name, t) = serve.items()
-        lines += ["", "| server | requests/s | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | failed |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for name, r in serve.items():
-            lines.append(f"| {name} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
-                         f"{r['ttft_ms']['p50']:.0f} | {r['ttft_ms']['p99']:.0f} | {r['tpot_ms']['p50']:.1f} | "
-                         f"{r['failed']} |")
-        lines.append(f"\nrequests/s {ratio(o['requests_per_s'], t['requests_per_s'])}; p50 TTFT "
-                     f"{o['ttft_ms']['p50']:.0f} ms vs {t['ttft_ms']['p50']:.0f} ms.")
-    return "\n".join(lines) + "\n"
+        (_, o), (_, t) = serve.items()
+        rows += ["", "| server | requests/s | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | failed |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
+        rows += [f"| {name} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | {r['ttft_ms']['p50']:.0f} | "
+                 f"{r['ttft_ms']['p99']:.0f} | {r['tpot_ms']['p50']:.1f} | {r['failed']} |" for name, r in serve.items()]
+        rows.append(f"\nrequests/s {ratio(o['requests_per_s'], t['requests_per_s'])}; p50 TTFT "
+                    f"{o['ttft_ms']['p50']:.0f} ms vs {t['ttft_ms']['p50']:.0f} ms.")
+    return "\n".join(rows) + "\n"
 
 
-def plot(engine: dict, n: int, path: Path) -> None:
+def plot(engine: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metrics = [("decode_b1_tok_s", "decode, batch 1"), ("prefill512_tok_s", "prefill, 512-token prompt"),
-               (f"decode_{n}seq_tok_s", f"decode, {n} sequences (total)")]
+               ("decode_16_tok_s", f"decode, {STREAMS} streams (total)")]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    labels = [f"{o}\nvs {t}" for o, t in PAIRS]
     x = np.arange(len(PAIRS))
     for ax, (key, title) in zip(axes, metrics):
         ours = [engine["quantserve"][o][key] for o, _ in PAIRS]
         theirs = [engine["llama.cpp"][t][key] for _, t in PAIRS]
         ax.bar_label(ax.bar(x - 0.2, ours, 0.4, label="quantserve"), fmt="%.0f", fontsize=7)
-        ax.bar_label(ax.bar(x + 0.2, theirs, 0.4, label="llama.cpp"), fmt="%.0f", fontsize=7)
-        ax.set_xticks(x, labels, fontsize=7)
+        ax.bar_label(ax.bar(x + 0.2, theirs, 0.4, label="llama.cpp (native)"), fmt="%.0f", fontsize=7)
+        ax.set_xticks(x, [f"{o}\nvs {t}" for o, t in PAIRS], fontsize=7)
         ax.set_title(title)
         ax.set_ylabel("tokens/s")
     axes[0].legend()
-    fig.suptitle(f"SmolLM2-135M-Instruct, {THREADS} threads")
+    fig.suptitle(f"SmolLM2-135M-Instruct, {THREADS} threads, {cpu_name()}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -290,8 +245,6 @@ def plot(engine: dict, n: int, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--serving-prompts", type=int, default=64)
     p.add_argument("--skip-serving", action="store_true")
     args = p.parse_args()
@@ -303,28 +256,24 @@ def main() -> None:
     work = envs.quantserve_home() / "bench"
     work.mkdir(parents=True, exist_ok=True)
     source = envs.quantserve_home() / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    ggufs = {kind: make_gguf(source, kind, work) for kind in GGUF_TYPES}
+    ggufs = {kind: make_gguf(source, kind, work) for _, kind in PAIRS}
     models = our_models(model_dir, work)
-    engine = {"quantserve": {}, "llama.cpp": {}}
-    for name, path in models.items():
-        log(f"quantserve {name} ...")
-        engine["quantserve"][name] = bench_ours(path, tokenizer, args)
-    for kind, path in ggufs.items():
-        log(f"llama.cpp {kind} ...")
-        engine["llama.cpp"][kind] = bench_llamacpp(path, tokenizer, args)
-    hf = {}
-    for dtype in ("float32", "bfloat16"):
-        log(f"transformers {dtype} ...")
-        hf[dtype] = hf_rates(model_dir, dtype, prompt_ids(tokenizer, 128), args.new_tokens)[1]
-    serve = None if args.skip_serving else serving(models, ggufs, model_dir, args)
-    bandwidth = copy_bandwidth()
+    engine, info = {"quantserve": {}, "llama.cpp": {}}, {}
+    for (name, path), (_, kind) in zip(models.items(), PAIRS):
+        log(f"quantserve {name} / llama.cpp {kind} ...")
+        engine["quantserve"][name] = bench_ours(path, tokenizer)
+        engine["llama.cpp"][kind], info = bench_theirs(ggufs[kind])
+    sides = {"quantserve": f"kernels {kernels.describe()}",
+             "llama.cpp": f"native build {info.get('build_commit')}, backends {info.get('backends')}, "
+                          f"CPU {info.get('cpu_info')}; machine {cpu_name()}"}
+    serve = None if args.skip_serving else serving(models, ggufs, model_dir, args.serving_prompts)
+    bandwidth = read_bandwidth()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "llamacpp.json").write_text(json.dumps(
-        {"engine": engine, "transformers_generate_b1": hf, "serving": serve, "copy_gb_s": bandwidth,
-         "args": vars(args)}, indent=2))
-    text = markdown(engine, hf, serve, bandwidth, args.concurrency)
+    (RESULTS / "llamacpp.json").write_text(json.dumps({"engine": engine, "serving": serve, "sides": sides,
+                                                       "read_gb_s": bandwidth, "args": vars(args)}, indent=2))
+    text = markdown(engine, serve, sides, bandwidth)
     (RESULTS / "llamacpp.md").write_text(text)
-    plot(engine, args.concurrency, RESULTS / "llamacpp.png")
+    plot(engine, RESULTS / "llamacpp.png")
     print(text)
 
 

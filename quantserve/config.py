@@ -57,6 +57,7 @@ class EngineConfig:
     num_threads: int | None = None
     rope_scaling_factor: float = 0.0              # > 0: dynamic NTK RoPE scaling by this factor
     hf_overrides: dict | None = None              # merged into the model's config.json
+    head_bits: int = 8                            # output head of weight-quantized models: 8 or 4 bits
 
     def model_overrides(self) -> dict:
         """Config entries to override: --hf-overrides, and --rope-scaling-factor as dynamic NTK."""
@@ -78,6 +79,7 @@ class EngineConfig:
         _check(self.quant_policy in (0, 4, 8), f"quant_policy must be 0 (none), 4 (int4) or 8 (int8), got {self.quant_policy}")
         _check(self.device in SUPPORTED_DEVICES, f"device must be one of {SUPPORTED_DEVICES}, got {self.device!r}")
         _check(self.rope_scaling_factor >= 0, "rope_scaling_factor must be >= 0")
+        _check(self.head_bits in (4, 8), f"head_bits must be 4 or 8, got {self.head_bits}")
         _check(self.model_format in SUPPORTED_MODEL_FORMATS,
                f"model_format {self.model_format!r} is not supported; supported: hf, gguf, awq, gptq")
 

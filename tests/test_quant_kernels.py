@@ -75,6 +75,30 @@ def test_a_quantized_model_reads_its_tied_embedding_from_the_int8_head(tiny_dirs
     assert torch.allclose(model.embed(ids), expected, atol=1e-3 * float(embed.abs().max()))   # float16 scales
 
 
+def test_a_4_bit_head_holds_half_the_bytes_and_reads_its_tied_embedding(tiny_dirs, tmp_path):
+    """--head-bits 4: the head's codes are 4-bit (the tied embedding gathers them from the nibble
+    panels) and the logits stay close to the 8-bit head's."""
+    from test_parity import engine_logits
+
+    from quantserve.config import EngineConfig
+    from quantserve.engine.engine import Engine
+    from quantserve.quant.run import LiteJob, run
+
+    run(LiteJob(str(tiny_dirs["qwen2"]), str(tmp_path / "q"), "rtn", QuantSpec(4, 32), progress=False))  # tied
+    engines = {bits: Engine(tmp_path / "q", EngineConfig(dtype="float32", cache_max_tokens=512, session_len=512,
+                                                          head_bits=bits), progress=False) for bits in (8, 4)}
+    head8, head4 = (engines[b].model.lm_head for b in (8, 4))
+    assert head4.spec.bits == 4 and head8.spec.bits == 8 and head4.spec.group_size == head8.spec.group_size
+    assert head4.qpacked[0].nbytes * 2 == head8.qpacked[0].nbytes
+    embed = load_file(str(tmp_path / "q" / "model.safetensors"))["model.embed_tokens.weight"].float()
+    ids = torch.tensor([0, 7, 8, 319])                  # first and last rows of 8-row panels
+    expected = quantize(embed, head4.spec).dequantize()[ids]
+    assert torch.allclose(engines[4].model.embed(ids), expected, atol=1e-3 * float(embed.abs().max()))
+    prompt = list(range(3, 30))
+    l8, l4 = (engine_logits(engines[b], prompt, 4) for b in (8, 4))
+    assert float((l4 - l8).norm() / l8.norm()) <= 0.15 and not torch.equal(l4, l8)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_packed_model_logits_match_transformers_on_the_dequantized_weights(tiny_dirs, tmp_path, family):
     """The same codes, once packed for the kernel and once written as float weights (--fake-quant)

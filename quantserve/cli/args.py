@@ -86,6 +86,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hf-overrides", type=json_dict, default=None,
                    help='JSON merged into config.json, e.g. \'{"rope_scaling": {"rope_type": "yarn", "factor": 4}}\'')
     g.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--head-bits", type=int, default=8, choices=[4, 8],
+                   help="bits of the output head of weight-quantized models (4 reads half the bytes per step)")
     g.add_argument("--log-level", default="WARNING")
 
 
@@ -104,7 +106,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 ENGINE_FIELDS = ("dtype", "tp", "session_len", "max_batch_size", "cache_max_entry_count", "cache_max_tokens",
                  "cache_block_seq_len", "max_prefill_token_num", "quant_policy", "device",
                  "enable_prefix_caching", "model_format", "trust_remote_code", "num_threads",
-                 "rope_scaling_factor", "hf_overrides")
+                 "rope_scaling_factor", "hf_overrides", "head_bits")
 
 
 def engine_config(ns: argparse.Namespace) -> EngineConfig:

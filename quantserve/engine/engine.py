@@ -55,7 +55,8 @@ class Engine:
         self.session_len = config.session_len or self.args.max_position_embeddings
         self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE[config.device]
         self.dtype = torch_dtype(config.dtype, cfg, config.device)
-        self.model = load_model(Path(model_path), self.dtype, config.device, self.session_len, cfg, progress)
+        self.model = load_model(Path(model_path), self.dtype, config.device, self.session_len, cfg, progress,
+                                config.head_bits)
         self.weights_bytes = self.model.weight_bytes()
         self.plan = self._plan_cache()
         self.cache = PagedKVCache(self.args.num_layers, self.plan.num_blocks, self.plan.block_size,

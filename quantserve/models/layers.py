@@ -150,16 +150,19 @@ class PackedEmbedding(nn.Module):
 
 
 class QuantizedEmbedding(nn.Module):
-    """Input embedding read from a tied head's int8 panels (kernels.pack_quantized, 8-bit)."""
+    """Input embedding read from a tied head's integer panels (kernels.pack_quantized, 8 or 4 bits)."""
 
     def __init__(self, head: Linear):
         super().__init__()
         self.head = [head]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        codes, scales, mins = self.head[0].qpacked        # [P, H/4, 8, 4] int8; [P, G, 8] float16
+        codes, scales, mins = self.head[0].qpacked        # 8-bit [P, H/4, 8, 4] int8 | 4-bit [P, H/8, 8, 4]; [P, G, 8]
         panel, lane = ids // kernels.QPANEL, ids % kernels.QPANEL
-        rows = codes[panel, :, lane, :].reshape(len(ids), scales.shape[1], -1).float()   # [T, G, g]
+        picked = codes[panel, :, lane, :]                                                 # [T, H/4 | H/8, 4]
+        if self.head[0].spec.bits == 4:                   # byte b of a lane: code k + b low, k + 4 + b high
+            picked = torch.stack([picked & 0x0F, picked >> 4], dim=-2)                    # [T, H/8, 2, 4]
+        rows = picked.reshape(len(ids), scales.shape[1], -1).float()                      # [T, G, g]
         weight = rows * scales[panel, :, lane].float()[..., None] + mins[panel, :, lane].float()[..., None]
         return weight.reshape(len(ids), -1)                                              # [T, H]
 
@@ -179,13 +182,13 @@ class CausalLM(nn.Module):
         self.compute_dtype = torch.float32
         self.fused: FusedDecoder | None = None
 
-    def finalize(self, compute_dtype: torch.dtype) -> None:
+    def finalize(self, compute_dtype: torch.dtype, head_bits: int = 8) -> None:
         """After loading: tie the head, repack linears for the device's kernels."""
         self.compute_dtype = compute_dtype
         if self.lm_head is None:
             self.lm_head = tied_head(self.embed.weight)
         if self.weight_quantized():
-            quantize_head(self.lm_head)
+            quantize_head(self.lm_head, head_bits)
         for module in self.modules():
             if isinstance(module, Linear):
                 module.finalize()
@@ -222,11 +225,11 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
 
-def quantize_head(head: Linear) -> None:
-    """int8 output head for weight-quantized models (as llama.cpp keeps an 8-bit output tensor),
-    when the native kernels run it: on the default model it is a fifth of the bf16 bytes, read
-    every step. Group 64 (32 when the hidden size needs it), asymmetric."""
+def quantize_head(head: Linear, bits: int = 8) -> None:
+    """Integer output head for weight-quantized models, when the native kernels run it: 8-bit by
+    default (as llama.cpp keeps an 8-bit output tensor), a fifth of the bf16 bytes read every
+    step; --head-bits 4 halves that again. Group 64 (32 when the hidden size needs it), asymmetric."""
     hidden = head.in_features
     group = 64 if hidden % 64 == 0 else 32
-    if head.spec is None and kernels.usable(head.weight) and kernels.quantized_usable(hidden, group, 8):
-        head.set_quantized(quantize(head.weight.data, QuantSpec(8, group)))
+    if head.spec is None and kernels.usable(head.weight) and kernels.quantized_usable(hidden, group, bits):
+        head.set_quantized(quantize(head.weight.data, QuantSpec(bits, group)))

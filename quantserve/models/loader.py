@@ -132,7 +132,7 @@ def read_weights_file(f: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: int,
-               cfg: dict | None = None, progress: bool = True) -> CausalLM:
+               cfg: dict | None = None, progress: bool = True, head_bits: int = 8) -> CausalLM:
     """Weights stored in `dtype`; activations (and the small norm weights) in float32 on CPU,
     where the kernels compute in float32 whatever the storage, else in `dtype`. cfg: the
     model_config() already read, if the caller has it."""
@@ -161,7 +161,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
     for name, qw in codes.items():
         model.get_submodule(name).set_quantized(qw)
     model = model.to(device).eval()
-    model.finalize(compute)
+    model.finalize(compute, head_bits)
     return model
 
 
