@@ -139,6 +139,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc, timeout: float = 180) -> bool:
+    """Poll url/health until 200; False if the process exits or the time runs out first."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 class RunningServer:
     """An api_server on a free local port, in this process (uvicorn in a thread)."""
 

@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import RunningServer, free_port
+from conftest import RunningServer, free_port, wait_healthy
 
 HOST = "127.0.0.1"
 KEEP_ALIVE, READ_TIMEOUT, HEADER_LIMIT = 3.0, 3.0, 8192
@@ -46,15 +46,7 @@ def server(tiny_server_model, tmp_path_factory):
            "--timeout-request-read", str(READ_TIMEOUT), "--max-header-size", str(HEADER_LIMIT)]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://{HOST}:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    assert proc.poll() is None, log.read_text()
+    assert wait_healthy(f"http://{HOST}:{port}", proc), log.read_text()
     yield port
     proc.terminate()
     proc.wait(30)

@@ -3,7 +3,6 @@ their openai client script, api_client, and batching through HTTP in float16."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import free_port, wait_healthy
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +26,7 @@ def homework_server(default_model, tmp_path_factory):
                                  "--quant-policy", "4", "--cache-max-entry-count", "0.4", "--server-name", "0.0.0.0",
                                  "--server-port", str(port), "--tp", "1"], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
+    wait_healthy(url, proc)
     yield url, log
     proc.terminate()
     proc.wait(30)
