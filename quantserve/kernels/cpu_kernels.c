@@ -317,6 +317,91 @@ DEFINE_QTILE(8, 1) DEFINE_QTILE(8, 2) DEFINE_QTILE(8, 3) DEFINE_QTILE(8, 4)
 static const qtile_fn QTILE[2][4] = {{qtile_4_1, qtile_4_2, qtile_4_3, qtile_4_4},
                                      {qtile_8_1, qtile_8_2, qtile_8_3, qtile_8_4}};
 
+#if VNNI
+static inline __m512i pair512(const uint8_t *a, const uint8_t *b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                              _mm256_loadu_si256((const __m256i *)b), 1);
+}
+
+static inline __m512 pair512_ph(const uint16_t *a, const uint16_t *b) {
+    __m512 lo = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)a)));
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(lo),
+                                               _mm256_castps_pd(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b))), 1));
+}
+
+/* 4-bit, MT (1..4) rows of x against panels p and p + 1 at once: each 512-bit vpdpbusd takes
+ * both panels' 8 rows against one broadcast of x, half the broadcasts of the 256-bit path. Every
+ * output element sees the same integer sums and the same float operations in the same order as
+ * qtile, so the results are bit-identical. */
+static inline __attribute__((always_inline)) void qtile2_4(const int MT, const QuantRows *x, long row0, int K, int gs,
+                                                           const uint8_t *w, const uint16_t *scales,
+                                                           const uint16_t *mins, long p, int N, const float *bias,
+                                                           float *y) {
+    const long nb = K / QB, G = K / gs, bpg = gs / QB, stride = (long)K * 4;
+    const uint8_t *wp = w + p * stride;
+    const uint16_t *sp = scales + p * G * QR, *mp = mins + p * G * QR;
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    __m512 out[4];
+    for (int t = 0; t < MT; t++) out[t] = _mm512_setzero_ps();
+    for (long g = 0; g < G; g++) {
+        __m512 part[4];
+        float xsum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int t = 0; t < MT; t++) part[t] = _mm512_setzero_ps();
+        for (long b = g * bpg; b < (g + 1) * bpg; b++) {
+            __m512i acc[4];
+            for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_si512();
+            for (int s = 0; s < 4; s++) {
+                __m512i v = pair512(wp + b * 128 + s * 32, wp + stride + b * 128 + s * 32);
+                __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+                for (int t = 0; t < MT; t++) {
+                    const int8_t *xp = x->q + ((row0 + t) * nb + b) * QB + s * 8;
+                    acc[t] = _mm512_dpbusd_epi32(acc[t], lo, _mm512_set1_epi32(*(const int32_t *)xp));
+                    acc[t] = _mm512_dpbusd_epi32(acc[t], hi, _mm512_set1_epi32(*(const int32_t *)(xp + 4)));
+                }
+            }
+            for (int t = 0; t < MT; t++) {
+                long i = (row0 + t) * nb + b;
+                part[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), _mm512_set1_ps(x->d[i]), part[t]);
+                xsum[t] += x->s[i];
+            }
+        }
+        __m512 sc = pair512_ph(sp + g * QR, sp + G * QR + g * QR), mn = pair512_ph(mp + g * QR, mp + G * QR + g * QR);
+        for (int t = 0; t < MT; t++)
+            out[t] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[t]), mn, _mm512_fmadd_ps(part[t], sc, out[t]));
+    }
+    const long n0 = p * QR;
+    const int nvalid = N - n0 < 2 * QR ? (int)(N - n0) : 2 * QR;
+    for (int t = 0; t < MT; t++) {
+        float tmp[2 * QR];
+        _mm512_storeu_ps(tmp, out[t]);
+        for (int j = 0; j < nvalid; j++) y[(row0 + t) * N + n0 + j] = tmp[j] + (bias ? bias[n0 + j] : 0.0f);
+    }
+}
+
+#define DEFINE_QTILE2(T)                                                                             \
+    static void qtile2_4_##T(const QuantRows *x, long r, int K, int gs, const uint8_t *w,            \
+                             const uint16_t *sc, const uint16_t *mn, long p, int N, const float *b,    \
+                             float *y) { qtile2_4(T, x, r, K, gs, w, sc, mn, p, N, b, y); }
+DEFINE_QTILE2(1) DEFINE_QTILE2(2) DEFINE_QTILE2(3) DEFINE_QTILE2(4)
+static const qtile_fn QTILE2[4] = {qtile2_4_1, qtile2_4_2, qtile2_4_3, qtile2_4_4};
+#endif
+
+/* Panels p (and p + 1 where a two-panel tile exists: 4-bit on VNNI) for every row of x. */
+static void panel_rows(const QuantRows *xr, int M, int K, int gs, const uint8_t *packed, int bits,
+                       const uint16_t *scales, const uint16_t *mins, long p, long npanels, int N,
+                       const float *bias, float *y) {
+    const qtile_fn *fns = QTILE[bits == 4 ? 0 : 1];
+#if VNNI
+    if (bits == 4 && p + 1 < npanels) fns = QTILE2;
+#else
+    (void)npanels;
+#endif
+    for (int m0 = 0; m0 < M; m0 += 4) {
+        int mt = M - m0 < 4 ? M - m0 : 4;
+        fns[mt - 1](xr, m0, K, gs, packed, scales, mins, p, N, bias, y);
+    }
+}
+
 /* x: [M, K] float32 (K and group_size multiples of 32); packed, scales, mins: as above;
  * y: [M, N]. */
 void qs_linear_q(const float *x, int M, int K, const uint8_t *packed, int bits, const uint16_t *scales,
@@ -324,13 +409,10 @@ void qs_linear_q(const float *x, int M, int K, const uint8_t *packed, int bits, 
     const long nb = K / QB, npanels = (N + QR - 1) / QR;
     QuantRows xr = {malloc((size_t)M * K), malloc(sizeof(float) * M * nb), malloc(sizeof(float) * M * nb)};
     quantize_rows(x, M, K, &xr, nthreads);
-    const qtile_fn *fns = QTILE[bits == 4 ? 0 : 1];
+    const long step = VNNI && bits == 4 ? 2 : 1;           /* panels per tile */
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (long p = 0; p < npanels; p++)
-        for (int m0 = 0; m0 < M; m0 += 4) {
-            int mt = M - m0 < 4 ? M - m0 : 4;
-            fns[mt - 1](&xr, m0, K, group_size, packed, scales, mins, p, N, bias, y);
-        }
+    for (long p = 0; p < npanels; p += step)
+        panel_rows(&xr, M, K, group_size, packed, bits, scales, mins, p, npanels, N, bias, y);
     free(xr.q);
     free(xr.d);
     free(xr.s);
