@@ -65,6 +65,15 @@ def make_gguf(source: Path, kind: str, out_dir: Path) -> Path:
     return target
 
 
+def llamacpp_isa() -> str:
+    """What the native build really uses: the instructions found in its CPU backend library."""
+    lib = Path(tool("llama-bench")).parent / "libggml-cpu.so"
+    text = subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True).stdout
+    used = [name for name, insn in (("AVX-512 (zmm)", "zmm"), ("VNNI (vpdpbusd)", "vpdpbusd"),
+                                    ("BF16 (vdpbf16ps)", "vdpbf16ps")) if insn in text]
+    return f"GGML_NATIVE build (-march=native), libggml-cpu uses {', '.join(used) or 'no AVX-512'}"
+
+
 def llama_bench(gguf: Path) -> tuple[dict, dict]:
     """pp512 and tg128, best of 3 repetitions; and llama.cpp's own view of the build."""
     out = subprocess.run([tool("llama-bench"), "-m", str(gguf), "-p", "512", "-n", "128", "-t", str(THREADS),
@@ -264,8 +273,7 @@ def main() -> None:
         engine["quantserve"][name] = bench_ours(path, tokenizer)
         engine["llama.cpp"][kind], info = bench_theirs(ggufs[kind])
     sides = {"quantserve": f"kernels {kernels.describe()}",
-             "llama.cpp": f"native build {info.get('build_commit')}, backends {info.get('backends')}, "
-                          f"CPU {info.get('cpu_info')}; machine {cpu_name()}"}
+             "llama.cpp": f"{llamacpp_isa()}, backend {info.get('backends')}; machine {cpu_name()}"}
     serve = None if args.skip_serving else serving(models, ggufs, model_dir, args.serving_prompts)
     bandwidth = read_bandwidth()
     RESULTS.mkdir(exist_ok=True)
