@@ -228,6 +228,9 @@ RELIABILITY = """## Reliability: 16 mixed clients against `serve api_server` (`b
 requests (each must be refused with a 4xx). Prompts are notes of 20-300 random words, so most
 are different and fill new KV blocks. RSS is sampled every 20 s; the leak check compares the
 largest sample after the first minute (warm-up) with the first one after it. Run on {cpu}.
+The "after" run shared the machine with a niced build of llama.cpp for its first 27 minutes and
+with short test runs, so its latencies are not comparable with the "before" run's; its memory,
+errors and engine state are the point.
 
 {table}
 ![RSS before the fix](benchmarks/results/soak-before.png)

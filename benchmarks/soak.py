@@ -260,7 +260,7 @@ def plot(samples: list[dict], warmup: float, label: str, path: Path) -> None:
     ax.axvline(warmup / 60, color="grey", linestyle=":", label="end of warm-up")
     ax.set_xlabel("minutes")
     ax.set_ylabel("RSS (MB)")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, 1.15 * max(s["rss_mb"] for s in samples))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("api_server RSS under 16 mixed clients")

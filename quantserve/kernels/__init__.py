@@ -26,7 +26,8 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 COMMON_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 # backend: (compiler flags, /proc/cpuinfo flags the CPU must have, what it uses), widest first
 ISAS = {
-    "avx512": (["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+    "avx512": (["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+                "-mprefer-vector-width=256"],
                ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
                "AVX-512 F/BW/VL + VNNI"),
     "avx2": (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c"), "AVX2 + FMA + F16C"),

@@ -386,15 +386,15 @@ DEFINE_QTILE2(1) DEFINE_QTILE2(2) DEFINE_QTILE2(3) DEFINE_QTILE2(4)
 static const qtile_fn QTILE2[4] = {qtile2_4_1, qtile2_4_2, qtile2_4_3, qtile2_4_4};
 #endif
 
-/* Panels p (and p + 1 where a two-panel tile exists: 4-bit on VNNI) for every row of x. */
+/* Panels p (and p + 1 when `pair`: a two-panel tile) for every row of x. */
 static void panel_rows(const QuantRows *xr, int M, int K, int gs, const uint8_t *packed, int bits,
-                       const uint16_t *scales, const uint16_t *mins, long p, long npanels, int N,
+                       const uint16_t *scales, const uint16_t *mins, long p, int pair, int N,
                        const float *bias, float *y) {
     const qtile_fn *fns = QTILE[bits == 4 ? 0 : 1];
 #if VNNI
-    if (bits == 4 && p + 1 < npanels) fns = QTILE2;
+    if (pair) fns = QTILE2;
 #else
-    (void)npanels;
+    (void)pair;
 #endif
     for (int m0 = 0; m0 < M; m0 += 4) {
         int mt = M - m0 < 4 ? M - m0 : 4;
@@ -409,10 +409,12 @@ void qs_linear_q(const float *x, int M, int K, const uint8_t *packed, int bits, 
     const long nb = K / QB, npanels = (N + QR - 1) / QR;
     QuantRows xr = {malloc((size_t)M * K), malloc(sizeof(float) * M * nb), malloc(sizeof(float) * M * nb)};
     quantize_rows(x, M, K, &xr, nthreads);
-    const long step = VNNI && bits == 4 ? 2 : 1;           /* panels per tile */
+    /* two panels per tile for 4-bit on VNNI, from 2 rows up: one row (a decode GEMV) streams
+     * the weights faster from one panel at a time (measured: benchmarks/bench_isa.py) */
+    const long step = VNNI && bits == 4 && M > 1 ? 2 : 1;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (long p = 0; p < npanels; p += step)
-        panel_rows(&xr, M, K, group_size, packed, bits, scales, mins, p, npanels, N, bias, y);
+        panel_rows(&xr, M, K, group_size, packed, bits, scales, mins, p, step == 2 && p + 1 < npanels, N, bias, y);
     free(xr.q);
     free(xr.d);
     free(xr.s);
