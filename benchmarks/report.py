@@ -192,6 +192,20 @@ first line of the table.
 | 16 streams, W4 vs Q4_0 >= 3x | {w4_n} | {w4_n_ok} |
 | prefill 512, W4 vs Q4_0 >= 1.5x; float16 vs F16 >= 1.2x | {w4_p}; {f_p} | {p_ok} |
 | serving req/s >= 2x `llama-server -np 16`, p50 TTFT no worse | {srv_rps}, TTFT {srv_ttft} | {srv_ok} |
+
+Where the misses stand (this run; not yet profiled on the AVX-512 machine, so these are
+readings of the table, not a profile):
+- *Batch 1*: a W4 step reads ~90 MB (60 MB of 4-bit layers, 28 MB of int8 head); at the table's
+  rate that is ~33 GB/s against 49 GB/s of measured read bandwidth. 1.6x llama.cpp needs fewer
+  bytes (a 4-bit head reads 14 MB less but costs 13% perplexity, above) or more of the
+  bandwidth (one parallel region per step, prefetch, huge pages: not done yet).
+- *Float16*: our float GEMM multiplies in fp32 FMA; llama.cpp's native build runs F16/BF16 dot
+  products (`vdpbf16ps` is in its CPU library), twice the lanes per instruction. The BF16 GEMM
+  of issue 17 is not built yet, nor the flash-style prefill attention.
+- *16 streams, 3x*: the VNNI tiles took our W4 16-stream rate 1.4-1.6x above our AVX2 build
+  (kernel backends table); llama.cpp's repacked Q4_0 GEMM uses VNNI too.
+- *Serving*: one `llama-server` request of 64 failed (the server dropped the connection) in
+  this run; its other 63 are in the figures.
 """
 
 PREFIX = """## Prefix caching (`benchmarks/bench_prefix_cache.py`)
@@ -205,9 +219,14 @@ ISA = """## Kernel backends on this CPU (`benchmarks/bench_isa.py`)
 
 The same engine and model on each kernel backend the CPU runs, each in its own process
 (`QUANTSERVE_ISA=avx512|avx2`), in alternating rounds, best of 3. The integer linears' dot products
-are `vpdpbusd` (AVX-512 VNNI, on 256-bit registers) against AVX2's `maddubs` + `madd` + `add`;
-the integer sums are the same, so both backends produce the same tokens bit for bit
-(`tests/test_isa.py`). Float kernels are the same code on both.
+are `vpdpbusd` (AVX-512 VNNI) against AVX2's `maddubs` + `madd` + `add`; from 2 rows up, 4-bit
+tiles take two 8-row panels per 512-bit `vpdpbusd` against one broadcast of the activations. The
+integer sums and the float operations on them are the same, so both backends produce the same
+tokens bit for bit (`tests/test_isa.py`). Float kernels are the same code on both. Batch-1 decode
+streams the weights from memory and gains nothing; an earlier build that let gcc auto-vectorize
+with 512-bit registers was 5-7% slower there, so the avx512 build prefers 256-bit
+auto-vectorization and keeps 512 bits for the explicit VNNI tiles. Repeated runs of this table
+ranged 1.86-2.02x (prefill) and 1.37-1.56x (16 streams).
 
 {table}"""
 
@@ -217,7 +236,10 @@ A W4 model's output head is 8-bit by default (as llama.cpp keeps this model's ti
 tensor at Q8_0 in a Q4_0 file); at batch 1 it is about a third of the bytes a step reads.
 `--head-bits 4` stores it at 4 bits (group 64). Same run, alternating rounds, best of 3:
 
-{table}"""
+{table}
+The 4-bit head costs 13% perplexity on this model for 7% more tokens/s at batch 1: it stays an
+opt-in, and 8 bits stays the default (as in llama.cpp's Q4_0 files).
+"""
 
 RELIABILITY = """## Reliability: 16 mixed clients against `serve api_server` (`benchmarks/soak.py`)
 
