@@ -76,6 +76,18 @@ def run_requests(engine: Engine, prompts: list[list[int]], new: int) -> tuple[fl
     return first - start, time.perf_counter() - first
 
 
+def engine_rates(engine: Engine, tokenizer, repeats: int = REPEATS, streams: int = 16) -> dict:
+    """Prefill of one 512-token prompt, decode at batch 1 (128 new tokens after 128) and `streams`
+    prompts of 128 decoded together (total tokens/s of the decode phase), best of `repeats` each."""
+    run_requests(engine, [prompt_ids(tokenizer, 128)], 8)                                          # warm-up
+    decode1 = min(run_requests(engine, [prompt_ids(tokenizer, 128)], 128)[1] for _ in range(repeats))
+    prefill512 = min(run_requests(engine, [prompt_ids(tokenizer, 512)], 1)[0] for _ in range(repeats))
+    prompts = [prompt_ids(tokenizer, 128, offset=i) for i in range(streams)]
+    decode_n = min(run_requests(engine, prompts, 128)[1] for _ in range(repeats))
+    return {"decode_b1_tok_s": 127 / decode1, "prefill512_tok_s": 512 / prefill512,
+            f"decode_{streams}_tok_s": streams * 127 / decode_n}
+
+
 def bench_ours(model_dir: Path, dtype: str, tokenizer, args) -> dict:
     engine = Engine(model_dir, EngineConfig(dtype=dtype, session_len=2048, max_batch_size=max(16, args.concurrency)),
                     progress=False)

@@ -25,23 +25,17 @@ from quantserve import kernels  # noqa: E402
 
 RESULTS = Path(__file__).with_name("results")
 ONE_ROUND = """
-import json, sys, time
+import json, sys
 sys.path.insert(0, {root!r})
 import torch
-from benchmarks.bench_engine import prompt_ids, run_requests
+from benchmarks.bench_engine import engine_rates
 from quantserve import kernels
 from quantserve.config import EngineConfig
 from quantserve.engine.engine import Engine
 from quantserve.text import Tokenizer
 engine = Engine({model!r}, EngineConfig(session_len=2048, max_batch_size=16), progress=False)
-tok = Tokenizer({model!r}).hf
-run_requests(engine, [prompt_ids(tok, 128)], 8)
-prefill = run_requests(engine, [prompt_ids(tok, 512)], 1)[0]
-decode1 = run_requests(engine, [prompt_ids(tok, 128)], 128)[1]
-prompts = [prompt_ids(tok, 128, offset=i) for i in range(16)]
-first, rest = run_requests(engine, prompts, 128)
-print(json.dumps({{"backend": kernels.backend(), "prefill512_tok_s": 512 / prefill, "decode_b1_tok_s": 127 / decode1,
-                  "decode_16_tok_s": 16 * 127 / rest, "threads": torch.get_num_threads()}}))
+rates = engine_rates(engine, Tokenizer({model!r}).hf, repeats=1)
+print(json.dumps({{"backend": kernels.backend(), **rates, "threads": torch.get_num_threads()}}))
 """
 
 

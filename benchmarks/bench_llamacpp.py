@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_engine import REPEATS, log, prompt_ids, run_requests  # noqa: E402
+from benchmarks.bench_engine import REPEATS, engine_rates, log  # noqa: E402
 from benchmarks.soak import cpu_name  # noqa: E402
 from quantserve import envs, kernels  # noqa: E402
 from quantserve.config import EngineConfig  # noqa: E402
@@ -95,17 +95,6 @@ def batched(gguf: Path) -> float:
         cells = [c.strip() for c in row.strip("|").split("|")]
         best = max(best, float(cells[7]))                                 # PP TG B N_KV T_PP S_PP T_TG S_TG T S
     return best
-
-
-def engine_rates(engine: Engine, tokenizer) -> dict:
-    """Ours, best of REPEATS each, as the module docstring says."""
-    run_requests(engine, [prompt_ids(tokenizer, 128)], 8)                                          # warm-up
-    decode1 = min(run_requests(engine, [prompt_ids(tokenizer, 128)], 128)[1] for _ in range(REPEATS))
-    prefill512 = min(run_requests(engine, [prompt_ids(tokenizer, 512)], 1)[0] for _ in range(REPEATS))
-    prompts = [prompt_ids(tokenizer, 128, offset=i) for i in range(STREAMS)]
-    decode_n = min(run_requests(engine, prompts, 128)[1] for _ in range(REPEATS))
-    return {"decode_b1_tok_s": 127 / decode1, "prefill512_tok_s": 512 / prefill512,
-            "decode_16_tok_s": STREAMS * 127 / decode_n}
 
 
 def our_models(model_dir: Path, work: Path) -> dict[str, Path]:

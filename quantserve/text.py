@@ -70,9 +70,9 @@ class Tokenizer:
         self.eos_token_ids = self._eos_ids(Path(model_dir))
 
     def _eos_ids(self, model_dir: Path) -> list[int]:
-        ids = set()
         from quantserve.models.loader import read_json
 
+        ids = set()
         gen = model_dir / "generation_config.json"
         if gen.is_file():
             eos = read_json(gen).get("eos_token_id")

@@ -409,8 +409,8 @@ void qs_linear_q(const float *x, int M, int K, const uint8_t *packed, int bits, 
     const long nb = K / QB, npanels = (N + QR - 1) / QR;
     QuantRows xr = {malloc((size_t)M * K), malloc(sizeof(float) * M * nb), malloc(sizeof(float) * M * nb)};
     quantize_rows(x, M, K, &xr, nthreads);
-    /* two panels per tile for 4-bit on VNNI, from 2 rows up: one row (a decode GEMV) streams
-     * the weights faster from one panel at a time (measured: benchmarks/bench_isa.py) */
+    /* two panels per tile for 4-bit on VNNI, from 2 rows up (where it was measured faster,
+     * benchmarks/bench_isa.py); one row (a decode GEMV) keeps the one-panel tile */
     const long step = VNNI && bits == 4 && M > 1 ? 2 : 1;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (long p = 0; p < npanels; p += step)
