@@ -238,7 +238,9 @@ tensor at Q8_0 in a Q4_0 file); at batch 1 it is about a third of the bytes a st
 
 {table}
 The 4-bit head costs 13% perplexity on this model for 7% more tokens/s at batch 1: it stays an
-opt-in, and 8 bits stays the default (as in llama.cpp's Q4_0 files).
+opt-in, and 8 bits stays the default (as in llama.cpp's Q4_0 files). This table was measured on
+the avx512 build just before it moved to 256-bit auto-vectorization (commit 1f3a327), which
+changed batch-1 speed by a few percent on both rows; the perplexities do not depend on it.
 """
 
 RELIABILITY = """## Reliability: 16 mixed clients against `serve api_server` (`benchmarks/soak.py`)
