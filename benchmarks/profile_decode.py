@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantserve import kernels  # noqa: E402
 from quantserve.config import EngineConfig, SamplingParams  # noqa: E402
 from quantserve.engine import sampler  # noqa: E402
 from quantserve.engine.engine import Engine  # noqa: E402
+from quantserve.kvcache.paged import AttentionMetadata  # noqa: E402
 from quantserve.models.resolve import resolve_model  # noqa: E402
 
 REPEATS = 20
@@ -62,19 +62,15 @@ def kernel_split(engine: Engine, n: int, context: int) -> dict:
     q = torch.randn(n, a.num_heads, a.head_dim)
     nblk = -(-context // engine.cache.block_size)
     tables = torch.arange(n * nblk).view(n, nblk) % engine.cache.num_blocks
-    lens = torch.full((n,), context)
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), n, tables, torch.full((n,), context), None, [])
 
     def run_linears():
         for m, xi in linears:
-            if m.packed is not None:
-                kernels.linear(xi, m.packed, m.out_features, m.bias)
-            else:
-                kernels.linear_quantized(xi, m.qpacked, m.out_features, m.spec.bits, m.spec.group_size, m.bias)
+            m(xi)
 
     def run_attention():
         for i in range(len(layers)):
-            kernels.decode_attention(q, engine.cache.parts("k", i), engine.cache.parts("v", i), tables, lens,
-                                     a.head_dim ** -0.5)
+            engine.model.ops.decode_attention(q, i, meta, engine.cache, a.head_dim ** -0.5)
 
     result = {}
     for name, fn in (("linears (4 per layer)", run_linears), ("attention", run_attention)):

@@ -7,6 +7,27 @@ from pathlib import Path
 import pytest
 import torch
 
+def native_isas() -> list:
+    """Every native kernel build, skipped with a reason where this CPU cannot run it."""
+    from quantserve import kernels
+
+    return [pytest.param(isa, marks=pytest.mark.skipif(not kernels.runs_here(isa),
+                                                        reason=f"this CPU lacks the instructions of the {isa} build"))
+            for isa in kernels.ISAS]
+
+
+@pytest.fixture(params=native_isas())
+def native_ops(request):
+    """The model ops of one native build (avx512, avx2), to compare with the torch reference."""
+    from quantserve import kernels
+    from quantserve.kernels.native import NativeOps
+
+    lib = kernels.load(request.param)
+    if lib is None:
+        pytest.skip(f"the {request.param} kernels cannot be built here (no C compiler?)")
+    return NativeOps(lib, request.param)
+
+
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)

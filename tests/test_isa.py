@@ -12,19 +12,17 @@ import pytest
 import torch
 
 from quantserve import kernels
+from quantserve.kernels.native import NativeOps
+from quantserve.models.ops import TorchOps, ops_for
 from quantserve.quant.primitives import QuantSpec, quantize
 
 needs_avx512 = pytest.mark.skipif(not kernels.runs_here("avx512"),
                                   reason="this CPU has no AVX-512 F/BW/VL + VNNI: only the avx2 backend runs here")
 
 
-def qlinear(lib, x: torch.Tensor, packed: tuple, n: int, bits: int, group: int) -> torch.Tensor:
-    """qs_linear_q of one build: x [M, K] -> [M, n]."""
-    y = torch.empty(x.shape[0], n)
-    codes, scales, mins = packed
-    lib.qs_linear_q(x.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), bits, scales.data_ptr(),
-                    mins.data_ptr(), group, None, y.data_ptr(), n, torch.get_num_threads())
-    return y
+def qlinear(isa: str, x: torch.Tensor, packed: tuple, n: int, bits: int, group: int) -> torch.Tensor:
+    """The integer linear of one build: x [M, K] -> [M, n]."""
+    return NativeOps(kernels.load(isa), isa).linear_int(x, packed, n, bits, group, None)
 
 
 def test_the_backend_is_the_widest_this_cpu_runs():
@@ -63,8 +61,7 @@ def test_integer_linears_are_bit_identical_on_avx512_and_avx2(bits, m):
     qw = quantize(torch.randn(n, k), QuantSpec(bits, group))
     packed = kernels.pack_quantized(qw.q, qw.scales, qw.zeros, bits)
     x = torch.randn(m, k) * torch.rand(k) * 4                      # uneven channels: large int8 codes
-    wide, narrow = qlinear(kernels.load("avx512"), x, packed, n, bits, group), qlinear(kernels.load("avx2"), x, packed,
-                                                                                          n, bits, group)
+    wide, narrow = (qlinear(isa, x, packed, n, bits, group) for isa in ("avx512", "avx2"))
     assert torch.equal(wide, narrow) and wide.abs().sum() > 0
 
 
@@ -98,3 +95,14 @@ def test_an_integer_model_decodes_bit_identically_on_avx512_and_avx2(tiny_llama,
         backend, results[isa] = json.loads(done.stdout.splitlines()[-1])
         assert backend == isa
     assert results["avx512"] == results["avx2"] and len(results["avx2"][0][0]) == 10
+
+
+def test_the_ops_are_chosen_once_at_load_from_the_backend_and_the_shapes():
+    """Native ops where the process backend has a library and the model's shapes suit the
+    kernels; the torch reference otherwise (and always off the CPU)."""
+    native = kernels.cpu() is not None
+    fits = ops_for("cpu", 576, 1536, 64, 9, 3)
+    assert isinstance(fits, NativeOps if native else TorchOps) and fits.describe().startswith(kernels.backend())
+    assert isinstance(ops_for("cpu", 576, 1536, 72, 8, 1), TorchOps)        # head_dim not a multiple of 16
+    assert isinstance(ops_for("cpu", 576, 1536, 64, 64, 2), TorchOps)       # 32 query heads per KV head
+    assert isinstance(ops_for("meta", 576, 1536, 64, 9, 3), TorchOps)

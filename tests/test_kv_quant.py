@@ -5,12 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quantserve import kernels
 from quantserve.kvcache import quant
-from quantserve.kvcache.paged import PagedKVCache
-
-native = pytest.mark.skipif(kernels.cpu() is None, reason="native CPU kernels unavailable")
-
+from quantserve.kvcache.paged import AttentionMetadata, PagedKVCache
 
 @pytest.mark.parametrize("bits, groups", [(8, 1), (4, 1), (4, 2)])
 def test_dequantization_error_within_half_scale(bits, groups):
@@ -62,16 +58,18 @@ def test_all_zero_and_constant_heads(bits, rows, dims):
     assert ((x2 - x).abs() <= bound).all()
 
 
-@native
 @pytest.mark.parametrize("bits", [8, 4])
-def test_native_write_equals_reference(bits):
+def test_native_write_equals_reference(native_ops, bits):
     torch.manual_seed(1)
     hkv, d = 3, 64
-    cache = PagedKVCache(2, 10, 16, hkv, d, torch.float32, kv_bits=bits)
-    x = torch.randn(9, 2 * hkv * d)[:, :hkv * d] * 4                     # strided rows
+    cache, expected = (PagedKVCache(2, 10, 16, hkv, d, torch.float32, kv_bits=bits) for _ in range(2))
+    k, v = (torch.randn(9, 2 * hkv * d)[:, :hkv * d].view(9, hkv, d) * 4 for _ in range(2))   # strided rows
     slots = torch.tensor([0, 5, 16, 17, 40, 63, 100, 150, 159])
-    kernels.kv_write(x, slots, *cache.parts("k", 1), bits=bits)
-    codes, scale, zero = quant.quantize_kv(x.view(9, hkv, d), bits, quant.groups_for("k", bits))
+    native_ops.kv_write(cache, 1, k, v, slots)
+    expected.write_reference(1, k, v, slots)
+    for which in ("k", "v"):
+        assert all(torch.equal(a, b) for a, b in zip(cache.parts(which, 1), expected.parts(which, 1)))
+    codes, scale, zero = quant.quantize_kv(k, bits, quant.groups_for("k", bits))
     data, s, z = (p.view(-1, *p.shape[2:]) for p in cache.parts("k", 1))
     assert torch.equal(data[slots], codes)
     assert torch.equal(s[slots], scale) and torch.equal(z[slots], zero)
@@ -84,7 +82,7 @@ def test_paged_write_then_read_is_quantize_dequantize(bits):
     k, v = torch.randn(20, hkv, d), torch.randn(20, hkv, d)
     blocks = torch.tensor([4, 1, 3])
     slots = torch.cat([blocks[i // bs:i // bs + 1] * bs + i % bs for i in range(20)])
-    cache.write(0, k, v, slots)
+    cache.write_reference(0, k, v, slots)
     rk, rv = cache.read(0, blocks)
     for got, x, which in ((rk, k, "k"), (rv, v, "v")):
         expected = quant.dequantize_kv(*quant.quantize_kv(x, bits, quant.groups_for(which, bits)), bits)
@@ -99,18 +97,18 @@ def attention_reference(q, k, v):
 
 # int4 min/max quantization of Gaussian vectors has a noise floor of step / sqrt(12) ~ 0.1 of the
 # signal (step = range / 14 ~ 4.8 sigma / 14) before K's error is added: 0.10-0.14 is measured here
-@native
 @pytest.mark.parametrize("bits, tolerance", [(8, 1e-2), (4, 0.15)])
-def test_quantized_decode_attention(bits, tolerance):
+def test_quantized_decode_attention(native_ops, bits, tolerance):
     torch.manual_seed(0)
     hq, hkv, d, bs, blocks = 8, 2, 64, 16, 30
     lens = [1, 33, 200, 300]
     tables = torch.stack([torch.randperm(blocks)[:19] for _ in lens])
     cache = PagedKVCache(1, blocks, bs, hkv, d, torch.float32, kv_bits=bits)
     k_all, v_all = torch.randn(blocks * bs, hkv, d), torch.randn(blocks * bs, hkv, d)
-    cache.write(0, k_all, v_all, torch.arange(blocks * bs))
+    cache.write_reference(0, k_all, v_all, torch.arange(blocks * bs))
     q = torch.randn(len(lens), hq, d)
-    got = kernels.decode_attention(q, cache.parts("k", 0), cache.parts("v", 0), tables, torch.tensor(lens), d ** -0.5)
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), len(lens), tables, torch.tensor(lens), None, [])
+    got = native_ops.decode_attention(q, 0, meta, cache, d ** -0.5)
     rk, rv = cache.read(0, tables)                                        # dequantized, [B, S, Hkv, D]
     for i, n in enumerate(lens):
         torch.testing.assert_close(got[i], attention_reference(q[i], rk[i, :n], rv[i, :n]), atol=2e-5, rtol=1e-4)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import native_isas
 
 from quantserve.config import EngineConfig, SamplingParams
 from quantserve.engine.engine import Engine
@@ -54,3 +55,22 @@ def test_logits_match_transformers(tiny_dirs, family, chunk):
     got = engine_logits(small_engine(tiny_dirs[family], max_prefill_token_num=chunk), prompt, DECODE_STEPS)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", [*native_isas(), "torch"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_every_backend_matches_transformers(tiny_dirs, monkeypatch, family, backend):
+    """The same model on each ops object this machine has (the process picks one; here each is
+    forced at load), prefill in chunks of 7 so later chunks attend to cached context."""
+    from quantserve import kernels
+    from quantserve.kernels.native import NativeOps
+    from quantserve.models import loader
+    from quantserve.models.ops import TorchOps
+
+    ops = TorchOps() if backend == "torch" else NativeOps(kernels.load(backend), backend)
+    monkeypatch.setattr(loader, "ops_for", lambda *args: ops)
+    prompt = list(range(3, 40))
+    expected, _ = hf_logits(tiny_dirs[family], prompt, 8)
+    engine = small_engine(tiny_dirs[family], max_prefill_token_num=7)
+    assert engine.model.ops is ops and (engine.model.fused is None) == (backend == "torch")
+    torch.testing.assert_close(engine_logits(engine, prompt, 8), expected, atol=1e-4, rtol=0)

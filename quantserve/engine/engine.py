@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from quantserve import kernels
 from quantserve.config import ConfigError, EngineConfig, SamplingParams
 from quantserve.engine.block_manager import BlockManager
 from quantserve.engine.model_runner import ModelRunner
@@ -94,10 +93,10 @@ class Engine:
                 "memory": self.memory_summary()}
 
     def kernel_backend(self) -> str:
-        """The kernels this engine runs on, decided once at load (CUDA always runs torch ops)."""
+        """The ops this engine's model runs on, decided once at load (CUDA always runs torch ops)."""
         if torch.device(self.config.device).type != "cpu":
-            return f"torch ({self.config.device})"
-        return f"{kernels.describe()}, {torch.get_num_threads()} threads"
+            return self.model.ops.describe()
+        return f"{self.model.ops.describe()}, {torch.get_num_threads()} threads"
 
     def memory_summary(self) -> str:
         """The start-up memory table: weights, KV cache, activations, total (GB = 1e9 bytes)."""

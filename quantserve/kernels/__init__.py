@@ -127,26 +127,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype = None
 
 
-PANEL = 16
-
-
-def usable(t: torch.Tensor) -> bool:
-    """Whether the native kernels can take this (weight or cache) tensor."""
-    return t.device.type == "cpu" and t.dtype in CACHE_TYPES and cpu() is not None
-
-
-MAX_HEAD_DIM = 256      # the C kernels keep one head vector on the stack
-
-
-def native(x: torch.Tensor, width: int) -> bool:
-    """Whether the kernels take activations x whose rows hold `width`-wide vectors (head_dim
-    or hidden size)."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and width % 16 == 0 and cpu() is not None
-
-
-def native_head(x: torch.Tensor, head_dim: int) -> bool:
-    """Whether the attention / cache kernels take heads of this size."""
-    return native(x, head_dim) and head_dim <= MAX_HEAD_DIM
+PANEL = 16          # output rows per float-weight panel
+MAX_HEAD_DIM = 256  # the C kernels keep one head vector on the stack
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -157,23 +139,8 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """x: [M, K] float32 contiguous; packed: pack_weight() of a [n, K] weight -> [M, n] float32."""
-    m, k = x.shape
-    y = torch.empty(m, n, dtype=torch.float32)
-    cpu().qs_linear(x.data_ptr(), m, k, packed.data_ptr(), W_TYPES[packed.dtype],
-                    bias.data_ptr() if bias is not None else None, y.data_ptr(), n, torch.get_num_threads())
-    return y
-
-
 QPANEL = 8          # output rows per integer-weight panel
 QBLOCK = 32         # activation quantization block; K and group sizes must be multiples of it
-
-
-def quantized_usable(in_features: int, group_size: int, bits: int) -> bool:
-    """Whether qs_linear_q takes this integer layer."""
-    group = in_features if group_size == -1 else group_size
-    return bits in (4, 8) and in_features % QBLOCK == 0 and group % QBLOCK == 0 and cpu() is not None
 
 
 def pack_quantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int
@@ -201,18 +168,6 @@ def pack_quantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     return panels.contiguous(), by_panel(scale), by_panel(mins)
 
 
-def linear_quantized(x: torch.Tensor, packed: tuple[torch.Tensor, ...], n: int, bits: int, group_size: int,
-                     bias: torch.Tensor | None) -> torch.Tensor:
-    """x: [M, K] float32 contiguous; packed: pack_quantized() -> [M, n] float32."""
-    m, k = x.shape
-    codes, scales, mins = packed
-    y = torch.empty(m, n, dtype=torch.float32)
-    cpu().qs_linear_q(x.data_ptr(), m, k, codes.data_ptr(), bits, scales.data_ptr(), mins.data_ptr(),
-                      k if group_size == -1 else group_size, bias.data_ptr() if bias is not None else None,
-                      y.data_ptr(), n, torch.get_num_threads())
-    return y
-
-
 class QuantCache(ctypes.Structure):
     _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
                 ("bits", ctypes.c_int), ("groups", ctypes.c_int)]
@@ -221,64 +176,3 @@ class QuantCache(ctypes.Structure):
 def param_groups(data: torch.Tensor, scale: torch.Tensor) -> int:
     """Groups per head: scale is [..., Hkv] (1) or [..., Hkv, G]."""
     return scale.shape[-1] if scale.dim() == data.dim() else 1
-
-
-def _quant_cache(parts: tuple[torch.Tensor, ...], head_dim: int) -> QuantCache:
-    data, scale, zero = parts
-    return QuantCache(data.data_ptr(), scale.data_ptr(), zero.data_ptr(), 8 * data.shape[-1] // head_dim,
-                      param_groups(data, scale))
-
-
-def decode_attention(q: torch.Tensor, k_parts: tuple, v_parts: tuple, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [B, Hq, D] float32 (rows may be strided); k_parts / v_parts: PagedKVCache.parts() of a
-    layer ([num_blocks, block_size, Hkv, D] values, or codes + scale + zero) -> [B, Hq, D]."""
-    b, hq, d = q.shape
-    _, block_size, hkv, _ = k_parts[0].shape
-    out = torch.empty(b, hq, d, dtype=torch.float32)
-    args = (block_tables.data_ptr(), context_lens.data_ptr(), b, hq, hkv, d, block_size, block_tables.shape[1],
-            scale, out.data_ptr(), torch.get_num_threads())
-    if len(k_parts) == 3:
-        kc, vc = _quant_cache(k_parts, d), _quant_cache(v_parts, d)
-        cpu().qs_decode_attention_quant(q.data_ptr(), q.stride(0), ctypes.byref(kc), ctypes.byref(vc), *args)
-    else:
-        cpu().qs_decode_attention(q.data_ptr(), q.stride(0), k_parts[0].data_ptr(), v_parts[0].data_ptr(),
-                                  W_TYPES[k_parts[0].dtype], *args)
-    return out
-
-
-def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [T, H] float32; residual (updated in place) += x; returns rmsnorm(residual or x) * weight."""
-    out = torch.empty_like(x)
-    cpu().qs_add_rmsnorm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
-                         eps, out.data_ptr(), x.shape[0], x.shape[1])
-    return out
-
-
-def rope_(x: torch.Tensor, heads: int, head_dim: int, positions: torch.Tensor,
-          cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """In place on the first `heads` heads of each row of x: [T, >= heads * D] float32."""
-    cpu().qs_rope(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, positions.data_ptr(),
-                  cos.data_ptr(), sin.data_ptr())
-
-
-def kv_write(src: torch.Tensor, slots: torch.Tensor, *parts: torch.Tensor, bits: int = 0) -> None:
-    """src: [T, Hkv * D] float32 rows (may be strided) into one layer of the cache: parts are
-    its values [num_blocks, block_size, Hkv, D], or codes + scale + zero when bits is 4 or 8."""
-    if bits:
-        data, scale, zero = parts
-        hkv = data.shape[2]
-        cpu().qs_kv_write_quant(src.data_ptr(), src.stride(0), src.shape[0], hkv, src.shape[1] // hkv,
-                                slots.data_ptr(), data.data_ptr(), scale.data_ptr(), zero.data_ptr(), bits,
-                                param_groups(data, scale))
-        return
-    cpu().qs_kv_write(src.data_ptr(), src.stride(0), src.shape[0], src.shape[1], slots.data_ptr(),
-                      parts[0].data_ptr(), W_TYPES[parts[0].dtype])
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up: [T, 2I] float32 contiguous -> silu(gate) * up: [T, I]."""
-    t, two_i = gate_up.shape
-    out = torch.empty(t, two_i // 2, dtype=torch.float32)
-    cpu().qs_silu_mul(gate_up.data_ptr(), out.data_ptr(), t, two_i // 2)
-    return out

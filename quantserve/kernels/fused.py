@@ -20,10 +20,10 @@ class LinearWeights(ctypes.Structure):
 
     @classmethod
     def of(cls, linear) -> LinearWeights:
-        if linear.qpacked is not None:
-            codes, scales, mins = linear.qpacked
-            group = linear.in_features if linear.spec.group_size == -1 else linear.spec.group_size
-            return cls(codes.data_ptr(), scales.data_ptr(), mins.data_ptr(), linear.spec.bits, group)
+        """A runtime linear with integer panels (`panels()`) or float panels (`packed`)."""
+        if hasattr(linear, "panels"):
+            codes, scales, mins = linear.panels()
+            return cls(codes.data_ptr(), scales.data_ptr(), mins.data_ptr(), linear.spec.bits, linear.group)
         return cls(linear.packed.data_ptr(), None, None, 0, 0)
 
 
@@ -41,6 +41,10 @@ class DecodeBatch(ctypes.Structure):
         ("k_param_stride", _l), ("v_param_stride", _l), ("k_groups", _i), ("v_groups", _i)]
 
 
+def _linears(model) -> list:
+    return [m for l in model.layers for m in (l.attn.qkv, l.attn.o, l.mlp.gate_up, l.mlp.down)]
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -49,12 +53,11 @@ class FusedDecoder:
     """Built from a finalized CausalLM when every piece can run natively, else `build` gives None."""
 
     def __init__(self, model):
-        self.model = model
+        self.model, self.lib = model, model.ops.lib
         a = model.args
         layers = model.layers
-        floats = [m.packed.dtype for l in layers for m in (l.attn.qkv, l.attn.o, l.mlp.gate_up, l.mlp.down)
-                  if m.packed is not None]
-        self.wtype = kernels.W_TYPES[floats[0]] if floats else 0
+        floats = [m.wtype for m in _linears(model) if hasattr(m, "wtype")]
+        self.wtype = floats[0] if floats else 0
         self.structs = (LayerWeights * len(layers))(*[
             LayerWeights(LinearWeights.of(l.attn.qkv), LinearWeights.of(l.attn.o), LinearWeights.of(l.mlp.gate_up),
                          LinearWeights.of(l.mlp.down), _ptr(l.attn.qkv.bias), _ptr(l.attn.o.bias),
@@ -64,19 +67,14 @@ class FusedDecoder:
 
     @classmethod
     def build(cls, model) -> FusedDecoder | None:
-        a = model.args
-        linears = [m for l in model.layers for m in (l.attn.qkv, l.attn.o, l.mlp.gate_up, l.mlp.down)]
-        if any(m.packed is None and m.qpacked is None for m in linears):
+        """For a model on native ops (its shapes already checked at load) whose linears all hold
+        panels, float ones of one type."""
+        linears = _linears(model)
+        if not all(hasattr(m, "panels") or hasattr(m, "packed") for m in linears):
             return None
-        if len({m.packed.dtype for m in linears if m.packed is not None}) > 1:
-            return None
-        if (a.head_dim % 16 or a.head_dim > kernels.MAX_HEAD_DIM or a.hidden_size % 16 or a.intermediate_size % 16
-                or a.num_heads // a.num_kv_heads > 16):
+        if len({m.wtype for m in linears if hasattr(m, "wtype")}) > 1:
             return None
         return cls(model)
-
-    def can_run(self, meta, cache) -> bool:
-        return not meta.prefills and kernels.usable(cache.k)
 
     @staticmethod
     def _quant_fields(cache) -> dict:
@@ -101,6 +99,6 @@ class FusedDecoder:
             cos=rope.cos.data_ptr(), sin=rope.sin.data_ptr(), k_cache=cache.k.data_ptr(),
             v_cache=cache.v.data_ptr(), layer_stride=cache.k[0].numel() // cache.k.shape[-1] * cache.head_dim,
             **self.dims, **self._quant_fields(cache))
-        kernels.cpu().qs_decode_layers(self.structs, len(self.structs), ctypes.byref(batch),
+        self.lib.qs_decode_layers(self.structs, len(self.structs), ctypes.byref(batch),
                                        x.data_ptr(), residual.data_ptr())
         return x, residual

@@ -1,11 +1,12 @@
 """Paged KV cache storage and the attention that reads it.
 
 Data flow per layer: the model projects K/V for the new tokens of every scheduled request →
-`PagedKVCache.write` puts them in their slots (slot = block_id * block_size + offset) →
-`paged_attention` reads each request's whole context back through its block table.
+the model's ops `kv_write` them into their slots (slot = block_id * block_size + offset) →
+`paged_attention` has the ops read each request's whole context back through its block table.
 
 Decode tokens (one new token per request) are attended in one batched call; prefill chunks one
-request at a time (a chunk with no earlier context never touches the cache on the read side).
+request at a time. The plain-PyTorch references of the write and of both attentions live here
+(the torch ops run them; the native kernels are tested against them).
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from quantserve import kernels
 from quantserve.kvcache.quant import bytes_per_head_token, dequantize_kv, groups_for, quantize_kv
 
 
@@ -81,20 +81,14 @@ class PagedKVCache:
             return (getattr(self, which)[layer],)
         return tuple(getattr(self, f"{which}{suffix}")[layer] for suffix in ("", "_scale", "_zero"))
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """k, v: [T, Hkv, D] for the new tokens (rows may be strided); slots: [T]."""
+    def write_reference(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """k, v: [T, Hkv, D] for the new tokens (rows may be strided) into their slots; the
+        plain-PyTorch write that the native kv_write is tested against."""
         for which, x in (("k", k), ("v", v)):
-            if kernels.native_head(x, self.head_dim) and kernels.usable(getattr(self, which)):
-                kernels.kv_write(x.flatten(1), slots, *self.parts(which, layer), bits=self.kv_bits)
-            else:
-                self._write_reference(which, layer, x, slots)
-
-    def _write_reference(self, which: str, layer: int, x: torch.Tensor, slots: torch.Tensor) -> None:
-        parts = self.parts(which, layer)
-        values = quantize_kv(x.float(), self.kv_bits, groups_for(which, self.kv_bits)) if self.kv_bits else (x,)
-        for dst, src in zip(parts, values):
-            flat = dst.view(-1, *dst.shape[2:])                      # [slots, Hkv(, width)]
-            flat.index_copy_(0, slots, src.to(dst.dtype))
+            values = quantize_kv(x.float(), self.kv_bits, groups_for(which, self.kv_bits)) if self.kv_bits else (x,)
+            for dst, src in zip(self.parts(which, layer), values):
+                flat = dst.view(-1, *dst.shape[2:])                      # [slots, Hkv(, width)]
+                flat.index_copy_(0, slots, src.to(dst.dtype))
 
     def read(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """block_ids: [..., n] -> k, v: [..., n * block_size, Hkv, D] (float32 when quantized)."""
@@ -114,37 +108,35 @@ def committed_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+def paged_attention(ops, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
                     meta: AttentionMetadata, cache: PagedKVCache, scale: float) -> torch.Tensor:
-    """q: [T, Hq, D]; k, v: [T, Hkv, D] (already written to the cache) -> [T, Hq * D]."""
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] (already written to the cache) -> [T, Hq * D]: the
+    decodes in one call, each prefill chunk in its own, on the model's ops."""
     out = torch.empty_like(q)
     nd = meta.num_decode
     if nd:
-        out[:nd] = _decode_attention(q[:nd], layer, meta, cache, scale)
+        out[:nd] = ops.decode_attention(q[:nd], layer, meta, cache, scale)
     for chunk in meta.prefills:
         rows = slice(chunk.start, chunk.start + chunk.num_new)
-        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], layer, chunk, cache, scale)
+        out[rows] = ops.prefill_attention(q[rows], k[rows], v[rows], layer, chunk, cache, scale)
     return out.flatten(1)
 
 
-def _decode_attention(q: torch.Tensor, layer: int, meta: AttentionMetadata,
-                      cache: PagedKVCache, scale: float) -> torch.Tensor:
+def decode_attention_reference(q: torch.Tensor, layer: int, meta: AttentionMetadata,
+                               cache: PagedKVCache, scale: float) -> torch.Tensor:
     """q: [B, Hq, D] -> [B, Hq, D]; the query heads of one KV group act as query rows."""
-    if kernels.native_head(q, q.shape[2]) and kernels.usable(cache.k) and q.shape[1] // cache.k.shape[3] <= 16:
-        return kernels.decode_attention(q, cache.parts("k", layer), cache.parts("v", layer),
-                                        meta.decode_block_tables, meta.decode_context_lens, scale)
     b, hq, d = q.shape
     k, v = cache.read(layer, meta.decode_block_tables)        # [B, S, Hkv, D]
     k, v = k.to(q.dtype), v.to(q.dtype)
     hkv = k.shape[2]
-    qg = q.view(b, hkv, hq // hkv, d)                          # [B, Hkv, G, D]
+    qg = q.reshape(b, hkv, hq // hkv, d)                       # [B, Hkv, G, D]
     o = F.scaled_dot_product_attention(
         qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.decode_mask, scale=scale)
     return o.reshape(b, hq, d)
 
 
-def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-                       chunk: PrefillChunk, cache: PagedKVCache, scale: float) -> torch.Tensor:
+def prefill_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+                                chunk: PrefillChunk, cache: PagedKVCache, scale: float) -> torch.Tensor:
     """q: [N, Hq, D]; k, v: [N, Hkv, D] -> [N, Hq, D], causal over the whole context."""
     n = chunk.num_new
     if chunk.context_len > n or cache.kv_bits:

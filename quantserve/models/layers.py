@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from quantserve import kernels
+from quantserve.kernels import QPANEL
 from quantserve.kernels.fused import FusedDecoder
 from quantserve.kvcache.paged import AttentionMetadata, PagedKVCache, paged_attention
 from quantserve.models.rope import RotaryEmbedding
-from quantserve.quant.linear import Linear, make_linear, tied_head
+from quantserve.quant.linear import (RUNTIME_KINDS, IntPanelLinear, Linear, PanelLinear, QuantLinear, make_linear,
+                                     runtime_linear, tied_head)
 from quantserve.quant.primitives import QuantSpec, quantize
 
 
@@ -65,24 +65,20 @@ def eos_ids(cfg: dict) -> list[int]:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, ops):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.ops = eps, ops
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: [T, H]. With a residual: residual += x (in place), then normalise the sum."""
-        if kernels.native(x, x.shape[1]):
-            return kernels.add_rmsnorm(x, residual, self.weight, self.eps)
-        if residual is not None:
-            x = residual.add_(x)
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.ops.rmsnorm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int):
+    def __init__(self, args: ModelArgs, layer_idx: int, ops):
         super().__init__()
-        self.args = args
+        self.args, self.ops = args, ops
         self.layer_idx = layer_idx
         self.scale = args.head_dim ** -0.5
         h = args.hidden_size
@@ -94,36 +90,33 @@ class Attention(nn.Module):
         a = self.args
         t = x.shape[0]
         qkv = self.qkv(x)                                       # [T, (Hq + 2 Hkv) * D]
-        rope(qkv, a.num_heads + a.num_kv_heads, positions)      # q and k heads, in place
+        self.ops.rope_(qkv, a.num_heads + a.num_kv_heads, positions, rope.cos, rope.sin)   # q and k heads
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         q = q.view(t, a.num_heads, a.head_dim)                  # [T, Hq, D]
         k = k.view(t, a.num_kv_heads, a.head_dim)               # [T, Hkv, D]
         v = v.view(t, a.num_kv_heads, a.head_dim)
-        cache.write(self.layer_idx, k, v, meta.slot_mapping)
-        return self.o(paged_attention(q, k, v, self.layer_idx, meta, cache, self.scale))
+        self.ops.kv_write(cache, self.layer_idx, k, v, meta.slot_mapping)
+        return self.o(paged_attention(self.ops, q, k, v, self.layer_idx, meta, cache, self.scale))
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, ops):
         super().__init__()
+        self.ops = ops
         self.gate_up = make_linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down = make_linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up(x)                                # [T, 2I]
-        if kernels.native(gate_up, gate_up.shape[1] // 2):
-            return self.down(kernels.silu_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(self.ops.silu_mul(self.gate_up(x)))     # [T, 2I] -> [T, I] -> [T, H]
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int):
+    def __init__(self, args: ModelArgs, layer_idx: int, ops):
         super().__init__()
-        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.attn = Attention(args, layer_idx)
-        self.mlp_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = MLP(args)
+        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
+        self.attn = Attention(args, layer_idx, ops)
+        self.mlp_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
+        self.mlp = MLP(args, ops)
 
     def forward(self, x, residual, rope, positions, meta, cache):
         """Pre-norm block with the residual stream carried separately: returns (x, residual)."""
@@ -137,28 +130,28 @@ class DecoderLayer(nn.Module):
         return h, residual
 
 
-class PackedEmbedding(nn.Module):
-    """Input embedding read from a tied head's packed panels: row v = packed[v // 16, :, v % 16]."""
+class PanelEmbedding(nn.Module):
+    """Input embedding read from a tied head's float panels: one copy of the matrix, not two."""
 
-    def __init__(self, head: Linear):
+    def __init__(self, head: PanelLinear):
         super().__init__()
         self.head = [head]          # a plain list: the head is registered once, on the model
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        packed = self.head[0].packed                               # [V / 16, H, 16]
-        return packed[ids // kernels.PANEL, :, ids % kernels.PANEL]   # [T, H]
+        head = self.head[0]
+        return head.ops.panel_rows(head.packed, head.wtype, ids)          # [T, H]
 
 
 class QuantizedEmbedding(nn.Module):
     """Input embedding read from a tied head's integer panels (kernels.pack_quantized, 8 or 4 bits)."""
 
-    def __init__(self, head: Linear):
+    def __init__(self, head: IntPanelLinear):
         super().__init__()
         self.head = [head]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        codes, scales, mins = self.head[0].qpacked        # 8-bit [P, H/4, 8, 4] int8 | 4-bit [P, H/8, 8, 4]; [P, G, 8]
-        panel, lane = ids // kernels.QPANEL, ids % kernels.QPANEL
+        codes, scales, mins = self.head[0].panels()       # 8-bit [P, H/4, 8, 4] int8 | 4-bit [P, H/8, 8, 4]; [P, G, 8]
+        panel, lane = ids // QPANEL, ids % QPANEL
         picked = codes[panel, :, lane, :]                                                 # [T, H/4 | H/8, 4]
         if self.head[0].spec.bits == 4:                   # byte b of a lane: code k + b low, k + 4 + b high
             picked = torch.stack([picked & 0x0F, picked >> 4], dim=-2)                    # [T, H/8, 2, 4]
@@ -169,50 +162,52 @@ class QuantizedEmbedding(nn.Module):
 
 class CausalLM(nn.Module):
     """Internal parameter names: embed, layers.{i}.{attn_norm,attn.qkv,attn.o,mlp_norm,
-    mlp.gate_up,mlp.down}, norm, lm_head (absent when tied)."""
+    mlp.gate_up,mlp.down}, norm, lm_head (absent when tied). `ops` (models/ops.py) runs
+    everything device-specific; it is chosen at load, before the model is built."""
 
-    def __init__(self, args: ModelArgs, rope: RotaryEmbedding):
+    def __init__(self, args: ModelArgs, rope: RotaryEmbedding, ops):
         super().__init__()
-        self.args = args
+        self.args, self.ops = args, ops
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, ops) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
         self.lm_head = None if args.tie_word_embeddings else make_linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope = rope
         self.compute_dtype = torch.float32
         self.fused: FusedDecoder | None = None
 
     def finalize(self, compute_dtype: torch.dtype, head_bits: int = 8) -> None:
-        """After loading: tie the head, repack linears for the device's kernels."""
+        """After loading, convert for runtime: tie the head, swap every loaded linear for the kind
+        the ops run (native panels or the torch reference), read a tied embedding from the head."""
         self.compute_dtype = compute_dtype
         if self.lm_head is None:
             self.lm_head = tied_head(self.embed.weight)
         if self.weight_quantized():
-            quantize_head(self.lm_head, head_bits)
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.finalize()
-        if self.args.tie_word_embeddings and self.lm_head.packed is not None:
-            self.embed = PackedEmbedding(self.lm_head)    # one copy of the tied matrix, not two
-        elif self.args.tie_word_embeddings and self.lm_head.qpacked is not None:
+            self.lm_head = quantize_head(self.ops, self.lm_head, head_bits)
+        for name, module in list(self.named_modules()):
+            if isinstance(module, (Linear, QuantLinear)):
+                parent, _, child = name.rpartition(".")
+                setattr(self.get_submodule(parent), child, runtime_linear(self.ops, module))
+        if self.args.tie_word_embeddings and isinstance(self.lm_head, PanelLinear):
+            self.embed = PanelEmbedding(self.lm_head)
+        elif self.args.tie_word_embeddings and isinstance(self.lm_head, IntPanelLinear):
             self.embed = QuantizedEmbedding(self.lm_head)
-        self.fused = FusedDecoder.build(self)
+        self.fused = self.ops.fused_decoder(self)
 
     def weight_quantized(self) -> bool:
-        return any(m.spec is not None for layer in self.layers for m in layer.modules() if isinstance(m, Linear))
+        return any(isinstance(m, (QuantLinear, IntPanelLinear)) for m in self.layers.modules())
 
     def weight_bytes(self) -> int:
-        """Bytes of weights held (parameters plus packed kernel copies)."""
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
-        packed = sum(m.packed.nbytes for m in linears if m.packed is not None)
-        integer = sum(b.nbytes for m in linears for b in m.buffers(recurse=False))
-        return packed + integer + sum(p.nbytes for p in self.parameters())
+        """Bytes of weights held (parameters plus the linears' codes and packed panels)."""
+        linears = [m for m in self.modules() if isinstance(m, RUNTIME_KINDS)]
+        held = sum(b.nbytes for m in linears for b in m.buffers(recurse=False))
+        return held + sum(p.nbytes for p in self.parameters())
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata, cache: PagedKVCache) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, H] after the final norm."""
         x = self.embed(input_ids).to(self.compute_dtype)
-        if self.fused is not None and self.fused.can_run(meta, cache):
+        if self.fused is not None and not meta.prefills:
             x, residual = self.fused.forward(x, positions, meta, cache)
             return self.norm(x, residual)
         residual = None
@@ -225,11 +220,12 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
 
-def quantize_head(head: Linear, bits: int = 8) -> None:
-    """Integer output head for weight-quantized models, when the native kernels run it: 8-bit by
+def quantize_head(ops, head: Linear, bits: int = 8) -> nn.Module:
+    """Integer output head for weight-quantized models, when the ops run integer linears: 8-bit by
     default (as llama.cpp keeps an 8-bit output tensor), a fifth of the bf16 bytes read every
     step; --head-bits 4 halves that again. Group 64 (32 when the hidden size needs it), asymmetric."""
     hidden = head.in_features
     group = 64 if hidden % 64 == 0 else 32
-    if head.spec is None and kernels.usable(head.weight) and kernels.quantized_usable(hidden, group, bits):
-        head.set_quantized(quantize(head.weight.data, QuantSpec(bits, group)))
+    if not isinstance(head, Linear) or not ops.takes_int(hidden, group, bits):
+        return head
+    return QuantLinear(quantize(head.weight.data, QuantSpec(bits, group)), None)

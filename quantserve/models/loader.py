@@ -15,8 +15,10 @@ from tqdm import tqdm
 
 from quantserve.config import ConfigError
 from quantserve.models.layers import CausalLM, ModelArgs
+from quantserve.models.ops import ops_for
 from quantserve.models.rope import RotaryEmbedding
 from quantserve.quant.checkpoint import split_quantized
+from quantserve.quant.linear import QuantLinear
 from quantserve.quant.primitives import QuantizedWeight
 
 # HF model_type -> module in quantserve.models
@@ -146,8 +148,9 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
     weights = family.convert_weights(raw, args)
     rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling,
                            args.max_position_embeddings, max_positions)
+    ops = ops_for(device, args.hidden_size, args.intermediate_size, args.head_dim, args.num_heads, args.num_kv_heads)
     with torch.device("meta"):
-        model = CausalLM(args, rope)
+        model = CausalLM(args, rope, ops)
     compute = torch.float32 if device == "cpu" else dtype
     weights = {k: v.to(compute if "norm" in k else dtype) for k, v in weights.items()}
     codes = fused_quantized(family, quantized, args)
@@ -159,7 +162,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
     except RuntimeError as e:
         raise ModelLoadError(f"checkpoint in {model_dir} does not match its config: {e}") from None
     for name, qw in codes.items():
-        model.get_submodule(name).set_quantized(qw)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, QuantLinear(qw, model.get_submodule(name).bias))
     model = model.to(device).eval()
     model.finalize(compute, head_bits)
     return model

@@ -7,7 +7,6 @@ import math
 import torch
 from torch import nn
 
-from quantserve import kernels
 from quantserve.config import ConfigError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
@@ -105,16 +104,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos() * attention, persistent=False)
         self.register_buffer("sin", emb.sin() * attention, persistent=False)
 
-    def forward(self, x: torch.Tensor, heads: int, positions: torch.Tensor) -> None:
-        """Rotate, in place, the first `heads` heads of every row of x: [T, >= heads * D]."""
-        d = self.cos.shape[1]
-        if kernels.native(x, d):
-            kernels.rope_(x, heads, d, positions, self.cos, self.sin)
-            return
-        v = x[:, :heads * d].view(x.shape[0], heads, d)                # [T, heads, D]
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)            # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        v.copy_(v * cos + _rotate_half(v) * sin)
+
+def apply_rope(x: torch.Tensor, heads: int, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate, in place, the first `heads` heads of every row of x: [T, >= heads * D]."""
+    d = cos.shape[1]
+    v = x[:, :heads * d].view(x.shape[0], heads, d)                # [T, heads, D]
+    c = cos[positions].unsqueeze(1).to(x.dtype)                   # [T, 1, D]
+    s = sin[positions].unsqueeze(1).to(x.dtype)
+    v.copy_(v * c + _rotate_half(v) * s)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""The linear factory: model files ask it for every projection and never branch on quantization.
+"""Linears: one class per runtime kind, chosen once by a convert-for-runtime step after loading.
 
-On CPU with the native kernels, weights are repacked once after loading (`finalize`) into the
-panel layout of quantserve.kernels and multiplied in float32 whatever their storage dtype
-(float32 or bfloat16); elsewhere torch's F.linear runs in the weight dtype.
+Loading fills the two holders, `Linear` (a float weight [N, K]) and `QuantLinear` (integer
+codes + scales + zeros); both also run as the plain-PyTorch reference. `runtime_linear` then
+swaps each for what the model's ops run: `PanelLinear` (float weights repacked into the native
+kernels' panels) or `IntPanelLinear` (integer codes in the VNNI panel layout). Model files ask
+`make_linear` for every projection and never branch on quantization or device.
 """
 from __future__ import annotations
 
@@ -10,65 +12,100 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantserve import kernels
 from quantserve.quant.primitives import QuantizedWeight, QuantSpec, dequantize
 
 
 class Linear(nn.Module):
+    """A float weight; the reference runtime: torch's F.linear in the weight's dtype."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))   # [N, K]
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.packed: torch.Tensor | None = None                              # [N/16, K, 16]
-        self.spec: QuantSpec | None = None                                    # set for integer weights
 
-    def set_quantized(self, qw: QuantizedWeight) -> None:
-        """Hold integer codes instead of a float weight: 4-bit codes two to a byte."""
-        self.weight = None
-        self.spec = qw.spec
-        self.register_buffer("codes", pack_nibbles(qw.q) if qw.spec.bits == 4 else qw.q.contiguous())  # [N, K/2]
-        self.register_buffer("scales", qw.scales.float().contiguous())                            # [N, G]
-        self.register_buffer("zeros", qw.zeros.contiguous())                                      # [N, G]
-
-    def dequantized(self) -> torch.Tensor:
-        codes = unpack_nibbles(self.codes) if self.spec.bits == 4 else self.codes
-        return dequantize(codes, self.scales, self.zeros, self.spec)
-
-    @property
-    def qpacked(self) -> tuple[torch.Tensor, ...] | None:
-        """The native kernel's (codes, scales, mins) panels, once finalized for it."""
-        return (self.qcodes, self.qscales, self.qmins) if hasattr(self, "qcodes") else None
-
-    def finalize(self) -> None:
-        """Repack for the native kernel when it can run this layer; drops the [N, K] copy."""
-        if self.spec is not None:
-            self.bias = None if self.bias is None else nn.Parameter(self.bias.data.float())
-            if kernels.usable(self.codes) and kernels.quantized_usable(self.in_features, self.spec.group_size,
-                                                                        self.spec.bits):
-                codes = unpack_nibbles(self.codes) if self.spec.bits == 4 else self.codes
-                packed = kernels.pack_quantized(codes, self.scales, self.zeros, self.spec.bits)
-                for name in ("codes", "scales", "zeros"):
-                    delattr(self, name)
-                for name, t in zip(("qcodes", "qscales", "qmins"), packed):
-                    self.register_buffer(name, t)
-            return
-        if kernels.usable(self.weight):
-            self.packed = kernels.pack_weight(self.weight.data)
-            self.bias = None if self.bias is None else nn.Parameter(self.bias.data.float())
-            self.weight = None
+    def load_weight(self, w: torch.Tensor) -> None:
+        self.weight.data.copy_(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, K] -> [T, N] in x's dtype."""
-        if self.packed is not None:
-            return kernels.linear(x.float().contiguous(), self.packed, self.out_features, self.bias)
-        if self.qpacked is not None:
-            return kernels.linear_quantized(x.float().contiguous(), self.qpacked, self.out_features, self.spec.bits,
-                                            self.spec.group_size, self.bias).to(x.dtype)
-        if self.spec is not None:          # reference path: one layer dequantized at a time
-            return F.linear(x.float(), self.dequantized(), self.bias).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(self.weight.dtype)
         return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
+
+
+class QuantLinear(nn.Module):
+    """Integer codes (4-bit two to a byte); the reference runtime dequantizes one layer per call."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = qw.q.shape
+        self.spec: QuantSpec = qw.spec
+        self.register_buffer("codes", pack_nibbles(qw.q) if qw.spec.bits == 4 else qw.q.contiguous())  # [N, K/2]
+        self.register_buffer("scales", qw.scales.float().contiguous())                            # [N, G]
+        self.register_buffer("zeros", qw.zeros.contiguous())                                      # [N, G]
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+
+    def unpacked_codes(self) -> torch.Tensor:
+        return unpack_nibbles(self.codes) if self.spec.bits == 4 else self.codes       # [N, K]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = dequantize(self.unpacked_codes(), self.scales, self.zeros, self.spec)
+        return F.linear(x.float(), w, self.bias).to(x.dtype)
+
+
+class PanelLinear(nn.Module):
+    """Float weights in the native kernels' panels, multiplied with float32 activations."""
+
+    def __init__(self, ops, linear: Linear):
+        super().__init__()
+        self.ops = ops
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed, self.wtype = ops.pack_float(linear.weight.data)       # [N/16, K, 16] or bf16 pairs
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data.float(), requires_grad=False)
+
+    def load_weight(self, w: torch.Tensor) -> None:
+        self.packed, self.wtype = self.ops.pack_float(w.to(self.packed.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.linear(x.float().contiguous(), self.packed, self.wtype, self.out_features, self.bias)
+
+
+class IntPanelLinear(nn.Module):
+    """Integer codes in the VNNI panel layout (kernels.pack_quantized), activations quantized to
+    int8 inside the kernel."""
+
+    def __init__(self, ops, linear: QuantLinear):
+        super().__init__()
+        self.ops = ops
+        self.in_features, self.out_features, self.spec = linear.in_features, linear.out_features, linear.spec
+        codes, scales, mins = ops.pack_int(linear.unpacked_codes(), linear.scales, linear.zeros, linear.spec.bits)
+        self.register_buffer("qcodes", codes)           # 8-bit [P, K/4, 8, 4] | 4-bit [P, K/8, 8, 4]
+        self.register_buffer("qscales", scales)         # [P, G, 8] float16
+        self.register_buffer("qmins", mins)             # [P, G, 8] float16
+        self.bias = linear.bias
+
+    @property
+    def group(self) -> int:
+        return self.in_features if self.spec.group_size == -1 else self.spec.group_size
+
+    def panels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.qcodes, self.qscales, self.qmins
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ops.linear_int(x.float().contiguous(), self.panels(), self.out_features, self.spec.bits,
+                                self.group, self.bias)
+        return y.to(x.dtype)
+
+
+def runtime_linear(ops, linear: nn.Module) -> nn.Module:
+    """The runtime kind for a loaded holder: native panels where the ops take the layer."""
+    if isinstance(linear, QuantLinear):
+        group = linear.in_features if linear.spec.group_size == -1 else linear.spec.group_size
+        takes = ops.takes_int(linear.in_features, group, linear.spec.bits)
+        return IntPanelLinear(ops, linear) if takes else linear
+    if isinstance(linear, Linear) and ops.takes_float(linear.weight):
+        return PanelLinear(ops, linear)
+    return linear
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -89,3 +126,6 @@ def tied_head(embedding: torch.Tensor) -> Linear:
     head = Linear(embedding.shape[1], embedding.shape[0], bias=False)
     head.weight = nn.Parameter(embedding, requires_grad=False)
     return head
+
+
+RUNTIME_KINDS = (Linear, QuantLinear, PanelLinear, IntPanelLinear)

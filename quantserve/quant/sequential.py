@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from quantserve import kernels
 from quantserve.kvcache.paged import AttentionMetadata, PrefillChunk
 from quantserve.quant.calib import HESSIAN_ROWS, PROJECTIONS, InputStats
 
@@ -96,8 +95,4 @@ class LayerwiseRunner:
     def _replace_weights(self, i: int, hf_weights: dict[str, torch.Tensor]) -> None:
         """HF-named float weights of layer i -> the engine's (fused) linears, repacked."""
         for name, w in self.family.convert_weights(hf_weights, self.args).items():
-            linear = self.model.get_submodule(name.removesuffix(".weight"))
-            if linear.packed is not None:
-                linear.packed = kernels.pack_weight(w.float())
-            else:
-                linear.weight.data.copy_(w)
+            self.model.get_submodule(name.removesuffix(".weight")).load_weight(w)
