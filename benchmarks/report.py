@@ -208,6 +208,19 @@ readings of the table, not a profile):
   this run; its other 63 are in the figures.
 """
 
+SHAPES = """## quantserve vs llama.cpp at real models' shapes (`benchmarks/bench_shapes.py`)
+
+Random weights (speed does not depend on their values) at the exact dimensions of Qwen2.5-0.5B
+(tied head, q/k/v bias) and InternLM2.5-1.8B (untied head), one F16 GGUF per shape that both sides
+load, with a synthetic vocabulary of the real size and kind. llama.cpp: that file quantized to
+Q4_0 by `llama-quantize` (which picks the head's type, named in the table). Ours: quantserve's GGUF
+converter, then `lite rtn` W4 group 128 with the int8 output head. Measured as
+`bench_llamacpp.py` measures: 2 threads, best of 3, the same `llama-bench` / `llama-batched-bench` runs.
+
+![quantserve / llama.cpp at real shapes](benchmarks/results/shapes.png)
+
+{table}"""
+
 PREFIX = """## Prefix caching (`benchmarks/bench_prefix_cache.py`)
 
 Two requests sharing a 1,500-token document, each with its own question, on the default model:
@@ -375,6 +388,8 @@ def main() -> None:
     targets = llamacpp_targets()
     if targets:
         parts.insert(4, LLAMACPP.format(table=table("llamacpp.md"), **targets))
+    if (RESULTS / "shapes.md").exists():
+        parts.insert(4 + bool(targets), SHAPES.format(table=table("shapes.md")))
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
 

@@ -14,6 +14,7 @@ rm -f benchmarks/results/weight_quality.json     # it resumes from this file; st
 python benchmarks/bench_weight_quality.py --max-windows 10
 ../shared/tools/llamacpp.sh >/dev/null
 python benchmarks/bench_llamacpp.py
+python benchmarks/bench_shapes.py
 python benchmarks/bench_isa.py
 python benchmarks/bench_head_bits.py
 python benchmarks/soak.py --duration 3600 --label after
