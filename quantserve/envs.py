@@ -27,3 +27,9 @@ def kernels_disabled() -> bool:
 def isa() -> str | None:
     """QUANTSERVE_ISA=avx512|avx2|torch forces the kernel backend; None: the widest the CPU runs."""
     return os.environ.get("QUANTSERVE_ISA", "").strip().lower() or None
+
+
+def bf16_dot() -> bool:
+    """QUANTSERVE_BF16_DOT=0 keeps bfloat16 weights on the float32-activation kernels; by default
+    they multiply bf16-rounded activations with vdpbf16ps where the CPU has AVX512_BF16."""
+    return os.environ.get("QUANTSERVE_BF16_DOT", "1") not in ("0", "")

@@ -122,8 +122,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qs_decode_attention_quant.argtypes = [p, ctypes.c_long, p, p, p, p, i, i, i, i, i, i, f, p, i]
     lib.qs_decode_layers.argtypes = [p, i, p, p, p]
     lib.qs_linear_q.argtypes = [p, i, i, p, i, p, p, i, p, p, i, i]
+    lib.qs_has_bf16_dot.argtypes, lib.qs_has_bf16_dot.restype = [], i
+    lib.qs_prefill_attention.argtypes = [p, ctypes.c_long, p, p, i, p, i, i, i, i, i, i, f, p, i]
+    lib.qs_prefill_attention_quant.argtypes = [p, ctypes.c_long, p, p, p, i, i, i, i, i, i, f, p, i]
     for fn in (lib.qs_linear, lib.qs_linear_q, lib.qs_decode_attention, lib.qs_add_rmsnorm, lib.qs_rope, lib.qs_kv_write,
-               lib.qs_silu_mul, lib.qs_decode_layers, lib.qs_kv_write_quant, lib.qs_decode_attention_quant):
+               lib.qs_silu_mul, lib.qs_decode_layers, lib.qs_kv_write_quant, lib.qs_decode_attention_quant,
+               lib.qs_prefill_attention, lib.qs_prefill_attention_quant):
         fn.restype = None
 
 
@@ -176,3 +180,11 @@ class QuantCache(ctypes.Structure):
 def param_groups(data: torch.Tensor, scale: torch.Tensor) -> int:
     """Groups per head: scale is [..., Hkv] (1) or [..., Hkv, G]."""
     return scale.shape[-1] if scale.dim() == data.dim() else 1
+
+
+def quant_cache(parts: tuple[torch.Tensor, ...], head_dim: int) -> QuantCache:
+    """(codes, scale, zero) of one layer of a quantized KV cache -> the C struct (bits from the
+    codes' width)."""
+    data, scale, zero = parts
+    return QuantCache(data.data_ptr(), scale.data_ptr(), zero.data_ptr(), 8 * data.shape[-1] // head_dim,
+                      param_groups(data, scale))

@@ -6,7 +6,8 @@
  * batch, so a request gets bit-identical numbers alone or batched.
  *
  * Weight and cache types (wtype / ctype): 0 = float32, 1 = bfloat16 (upper half of a float32),
- * 2 = float16 (IEEE half, converted with F16C).
+ * 2 = float16 (IEEE half, converted with F16C), 3 = bf16 pairs (bf16 weights x bf16-rounded
+ * activations with vdpbf16ps; avx512 build on CPUs with AVX512-BF16 only, see qs_has_bf16_dot).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -14,7 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
+enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2, W_PAIRS = 3 };
 
 static inline __m256 load8(const void *w, int wtype, long idx) {
     if (wtype == W_BF16) {
@@ -142,9 +143,154 @@ static const micro_fn MICRO[3][7] = {
     {micro_4p_2, micro_1_2, micro_2_2, micro_3_2, micro_4_2, micro_5_2, micro_6_2},
 };
 
-/* x: [M, K] float32; packed: [ceil(N / 16), K, 16] (wtype); bias: [N] or NULL; y: [M, N]. */
+/* ---- wtype 3, "bf16 pairs": bf16 weights x bf16-rounded activations (vdpbf16ps) ------------
+ * Weights [ceil(N / 16), K / 2, 16, 2] bfloat16: 32-bit lane j of pair kk holds w[16 p + j][2 kk]
+ * and w[16 p + j][2 kk + 1], so one 512-bit load feeds vdpbf16ps for 16 outputs x 2 k. Each row
+ * of x is rounded to bf16 (nearest even) once per call. Every output element sums in fp32 in its
+ * own lane, one chain, pairs in order: the same numbers whatever the tile or the batch size.
+ * avx512bf16 is not in the avx512 build's flags (some AVX-512 CPUs lack it), so these functions
+ * carry it as a target attribute; Python uses them only where /proc/cpuinfo has avx512_bf16. */
+#ifdef __AVX512F__
+#define BF16_DOT 1
+#define BF16 __attribute__((target("avx512bf16")))
+#define PAIR_ROWS 12     /* prefill tile: 12 rows x 2 panels = 24 of the 32 zmm as accumulators */
+#define PAIR_GEMV 4      /* decode: 1 row x 4 panels, 4 independent chains per k pair */
+
+/* n floats (n even) -> n / 2 pairs of bf16, round to nearest even. */
+static BF16 void round_bf16(const float *x, long n, uint32_t *out) {
+    long i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m512bh b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));    /* x[i] low */
+        _mm512_storeu_si512(out + i / 2, (__m512i)b);
+    }
+    for (; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        _mm256_mask_storeu_epi16(out + i / 2, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
+/* y[n0 .. n0 + 16) = acc (+ bias), clipped to N. */
+static inline __attribute__((always_inline)) void store_panel(__m512 acc, float *y, long n0, int N,
+                                                              const float *bias) {
+    __mmask16 m = N - n0 >= 16 ? 0xFFFF : (__mmask16)((1u << (N - n0)) - 1);
+    if (bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, bias + n0));
+    _mm512_mask_storeu_ps(y + n0, m, acc);
+}
+
+/* MT rows of bf16 pairs xb [MT, K/2] against NP panels from p; y: [MT, N]. */
+static inline __attribute__((always_inline)) BF16 void pairs_tile(const int MT, const int NP, const uint32_t *xb,
+                                                                  int K, const uint16_t *w, long p, int N,
+                                                                  const float *bias, float *y) {
+    const long K2 = K / 2, stride = K2 * 32;           /* bf16 per panel */
+    const uint16_t *wp = w + p * stride;
+    __m512 acc[PAIR_ROWS][PAIR_GEMV];
+#pragma GCC unroll 12
+    for (int t = 0; t < MT; t++)
+#pragma GCC unroll 4
+        for (int q = 0; q < NP; q++) acc[t][q] = _mm512_setzero_ps();
+    for (long kk = 0; kk < K2; kk++) {
+        __m512bh wv[PAIR_GEMV];
+#pragma GCC unroll 4
+        for (int q = 0; q < NP; q++) wv[q] = (__m512bh)_mm512_loadu_si512(wp + q * stride + kk * 32);
+#pragma GCC unroll 12
+        for (int t = 0; t < MT; t++) {
+            __m512bh xv = (__m512bh)_mm512_set1_epi32((int)xb[t * K2 + kk]);     /* the pair x[2kk], x[2kk+1] */
+#pragma GCC unroll 4
+            for (int q = 0; q < NP; q++) acc[t][q] = _mm512_dpbf16_ps(acc[t][q], xv, wv[q]);
+        }
+    }
+#pragma GCC unroll 12
+    for (int t = 0; t < MT; t++)
+#pragma GCC unroll 4
+        for (int q = 0; q < NP; q++) store_panel(acc[t][q], y + (long)t * N, (p + q) * 16, N, bias);
+}
+
+typedef void (*pairs_fn)(const uint32_t *, int, const uint16_t *, long, int, const float *, float *);
+#define PAIRS_TILE(T, P)                                                                              \
+    static BF16 void pairs_##T##_##P(const uint32_t *x, int K, const uint16_t *w, long p, int N,       \
+                                     const float *b, float *y) { pairs_tile(T, P, x, K, w, p, N, b, y); }
+#define PAIRS_ROWS(P)                                                                                 \
+    PAIRS_TILE(1, P) PAIRS_TILE(2, P) PAIRS_TILE(3, P) PAIRS_TILE(4, P) PAIRS_TILE(5, P) PAIRS_TILE(6, P) \
+    PAIRS_TILE(7, P) PAIRS_TILE(8, P) PAIRS_TILE(9, P) PAIRS_TILE(10, P) PAIRS_TILE(11, P) PAIRS_TILE(12, P)
+PAIRS_ROWS(1)
+PAIRS_ROWS(2)
+PAIRS_TILE(1, 4)
+/* [panels - 1][rows - 1] */
+static const pairs_fn PAIRS[2][PAIR_ROWS] = {
+    {pairs_1_1, pairs_2_1, pairs_3_1, pairs_4_1, pairs_5_1, pairs_6_1, pairs_7_1, pairs_8_1, pairs_9_1,
+     pairs_10_1, pairs_11_1, pairs_12_1},
+    {pairs_1_2, pairs_2_2, pairs_3_2, pairs_4_2, pairs_5_2, pairs_6_2, pairs_7_2, pairs_8_2, pairs_9_2,
+     pairs_10_2, pairs_11_2, pairs_12_2}};
+
+/* One row (decode): thread t takes panels [t P / T, (t + 1) P / T), 4 at a time, then 2, then 1. */
+static BF16 void gemv_pairs(const uint32_t *xb, int K, const uint16_t *w, const float *bias, float *y, int N,
+                            int nthreads) {
+    const long npanels = (N + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int t = 0; t < nthreads; t++) {
+        long p = npanels * t / nthreads, end = npanels * (t + 1) / nthreads;
+        for (; p + PAIR_GEMV <= end; p += PAIR_GEMV) pairs_1_4(xb, K, w, p, N, bias, y);
+        for (; p + 2 <= end; p += 2) pairs_1_2(xb, K, w, p, N, bias, y);
+        for (; p < end; p++) pairs_1_1(xb, K, w, p, N, bias, y);
+    }
+}
+
+/* M rows: x rounded in parallel, then blocks of rows whose bf16 copy stays in L2 (512 KB, at least
+ * 48 rows: fewer passes over weights that live in L3) while every pair of panels passes over them. */
+static BF16 void gemm_pairs(const float *x, uint32_t *xb, int M, int K, const uint16_t *w, const float *bias,
+                            float *y, int N, int nthreads) {
+    const long npanels = (N + 15) / 16, K2 = K / 2;
+    int mb = 262144 / K / PAIR_ROWS * PAIR_ROWS;
+    if (mb < 4 * PAIR_ROWS) mb = 4 * PAIR_ROWS;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int m = 0; m < M; m++) round_bf16(x + (long)m * K, K, xb + m * K2);
+        for (int mstart = 0; mstart < M; mstart += mb) {
+            int mend = mstart + mb < M ? mstart + mb : M;
+#pragma omp for schedule(static)
+            for (long p = 0; p < npanels; p += 2)
+                for (int m0 = mstart; m0 < mend; m0 += PAIR_ROWS) {
+                    int mt = mend - m0 < PAIR_ROWS ? mend - m0 : PAIR_ROWS;
+                    PAIRS[p + 1 < npanels][mt - 1](xb + m0 * K2, K, w, p, N, bias, y + (long)m0 * N);
+                }
+        }
+    }
+}
+
+/* x: [M, K] float32 (K even); w: [ceil(N / 16), K / 2, 16, 2] bf16; bias: [N] or NULL; y: [M, N]. */
+static BF16 void linear_pairs(const float *x, int M, int K, const uint16_t *w, const float *bias, float *y,
+                              int N, int nthreads) {
+    uint32_t small[4096] __attribute__((aligned(64)));        /* decode rows: no allocation */
+    const size_t bytes = (size_t)M * K * sizeof(uint16_t);
+    uint32_t *xb = bytes <= sizeof(small) ? small : aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (M == 1) {
+        round_bf16(x, K, xb);
+        gemv_pairs(xb, K, w, bias, y, N, nthreads);
+    } else {
+        gemm_pairs(x, xb, M, K, w, bias, y, N, nthreads);
+    }
+    if (xb != small) free(xb);
+}
+#else
+#define BF16_DOT 0
+#endif
+
+/* 1 where this build has the wtype 3 (bf16 pairs) kernels; the CPU must also have avx512_bf16. */
+int qs_has_bf16_dot(void) { return BF16_DOT; }
+
+/* x: [M, K] float32; packed: [ceil(N / 16), K, 16] (wtype; wtype 3: [ceil(N / 16), K / 2, 16, 2]);
+ * bias: [N] or NULL; y: [M, N]. */
 void qs_linear(const float *x, int M, int K, const void *packed, int wtype, const float *bias,
                float *y, int N, int nthreads) {
+    if (wtype == W_PAIRS) {
+#if BF16_DOT
+        linear_pairs(x, M, K, packed, bias, y, N, nthreads);
+#else
+        for (long i = 0; i < (long)M * N; i++) y[i] = NAN;       /* no bf16 pairs in this build */
+#endif
+        return;
+    }
     long npanels = (N + NR - 1) / NR;
     if (M == 1) {
         long ngroups = (npanels + 3) / 4;
@@ -914,3 +1060,318 @@ void qs_decode_layers(const LayerWeights *layers, int L, const DecodeBatch *b, f
     free(h); free(qkv); free(attn); free(gu); free(act);
 }
 
+
+/* ---- causal prefill attention, flash-style, reading the paged cache in place ---------------
+ * A work item is one KV head and a tile of FA_BM query rows: its lanes (query row i, head g of
+ * the KV head's group at lane i * G + g) meet the context in tiles of FA_BN keys, read in place
+ * from a float32 cache, else converted (dequantized) once per tile for all the lanes. Tiles past
+ * the diagonal are never visited. Scores are key-major, S[key][lane], so the online
+ * softmax (running max m and sum l per lane, output rescaled by alpha = exp(m_old - m_new)) is
+ * lane-wise with no horizontal sums, and every output element is summed in the same order
+ * whatever the vector width: the avx512 and avx2 builds agree to the bit, and a row's numbers
+ * do not depend on its tile or on how many rows the call has. Masked keys give exactly 0. */
+#define FA_BM 64                 /* query rows per tile */
+#define FA_BN 64                 /* keys per tile: how often the running max may rescale */
+
+#ifdef __AVX512F__
+typedef __m512 fv;
+#define FV 16
+#define FA_KS 8                  /* keys per scores pass: 2 x 8 accumulators of the 32 zmm */
+#define FA_MR 4                  /* rows per P.V pass: 4 x 4 accumulators */
+#define fv_load _mm512_loadu_ps
+#define fv_store _mm512_storeu_ps
+#define fv_set1 _mm512_set1_ps
+#define fv_fma _mm512_fmadd_ps
+#define fv_mul _mm512_mul_ps
+#define fv_sub _mm512_sub_ps
+#define fv_add _mm512_add_ps
+#define fv_max _mm512_max_ps
+
+/* exp8 on 16 lanes, operation for operation (the same numbers). */
+static inline __m512 fv_exp(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.3762626647949f)), _mm512_set1_ps(88.3762626647949f));
+    __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+/* x, with -inf in the lanes where key > pos (a key past the query's position). */
+static inline fv fv_causal(fv x, fv key, fv pos) {
+    return _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(key, pos, _CMP_GT_OQ), _mm512_set1_ps(-INFINITY));
+}
+#else
+typedef __m256 fv;
+#define FV 8
+#define FA_KS 4                  /* keys per scores pass: 2 x 4 accumulators of the 16 ymm */
+#define FA_MR 2                  /* rows per P.V pass: 2 x 4 accumulators */
+#define fv_load _mm256_loadu_ps
+#define fv_store _mm256_storeu_ps
+#define fv_set1 _mm256_set1_ps
+#define fv_fma _mm256_fmadd_ps
+#define fv_mul _mm256_mul_ps
+#define fv_sub _mm256_sub_ps
+#define fv_add _mm256_add_ps
+#define fv_max _mm256_max_ps
+#define fv_exp exp8
+
+static inline fv fv_causal(fv x, fv key, fv pos) {
+    return _mm256_blendv_ps(x, _mm256_set1_ps(-INFINITY), _mm256_cmp_ps(key, pos, _CMP_GT_OQ));
+}
+#endif
+#define FA_LB (2 * FV)           /* lanes per score block: two vectors */
+
+typedef struct {
+    const void *k, *v;                   /* float caches [num_blocks, block_size, Hkv, D] (ctype) */
+    int ctype;
+    const QuantCache *kq, *vq;           /* or quantized ones (k, v NULL) */
+    const int64_t *block_ids;
+    int L, N, Hq, Hkv, D, block_size, nthreads;
+    long q_stride;
+    float scale;
+} FaArgs;
+
+typedef struct {
+    float *qt;           /* [R / LB][D][LB] scaled (and for int4, rotated) queries */
+    float *o;            /* [R][D] unnormalized outputs */
+    float *k, *v;        /* [FA_BN][D] one tile of the context converted to float32 */
+    float *zero;         /* [D] zeros: the rows past the context */
+    const float *kr[FA_BN], *vr[FA_BN];    /* the tile's key and value rows as float32 */
+    float *s;            /* [FA_BN][LB] scores, then probabilities, of one lane block */
+    float *pos, *m, *l;  /* [R] position, running max and running sum of each lane */
+    float alpha[FA_LB];
+} FaBuf;
+
+/* One head of a quantized cache row as floats, (code - zero) * scale per group (int4 stays
+ * rotated: the queries and the output are rotated instead). */
+static void fa_dequant(const QuantCache *c, long row, int D, float *dst) {
+    long p = row * c->groups, p1 = p + (c->groups == 2);
+    __m256 s0 = _mm256_set1_ps(half_to_float(c->scale[p])), z0 = _mm256_set1_ps(c->zero[p]);
+    __m256 s1 = _mm256_set1_ps(half_to_float(c->scale[p1])), z1 = _mm256_set1_ps(c->zero[p1]);
+    if (c->bits == 8) {
+        const uint8_t *q = (const uint8_t *)c->data + row * D;
+        for (int d = 0; d < D; d += 8) {
+            int hi = d >= D / 2;
+            _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_sub_ps(codes8_u8(q + d), hi ? z1 : z0), hi ? s1 : s0));
+        }
+        return;
+    }
+    const uint8_t *q = (const uint8_t *)c->data + row * (D / 2);
+    for (int d = 0; d < D / 2; d += 8) {
+        __m256 lo, hi;
+        codes8_u4(q + d, &lo, &hi);
+        _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_sub_ps(lo, z0), s0));
+        _mm256_storeu_ps(dst + D / 2 + d, _mm256_mul_ps(_mm256_sub_ps(hi, z1), s1));
+    }
+}
+
+/* Rows of keys (or values) k0 .. k0 + nk - 1 of KV head h as float32: in place in a float32
+ * cache, else converted (dequantized) into buf [nk][D]; past the context, a row of zeros. */
+static void fa_rows(const FaArgs *a, const void *cache, const QuantCache *qc, int h, int k0, int nk, float *buf,
+                    const float *zero, const float **rows) {
+    int D = a->D;
+    for (int j = 0; j < nk; j++) {
+        long t = k0 + j;
+        if (t >= a->L) {
+            rows[j] = zero;
+            continue;
+        }
+        long row = (a->block_ids[t / a->block_size] * a->block_size + t % a->block_size) * a->Hkv + h;
+        float *x = buf + (long)j * D;
+        rows[j] = x;
+        if (qc) fa_dequant(qc, row, D, x);
+        else if (a->ctype == W_F32) rows[j] = (const float *)cache + row * D;
+        else
+            for (int d = 0; d < D; d += 8) _mm256_storeu_ps(x + d, load8(cache, a->ctype, row * D + d));
+    }
+}
+
+/* Queries of rows q0 .. q0 + rows - 1 for KV head h into b->qt, times scale (int4: rotated
+ * first); lanes past rows * G are zero and take the last row's position, so no lane is ever
+ * fully masked. Resets m, l and o. Returns the lanes in use (a multiple of LB). */
+static int fa_pack_q(const FaArgs *a, const float *q, int h, int q0, int rows, int rot, FaBuf *b) {
+    int G = a->Hq / a->Hkv, D = a->D, used = rows * G, R = (used + FA_LB - 1) / FA_LB * FA_LB;
+    for (int r = 0; r < R; r++) {
+        int i = r < used ? r / G : rows - 1;
+        float x[MAX_HEAD_DIM];
+        const float *src = q + (long)(q0 + i) * a->q_stride + (long)(h * G + r % G) * D;
+        if (rot && r < used) {
+            memcpy(x, src, sizeof(float) * D);
+            fwht(x, D);
+            src = x;
+        }
+        float *dst = b->qt + (long)(r / FA_LB) * D * FA_LB + r % FA_LB, sc = r < used ? a->scale : 0.0f;
+        for (int d = 0; d < D; d++) dst[(long)d * FA_LB] = src[d] * sc;
+        b->pos[r] = (float)(a->L - a->N + q0 + i);
+        b->m[r] = -INFINITY;
+        b->l[r] = 0.0f;
+    }
+    memset(b->o, 0, sizeof(float) * R * D);
+    return R;
+}
+
+/* s[j][0 .. LB) = sum_d k[j][d] qt[d][0 .. LB) for j < nk (nk % 8 == 0): FA_KS keys x 2 vectors
+ * of lanes per pass, one key broadcast per 2 FMAs. */
+static void fa_scores(const float *qt, const float *const *k, int nk, int D, float *s) {
+    for (int j0 = 0; j0 < nk; j0 += FA_KS) {
+        fv a0[FA_KS], a1[FA_KS];
+        for (int j = 0; j < FA_KS; j++) a0[j] = a1[j] = fv_set1(0.0f);
+        for (int d = 0; d < D; d++) {
+            fv q0 = fv_load(qt + (long)d * FA_LB), q1 = fv_load(qt + (long)d * FA_LB + FV);
+            for (int j = 0; j < FA_KS; j++) {
+                fv kb = fv_set1(k[j0 + j][d]);
+                a0[j] = fv_fma(kb, q0, a0[j]);
+                a1[j] = fv_fma(kb, q1, a1[j]);
+            }
+        }
+        for (int j = 0; j < FA_KS; j++) {
+            fv_store(s + (long)(j0 + j) * FA_LB, a0[j]);
+            fv_store(s + (long)(j0 + j) * FA_LB + FV, a1[j]);
+        }
+    }
+}
+
+/* Online softmax of one lane block over keys k0 .. k0 + nk - 1: scores past a lane's position
+ * masked when `diag`, s turned into p = exp(s - m_new) in place, l = alpha l + sum p,
+ * alpha = exp(m_old - m_new) left for the output. */
+static void fa_softmax(float *s, int nk, int k0, int diag, const float *pos, float *m, float *l, float *alpha) {
+    for (int c = 0; c < FA_LB; c += FV) {
+        fv mx = fv_load(m + c), p = fv_load(pos + c);
+        for (int j = 0; j < nk; j++) {
+            fv x = fv_load(s + (long)j * FA_LB + c);
+            if (diag) {
+                x = fv_causal(x, fv_set1((float)(k0 + j)), p);
+                fv_store(s + (long)j * FA_LB + c, x);
+            }
+            mx = fv_max(mx, x);
+        }
+        fv al = fv_exp(fv_sub(fv_load(m + c), mx)), sum = fv_mul(fv_load(l + c), al);
+        for (int j = 0; j < nk; j++) {
+            fv e = fv_exp(fv_sub(fv_load(s + (long)j * FA_LB + c), mx));
+            fv_store(s + (long)j * FA_LB + c, e);
+            sum = fv_add(sum, e);
+        }
+        fv_store(m + c, mx);
+        fv_store(l + c, sum);
+        fv_store(alpha + c, al);
+    }
+}
+
+/* o[r][d0 ..] = alpha[r] o[r] + sum_j p[j][r] v[j][d0 ..] for the LB rows of a lane block, NV
+ * vectors of D and FA_MR rows per pass, keys in order. */
+static inline __attribute__((always_inline)) void fa_pv_cols(const int NV, float *o, int D, int d0, const float *alpha,
+                                                             const float *p, const float *const *v, int nk) {
+    for (int r0 = 0; r0 < FA_LB; r0 += FA_MR) {
+        fv acc[FA_MR][4];
+        for (int r = 0; r < FA_MR; r++)
+            for (int c = 0; c < NV; c++)
+                acc[r][c] = fv_mul(fv_load(o + (long)(r0 + r) * D + d0 + c * FV), fv_set1(alpha[r0 + r]));
+        for (int j = 0; j < nk; j++) {
+            fv vv[4];
+            for (int c = 0; c < NV; c++) vv[c] = fv_load(v[j] + d0 + c * FV);
+            for (int r = 0; r < FA_MR; r++) {
+                fv pb = fv_set1(p[(long)j * FA_LB + r0 + r]);
+                for (int c = 0; c < NV; c++) acc[r][c] = fv_fma(pb, vv[c], acc[r][c]);
+            }
+        }
+        for (int r = 0; r < FA_MR; r++)
+            for (int c = 0; c < NV; c++) fv_store(o + (long)(r0 + r) * D + d0 + c * FV, acc[r][c]);
+    }
+}
+
+typedef void (*fa_pv_fn)(float *, int, int, const float *, const float *, const float *const *, int);
+#define DEFINE_FA_PV(NV)                                                                             \
+    static void fa_pv##NV(float *o, int D, int d0, const float *al, const float *p, const float *const *v, \
+                          int nk) { fa_pv_cols(NV, o, D, d0, al, p, v, nk); }
+DEFINE_FA_PV(1) DEFINE_FA_PV(2) DEFINE_FA_PV(3) DEFINE_FA_PV(4)
+static const fa_pv_fn FA_PV[5] = {NULL, fa_pv1, fa_pv2, fa_pv3, fa_pv4};
+
+/* The whole head width in passes of up to 4 vectors. */
+static void fa_pv(float *o, int D, const float *alpha, const float *p, const float *const *v, int nk) {
+    for (int d0 = 0; d0 < D; d0 += 4 * FV) FA_PV[(D - d0) / FV < 4 ? (D - d0) / FV : 4](o, D, d0, alpha, p, v, nk);
+}
+
+/* The tile's rows of out = o / l (int4: rotated back). */
+static void fa_store(const FaArgs *a, int h, int q0, int rows, const FaBuf *b, float *out) {
+    int G = a->Hq / a->Hkv, D = a->D, rot = a->vq && rotates(a->vq->bits, D);
+    for (int r = 0; r < rows * G; r++) {
+        float *dst = out + ((long)(q0 + r / G) * a->Hq + h * G + r % G) * D;
+        fv inv = fv_set1(1.0f / b->l[r]);
+        for (int d = 0; d < D; d += FV) fv_store(dst + d, fv_mul(fv_load(b->o + (long)r * D + d), inv));
+        if (rot) fwht(dst, D);
+    }
+}
+
+/* One work item: KV head h, query rows from q0, against the key tiles its rows can see. A lane
+ * block skips the keys past its last lane's position (they would only add exact zeros). */
+static void fa_tile(const FaArgs *a, const float *q, int h, int q0, FaBuf *b, float *out) {
+    int rows = a->N - q0 < FA_BM ? a->N - q0 : FA_BM, D = a->D;
+    int R = fa_pack_q(a, q, h, q0, rows, a->kq && rotates(a->kq->bits, D), b);
+    int last = a->L - a->N + q0 + rows - 1;                       /* position of the tile's last row */
+    for (int k0 = 0; k0 <= last; k0 += FA_BN) {
+        int nk = last + 1 - k0 < FA_BN ? (last + 1 - k0 + 7) / 8 * 8 : FA_BN;
+        fa_rows(a, a->k, a->kq, h, k0, nk, b->k, b->zero, b->kr);
+        fa_rows(a, a->v, a->vq, h, k0, nk, b->v, b->zero, b->vr);
+        for (int r0 = 0; r0 < R; r0 += FA_LB) {
+            int see = (int)b->pos[r0 + FA_LB - 1] + 1 - k0;          /* keys seen by the block's last lane */
+            if (see <= 0) continue;
+            int n = see < nk ? (see + 7) / 8 * 8 : nk;
+            fa_scores(b->qt + (long)r0 * D, b->kr, n, D, b->s);
+            fa_softmax(b->s, n, k0, k0 + n - 1 > (int)b->pos[r0], b->pos + r0, b->m + r0, b->l + r0, b->alpha);
+            fa_pv(b->o + (long)r0 * D, D, b->alpha, b->s, b->vr, n);
+        }
+    }
+    fa_store(a, h, q0, rows, b, out);
+}
+
+/* Every (KV head, query tile) item over the threads, each with its own buffers. */
+static void fa_run(const FaArgs *a, const float *q, float *out) {
+    const int tiles = (a->N + FA_BM - 1) / FA_BM;
+    const long R = ((long)FA_BM * (a->Hq / a->Hkv) + FA_LB - 1) / FA_LB * FA_LB, D = a->D;   /* lanes of a full tile */
+    const size_t floats = 2 * R * D + 2 * FA_BN * D + D + FA_BN * FA_LB + 3 * R;
+#pragma omp parallel num_threads(a->nthreads)
+    {
+        float *mem = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+        FaBuf b = {.qt = mem, .o = mem + R * D, .k = mem + 2 * R * D, .v = mem + 2 * R * D + FA_BN * D};
+        b.zero = memset(b.v + FA_BN * D, 0, sizeof(float) * D);
+        b.s = b.zero + D;
+        b.pos = b.s + FA_BN * FA_LB;
+        b.m = b.pos + R;
+        b.l = b.m + R;
+        /* later query tiles see more keys: hand them out first */
+#pragma omp for schedule(dynamic, 1)
+        for (int w = 0; w < tiles * a->Hkv; w++) fa_tile(a, q, w % a->Hkv, (tiles - 1 - w / a->Hkv) * FA_BM, &b, out);
+        free(mem);
+    }
+}
+
+/* Causal attention of the last N positions of a context of context_len tokens whose K/V (these
+ * N included) are in one layer of the paged cache. q: [N, Hq, D] (row stride q_stride floats);
+ * k_cache, v_cache: [num_blocks, block_size, Hkv, D] (ctype); token t in block block_ids[t /
+ * block_size] at offset t % block_size; query row i sits at position context_len - N + i and sees
+ * keys 0 .. context_len - N + i; KV head of query head h: h / (Hq / Hkv). out: [N, Hq, D].
+ * D % 16 == 0, D <= 256. */
+void qs_prefill_attention(const float *q, long q_stride, const void *k_cache, const void *v_cache, int ctype,
+                          const int64_t *block_ids, int context_len, int N, int Hq, int Hkv, int D, int block_size,
+                          float scale, float *out, int nthreads) {
+    FaArgs a = {k_cache, v_cache, ctype, NULL, NULL, block_ids, context_len, N, Hq, Hkv, D, block_size, nthreads,
+                q_stride, scale};
+    fa_run(&a, q, out);
+}
+
+/* The same over a quantized cache (int8, or int4 whose rotation moves to the queries and outputs). */
+void qs_prefill_attention_quant(const float *q, long q_stride, const QuantCache *kc, const QuantCache *vc,
+                                const int64_t *block_ids, int context_len, int N, int Hq, int Hkv, int D,
+                                int block_size, float scale, float *out, int nthreads) {
+    FaArgs a = {NULL, NULL, 0, kc, vc, block_ids, context_len, N, Hq, Hkv, D, block_size, nthreads, q_stride, scale};
+    fa_run(&a, q, out);
+}

@@ -11,19 +11,23 @@ import ctypes
 
 import torch
 
-from quantserve.kernels import (CACHE_TYPES, ISAS, MAX_HEAD_DIM, PANEL, QBLOCK, W_TYPES, QuantCache, pack_quantized,
-                                pack_weight, param_groups)
+from quantserve import envs
+from quantserve.kernels import (CACHE_TYPES, ISAS, MAX_HEAD_DIM, PANEL, QBLOCK, W_TYPES, pack_quantized, pack_weight,
+                                param_groups, quant_cache)
+from quantserve.kernels import bf16, flash
 from quantserve.kernels.fused import FusedDecoder
 
 MAX_GROUP = 16          # query heads per KV head the decode-attention kernel keeps in registers
 
 
 class NativeOps:
-    def __init__(self, lib: ctypes.CDLL, isa: str):
+    def __init__(self, lib: ctypes.CDLL, isa: str, bf16_dot: bool | None = None):
         self.lib, self.name = lib, isa
+        self.bf16_dot = bf16.available(lib) and envs.bf16_dot() if bf16_dot is None else bf16_dot
 
     def describe(self) -> str:
-        return f"{self.name} ({ISAS[self.name][2]})"
+        extra = ", bf16 weights on vdpbf16ps" if self.bf16_dot else ""
+        return f"{self.name} ({ISAS[self.name][2]}{extra})"
 
     @staticmethod
     def misfit(hidden: int, intermediate: int, head_dim: int, heads: int, kv_heads: int) -> str | None:
@@ -44,11 +48,16 @@ class NativeOps:
         return bits in (4, 8) and in_features % QBLOCK == 0 and group % QBLOCK == 0
 
     def pack_float(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """[N, K] -> (panels [N/16, K, 16] in the weight's dtype, wtype)."""
+        """[N, K] -> (panels, wtype): bfloat16 weights as k-pairs for vdpbf16ps ([N/16, K/2, 16, 2])
+        where the CPU has it, else [N/16, K, 16] in the weight's dtype."""
+        if self.bf16_dot and weight.dtype == torch.bfloat16 and weight.shape[1] % bf16.PAIR == 0:
+            return bf16.pack_pairs(weight), bf16.W_PAIRS
         return pack_weight(weight), W_TYPES[weight.dtype]
 
     def panel_rows(self, packed: torch.Tensor, wtype: int, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the weight held in `packed` (a tied embedding read from the head): [T, K]."""
+        if wtype == bf16.W_PAIRS:
+            return bf16.embedding_rows(packed, ids)
         return packed[ids // PANEL, :, ids % PANEL]
 
     pack_int = staticmethod(pack_quantized)
@@ -128,17 +137,11 @@ class NativeOps:
     def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, chunk, cache,
                           scale: float) -> torch.Tensor:
         """q: [N, Hq, D] -> [N, Hq, D], causal over the chunk's whole context, read in place."""
-        from quantserve.kvcache.paged import prefill_attention_reference  # TEMP until flash lands
-        return prefill_attention_reference(q, k, v, layer, chunk, cache, scale)
+        return flash.prefill_attention(self.lib, q, cache.parts("k", layer), cache.parts("v", layer),
+                                       chunk.block_ids, chunk.context_len, scale)
 
     def fused_decoder(self, model) -> FusedDecoder | None:
         return FusedDecoder.build(model)
-
-
-def quant_cache(parts: tuple[torch.Tensor, ...], head_dim: int) -> QuantCache:
-    data, scale, zero = parts
-    return QuantCache(data.data_ptr(), scale.data_ptr(), zero.data_ptr(), 8 * data.shape[-1] // head_dim,
-                      param_groups(data, scale))
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
