@@ -5,9 +5,10 @@
 
 llama.cpp is its own C++ tools (`llama-bench`, `llama-batched-bench`, `llama-server`,
 `llama-quantize`), compiled with GGML_NATIVE, so it uses every instruction set this CPU has
-(AVX-512, VNNI, BF16 where present). Its F16 / Q8_0 / Q4_0 files are the shipped Q4_1 GGUF
+(AVX-512, VNNI, BF16 where present). Its F16 / BF16 / Q8_0 / Q4_0 files are the shipped Q4_1 GGUF
 requantized by `llama-quantize --allow-requantize`: the same weights our float model holds, since
-that was converted from the same file. Ours: float16, and `lite rtn` W8 / W4 group 64 (int8
+that was converted from the same file. Ours: float16, bfloat16 (`--dtype bfloat16`: vdpbf16ps where
+the CPU has it), and `lite rtn` W8 / W4 group 64 (int8
 output head), on the kernel backend chosen at load (its ISA is named in the results).
 
 Both sides 2 threads, greedy, best of 3:
@@ -45,7 +46,7 @@ from quantserve.models.resolve import default_model_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("results")
-PAIRS = [("float16", "F16"), ("W8 g64", "Q8_0"), ("W4 g64", "Q4_0")]
+PAIRS = [("float16", "F16"), ("bfloat16", "BF16"), ("W8 g64", "Q8_0"), ("W4 g64", "Q4_0")]
 THREADS = 2
 STREAMS = 16
 
@@ -101,7 +102,7 @@ def our_models(model_dir: Path, work: Path) -> dict[str, Path]:
     from quantserve.quant.primitives import QuantSpec
     from quantserve.quant.run import LiteJob, run
 
-    models = {"float16": model_dir}
+    models = {"float16": model_dir, "bfloat16": model_dir}
     for name, bits in (("W8 g64", 8), ("W4 g64", 4)):
         out = work / f"rtn-w{bits}g64"
         if not out.exists():
@@ -110,8 +111,8 @@ def our_models(model_dir: Path, work: Path) -> dict[str, Path]:
     return models
 
 
-def bench_ours(path: Path, tokenizer) -> dict:
-    engine = Engine(path, EngineConfig(dtype="float16", session_len=1024, max_batch_size=STREAMS,
+def bench_ours(path: Path, tokenizer, dtype: str) -> dict:
+    engine = Engine(path, EngineConfig(dtype=dtype, session_len=1024, max_batch_size=STREAMS,
                                        num_threads=THREADS), progress=False)
     rates = engine_rates(engine, tokenizer)
     step = engine.weights_bytes                          # a batch-1 step reads every weight once
@@ -259,7 +260,7 @@ def main() -> None:
     engine, info = {"quantserve": {}, "llama.cpp": {}}, {}
     for (name, path), (_, kind) in zip(models.items(), PAIRS):
         log(f"quantserve {name} / llama.cpp {kind} ...")
-        engine["quantserve"][name] = bench_ours(path, tokenizer)
+        engine["quantserve"][name] = bench_ours(path, tokenizer, "bfloat16" if name == "bfloat16" else "float16")
         engine["llama.cpp"][kind], info = bench_theirs(ggufs[kind])
     sides = {"quantserve": f"kernels {kernels.describe()}",
              "llama.cpp": f"{llamacpp_isa()}, backend {info.get('backends')}; machine {cpu_name()}"}

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from quantserve import envs
 from quantserve.quant.primitives import QuantError
 
 BUNDLED = {"ptb": "ptb.train.txt", "wikitext2": "wiki.valid.raw"}
@@ -102,6 +103,16 @@ class InputStats:
 PROJECTIONS = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")
 
 
+def calibration_dtype() -> str:
+    """The calibration forward's weights: bfloat16 where the kernels multiply them with vdpbf16ps
+    (twice the float32 FMA rate on AVX512_BF16 CPUs; AutoAWQ and AutoGPTQ calibrate in half
+    precision), else float32. Only the statistics come from it; quantization reads the
+    checkpoint's own weights."""
+    from quantserve.kernels import bf16, cpu
+
+    return "bfloat16" if bf16.available(cpu()) and envs.bf16_dot() else "float32"
+
+
 @torch.inference_mode()
 def collect_stats(model_dir: Path, windows: list[list[int]], batch_size: int, keep: int = 2048,
                   progress: bool = True, hessian: bool = False) -> dict[str, InputStats]:
@@ -110,8 +121,8 @@ def collect_stats(model_dir: Path, windows: list[list[int]], batch_size: int, ke
     from quantserve.engine.engine import Engine
 
     seqlen = len(windows[0])
-    engine = Engine(model_dir, EngineConfig(dtype="float32", session_len=seqlen + 1, max_batch_size=batch_size,
-                                            cache_max_tokens=(seqlen + 64) * batch_size,
+    engine = Engine(model_dir, EngineConfig(dtype=calibration_dtype(), session_len=seqlen + 1,
+                                            max_batch_size=batch_size, cache_max_tokens=(seqlen + 64) * batch_size,
                                             max_prefill_token_num=min(8192, seqlen * batch_size)), progress=False)
     share = min(1.0, HESSIAN_ROWS / (seqlen * len(windows)))
     stats = {f"layers.{i}.{p}": InputStats(keep, hessian, share)

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from quantserve.kvcache.paged import AttentionMetadata, PrefillChunk
-from quantserve.quant.calib import HESSIAN_ROWS, PROJECTIONS, InputStats
+from quantserve.quant.calib import HESSIAN_ROWS, PROJECTIONS, InputStats, calibration_dtype
 
 # (layer index, that layer's statistics by engine projection name) -> HF name -> float weight
 QuantizeLayer = Callable[[int, dict[str, InputStats]], dict[str, torch.Tensor]]
@@ -31,8 +31,9 @@ class LayerwiseRunner:
         from quantserve.models.loader import family_for, read_config
 
         seqlen = len(windows[0])
-        engine = Engine(model_dir, EngineConfig(dtype="float32", session_len=seqlen + 1, max_batch_size=batch_size,
-                                                cache_max_tokens=(seqlen + 64) * batch_size), progress=False)
+        engine = Engine(model_dir, EngineConfig(dtype=calibration_dtype(), session_len=seqlen + 1,
+                                                max_batch_size=batch_size, cache_max_tokens=(seqlen + 64) * batch_size),
+                        progress=False)
         self.model, self.cache, self.args = engine.model, engine.cache, engine.args
         self.family = family_for(read_config(Path(model_dir)))
         self.keep = keep
