@@ -7,6 +7,7 @@ On the linears of SmolLM2-135M (hidden 576, intermediate 1536) and Qwen2.5-0.5B 
 intermediate 4864, q/k/v 1152), random weights, M = 512 rows (a prefill) and M = 1 (a decode GEMV):
 - pairs (w3): bf16 weights x bf16-rounded activations, fp32 sums (the rounding of x is timed);
 - bf16 (w1): bf16 weights, fp32 activations, fp32 FMA (the float path before wtype 3);
+- fp16 (w2): float16 weights, fp32 activations, fp32 FMA;
 - fp32 (w0): fp32 weights and activations;
 - torch bf16 / torch fp32: F.linear on bf16 (x already bf16, bf16 out) / fp32 tensors.
 Each repeat is a round over every shape and method, so slow spells of a shared machine fall on all
@@ -36,7 +37,7 @@ SHAPES = {
     "SmolLM2-135M": {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)},
     "Qwen2.5-0.5B": {"qkv": (896, 1152), "o": (896, 896), "gate_up": (896, 9728), "down": (4864, 896)},
 }
-METHODS = ("pairs (w3)", "bf16 (w1)", "fp32 (w0)", "torch bf16", "torch fp32")
+METHODS = ("pairs (w3)", "bf16 (w1)", "fp16 (w2)", "fp32 (w0)", "torch bf16", "torch fp32")
 
 
 def native(lib, x: torch.Tensor, packed: torch.Tensor, wtype: int, n: int) -> torch.Tensor:
@@ -51,6 +52,7 @@ def calls(lib, x: torch.Tensor, w: torch.Tensor) -> dict:
     n = w.shape[0]
     xb, wb = x.bfloat16(), w.bfloat16()
     fns = {"bf16 (w1)": lambda p=kernels.pack_weight(wb): native(lib, x, p, 1, n),
+           "fp16 (w2)": lambda p=kernels.pack_weight(w.half()): native(lib, x, p, 2, n),
            "fp32 (w0)": lambda p=kernels.pack_weight(w): native(lib, x, p, 0, n),
            "torch bf16": lambda: F.linear(xb, wb), "torch fp32": lambda: F.linear(x, w)}
     if bf16.available(lib):

@@ -13,8 +13,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 HEADER = """# Benchmarks
 
 Every figure here comes from a script in `benchmarks/`, run on one of this project's machines
-(2 cores of an AMD EPYC, 24 GB RAM, no GPU, torch 2.13.0 CPU; some are AVX2-only, some Zen 4
-with AVX-512 F/BW/VL/VNNI/BF16), and every speed is a ratio against a baseline measured in the
+(2 cores of an AMD EPYC, 24 GB RAM, no GPU, torch 2.13.0 CPU; some are AVX2-only, some AMD
+family 26 (Zen 5) with AVX-512 F/BW/VL/VNNI/BF16, earlier wrongly called Zen 4 here), and every speed is a ratio against a baseline measured in the
 same run on the same machine. The sections on reliability, kernel backends and llama.cpp name
 the CPU, its ISA and the kernel backend of both sides; the other sections predate the kernel
 backends and ran the AVX2 kernels (a session's machine was not recorded with them). Timings vary by
@@ -190,7 +190,7 @@ first line of the table.
 | decode batch 1, W4 g64 vs Q4_0 >= 1.6x | {w4_b1} | {w4_b1_ok} |
 | decode batch 1, float16 vs F16 >= 1.0x | {f_b1} | {f_b1_ok} |
 | 16 streams, W4 vs Q4_0 >= 3x | {w4_n} | {w4_n_ok} |
-| prefill 512, W4 vs Q4_0 >= 1.5x; float16 vs F16 >= 1.2x | {w4_p}; {f_p} | {p_ok} |
+| prefill 512, W4 vs Q4_0 >= 1.5x; float16 vs F16 >= 1.2x; bfloat16 vs BF16 >= 1.2x | {w4_p}; {f_p}; {b_p} | {p_ok} |
 | serving req/s >= 2x `llama-server -np 16`, p50 TTFT no worse | {srv_rps}, TTFT {srv_ttft} | {srv_ok} |
 
 Where the misses stand (this run; not yet profiled on the AVX-512 machine, so these are
@@ -242,6 +242,22 @@ auto-vectorization and keeps 512 bits for the explicit VNNI tiles. Repeated runs
 ranged 1.86-2.02x (prefill) and 1.37-1.56x (16 streams).
 
 {table}"""
+
+KERNELS = """## New kernels against torch on this CPU (`benchmarks/bench_attention.py`, `benchmarks/bench_bf16.py`)
+
+Prefill attention: our causal flash-style kernel (64 x 64 tiles, online softmax, K/V read from the
+paged cache in place) against torch's `scaled_dot_product_attention` (is_causal, contiguous
+tensors: its best case; with past, an explicit mask), 2 threads, best of {att_repeats}, {att_kernels},
+{att_cpu}:
+
+{attention}
+Float linears, GFLOP/s at M = 512 (prefill) and M = 1 (decode, weights hot in cache), 2 threads,
+best of {bf_repeats}, {bf_kernels}: bf16 pairs on `vdpbf16ps` (activations rounded to bf16, fp32
+sums; `--dtype bfloat16`), our float32-activation kernels on bf16 (w1) and fp32 (w0) panels, and
+torch's own matmuls:
+
+{bf16}"""
+
 
 HEAD_BITS = """## A 4-bit output head (`benchmarks/bench_head_bits.py`)
 
@@ -309,6 +325,20 @@ def table(name: str) -> str:
     return path.read_text() if path.exists() else f"(run the script to produce {name})\n"
 
 
+def kernel_tables() -> dict:
+    """The attention and float-linear micro-benchmarks as markdown, from their JSON."""
+    att, lin = (json.loads((RESULTS / n).read_text()) for n in ("attention.json", "bf16.json"))
+    a_rows = ["| model (Hq/Hkv, D) | N | past | cache | ours ms | SDPA ms | ratio |", "|---|---:|---:|---|---:|---:|---:|"]
+    a_rows += [f"| {r['model']} ({r['Hq']}/{r['Hkv']}, {r['D']}) | {r['N']} | {r['past']} | {r['cache']} | "
+               f"{r['kernel_ms']:.2f} | {r['sdpa_ms']:.2f} | **{r['speedup']:.2f}x** |" for r in att["rows"]]
+    methods = list(lin["rows"][0]["gflops"])
+    l_rows = ["| model | linear | M | K x N | " + " | ".join(methods) + " |", "|---|---|---:|---|" + "---:|" * len(methods)]
+    l_rows += [f"| {r['model']} | {r['linear']} | {r['m']} | {r['k']} x {r['n']} | "
+               + " | ".join(f"{r['gflops'][m]:.0f}" for m in methods) + " |" for r in lin["rows"]]
+    return dict(attention="\n".join(a_rows) + "\n", att_repeats=att["repeats"], att_kernels=att["kernels"],
+                att_cpu=att["cpu"], bf16="\n".join(l_rows) + "\n", bf_repeats=lin["repeats"], bf_kernels=lin["kernels"])
+
+
 def weight_ratios() -> dict:
     """The W4 g64 row's ratios against bf16, for the text under the speed table."""
     rows = json.loads((RESULTS / "weight_quant.json").read_text())
@@ -362,11 +392,13 @@ def llamacpp_targets() -> dict:
         return "yes" if ok else "**no**"
 
     w4_p, f_p = x("W4 g64", "Q4_0", "prefill512_tok_s"), x("float16", "F16", "prefill512_tok_s")
+    b_p = x("bfloat16", "BF16", "prefill512_tok_s") if "BF16" in theirs else 0.0
     out = dict(w4_b1=f"{x('W4 g64', 'Q4_0', 'decode_b1_tok_s'):.2f}x",
                w4_b1_ok=yes(x("W4 g64", "Q4_0", "decode_b1_tok_s") >= 1.6),
                f_b1=f"{x('float16', 'F16', 'decode_b1_tok_s'):.2f}x", f_b1_ok=yes(x("float16", "F16", "decode_b1_tok_s") >= 1),
                w4_n=f"{x('W4 g64', 'Q4_0', 'decode_16_tok_s'):.2f}x", w4_n_ok=yes(x("W4 g64", "Q4_0", "decode_16_tok_s") >= 3),
-               w4_p=f"{w4_p:.2f}x", f_p=f"{f_p:.2f}x", p_ok=yes(w4_p >= 1.5 and f_p >= 1.2),
+               w4_p=f"{w4_p:.2f}x", f_p=f"{f_p:.2f}x", b_p=f"{b_p:.2f}x" if b_p else "not run",
+               p_ok=yes(w4_p >= 1.5 and f_p >= 1.2 and b_p >= 1.2),
                srv_rps="not run", srv_ttft="", srv_ok="")
     if r["serving"]:
         (_, o), (_, t) = r["serving"].items()
@@ -377,19 +409,20 @@ def llamacpp_targets() -> dict:
 
 
 def main() -> None:
-    parts = [HEADER, ENGINE.format(table=table("engine.md")), PROFILE.format(table=table("profile.md")),
-             KV.format(table=table("kv_quant.md")), PREFIX.format(table=table("prefix_cache.md")),
-             WEIGHT_SPEED.format(table=table("weight_quant.md"), **weight_ratios()),
-             WEIGHT_QUALITY.format(table=table("weight_quality.md"), bars=quality_bars())]
     soak, cpu = soak_table()
-    parts.insert(1, RELIABILITY.format(table=soak, cpu=cpu))
-    parts.insert(2, ISA.format(table=table("isa.md")))
-    parts.insert(3, HEAD_BITS.format(table=table("head_bits.md")))
     targets = llamacpp_targets()
+    parts = [HEADER, RELIABILITY.format(table=soak, cpu=cpu), ISA.format(table=table("isa.md"))]
+    if (RESULTS / "attention.json").exists() and (RESULTS / "bf16.json").exists():
+        parts.append(KERNELS.format(**kernel_tables()))
+    parts.append(HEAD_BITS.format(table=table("head_bits.md")))
     if targets:
-        parts.insert(4, LLAMACPP.format(table=table("llamacpp.md"), **targets))
+        parts.append(LLAMACPP.format(table=table("llamacpp.md"), **targets))
     if (RESULTS / "shapes.md").exists():
-        parts.insert(4 + bool(targets), SHAPES.format(table=table("shapes.md")))
+        parts.append(SHAPES.format(table=table("shapes.md")))
+    parts += [ENGINE.format(table=table("engine.md")), PROFILE.format(table=table("profile.md")),
+              KV.format(table=table("kv_quant.md")), PREFIX.format(table=table("prefix_cache.md")),
+              WEIGHT_SPEED.format(table=table("weight_quant.md"), **weight_ratios()),
+              WEIGHT_QUALITY.format(table=table("weight_quality.md"), bars=quality_bars())]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
 

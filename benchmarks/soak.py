@@ -96,7 +96,12 @@ def cpu_name() -> str:
     flags = set(re.search(r"flags\s*:\s*(.+)", info).group(1).split())
     isa = next((name for flag, name in [("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"), ("avx2", "AVX2")]
                 if flag in flags), "no AVX2")
-    return f"{model.group(1).strip() if model else 'unknown CPU'}, {os.cpu_count()} cores, {isa}"
+    isa += " + BF16" if "avx512_bf16" in flags else ""
+    family = re.search(r"cpu family\s*:\s*(\d+)", info)
+    # AMD names its cores by family: 25 (19h) is Zen 3 and Zen 4, 26 (1Ah) Zen 5
+    core = {"25": " (family 25: Zen 3/4)", "26": " (family 26: Zen 5)"}.get(family.group(1) if family else "", "")
+    name = model.group(1).strip() if model else "unknown CPU"
+    return f"{name}{core if name.startswith('AMD') else ''}, {os.cpu_count()} cores, {isa}"
 
 
 def process_sample(pid: int) -> tuple[float, int]:

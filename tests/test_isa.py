@@ -65,6 +65,22 @@ def test_integer_linears_are_bit_identical_on_avx512_and_avx2(bits, m):
     assert torch.equal(wide, narrow) and wide.abs().sum() > 0
 
 
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 7, 16, 33])
+def test_float_linears_are_bit_identical_on_avx512_and_avx2(dtype, m):
+    """zmm tiles on avx512, ymm on avx2: each output is the same FMA chain over k either way."""
+    torch.manual_seed(m)
+    n, k = 200, 576                                                  # 200: a last panel of 8 rows
+    weight, x, bias = torch.randn(n, k).to(dtype), torch.randn(m, k), torch.randn(n)
+    wide, narrow = (NativeOps(kernels.load(isa), isa, bf16_dot=False) for isa in ("avx512", "avx2"))
+    packed, wtype = wide.pack_float(weight)
+    for b in (None, bias):
+        y = wide.linear(x, packed, wtype, n, b)
+        assert torch.equal(y, narrow.linear(x, packed, wtype, n, b)) and y.abs().sum() > 0
+        assert torch.equal(y[-1:], wide.linear(x[-1:].contiguous(), packed, wtype, n, b))  # alone = batched
+
+
 LOGITS = """
 import json, sys, torch
 from quantserve.config import EngineConfig, SamplingParams

@@ -1,6 +1,7 @@
 /* quantserve CPU kernels (x86 AVX2 + FMA, OpenMP), built once per instruction set: the avx512
  * build (F/BW/VL + VNNI) takes the VNNI paths below, the avx2 build the AVX2 ones. Integer
- * sums are exact either way, so both builds give bit-identical results.
+ * sums are exact either way, so both builds give bit-identical results. Float-weight linears run
+ * on zmm tiles in the avx512 build and ymm in the avx2 one, with the same FMA chain per output.
  *
  * Each result row is computed in an order that does not depend on how many rows are in the
  * batch, so a request gets bit-identical numbers alone or batched.
@@ -56,6 +57,7 @@ static inline __m256 exp8(__m256 x) {
  * in order in its own lane: the same numbers whatever the tile shape or batch size. */
 #define NR 16
 
+#ifndef __AVX512F__
 static inline void store_tile(__m256 a0, __m256 a1, float *y, int nvalid, const float *bias) {
     float tmp[NR];
     _mm256_storeu_ps(tmp, a0);
@@ -142,6 +144,138 @@ static const micro_fn MICRO[3][7] = {
     {micro_4p_1, micro_1_1, micro_2_1, micro_3_1, micro_4_1, micro_5_1, micro_6_1},
     {micro_4p_2, micro_1_2, micro_2_2, micro_3_2, micro_4_2, micro_5_2, micro_6_2},
 };
+
+/* wtype 0-2 on ymm: x [M, K], packed [ceil(N / 16), K, 16], bias [N] or NULL -> y [M, N]. */
+static void linear_floats(const float *x, int M, int K, const void *packed, int wtype, const float *bias,
+                          float *y, int N, int nthreads) {
+    long npanels = (N + NR - 1) / NR;
+    if (M == 1) {
+        long ngroups = (npanels + 3) / 4;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (long g = 0; g < ngroups; g++) {
+            long p0 = g * 4;
+            if (p0 + 4 <= npanels) MICRO[wtype][0](x, K, packed, p0, N, bias, y);
+            else
+                for (long p = p0; p < npanels; p++) MICRO[wtype][1](x, K, packed, p, N, bias, y);
+        }
+        return;
+    }
+    /* Rows of x in blocks that stay in L2 (~192 KB) while every panel passes over them. */
+    int mb = (int)(49152 / K) / 6 * 6;
+    if (mb < 6) mb = 6;
+#pragma omp parallel num_threads(nthreads)
+    for (int mstart = 0; mstart < M; mstart += mb) {
+        int mend = mstart + mb < M ? mstart + mb : M;
+#pragma omp for schedule(static)
+        for (long p = 0; p < npanels; p++) {
+            for (int m0 = mstart; m0 < mend; m0 += 6) {
+                int mt = mend - m0 < 6 ? mend - m0 : 6;
+                MICRO[wtype][mt](x + (long)m0 * K, K, packed, p, N, bias, y + (long)m0 * N);
+            }
+        }
+    }
+}
+#else
+/* avx512 build: the same panels, one zmm = 16 outputs of one panel per k. Every output element is
+ * still one chain of FMAs over k in order from zero, then + bias: bit-identical to the ymm tiles. */
+#define F_ROWS 12    /* prefill tile: 12 rows x 2 panels = 24 of the 32 zmm as accumulators */
+#define F_GEMV 4     /* decode: 1 row x 4 panels */
+
+static inline __m512 load16(const void *w, int wtype, long idx) {
+    if (wtype == W_BF16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + idx));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    if (wtype == W_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + idx)));
+    return _mm512_loadu_ps((const float *)w + idx);
+}
+
+/* y[n0 .. n0 + 16) = acc + bias (or + 0.0f, as store_tile: -0 becomes +0), clipped to N. */
+static inline __attribute__((always_inline)) void store16(__m512 acc, float *y, long n0, int N,
+                                                          const float *bias) {
+    __mmask16 m = N - n0 >= 16 ? 0xFFFF : (__mmask16)((1u << (N - n0)) - 1);
+    acc = _mm512_add_ps(acc, bias ? _mm512_maskz_loadu_ps(m, bias + n0) : _mm512_setzero_ps());
+    _mm512_mask_storeu_ps(y + n0, m, acc);
+}
+
+/* MT rows of x [MT, K] against NP panels from p; y: [MT, N]. */
+static inline __attribute__((always_inline)) void float_tile(const int MT, const int NP, const int WT,
+                                                             const float *x, int K, const void *w, long p,
+                                                             int N, const float *bias, float *y) {
+    const long stride = (long)K * NR;
+    __m512 acc[F_ROWS][F_GEMV];
+#pragma GCC unroll 12
+    for (int t = 0; t < MT; t++)
+#pragma GCC unroll 4
+        for (int q = 0; q < NP; q++) acc[t][q] = _mm512_setzero_ps();
+    for (long k = 0; k < K; k++) {
+        __m512 wv[F_GEMV];
+#pragma GCC unroll 4
+        for (int q = 0; q < NP; q++) wv[q] = load16(w, WT, (p + q) * stride + k * NR);
+#pragma GCC unroll 12
+        for (int t = 0; t < MT; t++) {
+            __m512 xb = _mm512_set1_ps(x[t * (long)K + k]);
+#pragma GCC unroll 4
+            for (int q = 0; q < NP; q++) acc[t][q] = _mm512_fmadd_ps(xb, wv[q], acc[t][q]);
+        }
+    }
+#pragma GCC unroll 12
+    for (int t = 0; t < MT; t++)
+#pragma GCC unroll 4
+        for (int q = 0; q < NP; q++) store16(acc[t][q], y + (long)t * N, (p + q) * NR, N, bias);
+}
+
+typedef void (*float_fn)(const float *, int, const void *, long, int, const float *, float *);
+#define FLOAT_TILE(W, T, P)                                                                           \
+    static void ftile_##W##_##T##_##P(const float *x, int K, const void *w, long p, int N, const float *b, \
+                                      float *y) { float_tile(T, P, W, x, K, w, p, N, b, y); }
+#define FLOAT_ROWS(W, P)                                                                              \
+    FLOAT_TILE(W, 1, P) FLOAT_TILE(W, 2, P) FLOAT_TILE(W, 3, P) FLOAT_TILE(W, 4, P) FLOAT_TILE(W, 5, P) \
+    FLOAT_TILE(W, 6, P) FLOAT_TILE(W, 7, P) FLOAT_TILE(W, 8, P) FLOAT_TILE(W, 9, P) FLOAT_TILE(W, 10, P) \
+    FLOAT_TILE(W, 11, P) FLOAT_TILE(W, 12, P)
+#define FLOAT_TILES(W) FLOAT_ROWS(W, 1) FLOAT_ROWS(W, 2) FLOAT_TILE(W, 1, 4)
+FLOAT_TILES(0)
+FLOAT_TILES(1)
+FLOAT_TILES(2)
+#define FLOAT_TABLE(W, P)                                                                             \
+    {ftile_##W##_1_##P, ftile_##W##_2_##P, ftile_##W##_3_##P, ftile_##W##_4_##P, ftile_##W##_5_##P,      \
+     ftile_##W##_6_##P, ftile_##W##_7_##P, ftile_##W##_8_##P, ftile_##W##_9_##P, ftile_##W##_10_##P,     \
+     ftile_##W##_11_##P, ftile_##W##_12_##P}
+/* [wtype][panels - 1][rows - 1] */
+static const float_fn FTILE[3][2][F_ROWS] = {{FLOAT_TABLE(0, 1), FLOAT_TABLE(0, 2)},
+                                             {FLOAT_TABLE(1, 1), FLOAT_TABLE(1, 2)},
+                                             {FLOAT_TABLE(2, 1), FLOAT_TABLE(2, 2)}};
+static const float_fn FGEMV[3] = {ftile_0_1_4, ftile_1_1_4, ftile_2_1_4};
+
+/* wtype 0-2 on zmm: x [M, K], packed [ceil(N / 16), K, 16], bias [N] or NULL -> y [M, N]. */
+static void linear_floats(const float *x, int M, int K, const void *packed, int wtype, const float *bias,
+                          float *y, int N, int nthreads) {
+    const long npanels = (N + NR - 1) / NR;
+    if (M == 1) {    /* thread t takes panels [t P / T, (t + 1) P / T), 4 at a time, then 2, then 1 */
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (int t = 0; t < nthreads; t++) {
+            long p = npanels * t / nthreads, end = npanels * (t + 1) / nthreads;
+            for (; p + F_GEMV <= end; p += F_GEMV) FGEMV[wtype](x, K, packed, p, N, bias, y);
+            for (; p + 2 <= end; p += 2) FTILE[wtype][1][0](x, K, packed, p, N, bias, y);
+            for (; p < end; p++) FTILE[wtype][0][0](x, K, packed, p, N, bias, y);
+        }
+        return;
+    }
+    /* Rows of x in blocks that stay in L2 (~512 KB) while every pair of panels passes over them. */
+    int mb = (int)(131072 / K) / F_ROWS * F_ROWS;
+    if (mb < 2 * F_ROWS) mb = 2 * F_ROWS;
+#pragma omp parallel num_threads(nthreads)
+    for (int mstart = 0; mstart < M; mstart += mb) {
+        int mend = mstart + mb < M ? mstart + mb : M;
+#pragma omp for schedule(static)
+        for (long p = 0; p < npanels; p += 2)
+            for (int m0 = mstart; m0 < mend; m0 += F_ROWS) {
+                int mt = mend - m0 < F_ROWS ? mend - m0 : F_ROWS;
+                FTILE[wtype][p + 1 < npanels][mt - 1](x + (long)m0 * K, K, packed, p, N, bias, y + (long)m0 * N);
+            }
+    }
+}
+#endif
 
 /* ---- wtype 3, "bf16 pairs": bf16 weights x bf16-rounded activations (vdpbf16ps) ------------
  * Weights [ceil(N / 16), K / 2, 16, 2] bfloat16: 32-bit lane j of pair kk holds w[16 p + j][2 kk]
@@ -291,32 +425,7 @@ void qs_linear(const float *x, int M, int K, const void *packed, int wtype, cons
 #endif
         return;
     }
-    long npanels = (N + NR - 1) / NR;
-    if (M == 1) {
-        long ngroups = (npanels + 3) / 4;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (long g = 0; g < ngroups; g++) {
-            long p0 = g * 4;
-            if (p0 + 4 <= npanels) MICRO[wtype][0](x, K, packed, p0, N, bias, y);
-            else
-                for (long p = p0; p < npanels; p++) MICRO[wtype][1](x, K, packed, p, N, bias, y);
-        }
-        return;
-    }
-    /* Rows of x in blocks that stay in L2 (~192 KB) while every panel passes over them. */
-    int mb = (int)(49152 / K) / 6 * 6;
-    if (mb < 6) mb = 6;
-#pragma omp parallel num_threads(nthreads)
-    for (int mstart = 0; mstart < M; mstart += mb) {
-        int mend = mstart + mb < M ? mstart + mb : M;
-#pragma omp for schedule(static)
-        for (long p = 0; p < npanels; p++) {
-            for (int m0 = mstart; m0 < mend; m0 += 6) {
-                int mt = mend - m0 < 6 ? mend - m0 : 6;
-                MICRO[wtype][mt](x + (long)m0 * K, K, packed, p, N, bias, y + (long)m0 * N);
-            }
-        }
-    }
+    linear_floats(x, M, K, packed, wtype, bias, y, N, nthreads);
 }
 
 /* Integer weights (W4A8 / W8A8, as llama.cpp's Q4 x Q8_0): each row of x is quantized on the fly
