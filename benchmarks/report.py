@@ -235,11 +235,12 @@ The same engine and model on each kernel backend the CPU runs, each in its own p
 are `vpdpbusd` (AVX-512 VNNI) against AVX2's `maddubs` + `madd` + `add`; from 2 rows up, 4-bit
 tiles take two 8-row panels per 512-bit `vpdpbusd` against one broadcast of the activations. The
 integer sums and the float operations on them are the same, so both backends produce the same
-tokens bit for bit (`tests/test_isa.py`). Float kernels are the same code on both. Batch-1 decode
-streams the weights from memory and gains nothing; an earlier build that let gcc auto-vectorize
-with 512-bit registers was 5-7% slower there, so the avx512 build prefers 256-bit
-auto-vectorization and keeps 512 bits for the explicit VNNI tiles. Repeated runs of this table
-ranged 1.86-2.02x (prefill) and 1.37-1.56x (16 streams).
+tokens bit for bit (`tests/test_isa.py`). Batch-1 decode streams the weights from memory and
+gains nothing; an earlier build that let gcc auto-vectorize with 512-bit registers was 5-7% slower
+there, so the avx512 build prefers 256-bit auto-vectorization and uses 512 bits only in explicit
+tiles. Repeated runs of this table ranged 1.86-2.02x (prefill) and 1.37-1.56x (16 streams). This
+table predates the 512-bit float tiles and the flash prefill attention (next section), which the
+avx512 build gained later; the W4 rows' prefill attention was torch's on both sides here.
 
 {table}"""
 
@@ -253,8 +254,9 @@ tensors: its best case; with past, an explicit mask), 2 threads, best of {att_re
 {attention}
 Float linears, GFLOP/s at M = 512 (prefill) and M = 1 (decode, weights hot in cache), 2 threads,
 best of {bf_repeats}, {bf_kernels}: bf16 pairs on `vdpbf16ps` (activations rounded to bf16, fp32
-sums; `--dtype bfloat16`), our float32-activation kernels on bf16 (w1) and fp32 (w0) panels, and
-torch's own matmuls:
+sums; `--dtype bfloat16`), our float32-activation kernels (512-bit FMA tiles) on bf16 (w1), fp32
+(w0) and fp16 (w2) panels, and torch's own matmuls. On this CPU a 512-bit `vdpbf16ps` does twice
+the multiply-adds of a 512-bit FMA, so the pairs run near 1 TFLOP/s on two cores:
 
 {bf16}"""
 
