@@ -145,3 +145,25 @@ def test_the_kv_cache_is_resident_from_the_start():
     cache = PagedKVCache(4, 512, 64, 4, 64, torch.float16, kv_bits=8)     # [L, blocks, 64, Hkv, D] int8 + scales
     for part in (cache.k, cache.v, cache.k_scale, cache.v_zero):
         assert resident_fraction(part) == 1.0
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("dtype, width", [("float16", 2), ("bfloat16", 2), ("float32", 4)])
+def test_the_weights_row_counts_every_weight_held(tiny_llama, monkeypatch, backend, dtype, width):
+    """The start-up table's weights figure is the model's parameters at their storage width,
+    whatever runtime kind holds them (float panels, bf16 pairs, or torch's own tensors)."""
+    from quantserve import kernels
+    from quantserve.config import EngineConfig
+    from quantserve.engine.engine import Engine
+    from quantserve.models import loader
+    from quantserve.models.ops import TorchOps
+
+    if backend == "torch":
+        monkeypatch.setattr(loader, "ops_for", lambda *args: TorchOps())
+    elif kernels.cpu() is None:
+        pytest.skip("no native kernels here")
+    engine = Engine(tiny_llama, EngineConfig(dtype=dtype, cache_max_tokens=1024), progress=False)
+    args = engine.args
+    norms = (2 * args.num_layers + 1) * args.hidden_size               # float32 on CPU, not in `width`
+    expected = (args.num_params() - norms) * width + norms * 4
+    assert engine.weights_bytes == expected

@@ -60,7 +60,8 @@ class PanelLinear(nn.Module):
         super().__init__()
         self.ops = ops
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed, self.wtype = ops.pack_float(linear.weight.data)       # [N/16, K, 16] or bf16 pairs
+        packed, self.wtype = ops.pack_float(linear.weight.data)
+        self.register_buffer("packed", packed)          # [N/16, K, 16], or bf16 pairs [N/16, K/2, 16, 2]
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data.float(), requires_grad=False)
 
     def load_weight(self, w: torch.Tensor) -> None:
