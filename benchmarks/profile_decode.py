@@ -5,12 +5,15 @@ float16 model and its W4 g64 (RTN) checkpoint.
 
 Times each stage of Engine.step() separately (scheduling and batch building in Python, the
 native all-layers call, the LM head, sampling, bookkeeping), then splits the native call into
-its linears and attention by timing those kernels alone at the same shapes.
+its stages (each linear, attention with rope and the KV write, norms) with timers inside it, in a
+build of the kernels made for this (-DQS_PROFILE).
 Writes benchmarks/results/profile.md.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import sys
 import tempfile
 import time
@@ -20,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from quantserve import kernels  # noqa: E402
 from quantserve.config import EngineConfig, SamplingParams  # noqa: E402
 from quantserve.engine import sampler  # noqa: E402
 from quantserve.engine.engine import Engine  # noqa: E402
-from quantserve.kvcache.paged import AttentionMetadata  # noqa: E402
 from quantserve.models.resolve import resolve_model  # noqa: E402
 
 REPEATS = 20
@@ -53,33 +56,34 @@ def one_step(engine: Engine, stats: dict) -> None:
           "update (Python)")
 
 
-def kernel_split(engine: Engine, n: int, context: int) -> dict:
-    """Linears vs attention inside the native call, timed alone at the same shapes."""
-    a, layers = engine.args, engine.model.layers
-    x = {k: torch.randn(n, k) for k in (a.hidden_size, a.q_size, a.intermediate_size)}
-    linears = [(m, x[m.in_features]) for layer in layers
-               for m in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down)]
-    q = torch.randn(n, a.num_heads, a.head_dim)
-    nblk = -(-context // engine.cache.block_size)
-    tables = torch.arange(n * nblk).view(n, nblk) % engine.cache.num_blocks
-    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), n, tables, torch.full((n,), context), None, [])
+STAGES = ("qkv linear", "rope, KV write, attention", "o linear", "gate_up linear", "down linear",
+          "norms, silu")
 
-    def run_linears():
-        for m, xi in linears:
-            m(xi)
 
-    def run_attention():
-        for i in range(len(layers)):
-            engine.model.ops.decode_attention(q, i, meta, engine.cache, a.head_dim ** -0.5)
+@functools.cache
+def profiling_library() -> ctypes.CDLL:
+    """This backend's kernels built with -DQS_PROFILE: qs_decode_layers times its stages."""
+    isa = kernels.backend()
+    target = Path(tempfile.mkdtemp()) / f"libqs-{isa}-profile.so"
+    kernels._build(target, [*kernels.COMMON_FLAGS, *kernels.ISAS[isa][0], "-DQS_PROFILE"])
+    lib = ctypes.CDLL(str(target))
+    kernels._declare(lib)
+    lib.qs_profile_read.argtypes, lib.qs_profile_read.restype = [ctypes.c_void_p], None
+    return lib
 
-    result = {}
-    for name, fn in (("linears (4 per layer)", run_linears), ("attention", run_attention)):
-        fn()
-        start = time.perf_counter()
-        for _ in range(REPEATS):
-            fn()
-        result[name] = (time.perf_counter() - start) / REPEATS
-    return result
+
+def native_split(engine: Engine) -> dict:
+    """The stages inside the native all-layers call, timed in place by the profiling build over
+    REPEATS further steps of the same requests (the timers add a little to each stage)."""
+    lib, fused = profiling_library(), engine.model.fused
+    own, fused.lib = fused.lib, lib
+    seconds = (ctypes.c_double * len(STAGES))()
+    lib.qs_profile_read(seconds)                                    # zero the counters
+    for _ in range(REPEATS):
+        engine.step()
+    lib.qs_profile_read(seconds)
+    fused.lib = own
+    return {name: seconds[i] / REPEATS for i, name in enumerate(STAGES)}
 
 
 def profile(engine: Engine, n: int) -> tuple[dict, dict]:
@@ -90,9 +94,10 @@ def profile(engine: Engine, n: int) -> tuple[dict, dict]:
     stats: dict = {}
     for _ in range(REPEATS):
         one_step(engine, stats)
+    split = native_split(engine)
     for r in reqs:
         engine.abort(r.request_id)
-    return {k: v / REPEATS for k, v in stats.items()}, kernel_split(engine, n, 128 + REPEATS)
+    return {k: v / REPEATS for k, v in stats.items()}, split
 
 
 def table(results: dict) -> str:
@@ -102,7 +107,7 @@ def table(results: dict) -> str:
         lines += [f"**batch {n}**: {total * 1e3:.1f} ms per step = {n / total:.0f} tokens/s", "",
                   "| stage | ms | share |", "|---|---:|---:|"]
         lines += [f"| {k} | {v * 1e3:.2f} | {v / total:.0%} |" for k, v in stages.items()]
-        lines += [f"| ↳ inside the native call: {k} (timed alone) | {v * 1e3:.2f} | {v / total:.0%} |"
+        lines += [f"| ↳ inside the native call: {k} | {v * 1e3:.2f} | {v / total:.0%} |"
                   for k, v in split.items()]
         lines.append("")
     return "\n".join(lines)

@@ -675,7 +675,7 @@ void qs_linear_q(const float *x, int M, int K, const uint8_t *packed, int bits, 
     free(xr.s);
 }
 
-static inline float dot(const float *a, const void *b, int ctype, long off, int D) {
+static inline __attribute__((always_inline)) float dot(const float *a, const void *b, int ctype, long off, int D) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (int d = 0; d < D; d += 16) {
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), load8(b, ctype, off + d), a0);
@@ -696,8 +696,8 @@ static inline __m256 hsum8x8(const __m256 *a) {
 
 /* scores[t .. t+7] = q . k[t + j] * scale for 8 consecutive keys starting at element offset
  * `off` (key j at off + j * kstride). */
-static inline void dot8(const float *qv, const void *k_cache, int ctype, long off, long kstride, int D,
-                        float scale, float *scores) {
+static inline __attribute__((always_inline)) void dot8(const float *qv, const void *k_cache, int ctype, long off, long kstride,
+                                                      int D, float scale, float *scores) {
     __m256 acc[8];
     for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
     for (int d = 0; d < D; d += 8) {
@@ -728,14 +728,31 @@ static void softmax_inplace(float *x, long n) {
     for (long r = t; r < n; r++) x[r] *= 1.0f / sum;
 }
 
-/* Scores of the G query heads of KV head h against every context token, then softmax. */
-static void scores_softmax(const float *const *qg, int G, const void *k_cache, int ctype,
-                           const int64_t *table, long L, int block_size, int Hkv, int h, int D,
-                           float scale, float *scores) {
+/* Ask for n rows of one head (row i: D elements at element off + i * stride) to be brought into
+ * L1. Decode reads each cached row once per step and the blocks are scattered, so the hardware
+ * prefetcher, which follows one stride within a page, cannot run ahead across them. */
+static inline void prefetch_rows(const void *cache, int ctype, long off, long n, long stride, int D) {
+    const long esize = ctype == W_F32 ? 4 : 2;
+    for (long i = 0; i < n; i++)
+        for (long b = 0; b < D * esize; b += 64)
+            _mm_prefetch((const char *)cache + (off + i * stride) * esize + b, _MM_HINT_T0);
+}
+
+/* Scores of the G query heads of KV head h against every context token, then softmax. While a
+ * block's keys are scored, the next block's keys and this block's values are fetched. */
+static inline __attribute__((always_inline)) void scores_softmax(const float *const *qg, int G, const void *k_cache,
+                                                                const void *v_cache, int ctype, const int64_t *table,
+                                                                long L, int block_size, int Hkv, int h, int D,
+                                                                float scale, float *scores) {
     long kstride = (long)Hkv * D;
     for (long t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
         long n = L - t0 < block_size ? L - t0 : block_size;
         long base = (table[blk] * block_size * Hkv + h) * (long)D;
+        if (t0 + block_size < L) {
+            long next = L - t0 - block_size < block_size ? L - t0 - block_size : block_size;
+            prefetch_rows(k_cache, ctype, (table[blk + 1] * block_size * Hkv + h) * (long)D, next, kstride, D);
+        }
+        prefetch_rows(v_cache, ctype, base, n, kstride, D);
         for (int g = 0; g < G; g++) {
             long i = 0;
             for (; i + 8 <= n; i += 8)
@@ -747,10 +764,19 @@ static void scores_softmax(const float *const *qg, int G, const void *k_cache, i
     for (int g = 0; g < G; g++) softmax_inplace(scores + g * L, L);
 }
 
+/* acc[j] += sum over n rows i of p[i] * v[row i, 8 j .. 8 j + 7], rows in order. */
+static inline __attribute__((always_inline)) void pv_rows(const int CT, const int NV, const float *p, const void *v_cache,
+                                                         long base, long n, long vstride, __m256 *acc) {
+    for (long i = 0; i < n; i++) {
+        __m256 pv = _mm256_set1_ps(p[i]);
+        for (int j = 0; j < NV; j++) acc[j] = _mm256_fmadd_ps(pv, load8(v_cache, CT, base + i * vstride + 8 * j), acc[j]);
+    }
+}
+
 /* out[g] = sum_t p[g][t] v[t]; 64 lanes of D at a time held in 8 registers, t in order. */
-static void weighted_values(const float *scores, int G, const void *v_cache, int ctype,
-                            const int64_t *table, long L, int block_size, int Hkv, int h, int D,
-                            float *const *og) {
+static inline __attribute__((always_inline)) void weighted_values(const float *scores, int G, const void *v_cache, int ctype,
+                                                                 const int64_t *table, long L, int block_size, int Hkv,
+                                                                 int h, int D, float *const *og) {
     long vstride = (long)Hkv * D;
     for (int g = 0; g < G; g++) {
         const float *p = scores + g * L;
@@ -761,16 +787,34 @@ static void weighted_values(const float *scores, int G, const void *v_cache, int
             for (long t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
                 long n = L - t0 < block_size ? L - t0 : block_size;
                 long base = (table[blk] * block_size * Hkv + h) * (long)D + d0;
-                for (long i = 0; i < n; i++) {
-                    __m256 pv = _mm256_set1_ps(p[t0 + i]);
-                    long off = base + i * vstride;
-                    for (int j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(pv, load8(v_cache, ctype, off + 8 * j), acc[j]);
-                }
+                if (nv == 8) pv_rows(ctype, 8, p + t0, v_cache, base, n, vstride, acc);   /* kept in registers */
+                else pv_rows(ctype, nv, p + t0, v_cache, base, n, vstride, acc);
             }
             for (int j = 0; j < nv; j++) _mm256_storeu_ps(og[g] + d0 + 8 * j, acc[j]);
         }
     }
 }
+
+/* One KV head of one sequence: its G query heads' scores, softmax and weighted values, compiled
+ * once per cache type so that no load in the inner loops tests the type. */
+static inline __attribute__((always_inline)) void attend_head(const int CT, const float *const *qg, int G, const void *k_cache,
+                                                             const void *v_cache, const int64_t *table, long L,
+                                                             int block_size, int Hkv, int h, int D, float scale,
+                                                             float *scores, float *const *og) {
+    scores_softmax(qg, G, k_cache, v_cache, CT, table, L, block_size, Hkv, h, D, scale, scores);
+    weighted_values(scores, G, v_cache, CT, table, L, block_size, Hkv, h, D, og);
+}
+
+typedef void (*attend_fn)(const float *const *, int, const void *, const void *, const int64_t *, long, int, int, int,
+                          int, float, float *, float *const *);
+#define DEFINE_ATTEND(CT)                                                                                   \
+    static void attend_head_##CT(const float *const *qg, int G, const void *k, const void *v,              \
+                                 const int64_t *table, long L, int bs, int Hkv, int h, int D, float scale, \
+                                 float *scores, float *const *og) {                                         \
+        attend_head(CT, qg, G, k, v, table, L, bs, Hkv, h, D, scale, scores, og);                          \
+    }
+DEFINE_ATTEND(0) DEFINE_ATTEND(1) DEFINE_ATTEND(2)
+static const attend_fn ATTEND[3] = {attend_head_0, attend_head_1, attend_head_2};   /* by W_F32 / W_BF16 / W_F16 */
 
 /* One query token per sequence against its paged context.
  * q: [B, Hq, D] (row stride q_stride floats); k_cache, v_cache: [num_blocks, block_size, Hkv, D]
@@ -793,8 +837,7 @@ void qs_decode_attention(const float *q, long q_stride, const void *k_cache, con
                 og[g] = out + ((long)b * Hq + h * G + g) * D;
             }
             float *scores = malloc(sizeof(float) * G * L);
-            scores_softmax(qg, G, k_cache, ctype, table, L, block_size, Hkv, h, D, scale, scores);
-            weighted_values(scores, G, v_cache, ctype, table, L, block_size, Hkv, h, D, og);
+            ATTEND[ctype](qg, G, k_cache, v_cache, table, L, block_size, Hkv, h, D, scale, scores, og);
             free(scores);
         }
     }
@@ -1141,6 +1184,25 @@ static void attend(const DecodeBatch *b, int l, const float *qkv, int nqkv, int 
                         b->block_size, b->max_blocks, b->scale, attn, b->nthreads);
 }
 
+/* Built with -DQS_PROFILE (benchmarks/profile_decode.py), qs_decode_layers adds up the wall time
+ * of its stages: 0 qkv, 1 rope + KV write + attention, 2 o, 3 gate_up, 4 down, 5 norms + silu. */
+#ifdef QS_PROFILE
+#include <time.h>
+static double stage_s[6];
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+/* out: [6] seconds per stage since the last read */
+void qs_profile_read(double *out) {
+    for (int i = 0; i < 6; i++) { out[i] = stage_s[i]; stage_s[i] = 0.0; }
+}
+#define STAGE(i, stmt) do { double t0_ = now_s(); stmt; stage_s[i] += now_s() - t0_; } while (0)
+#else
+#define STAGE(i, stmt) stmt
+#endif
+
 /* x: [T, H] embeddings in; on return x holds the last layer's output and residual the stream
  * before it (the caller applies the final add + norm). Same kernels, same order as the
  * module-by-module path, so the numbers are identical. */
@@ -1151,20 +1213,16 @@ void qs_decode_layers(const LayerWeights *layers, int L, const DecodeBatch *b, f
     float *act = malloc(sizeof(float) * T * b->I);
     for (int l = 0; l < L; l++) {
         const LayerWeights *w = layers + l;
-        if (l == 0) {
-            memcpy(residual, x, sizeof(float) * T * H);
-            qs_add_rmsnorm(x, NULL, w->attn_norm, b->eps, h, T, H);
-        } else {
-            qs_add_rmsnorm(x, residual, w->attn_norm, b->eps, h, T, H);
-        }
-        run_linear(&w->qkv, b->wtype, h, T, H, w->qkv_bias, qkv, nqkv, b->nthreads);
-        qs_rope(qkv, T, nqkv, b->Hq + b->Hkv, b->D, b->positions, b->cos, b->sin);
-        attend(b, l, qkv, nqkv, qd, kvd, attn);
-        run_linear(&w->o, b->wtype, attn, T, qd, w->o_bias, x, H, b->nthreads);
-        qs_add_rmsnorm(x, residual, w->mlp_norm, b->eps, h, T, H);
-        run_linear(&w->gate_up, b->wtype, h, T, H, NULL, gu, 2 * b->I, b->nthreads);
-        qs_silu_mul(gu, act, T, b->I);
-        run_linear(&w->down, b->wtype, act, T, b->I, NULL, x, H, b->nthreads);
+        if (l == 0) memcpy(residual, x, sizeof(float) * T * H);
+        STAGE(5, qs_add_rmsnorm(x, l == 0 ? NULL : residual, w->attn_norm, b->eps, h, T, H));
+        STAGE(0, run_linear(&w->qkv, b->wtype, h, T, H, w->qkv_bias, qkv, nqkv, b->nthreads));
+        STAGE(1, qs_rope(qkv, T, nqkv, b->Hq + b->Hkv, b->D, b->positions, b->cos, b->sin);
+                 attend(b, l, qkv, nqkv, qd, kvd, attn));
+        STAGE(2, run_linear(&w->o, b->wtype, attn, T, qd, w->o_bias, x, H, b->nthreads));
+        STAGE(5, qs_add_rmsnorm(x, residual, w->mlp_norm, b->eps, h, T, H));
+        STAGE(3, run_linear(&w->gate_up, b->wtype, h, T, H, NULL, gu, 2 * b->I, b->nthreads));
+        STAGE(5, qs_silu_mul(gu, act, T, b->I));
+        STAGE(4, run_linear(&w->down, b->wtype, act, T, b->I, NULL, x, H, b->nthreads));
     }
     free(h); free(qkv); free(attn); free(gu); free(act);
 }
