@@ -71,15 +71,17 @@ Python is now under 5% of a float16 step; the rest is weight bandwidth at batch 
 parameters are read once per step: 270 MB at fp16) and FMA throughput at batch 16.
 
 W4 at batch 1 reads about 90 MB per step: 60 MB of 4-bit layers (with their fp16 scales and
-mins) in the native call, and the 28 MB int8 output head, which is now about a quarter of the
-step. At batch 16 the integer linears do 2 x 106 M x 16 = 3.4 GFLOP per step; "timed alone"
-they take ~21 ms (~165 GFLOP/s-equivalent on the two cores), the int8 head ~6 ms, attention
-~6 ms, and the norms, RoPE, cache writes and activation quantization the rest of the native
-call. The two "timed alone" rows call each kernel from Python, so at batch 1 they include
-~120 calls' overhead and can exceed the native call that runs them back to back. Timings on
-this machine vary by 10-30% from run to run (the same W4 batch-1 step measured 7.8 ms in one
-run and 5.6 ms in the next), which is why every comparison elsewhere is best-of-3 within one
-run.
+mins) in the native call, and the 28 MB int8 output head. The rows under "inside the native
+call" are timed in place, by timers around each stage in a build of the kernels made for the
+profile (`-DQS_PROFILE`); they add a little to each stage. At 16 sequences the decode
+attention reads more bytes than the weights: 16 x ~190 tokens x 30 layers x K and V at fp16 is
+~70 MB a step, scattered in 16-token blocks, which is why that stage is near a third of the
+step. It is now compiled once per cache type (no type test in its inner loops) and prefetches
+the next block's keys and the block's values; the two profile runs of the day, before and
+after, gave 5.3 and 4.2 ms for that stage, within the run-to-run noise noted below.
+Timings on this machine vary by 10-30% from run to run (the same W4 batch-1 step measured 7.8
+ms in one run and 5.6 ms in the next, the machine's read bandwidth 43.6 GB/s in one run and
+51.7 GB/s in another), which is why every comparison elsewhere is best-of-3 within one run.
 """
 
 KV = """## KV cache quantization (`benchmarks/bench_kv_quant.py`)
@@ -201,28 +203,32 @@ first line of the table.
 | real shapes (next section), W4 g128 vs Q4_0: batch 1 >= 1.6x, 16 streams >= 3x | {shapes} | {shapes_ok} |
 
 Where the misses stand, with the profile of a decode step on the same machine
-(`benchmarks/profile_decode.py`, its table in "Where a decode step's time goes" below):
-- *Batch 1, W4 (1.2x of the 1.6x asked)*: a step is 3.5 ms: the 30 layers in one native call
-  2.32 ms (60 MB of 4-bit layers: 26 GB/s), the int8 head 0.77 ms (28 MB: 37 GB/s), Python and
-  small ops around them (batch tensors, embedding, norm, sampling) 0.35 ms. The machine reads
-  43.6 GB/s (a 512 MB sum, 2 threads). 1.6x llama.cpp is 2.5 ms a step: all 88 MB at ~90% of the
-  read bandwidth with nearly nothing around it. The layers' 26 GB/s is the gap: one OpenMP
-  region per linear (120 a step), no prefetch, 4 KB pages (transparent huge pages are `madvise`
-  only here and weights are not advised), and the 4-bit unpacking on the way. Not done yet.
-- *Batch 1, float16 (0.96x)*: both sides stream the same 0.27 GB; ours runs at ~36 GB/s (layers
-  5.97 ms for 213 MB, head 1.56 ms for 57 MB), llama.cpp's at ~34 GB/s, both near the machine's
-  read bandwidth. Bfloat16 on `vdpbf16ps` reads the same bytes and reaches 1.14x.
-- *16 streams, W4 (1.4x of the 3x asked)*: a step of 16 tokens is 14.2 ms: integer linears 7.0
-  ms (3.4 GOP: ~490 GOPS, far below what `vpdpbusd` on two cores allows), decode attention over
-  16 contexts of ~140 tokens 4.5 ms (32%: the decode-attention kernel is still 256-bit and one
-  task per sequence and KV head), the int8 head 3.0 ms. 3x llama.cpp is 7.2 ms a step. The
-  levers are a 512-bit decode attention and fewer unpack instructions per `vpdpbusd` in the
-  4-bit tile; neither is done.
-- *Serving (1.55x of the 2x asked; TTFT 670 vs 1227 ms, met)*: the same 16-stream step rate
-  bounds it (TPOT p50 18.9 ms vs 25.9 ms).
+(`benchmarks/profile_decode.py`, its table in "Where a decode step's time goes" below, stages
+inside the native call timed in place):
+- *Batch 1, W4 (1.33x of the 1.6x asked)*: a step is 2.7 ms: the 30 layers in one native call
+  1.94 ms (linears 1.49 ms for 60 MB, ~40 GB/s; rope, KV write and attention 0.35 ms: three
+  KV-head tasks on two threads, so one thread does two), the int8 head 0.43 ms (28 MB), Python
+  and small ops around them (batch tensors, embedding, final norm, sampling) 0.3 ms. 1.6x
+  llama.cpp's 305.6 tok/s of this run is 2.04 ms a step: the linears would have to reach the
+  machine's read bandwidth and the head, attention and Python all shrink (a 4-bit head reads 14
+  MB less but costs 13% perplexity, "Output head bits" above). Not done: one parallel region
+  per step instead of one per linear, huge pages for the weights, the quantized embedding row
+  in C.
+- *Batch 1, float16 (1.16x) and bfloat16 (1.00x)*: both sides stream the same 0.27 GB at
+  40-46 GB/s; the figures move by 10-20% between runs (bfloat16 was 1.14x in the run before).
+- *16 streams, W4 (1.47x of the 3x asked)*: a step of 16 tokens is 14.5 ms: integer linears
+  6.2 ms (3.4 GOP: ~550 GOPS-equivalent, far below what `vpdpbusd` on two cores allows: the
+  4-bit tile spends more instructions unpacking nibbles and broadcasting activations than in
+  `vpdpbusd`), the decode attention 4.2 ms (29%: ~70 MB of fp16 K and V in 16-token blocks per
+  step, more than the weights; an int8 KV cache halves that), the int8 head 2.9 ms. 3x
+  llama.cpp is 6.5 ms a step: it needs all three halved at least. Not done.
+- *Serving (1.55x of the 2x asked; TTFT 599 vs 1146 ms, met)*: bounded by the same 16-stream
+  step (TPOT p50 16.7 ms vs 24.2 ms).
 - *Real shapes*: prefill leads 1.7-1.8x (met); batch 1 (1.15x Qwen2.5-0.5B, 1.05x
-  InternLM2.5-1.8B) and 16 streams (1.30x, 1.16x) miss for the reasons above, and on these larger
-  models both sides are closer to the read bandwidth (34-37 GB/s).
+  InternLM2.5-1.8B) and 16 streams (1.30x, 1.16x) miss for the reasons above; these were
+  measured before the decode-attention change of this run.
+- The machine's read bandwidth (a sum over 512 MB, 2 threads) measured 43.6, 51.7 and 82.5 GB/s
+  in three runs on the same day: the host is shared, so ratios within one run are what count.
 """
 
 SHAPES = """## quantserve vs llama.cpp at real models' shapes (`benchmarks/bench_shapes.py`)
