@@ -70,6 +70,8 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
                                  rope_theta=500.0),
     }
     dirs["internlm2"] = llama_to_internlm2(dirs["llama_src"], root / "internlm2")
+    dirs["llama_bias"] = build_llama(root / "llama_bias", seed=1, attention_bias=True)
+    dirs["internlm"] = llama_to_internlm(dirs["llama_bias"], root / "internlm")
     return dirs
 
 
@@ -80,6 +82,22 @@ def tiny_llama(tiny_dirs) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def llama_to_internlm(llama_dir: Path, out: Path) -> Path:
+    """InternLM v1 keeps Llama's tensor names; its config says `bias` (q/k/v/o) and `rotary`."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(llama_dir / "model.safetensors", out / "model.safetensors")
+    cfg = read_json(llama_dir / "config.json")
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
+    icfg = {k: cfg[k] for k in keys} | {"model_type": "internlm", "architectures": ["InternLMForCausalLM"],
+                                         "bias": True, "rotary": {"base": 10000, "type": "dynamic"}}
+    icfg["num_key_value_heads"] = cfg["num_key_value_heads"]
+    (out / "config.json").write_text(json.dumps(icfg))
+    return out
 
 
 def llama_to_internlm2(llama_dir: Path, out: Path) -> Path:

@@ -44,13 +44,18 @@ def small_engine(model_dir, **kw) -> Engine:
     return Engine(model_dir, EngineConfig(**{**cfg, **kw}), progress=False)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "internlm2"])
+# families transformers has no class for: checked against the Llama checkpoint they were written from
+REFERENCE = {"internlm2": "llama_src", "internlm": "llama_bias"}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "internlm2", "internlm"])
 @pytest.mark.parametrize("chunk", [8192, 7])
 def test_logits_match_transformers(tiny_dirs, family, chunk):
-    """InternLM2 has no transformers class: its checkpoint is a Llama rewritten in InternLM2's
-    layout, so the reference is transformers' Llama on the original."""
+    """InternLM2 and InternLM (v1) are remote code, not transformers classes: their checkpoints
+    are a Llama (with q/k/v/o biases for v1) rewritten in their layout, so the reference is
+    transformers' Llama on the original."""
     prompt = list(range(3, 40))
-    reference = tiny_dirs["llama_src" if family == "internlm2" else family]
+    reference = tiny_dirs[REFERENCE.get(family, family)]
     expected, _ = hf_logits(reference, prompt, DECODE_STEPS)
     got = engine_logits(small_engine(tiny_dirs[family], max_prefill_token_num=chunk), prompt, DECODE_STEPS)
     assert got.shape == expected.shape

@@ -26,6 +26,7 @@ FAMILIES = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "qwen2",
+    "internlm": "internlm",
     "internlm2": "internlm2",
 }
 

@@ -59,7 +59,7 @@ INTERNLM2 = Arch(
     inputs={"attention.wqkv": "attn.qkv", "attention.wo": "attn.o", "feed_forward.w1": "mlp.gate_up",
             "feed_forward.w3": "mlp.gate_up", "feed_forward.w2": "mlp.down"})
 
-ARCHS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "internlm2": INTERNLM2}
+ARCHS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "internlm": LLAMA, "internlm2": INTERNLM2}
 
 
 def arch_for(model_type: str) -> Arch:

@@ -1,0 +1,78 @@
+"""Per family, beyond logit parity (test_parity.py): greedy tokens equal transformers' alone and
+in a batch, and the quantized paths (RTN W4, AWQ, GPTQ, int8/int4 KV cache) load and run."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import add_tokenizer
+from test_parity import REFERENCE, hf_logits, small_engine
+
+from quantserve.config import SamplingParams
+from quantserve.quant.primitives import QuantSpec
+from quantserve.quant.run import LiteJob, run
+
+FAMILIES = ["internlm"]
+PROMPTS = [list(range(3, 40)), list(range(50, 61)), list(range(7, 90, 3))]
+STEPS = 32
+
+
+def greedy(engine, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """Every prompt decoded together, greedy."""
+    reqs = [engine.add_request(f"g{i}", p, SamplingParams(max_new_tokens=steps)) for i, p in enumerate(prompts)]
+    while engine.has_work:
+        engine.step()
+    return [r.output_token_ids for r in reqs]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_match_transformers_alone_and_batched(tiny_dirs, family):
+    reference = tiny_dirs[REFERENCE.get(family, family)]
+    expected = [hf_logits(reference, p, STEPS - 1)[1] for p in PROMPTS]
+    engine = small_engine(tiny_dirs[family], max_prefill_token_num=7)
+    assert [greedy(engine, [p], STEPS)[0] for p in PROMPTS] == expected
+    assert greedy(engine, PROMPTS, STEPS) == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_quantized_kv_cache_runs_close_to_float(tiny_dirs, family, kv_bits):
+    """The int8 / int4 cache: the first logits equal the float cache's to the cache's precision."""
+    from test_parity import engine_logits
+
+    prompt = PROMPTS[0]
+    exact = engine_logits(small_engine(tiny_dirs[family]), prompt, 4)
+    quant = engine_logits(small_engine(tiny_dirs[family], quant_policy=kv_bits), prompt, 4)
+    assert quant.shape == exact.shape
+    assert (quant[0] - exact[0]).abs().max() < (0.05 if kv_bits == 8 else 0.5) * exact[0].abs().max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["rtn", "awq", "gptq"])
+def test_quantized_checkpoints_load_and_decode(tiny_dirs, tmp_path, family, method):
+    """W4 checkpoints of each method load and decode; their logits stay near the float model's."""
+    from test_parity import engine_logits
+
+    model = add_tokenizer(Path(shutil.copytree(tiny_dirs[family], tmp_path / "model")))   # calibration text
+    out = tmp_path / method
+    run(LiteJob(str(model), str(out), method, QuantSpec(4, 32), calib_dataset="wikitext2", calib_samples=4,
+                calib_seqlen=64, batch_size=2, progress=False))
+    exact = engine_logits(small_engine(model), PROMPTS[0], 4)
+    got = engine_logits(small_engine(out), PROMPTS[0], 4)
+    assert got.shape == exact.shape and torch.isfinite(got).all()
+    cos = torch.nn.functional.cosine_similarity(got[0], exact[0], dim=0)
+    assert cos > 0.9, f"{method} W4 logits drifted: cosine {cos:.3f}"
+
+
+def test_internlm_reads_bias_and_rotary_from_its_config(tiny_dirs):
+    from quantserve.models import internlm
+    from quantserve.models.loader import read_config
+
+    cfg = read_config(tiny_dirs["internlm"])
+    args = internlm.model_args({**cfg, "rotary": {"base": 500, "type": "dynamic", "scaling_factor": 2.0}})
+    assert args.rope_theta == 500.0 and args.rope_scaling == {"rope_type": "dynamic", "factor": 2.0}
+    assert args.qkv_bias and args.o_bias
+    plain = internlm.model_args({k: v for k, v in cfg.items() if k not in ("rotary", "bias")} | {"bias": False})
+    assert plain.rope_theta == 10000.0 and plain.rope_scaling is None and not plain.qkv_bias and not plain.o_bias
