@@ -67,7 +67,7 @@ def test_quantized_checkpoints_load_and_decode(tiny_dirs, tmp_path, family, meth
 
 
 def test_internlm_reads_bias_and_rotary_from_its_config(tiny_dirs):
-    from quantserve.models import internlm
+    from quantserve.models.families import internlm
     from quantserve.models.loader import read_config
 
     cfg = read_config(tiny_dirs["internlm"])
@@ -76,3 +76,28 @@ def test_internlm_reads_bias_and_rotary_from_its_config(tiny_dirs):
     assert args.qkv_bias and args.o_bias
     plain = internlm.model_args({k: v for k, v in cfg.items() if k not in ("rotary", "bias")} | {"bias": False})
     assert plain.rope_theta == 10000.0 and plain.rope_scaling is None and not plain.qkv_bias and not plain.o_bias
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "internlm", "internlm2"])
+def test_each_family_file_holds_a_recipe_that_fits_its_checkpoints(tiny_dirs, family):
+    """Found by model_type alone; every linear its AWQ/GPTQ recipe names is in a checkpoint of the
+    family, and lands in the engine module the recipe says reads its input."""
+    from quantserve.models.families import registry
+    from quantserve.models.loader import checkpoint_files, read_checkpoint, read_config
+    from quantserve.quant.arch import quantized_linears
+
+    cfg = read_config(tiny_dirs[family])
+    fam = registry()[cfg["model_type"]]
+    weights = read_checkpoint(checkpoint_files(tiny_dirs[family]), False)
+    engine_names = fam.convert_weights(weights, fam.model_args(cfg))
+    for linear in quantized_linears(fam.quant, cfg["num_hidden_layers"]):
+        assert f"{linear}.weight" in weights
+        layer = int(linear.split(".")[2])
+        assert f"{fam.quant.input_site(linear, layer)}.weight" in engine_names
+
+
+def test_an_unknown_architecture_names_the_supported_ones(tmp_path):
+    from quantserve.models.loader import ModelLoadError, family_for
+
+    with pytest.raises(ModelLoadError, match="supported model_types: internlm, internlm2, llama, mistral, qwen2"):
+        family_for({"model_type": "gpt_neox"})

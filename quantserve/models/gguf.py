@@ -13,14 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from quantserve.models.families import gguf_archs
 from quantserve.models.loader import ModelLoadError, one_line
 from quantserve.quant.checkpoint import staged_dir
 
-# Which HF family each supported GGUF architecture becomes, and whether llama.cpp permuted q/k.
-ARCHS = {
-    "llama": {"model_type": "llama", "class": "LlamaForCausalLM", "permuted_qk": True},
-    "qwen2": {"model_type": "qwen2", "class": "Qwen2ForCausalLM", "permuted_qk": False},
-}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -84,7 +80,7 @@ def gguf_tensors(reader, path: Path, config: dict, arch: str, progress: bool = F
     tensors = {}
     with _corrupt_is_load_error(path):
         for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor", file=sys.stderr, disable=not progress):
-            hf_name, values = _convert_tensor(tensor, path, config, ARCHS[arch]["permuted_qk"])
+            hf_name, values = _convert_tensor(tensor, path, config, gguf_archs()[arch].permuted_qk)
             tensors[hf_name] = torch.from_numpy(values)
     _check_complete(tensors, config, path)
     return tensors
@@ -151,10 +147,10 @@ def _min_item_bytes(item_type: int) -> int:
 
 
 def _architecture(reader, path: Path) -> str:
-    arch = _field(reader, "general.architecture")
-    if arch not in ARCHS:
+    arch, archs = _field(reader, "general.architecture"), gguf_archs()
+    if arch not in archs:
         raise ModelLoadError(
-            f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHS))}"
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(archs))}"
         )
     return arch
 
@@ -175,8 +171,8 @@ def hf_config(reader, arch: str, path: Path) -> dict:
     hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
     names = {t.name for t in reader.tensors}
     config = {
-        "architectures": [ARCHS[arch]["class"]],
-        "model_type": ARCHS[arch]["model_type"],
+        "architectures": [gguf_archs()[arch].hf_class],
+        "model_type": gguf_archs()[arch].model_type,
         "hidden_size": hidden,
         "intermediate_size": int(meta("feed_forward_length")),
         "num_hidden_layers": int(meta("block_count")),

@@ -1,6 +1,6 @@
 """The decoder every supported family maps onto.
 
-Families (llama.py, qwen2.py, internlm.py, internlm2.py) differ only in how their config and checkpoint
+Families (families/: llama, qwen2, internlm, internlm2) differ only in how their config and checkpoint
 names map onto `ModelArgs` and these modules; the forward pass is shared. Tokens are flat:
 the batch is [T] tokens from many requests, attention finds each request's context through
 `AttentionMetadata`.

@@ -1,11 +1,10 @@
 """Model directory -> CausalLM with weights, in the requested dtype.
 
-config.json → family module (by HF `model_type`) → ModelArgs; checkpoint files (safetensors,
+config.json → family (models/families/, by HF `model_type`) → ModelArgs; checkpoint files (safetensors,
 sharded or not, or pytorch_model*.bin) → family.convert_weights → internal names → CausalLM.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from quantserve.config import ConfigError
+from quantserve.models.families import Family, registry
 from quantserve.models.layers import CausalLM, ModelArgs
 from quantserve.models.ops import ops_for
 from quantserve.models.rope import RotaryEmbedding
@@ -21,14 +21,6 @@ from quantserve.quant.checkpoint import split_quantized
 from quantserve.quant.linear import QuantLinear
 from quantserve.quant.primitives import QuantizedWeight
 
-# HF model_type -> module in quantserve.models
-FAMILIES = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "qwen2",
-    "internlm": "internlm",
-    "internlm2": "internlm2",
-}
 
 
 # config.json keys every family reads without a default: positive integers
@@ -62,7 +54,7 @@ def read_config(model_dir: Path) -> dict:
         raise ModelLoadError(f"{path} is not a JSON object (got {type(cfg).__name__})")
     if not isinstance(cfg.get("model_type", ""), str):
         raise ModelLoadError(f"{path}: model_type must be a string, got {cfg['model_type']!r}")
-    if cfg.get("model_type") in FAMILIES:
+    if cfg.get("model_type") in registry():
         for key in REQUIRED_SIZES:  # checked here, where the file can be named, not deep in model_args
             value = cfg.get(key)
             if type(value) is not int or value < 1:
@@ -70,12 +62,12 @@ def read_config(model_dir: Path) -> dict:
     return cfg
 
 
-def family_for(cfg: dict):
-    model_type = cfg.get("model_type")
-    if model_type not in FAMILIES:
+def family_for(cfg: dict) -> Family:
+    model_type, families = cfg.get("model_type"), registry()
+    if model_type not in families:
         raise ModelLoadError(
-            f"unsupported architecture {model_type!r}; supported model_types: {', '.join(sorted(FAMILIES))}")
-    return importlib.import_module(f"quantserve.models.{FAMILIES[model_type]}")
+            f"unsupported architecture {model_type!r}; supported model_types: {', '.join(sorted(families))}")
+    return families[model_type]
 
 
 def model_config(model_dir: Path, hf_overrides: dict | None = None) -> dict:

@@ -1,5 +1,6 @@
-"""Per-architecture facts the quantizers need, as data: which linears are quantized (HF names),
-and which norm or linear feeds which linears (where AWQ folds its input scales).
+"""The shape of the per-architecture facts the quantizers need, as data: which linears are
+quantized (HF names), and which norm or linear feeds which linears (where AWQ folds its input
+scales). Each family's recipe lives in its own file (models/families/).
 
 `{i}` is the layer index. A scale group: (the producer whose output is scaled down, the
 consumers whose input columns are scaled up, the module whose inputs give the statistics).
@@ -29,43 +30,14 @@ class Arch:
         return f"layers.{layer}.{self.inputs['.'.join(linear.split('.')[-2:])]}"
 
 
-LLAMA = Arch(
-    linears=("model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.k_proj",
-             "model.layers.{i}.self_attn.v_proj", "model.layers.{i}.self_attn.o_proj",
-             "model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj", "model.layers.{i}.mlp.down_proj"),
-    scale_groups=(
-        ScaleGroup("model.layers.{i}.input_layernorm", ("model.layers.{i}.self_attn.q_proj",
-                   "model.layers.{i}.self_attn.k_proj", "model.layers.{i}.self_attn.v_proj")),
-        ScaleGroup("model.layers.{i}.self_attn.v_proj", ("model.layers.{i}.self_attn.o_proj",), True),
-        ScaleGroup("model.layers.{i}.post_attention_layernorm", ("model.layers.{i}.mlp.gate_proj",
-                   "model.layers.{i}.mlp.up_proj"), mlp_down="model.layers.{i}.mlp.down_proj"),
-        ScaleGroup("model.layers.{i}.mlp.up_proj", ("model.layers.{i}.mlp.down_proj",)),
-    ),
-    inputs={"self_attn.q_proj": "attn.qkv", "self_attn.k_proj": "attn.qkv", "self_attn.v_proj": "attn.qkv",
-            "self_attn.o_proj": "attn.o", "mlp.gate_proj": "mlp.gate_up", "mlp.up_proj": "mlp.gate_up",
-            "mlp.down_proj": "mlp.down"})
-
-INTERNLM2 = Arch(
-    linears=("model.layers.{i}.attention.wqkv", "model.layers.{i}.attention.wo",
-             "model.layers.{i}.feed_forward.w1", "model.layers.{i}.feed_forward.w3",
-             "model.layers.{i}.feed_forward.w2"),
-    scale_groups=(
-        ScaleGroup("model.layers.{i}.attention_norm", ("model.layers.{i}.attention.wqkv",)),
-        ScaleGroup("model.layers.{i}.ffn_norm", ("model.layers.{i}.feed_forward.w1",
-                                                 "model.layers.{i}.feed_forward.w3"),
-                   mlp_down="model.layers.{i}.feed_forward.w2"),
-        ScaleGroup("model.layers.{i}.feed_forward.w3", ("model.layers.{i}.feed_forward.w2",)),
-    ),
-    inputs={"attention.wqkv": "attn.qkv", "attention.wo": "attn.o", "feed_forward.w1": "mlp.gate_up",
-            "feed_forward.w3": "mlp.gate_up", "feed_forward.w2": "mlp.down"})
-
-ARCHS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "internlm": LLAMA, "internlm2": INTERNLM2}
-
-
 def arch_for(model_type: str) -> Arch:
-    if model_type not in ARCHS:
-        raise ValueError(f"no quantization recipe for {model_type!r}; supported: {', '.join(sorted(ARCHS))}")
-    return ARCHS[model_type]
+    """The recipe of the family that runs model_type (models/families/)."""
+    from quantserve.models.families import registry
+
+    families = registry()
+    if model_type not in families:
+        raise ValueError(f"no quantization recipe for {model_type!r}; supported: {', '.join(sorted(families))}")
+    return families[model_type].quant
 
 
 def layer_names(template: str, layer: int) -> str:

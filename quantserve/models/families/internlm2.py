@@ -8,9 +8,10 @@ import re
 
 import torch
 
-from quantserve.models import llama
+from quantserve.models.families import Family, llama
+from quantserve.models.families.llama import fuse, rename
 from quantserve.models.layers import ModelArgs
-from quantserve.models.llama import fuse, rename
+from quantserve.quant.arch import Arch, ScaleGroup
 
 
 def model_args(cfg: dict) -> ModelArgs:
@@ -58,3 +59,21 @@ def deinterleave_wqkv(w: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     k = grouped[:, g].reshape(-1, *w.shape[1:])                      # [Hkv * D, ...]
     v = grouped[:, g + 1].reshape(-1, *w.shape[1:])
     return torch.cat([q, k, v], dim=0)
+
+
+# AWQ / GPTQ: the quantized linears and where AWQ folds its input scales (HF names)
+RECIPE = Arch(
+    linears=("model.layers.{i}.attention.wqkv", "model.layers.{i}.attention.wo",
+             "model.layers.{i}.feed_forward.w1", "model.layers.{i}.feed_forward.w3",
+             "model.layers.{i}.feed_forward.w2"),
+    scale_groups=(
+        ScaleGroup("model.layers.{i}.attention_norm", ("model.layers.{i}.attention.wqkv",)),
+        ScaleGroup("model.layers.{i}.ffn_norm", ("model.layers.{i}.feed_forward.w1",
+                                                 "model.layers.{i}.feed_forward.w3"),
+                   mlp_down="model.layers.{i}.feed_forward.w2"),
+        ScaleGroup("model.layers.{i}.feed_forward.w3", ("model.layers.{i}.feed_forward.w2",)),
+    ),
+    inputs={"attention.wqkv": "attn.qkv", "attention.wo": "attn.o", "feed_forward.w1": "mlp.gate_up",
+            "feed_forward.w3": "mlp.gate_up", "feed_forward.w2": "mlp.down"})
+
+FAMILY = Family(("internlm2",), model_args, convert_weights, RECIPE)

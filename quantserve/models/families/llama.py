@@ -5,8 +5,10 @@ import re
 
 import torch
 
+from quantserve.models.families import Family, GgufArch
 from quantserve.models.layers import ModelArgs, eos_ids
 from quantserve.models.rope import rope_from_config
+from quantserve.quant.arch import Arch, ScaleGroup
 
 QKV_BIAS = False
 
@@ -79,3 +81,24 @@ def rename(name: str, renames: list[tuple[str, str]]) -> str:
 
 def fuse(parts: dict[str, dict[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {name: torch.cat([p[i] for i in sorted(p)], dim=0) for name, p in parts.items()}
+
+
+# AWQ / GPTQ: the quantized linears and where AWQ folds its input scales (HF names)
+RECIPE = Arch(
+    linears=("model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.k_proj",
+             "model.layers.{i}.self_attn.v_proj", "model.layers.{i}.self_attn.o_proj",
+             "model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj", "model.layers.{i}.mlp.down_proj"),
+    scale_groups=(
+        ScaleGroup("model.layers.{i}.input_layernorm", ("model.layers.{i}.self_attn.q_proj",
+                   "model.layers.{i}.self_attn.k_proj", "model.layers.{i}.self_attn.v_proj")),
+        ScaleGroup("model.layers.{i}.self_attn.v_proj", ("model.layers.{i}.self_attn.o_proj",), True),
+        ScaleGroup("model.layers.{i}.post_attention_layernorm", ("model.layers.{i}.mlp.gate_proj",
+                   "model.layers.{i}.mlp.up_proj"), mlp_down="model.layers.{i}.mlp.down_proj"),
+        ScaleGroup("model.layers.{i}.mlp.up_proj", ("model.layers.{i}.mlp.down_proj",)),
+    ),
+    inputs={"self_attn.q_proj": "attn.qkv", "self_attn.k_proj": "attn.qkv", "self_attn.v_proj": "attn.qkv",
+            "self_attn.o_proj": "attn.o", "mlp.gate_proj": "mlp.gate_up", "mlp.up_proj": "mlp.gate_up",
+            "mlp.down_proj": "mlp.down"})
+
+FAMILY = Family(("llama", "mistral"), model_args, convert_weights, RECIPE,
+                GgufArch("llama", "llama", "LlamaForCausalLM", permuted_qk=True))

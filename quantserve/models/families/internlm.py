@@ -3,7 +3,7 @@
 config has it; its "dynamic" type only stretches the base past max_position_embeddings."""
 from __future__ import annotations
 
-from quantserve.models import llama
+from quantserve.models.families import Family, llama
 from quantserve.models.layers import ModelArgs
 
 convert_weights = llama.convert_weights
@@ -17,3 +17,6 @@ def model_args(cfg: dict) -> ModelArgs:
     args = llama.model_args({"max_position_embeddings": 2048, **rope, **cfg})
     args.qkv_bias = args.o_bias = cfg.get("bias", True)
     return args
+
+
+FAMILY = Family(("internlm",), model_args, convert_weights, llama.RECIPE)

@@ -1,0 +1,47 @@
+"""Model families: each module of this package is one family and holds all of it.
+
+A family module defines `FAMILY`: the Hugging Face `model_type`s it runs, how a config becomes
+`ModelArgs`, how checkpoint names map onto the engine's modules, the quantizers' recipe (which
+linears, which norm feeds which, `quant.arch.Arch`) and, where llama.cpp writes it, its GGUF
+architecture. Adding a family is adding a module here; nothing else lists them.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    name: str                  # general.architecture in the GGUF file
+    model_type: str            # the HF model_type its config.json gets
+    hf_class: str              # and its `architectures` entry
+    permuted_qk: bool          # llama.cpp permuted q/k rows for its RoPE layout (undone on read)
+
+
+@dataclass(frozen=True)
+class Family:
+    model_types: tuple[str, ...]
+    model_args: Callable       # config dict -> ModelArgs
+    convert_weights: Callable  # (HF-named tensors, ModelArgs) -> engine-named tensors
+    quant: object              # quant.arch.Arch: the AWQ / GPTQ recipe
+    gguf: GgufArch | None = None
+
+
+@functools.cache
+def registry() -> dict[str, Family]:
+    """model_type -> Family, from every module of this package."""
+    found: dict[str, Family] = {}
+    for info in pkgutil.iter_modules(__path__):
+        family = getattr(importlib.import_module(f"{__name__}.{info.name}"), "FAMILY", None)
+        for model_type in family.model_types if family else ():
+            found[model_type] = family
+    return found
+
+
+def gguf_archs() -> dict[str, GgufArch]:
+    """GGUF general.architecture -> how it maps onto a family."""
+    return {f.gguf.name: f.gguf for f in registry().values() if f.gguf}
