@@ -38,6 +38,10 @@ def save_hf(model, path: Path) -> Path:
     return path
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
 def build_llama(path: Path, seed: int = 0, **overrides) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,6 +63,15 @@ def build_mistral(path: Path) -> Path:
     return save_hf(MistralForCausalLM(MistralConfig(**TINY, sliding_window=None, head_dim=32)).eval(), path)
 
 
+def build_qwen3(path: Path) -> Path:
+    """head_dim 32 where hidden / heads is 16, as Qwen3 sets its own; tied embeddings."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(**{**TINY, "tie_word_embeddings": True}, head_dim=32)
+    return save_hf(Qwen3ForCausalLM(cfg).eval(), path)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
@@ -66,6 +79,8 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
         "llama": build_llama(root / "llama"),
         "qwen2": build_qwen2(root / "qwen2"),
         "mistral": build_mistral(root / "mistral"),
+        "qwen3": build_qwen3(root / "qwen3"),
+        "llama3": build_llama(root / "llama3", tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE),  # as Llama 3.2 1B
         "llama_src": build_llama(root / "llama_src", num_attention_heads=8, num_key_value_heads=2,
                                  rope_theta=500.0),
     }

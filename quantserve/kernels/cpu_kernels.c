@@ -934,6 +934,7 @@ typedef struct {
     LinearWeights qkv, o, gate_up, down;
     const float *qkv_bias, *o_bias;              /* or NULL */
     const float *attn_norm, *mlp_norm;           /* [H] */
+    const float *q_norm, *k_norm;                /* [D] RMSNorm of each q and k head (Qwen3), or NULL */
 } LayerWeights;
 
 static void run_linear(const LinearWeights *lw, int wtype, const float *x, int M, int K, const float *bias,
@@ -1184,6 +1185,16 @@ static void attend(const DecodeBatch *b, int l, const float *qkv, int nqkv, int 
                         b->block_size, b->max_blocks, b->scale, attn, b->nthreads);
 }
 
+/* qkv rows [Hq q heads | Hkv k heads | v]: every q and k head RMS-normalised in place. */
+static void norm_heads(float *qkv, int T, int nqkv, int Hq, int Hkv, int D, const float *q_norm,
+                       const float *k_norm, float eps) {
+    for (int t = 0; t < T; t++) {
+        float *q = qkv + (long)t * nqkv, *k = q + (long)Hq * D;
+        qs_add_rmsnorm(q, NULL, q_norm, eps, q, Hq, D);
+        qs_add_rmsnorm(k, NULL, k_norm, eps, k, Hkv, D);
+    }
+}
+
 /* Built with -DQS_PROFILE (benchmarks/profile_decode.py), qs_decode_layers adds up the wall time
  * of its stages: 0 qkv, 1 rope + KV write + attention, 2 o, 3 gate_up, 4 down, 5 norms + silu. */
 #ifdef QS_PROFILE
@@ -1216,6 +1227,7 @@ void qs_decode_layers(const LayerWeights *layers, int L, const DecodeBatch *b, f
         if (l == 0) memcpy(residual, x, sizeof(float) * T * H);
         STAGE(5, qs_add_rmsnorm(x, l == 0 ? NULL : residual, w->attn_norm, b->eps, h, T, H));
         STAGE(0, run_linear(&w->qkv, b->wtype, h, T, H, w->qkv_bias, qkv, nqkv, b->nthreads));
+        if (w->q_norm) STAGE(5, norm_heads(qkv, T, nqkv, b->Hq, b->Hkv, b->D, w->q_norm, w->k_norm, b->eps));
         STAGE(1, qs_rope(qkv, T, nqkv, b->Hq + b->Hkv, b->D, b->positions, b->cos, b->sin);
                  attend(b, l, qkv, nqkv, qd, kvd, attn));
         STAGE(2, run_linear(&w->o, b->wtype, attn, T, qd, w->o_bias, x, H, b->nthreads));

@@ -29,7 +29,7 @@ class LinearWeights(ctypes.Structure):
 
 class LayerWeights(ctypes.Structure):
     _fields_ = [("qkv", LinearWeights), ("o", LinearWeights), ("gate_up", LinearWeights), ("down", LinearWeights),
-                ("qkv_bias", _p), ("o_bias", _p), ("attn_norm", _p), ("mlp_norm", _p)]
+                ("qkv_bias", _p), ("o_bias", _p), ("attn_norm", _p), ("mlp_norm", _p), ("q_norm", _p), ("k_norm", _p)]
 
 
 class DecodeBatch(ctypes.Structure):
@@ -43,6 +43,11 @@ class DecodeBatch(ctypes.Structure):
 
 def _linears(model) -> list:
     return [m for l in model.layers for m in (l.attn.qkv, l.attn.o, l.mlp.gate_up, l.mlp.down)]
+
+
+def _qk_norms(attn) -> tuple[int | None, int | None]:
+    """The per-head q and k norm weights of a layer that has them (Qwen3), else NULLs."""
+    return (_ptr(attn.q_norm.weight), _ptr(attn.k_norm.weight)) if hasattr(attn, "q_norm") else (None, None)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -61,7 +66,7 @@ class FusedDecoder:
         self.structs = (LayerWeights * len(layers))(*[
             LayerWeights(LinearWeights.of(l.attn.qkv), LinearWeights.of(l.attn.o), LinearWeights.of(l.mlp.gate_up),
                          LinearWeights.of(l.mlp.down), _ptr(l.attn.qkv.bias), _ptr(l.attn.o.bias),
-                         _ptr(l.attn_norm.weight), _ptr(l.mlp_norm.weight)) for l in layers])
+                         _ptr(l.attn_norm.weight), _ptr(l.mlp_norm.weight), *_qk_norms(l.attn)) for l in layers])
         self.dims = dict(H=a.hidden_size, Hq=a.num_heads, Hkv=a.num_kv_heads, D=a.head_dim, I=a.intermediate_size)
         self.eps, self.scale = a.rms_norm_eps, a.head_dim ** -0.5
 

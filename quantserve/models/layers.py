@@ -38,6 +38,7 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
+    qk_norm: bool = False                 # an RMSNorm over each q and k head before RoPE (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -84,12 +85,23 @@ class Attention(nn.Module):
         h = args.hidden_size
         self.qkv = make_linear(h, args.q_size + 2 * args.kv_size, bias=args.qkv_bias)
         self.o = make_linear(args.q_size, h, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, ops)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, ops)
+
+    def norm_heads_(self, qkv: torch.Tensor) -> None:
+        """qkv: [T, (Hq + 2 Hkv) * D]; every q head and k head RMS-normalised in place."""
+        a, t = self.args, qkv.shape[0]
+        for norm, lo, hi in ((self.q_norm, 0, a.q_size), (self.k_norm, a.q_size, a.q_size + a.kv_size)):
+            qkv[:, lo:hi] = norm(qkv[:, lo:hi].reshape(-1, a.head_dim)).view(t, hi - lo)   # [T * heads, D]
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
                 meta: AttentionMetadata, cache: PagedKVCache) -> torch.Tensor:
         a = self.args
         t = x.shape[0]
         qkv = self.qkv(x)                                       # [T, (Hq + 2 Hkv) * D]
+        if a.qk_norm:
+            self.norm_heads_(qkv)
         self.ops.rope_(qkv, a.num_heads + a.num_kv_heads, positions, rope.cos, rope.sin)   # q and k heads
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         q = q.view(t, a.num_heads, a.head_dim)                  # [T, Hq, D]

@@ -54,7 +54,8 @@ FUSED = {
 _FUSED_RE = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.(weight|bias)$")
 
 
-def convert_weights(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+def convert_weights(weights: dict[str, torch.Tensor], args: ModelArgs,
+                    renames: list[tuple[str, str]] = RENAMES) -> dict[str, torch.Tensor]:
     """HF checkpoint names -> internal names, fusing q/k/v and gate/up."""
     out: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[int, torch.Tensor]] = {}
@@ -66,7 +67,7 @@ def convert_weights(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[s
             target, index = FUSED[m.group(2)]
             parts.setdefault(f"layers.{m.group(1)}.{target}.{m.group(3)}", {})[index] = tensor
             continue
-        out[rename(name, RENAMES)] = tensor
+        out[rename(name, renames)] = tensor
     out.update(fuse(parts))
     return out
 
