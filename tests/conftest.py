@@ -72,6 +72,16 @@ def build_qwen3(path: Path) -> Path:
     return save_hf(Qwen3ForCausalLM(cfg).eval(), path)
 
 
+def build_smollm3(path: Path) -> Path:
+    """Three layers, the middle one without RoPE."""
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = SmolLM3Config(**{**TINY, "num_hidden_layers": 3, "tie_word_embeddings": True}, no_rope_layers=[1, 0, 1],
+                        pad_token_id=None, bos_token_id=1, eos_token_id=2)
+    return save_hf(SmolLM3ForCausalLM(cfg).eval(), path)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
@@ -80,6 +90,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
         "qwen2": build_qwen2(root / "qwen2"),
         "mistral": build_mistral(root / "mistral"),
         "qwen3": build_qwen3(root / "qwen3"),
+        "smollm3": build_smollm3(root / "smollm3"),
         "llama3": build_llama(root / "llama3", tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE),  # as Llama 3.2 1B
         "llama_src": build_llama(root / "llama_src", num_attention_heads=8, num_key_value_heads=2,
                                  rope_theta=500.0),

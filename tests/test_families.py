@@ -14,7 +14,7 @@ from quantserve.config import SamplingParams
 from quantserve.quant.primitives import QuantSpec
 from quantserve.quant.run import LiteJob, run
 
-FAMILIES = ["internlm", "qwen3", "llama3"]
+FAMILIES = ["internlm", "qwen3", "llama3", "smollm3"]
 PROMPTS = [list(range(3, 40)), list(range(50, 61)), list(range(7, 90, 3))]
 STEPS = 32
 
@@ -78,7 +78,7 @@ def test_internlm_reads_bias_and_rotary_from_its_config(tiny_dirs):
     assert plain.rope_theta == 10000.0 and plain.rope_scaling is None and not plain.qkv_bias and not plain.o_bias
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "internlm", "internlm2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "internlm", "internlm2", "qwen3", "smollm3"])
 def test_each_family_file_holds_a_recipe_that_fits_its_checkpoints(tiny_dirs, family):
     """Found by model_type alone; every linear its AWQ/GPTQ recipe names is in a checkpoint of the
     family, and lands in the engine module the recipe says reads its input."""
@@ -99,5 +99,5 @@ def test_each_family_file_holds_a_recipe_that_fits_its_checkpoints(tiny_dirs, fa
 def test_an_unknown_architecture_names_the_supported_ones(tmp_path):
     from quantserve.models.loader import ModelLoadError, family_for
 
-    with pytest.raises(ModelLoadError, match="supported model_types: internlm, internlm2, llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ModelLoadError, match="supported model_types: internlm, internlm2, llama, mistral, qwen2, qwen3, smollm3"):
         family_for({"model_type": "gpt_neox"})

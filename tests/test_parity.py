@@ -48,7 +48,7 @@ def small_engine(model_dir, **kw) -> Engine:
 REFERENCE = {"internlm2": "llama_src", "internlm": "llama_bias"}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "internlm2", "internlm", "qwen3", "llama3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "internlm2", "internlm", "qwen3", "llama3", "smollm3"])
 @pytest.mark.parametrize("chunk", [8192, 7])
 def test_logits_match_transformers(tiny_dirs, family, chunk):
     """InternLM2 and InternLM (v1) are remote code, not transformers classes: their checkpoints
@@ -63,7 +63,7 @@ def test_logits_match_transformers(tiny_dirs, family, chunk):
 
 
 @pytest.mark.parametrize("backend", [*native_isas(), "torch"])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "smollm3"])
 def test_every_backend_matches_transformers(tiny_dirs, monkeypatch, family, backend):
     """The same model on each ops object this machine has (the process picks one; here each is
     forced at load), prefill in chunks of 7 so later chunks attend to cached context."""

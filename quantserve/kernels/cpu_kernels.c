@@ -935,6 +935,7 @@ typedef struct {
     const float *qkv_bias, *o_bias;              /* or NULL */
     const float *attn_norm, *mlp_norm;           /* [H] */
     const float *q_norm, *k_norm;                /* [D] RMSNorm of each q and k head (Qwen3), or NULL */
+    int rope;                                    /* 0: this layer's q and k are not rotated (SmolLM3) */
 } LayerWeights;
 
 static void run_linear(const LinearWeights *lw, int wtype, const float *x, int M, int K, const float *bias,
@@ -1228,7 +1229,7 @@ void qs_decode_layers(const LayerWeights *layers, int L, const DecodeBatch *b, f
         STAGE(5, qs_add_rmsnorm(x, l == 0 ? NULL : residual, w->attn_norm, b->eps, h, T, H));
         STAGE(0, run_linear(&w->qkv, b->wtype, h, T, H, w->qkv_bias, qkv, nqkv, b->nthreads));
         if (w->q_norm) STAGE(5, norm_heads(qkv, T, nqkv, b->Hq, b->Hkv, b->D, w->q_norm, w->k_norm, b->eps));
-        STAGE(1, qs_rope(qkv, T, nqkv, b->Hq + b->Hkv, b->D, b->positions, b->cos, b->sin);
+        STAGE(1, if (w->rope) qs_rope(qkv, T, nqkv, b->Hq + b->Hkv, b->D, b->positions, b->cos, b->sin);
                  attend(b, l, qkv, nqkv, qd, kvd, attn));
         STAGE(2, run_linear(&w->o, b->wtype, attn, T, qd, w->o_bias, x, H, b->nthreads));
         STAGE(5, qs_add_rmsnorm(x, residual, w->mlp_norm, b->eps, h, T, H));

@@ -29,7 +29,8 @@ class LinearWeights(ctypes.Structure):
 
 class LayerWeights(ctypes.Structure):
     _fields_ = [("qkv", LinearWeights), ("o", LinearWeights), ("gate_up", LinearWeights), ("down", LinearWeights),
-                ("qkv_bias", _p), ("o_bias", _p), ("attn_norm", _p), ("mlp_norm", _p), ("q_norm", _p), ("k_norm", _p)]
+                ("qkv_bias", _p), ("o_bias", _p), ("attn_norm", _p), ("mlp_norm", _p), ("q_norm", _p),
+                ("k_norm", _p), ("rope", _i)]
 
 
 class DecodeBatch(ctypes.Structure):
@@ -66,7 +67,7 @@ class FusedDecoder:
         self.structs = (LayerWeights * len(layers))(*[
             LayerWeights(LinearWeights.of(l.attn.qkv), LinearWeights.of(l.attn.o), LinearWeights.of(l.mlp.gate_up),
                          LinearWeights.of(l.mlp.down), _ptr(l.attn.qkv.bias), _ptr(l.attn.o.bias),
-                         _ptr(l.attn_norm.weight), _ptr(l.mlp_norm.weight), *_qk_norms(l.attn)) for l in layers])
+                         _ptr(l.attn_norm.weight), _ptr(l.mlp_norm.weight), *_qk_norms(l.attn), l.attn.rotates) for l in layers])
         self.dims = dict(H=a.hidden_size, Hq=a.num_heads, Hkv=a.num_kv_heads, D=a.head_dim, I=a.intermediate_size)
         self.eps, self.scale = a.rms_norm_eps, a.head_dim ** -0.5
 

@@ -1,9 +1,9 @@
 """The decoder every supported family maps onto.
 
-Families (families/: llama, qwen2, internlm, internlm2) differ only in how their config and checkpoint
-names map onto `ModelArgs` and these modules; the forward pass is shared. Tokens are flat:
-the batch is [T] tokens from many requests, attention finds each request's context through
-`AttentionMetadata`.
+Families (models/families/: llama, qwen2, qwen3, smollm3, internlm, internlm2) differ only in
+how their config and checkpoint names map onto `ModelArgs` and these modules; the forward pass
+is shared. Tokens are flat: the batch is [T] tokens from many requests, attention finds each
+request's context through `AttentionMetadata`.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ class ModelArgs:
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False                 # an RMSNorm over each q and k head before RoPE (Qwen3)
+    nope_layers: tuple[int, ...] = ()     # layers whose q and k get no RoPE (SmolLM3)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -82,6 +83,7 @@ class Attention(nn.Module):
         self.args, self.ops = args, ops
         self.layer_idx = layer_idx
         self.scale = args.head_dim ** -0.5
+        self.rotates = layer_idx not in args.nope_layers
         h = args.hidden_size
         self.qkv = make_linear(h, args.q_size + 2 * args.kv_size, bias=args.qkv_bias)
         self.o = make_linear(args.q_size, h, bias=args.o_bias)
@@ -102,7 +104,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x)                                       # [T, (Hq + 2 Hkv) * D]
         if a.qk_norm:
             self.norm_heads_(qkv)
-        self.ops.rope_(qkv, a.num_heads + a.num_kv_heads, positions, rope.cos, rope.sin)   # q and k heads
+        if self.rotates:
+            self.ops.rope_(qkv, a.num_heads + a.num_kv_heads, positions, rope.cos, rope.sin)   # q and k heads
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         q = q.view(t, a.num_heads, a.head_dim)                  # [T, Hq, D]
         k = k.view(t, a.num_kv_heads, a.head_dim)               # [T, Hkv, D]
