@@ -82,6 +82,18 @@ def build_smollm3(path: Path) -> Path:
     return save_hf(SmolLM3ForCausalLM(cfg).eval(), path)
 
 
+def build_phi3(path: Path) -> Path:
+    """LongRoPE switching at 64 positions, half of each 32-dim head rotated (as Phi-4-mini's 3/4)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0 + i / 10 for i in range(8)], "long_factor": [2.0 + i for i in range(8)]}
+    cfg = Phi3Config(**{**TINY, "hidden_size": 128, "intermediate_size": 256}, original_max_position_embeddings=64,
+                     partial_rotary_factor=0.5, rope_parameters=rope, pad_token_id=None, bos_token_id=1, eos_token_id=2)
+    return save_hf(Phi3ForCausalLM(cfg).eval(), path)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
@@ -91,6 +103,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
         "mistral": build_mistral(root / "mistral"),
         "qwen3": build_qwen3(root / "qwen3"),
         "smollm3": build_smollm3(root / "smollm3"),
+        "phi3": build_phi3(root / "phi3"),
         "llama3": build_llama(root / "llama3", tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE),  # as Llama 3.2 1B
         "llama_src": build_llama(root / "llama_src", num_attention_heads=8, num_key_value_heads=2,
                                  rope_theta=500.0),

@@ -105,7 +105,7 @@ def step_by_kernels(lib, w: dict, x: torch.Tensor, d: dict, k_cache, v_cache) ->
     h = torch.empty_like(x)
     lib.qs_add_rmsnorm(x.data_ptr(), None, w["attn_norm"].data_ptr(), 1e-6, h.data_ptr(), T, H)
     qkv = lin(h, "qkv", qd + 2 * kvd)
-    lib.qs_rope(qkv.data_ptr(), T, qkv.shape[1], hq + hkv, D, d["positions"].data_ptr(), d["cos"].data_ptr(),
+    lib.qs_rope(qkv.data_ptr(), T, qkv.shape[1], hq + hkv, D, D, d["positions"].data_ptr(), d["cos"].data_ptr(),
                 d["sin"].data_ptr())
     for cache, off in ((k_cache, qd), (v_cache, qd + kvd)):
         lib.qs_kv_write(qkv[:, off:].data_ptr(), qkv.shape[1], T, kvd, d["slots"].data_ptr(), cache.data_ptr(), 0)
@@ -140,8 +140,8 @@ def test_the_fused_decode_step_runs_bf16_pairs():
     expected, expected_res = step_by_kernels(LIB, w, x, d, kc, vc)
 
     layer = LayerWeights(*[LinearWeights(w[name].data_ptr(), None, None, 0, 0) for name in shapes],
-                         ptr(w["qkv_bias"]), None, ptr(w["attn_norm"]), ptr(w["mlp_norm"]))
-    batch = DecodeBatch(T=T, H=H, Hq=hq, Hkv=hkv, D=D, I=inter, wtype=bf16.W_PAIRS, ctype=0, block_size=bs,
+                         ptr(w["qkv_bias"]), None, ptr(w["attn_norm"]), ptr(w["mlp_norm"]), None, None, 1)
+    batch = DecodeBatch(T=T, H=H, Hq=hq, Hkv=hkv, D=D, R=D, I=inter, wtype=bf16.W_PAIRS, ctype=0, block_size=bs,
                         max_blocks=tables.shape[1], nthreads=torch.get_num_threads(), eps=1e-6, scale=D ** -0.5,
                         positions=ptr(d["positions"]), slots=ptr(d["slots"]), block_tables=ptr(tables),
                         context_lens=ptr(lens), cos=ptr(d["cos"]), sin=ptr(d["sin"]), k_cache=ptr(k_cache),

@@ -14,7 +14,7 @@ from quantserve.config import SamplingParams
 from quantserve.quant.primitives import QuantSpec
 from quantserve.quant.run import LiteJob, run
 
-FAMILIES = ["internlm", "qwen3", "llama3", "smollm3"]
+FAMILIES = ["internlm", "qwen3", "llama3", "smollm3", "phi3"]
 PROMPTS = [list(range(3, 40)), list(range(50, 61)), list(range(7, 90, 3))]
 STEPS = 32
 
@@ -78,7 +78,7 @@ def test_internlm_reads_bias_and_rotary_from_its_config(tiny_dirs):
     assert plain.rope_theta == 10000.0 and plain.rope_scaling is None and not plain.qkv_bias and not plain.o_bias
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "internlm", "internlm2", "qwen3", "smollm3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "internlm", "internlm2", "qwen3", "smollm3", "phi3"])
 def test_each_family_file_holds_a_recipe_that_fits_its_checkpoints(tiny_dirs, family):
     """Found by model_type alone; every linear its AWQ/GPTQ recipe names is in a checkpoint of the
     family, and lands in the engine module the recipe says reads its input."""
@@ -99,5 +99,25 @@ def test_each_family_file_holds_a_recipe_that_fits_its_checkpoints(tiny_dirs, fa
 def test_an_unknown_architecture_names_the_supported_ones(tmp_path):
     from quantserve.models.loader import ModelLoadError, family_for
 
-    with pytest.raises(ModelLoadError, match="supported model_types: internlm, internlm2, llama, mistral, qwen2, qwen3, smollm3"):
+    with pytest.raises(ModelLoadError, match="supported model_types: internlm, internlm2, llama, mistral, phi3, qwen2, qwen3, smollm3"):
         family_for({"model_type": "gpt_neox"})
+
+
+def test_longrope_past_the_original_length_matches_transformers_with_its_cache(tiny_dirs):
+    """Phi-3's LongRoPE: positions from 64 on rotate with the long factors while the keys cached
+    before keep their short-factor rotation, as transformers' forward over its own cache does
+    token by token. (Its generate() instead recomputes the whole cache with the long factors at
+    the crossing; a paged cache shared between requests keeps what it holds.)"""
+    from test_parity import engine_logits
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    prompt, new = list(range(3, 43)), 48                       # 40 + 48 tokens: crosses position 64
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dirs["phi3"], dtype=torch.float32).eval()
+    rows, cache, ids = [], DynamicCache(config=hf.config), torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(new):
+            logits = hf(ids, cache=cache, use_cache=True).logits[0, -1]
+            rows.append(logits)
+            ids = logits.argmax().view(1, 1)
+    got = engine_logits(small_engine(tiny_dirs["phi3"], max_prefill_token_num=16), prompt, new - 1)
+    torch.testing.assert_close(got, torch.stack(rows), atol=1e-4, rtol=0)

@@ -117,8 +117,9 @@ def test_the_ops_are_chosen_once_at_load_from_the_backend_and_the_shapes():
     """Native ops where the process backend has a library and the model's shapes suit the
     kernels; the torch reference otherwise (and always off the CPU)."""
     native = kernels.cpu() is not None
-    fits = ops_for("cpu", 576, 1536, 64, 9, 3)
+    fits = ops_for("cpu", 576, 1536, 64, 9, 3, 64)
     assert isinstance(fits, NativeOps if native else TorchOps) and fits.describe().startswith(kernels.backend())
-    assert isinstance(ops_for("cpu", 576, 1536, 72, 8, 1), TorchOps)        # head_dim not a multiple of 16
-    assert isinstance(ops_for("cpu", 576, 1536, 64, 64, 2), TorchOps)       # 32 query heads per KV head
-    assert isinstance(ops_for("meta", 576, 1536, 64, 9, 3), TorchOps)
+    assert isinstance(ops_for("cpu", 576, 1536, 72, 8, 1, 72), TorchOps)    # head_dim not a multiple of 16
+    assert isinstance(ops_for("cpu", 576, 1536, 64, 64, 2, 64), TorchOps)   # 32 query heads per KV head
+    assert isinstance(ops_for("meta", 576, 1536, 64, 9, 3, 64), TorchOps)
+    assert isinstance(ops_for("cpu", 576, 1536, 64, 9, 3, 24), TorchOps)   # rotary dims not a multiple of 16

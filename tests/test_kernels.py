@@ -79,14 +79,19 @@ def test_silu_mul(native_ops):
     torch.testing.assert_close(native_ops.silu_mul(gate_up), reference.silu_mul(gate_up), atol=1e-5, rtol=1e-5)
 
 
-def test_rope_in_place(native_ops):
-    rope = RotaryEmbedding(32, 10000.0, None, 128, 128)
+@pytest.mark.parametrize("rotary", [32, 16])
+def test_rope_in_place(native_ops, rotary):
+    """Whole heads, and the first half of each (partial_rotary_factor 0.5): the rest untouched."""
+    rope = RotaryEmbedding(rotary, 10000.0, None, 128, 128)
     x = torch.randn(6, 5 * 32 + 7)                        # 5 heads rotated, extra columns untouched
     pos = torch.tensor([0, 3, 9, 50, 51, 127])
-    expected = x.clone()
-    reference.rope_(expected, 5, pos, rope.cos, rope.sin)
-    native_ops.rope_(x, 5, pos, rope.cos, rope.sin)
+    original, expected = x.clone(), x.clone()
+    reference.rope_(expected, 5, 32, pos, rope.cos, rope.sin)
+    native_ops.rope_(x, 5, 32, pos, rope.cos, rope.sin)
     torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+    heads, before = x[:, :5 * 32].view(6, 5, 32), original[:, :5 * 32].view(6, 5, 32)
+    assert torch.equal(heads[..., rotary:], before[..., rotary:]) and torch.equal(x[:, 160:], original[:, 160:])
+    assert not torch.allclose(heads[1:, :, :rotary], before[1:, :, :rotary])    # position 0 is the identity
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -115,7 +115,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qs_linear.argtypes = [p, i, i, p, i, p, p, i, i]
     lib.qs_decode_attention.argtypes = [p, ctypes.c_long, p, p, i, p, p, i, i, i, i, i, i, f, p, i]
     lib.qs_add_rmsnorm.argtypes = [p, p, p, f, p, i, i]
-    lib.qs_rope.argtypes = [p, i, ctypes.c_long, i, i, p, p, p]
+    lib.qs_rope.argtypes = [p, i, ctypes.c_long, i, i, i, p, p, p]
     lib.qs_kv_write.argtypes = [p, ctypes.c_long, i, i, p, p, i]
     lib.qs_silu_mul.argtypes = [p, p, i, i]
     lib.qs_kv_write_quant.argtypes = [p, ctypes.c_long, i, i, i, p, p, p, p, i, i]

@@ -885,11 +885,11 @@ void qs_add_rmsnorm(const float *x, float *residual, const float *weight, float 
 /* In place, rotate_half convention: for the first `heads` heads of each row (row stride
  * `stride` floats), x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin over the two halves of D.
  * cos/sin: [P, D] tables (halves duplicated). */
-void qs_rope(float *x, int T, long stride, int heads, int D, const int64_t *positions,
+void qs_rope(float *x, int T, long stride, int heads, int D, int R, const int64_t *positions,
              const float *cos_t, const float *sin_t) {
-    int half = D / 2;
+    int half = R / 2;                                /* the first R of each head's D dims rotate */
     for (int t = 0; t < T; t++) {
-        const float *c = cos_t + positions[t] * D, *s = sin_t + positions[t] * D;
+        const float *c = cos_t + positions[t] * R, *s = sin_t + positions[t] * R;
         for (int h = 0; h < heads; h++) {
             float *v = x + t * stride + (long)h * D;
             for (int i = 0; i < half; i += 8) {
@@ -947,7 +947,7 @@ static void run_linear(const LinearWeights *lw, int wtype, const float *x, int M
 }
 
 typedef struct {
-    int T, H, Hq, Hkv, D, I, wtype, ctype, block_size, max_blocks, nthreads;
+    int T, H, Hq, Hkv, D, R, I, wtype, ctype, block_size, max_blocks, nthreads;   /* R: rotary dims */
     float eps, scale;
     const int64_t *positions, *slots, *block_tables, *context_lens;   /* [T], [T], [T, max_blocks], [T] */
     const float *cos, *sin;                                            /* [P, D] */
@@ -1229,7 +1229,7 @@ void qs_decode_layers(const LayerWeights *layers, int L, const DecodeBatch *b, f
         STAGE(5, qs_add_rmsnorm(x, l == 0 ? NULL : residual, w->attn_norm, b->eps, h, T, H));
         STAGE(0, run_linear(&w->qkv, b->wtype, h, T, H, w->qkv_bias, qkv, nqkv, b->nthreads));
         if (w->q_norm) STAGE(5, norm_heads(qkv, T, nqkv, b->Hq, b->Hkv, b->D, w->q_norm, w->k_norm, b->eps));
-        STAGE(1, if (w->rope) qs_rope(qkv, T, nqkv, b->Hq + b->Hkv, b->D, b->positions, b->cos, b->sin);
+        STAGE(1, if (w->rope) qs_rope(qkv, T, nqkv, b->Hq + b->Hkv, b->D, b->R, b->positions, b->cos, b->sin);
                  attend(b, l, qkv, nqkv, qd, kvd, attn));
         STAGE(2, run_linear(&w->o, b->wtype, attn, T, qd, w->o_bias, x, H, b->nthreads));
         STAGE(5, qs_add_rmsnorm(x, residual, w->mlp_norm, b->eps, h, T, H));

@@ -34,7 +34,7 @@ class LayerWeights(ctypes.Structure):
 
 
 class DecodeBatch(ctypes.Structure):
-    _fields_ = [(n, _i) for n in ("T", "H", "Hq", "Hkv", "D", "I", "wtype", "ctype", "block_size",
+    _fields_ = [(n, _i) for n in ("T", "H", "Hq", "Hkv", "D", "R", "I", "wtype", "ctype", "block_size",
                                    "max_blocks", "nthreads")] + [
         ("eps", _f), ("scale", _f), ("positions", _p), ("slots", _p), ("block_tables", _p),
         ("context_lens", _p), ("cos", _p), ("sin", _p), ("k_cache", _p), ("v_cache", _p),
@@ -68,7 +68,8 @@ class FusedDecoder:
             LayerWeights(LinearWeights.of(l.attn.qkv), LinearWeights.of(l.attn.o), LinearWeights.of(l.mlp.gate_up),
                          LinearWeights.of(l.mlp.down), _ptr(l.attn.qkv.bias), _ptr(l.attn.o.bias),
                          _ptr(l.attn_norm.weight), _ptr(l.mlp_norm.weight), *_qk_norms(l.attn), l.attn.rotates) for l in layers])
-        self.dims = dict(H=a.hidden_size, Hq=a.num_heads, Hkv=a.num_kv_heads, D=a.head_dim, I=a.intermediate_size)
+        self.dims = dict(H=a.hidden_size, Hq=a.num_heads, Hkv=a.num_kv_heads, D=a.head_dim, R=a.rotary_dim,
+                         I=a.intermediate_size)
         self.eps, self.scale = a.rms_norm_eps, a.head_dim ** -0.5
 
     @classmethod

@@ -30,10 +30,11 @@ class NativeOps:
         return f"{self.name} ({ISAS[self.name][2]}{extra})"
 
     @staticmethod
-    def misfit(hidden: int, intermediate: int, head_dim: int, heads: int, kv_heads: int) -> str | None:
+    def misfit(hidden: int, intermediate: int, head_dim: int, heads: int, kv_heads: int,
+               rotary_dim: int) -> str | None:
         """Why these model shapes cannot run natively, or None."""
-        if hidden % 16 or intermediate % 16 or head_dim % 16:
-            return "hidden, intermediate and head sizes must be multiples of 16"
+        if hidden % 16 or intermediate % 16 or head_dim % 16 or rotary_dim % 16:
+            return "hidden, intermediate, head and rotary sizes must be multiples of 16"
         if head_dim > MAX_HEAD_DIM:
             return f"head_dim {head_dim} > {MAX_HEAD_DIM}"
         if heads // kv_heads > MAX_GROUP:
@@ -97,11 +98,12 @@ class NativeOps:
         self.lib.qs_silu_mul(gate_up.data_ptr(), out.data_ptr(), t, two_i // 2)
         return out
 
-    def rope_(self, x: torch.Tensor, heads: int, positions: torch.Tensor, cos: torch.Tensor,
+    def rope_(self, x: torch.Tensor, heads: int, head_dim: int, positions: torch.Tensor, cos: torch.Tensor,
               sin: torch.Tensor) -> None:
-        """In place on the first `heads` heads of each row of x: [T, >= heads * D] float32."""
-        self.lib.qs_rope(x.data_ptr(), x.shape[0], x.stride(0), heads, cos.shape[1], positions.data_ptr(),
-                         cos.data_ptr(), sin.data_ptr())
+        """In place on the first `heads` heads of each row of x: [T, >= heads * D] float32; the
+        first cos.shape[1] dims of each head rotate."""
+        self.lib.qs_rope(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, cos.shape[1],
+                         positions.data_ptr(), cos.data_ptr(), sin.data_ptr())
 
     # -- KV cache and attention --------------------------------------------------------------
     def kv_write(self, cache, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

@@ -1,9 +1,9 @@
 """The decoder every supported family maps onto.
 
-Families (models/families/: llama, qwen2, qwen3, smollm3, internlm, internlm2) differ only in
-how their config and checkpoint names map onto `ModelArgs` and these modules; the forward pass
-is shared. Tokens are flat: the batch is [T] tokens from many requests, attention finds each
-request's context through `AttentionMetadata`.
+Families (models/families/: llama, qwen2, qwen3, smollm3, phi3, internlm, internlm2) differ
+only in how their config and checkpoint names map onto `ModelArgs` and these modules; the
+forward pass is shared. Tokens are flat: the batch is [T] tokens from many requests, attention
+finds each request's context through `AttentionMetadata`.
 """
 from __future__ import annotations
 
@@ -40,6 +40,10 @@ class ModelArgs:
     o_bias: bool = False
     qk_norm: bool = False                 # an RMSNorm over each q and k head before RoPE (Qwen3)
     nope_layers: tuple[int, ...] = ()     # layers whose q and k get no RoPE (SmolLM3)
+    rotary_dim: int = 0                   # leading dims of each head RoPE rotates (0: all)
+
+    def __post_init__(self) -> None:
+        self.rotary_dim = self.rotary_dim or self.head_dim
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -105,7 +109,7 @@ class Attention(nn.Module):
         if a.qk_norm:
             self.norm_heads_(qkv)
         if self.rotates:
-            self.ops.rope_(qkv, a.num_heads + a.num_kv_heads, positions, rope.cos, rope.sin)   # q and k heads
+            self.ops.rope_(qkv, a.num_heads + a.num_kv_heads, a.head_dim, positions, rope.cos, rope.sin)
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         q = q.view(t, a.num_heads, a.head_dim)                  # [T, Hq, D]
         k = k.view(t, a.num_kv_heads, a.head_dim)               # [T, Hkv, D]

@@ -139,9 +139,10 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
     if cfg.get("quantization_config"):
         raw, quantized = split_quantized(raw, cfg["quantization_config"])
     weights = family.convert_weights(raw, args)
-    rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling,
+    rope = RotaryEmbedding(args.rotary_dim, args.rope_theta, args.rope_scaling,
                            args.max_position_embeddings, max_positions)
-    ops = ops_for(device, args.hidden_size, args.intermediate_size, args.head_dim, args.num_heads, args.num_kv_heads)
+    ops = ops_for(device, args.hidden_size, args.intermediate_size, args.head_dim, args.num_heads, args.num_kv_heads,
+                  args.rotary_dim)
     with torch.device("meta"):
         model = CausalLM(args, rope, ops)
     compute = torch.float32 if device == "cpu" else dtype

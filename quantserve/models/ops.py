@@ -45,9 +45,9 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def rope_(self, x: torch.Tensor, heads: int, positions: torch.Tensor, cos: torch.Tensor,
+    def rope_(self, x: torch.Tensor, heads: int, head_dim: int, positions: torch.Tensor, cos: torch.Tensor,
               sin: torch.Tensor) -> None:
-        apply_rope(x, heads, positions, cos, sin)
+        apply_rope(x, heads, head_dim, positions, cos, sin)
 
     def kv_write(self, cache, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         cache.write_reference(layer, k, v, slots)
@@ -59,13 +59,13 @@ class TorchOps:
         return None
 
 
-def ops_for(device: str, hidden: int, intermediate: int, head_dim: int, heads: int,
-            kv_heads: int) -> TorchOps | NativeOps:
+def ops_for(device: str, hidden: int, intermediate: int, head_dim: int, heads: int, kv_heads: int,
+            rotary_dim: int) -> TorchOps | NativeOps:
     """The model's ops: native kernels on CPU where the backend has them and the shapes suit."""
     lib = kernels.cpu() if torch.device(device).type == "cpu" else None
     if lib is None:
         return TorchOps(device)
-    misfit = NativeOps.misfit(hidden, intermediate, head_dim, heads, kv_heads)
+    misfit = NativeOps.misfit(hidden, intermediate, head_dim, heads, kv_heads, rotary_dim)
     if misfit:
         logger.info("native kernels do not take this model (%s): plain PyTorch ops", misfit)
         return TorchOps(device)

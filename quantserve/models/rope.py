@@ -1,5 +1,7 @@
 """Rotary position embedding (HF `rotate_half` convention) with a precomputed cos/sin table,
-and the RoPE scaling variants of transformers (linear, dynamic NTK, YaRN, Llama 3)."""
+over the first `rotary_dim` dimensions of each head (all of them unless the config gives a
+`partial_rotary_factor`), and the RoPE scaling variants of transformers (linear, dynamic NTK,
+YaRN, Llama 3, LongRoPE)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +11,7 @@ from torch import nn
 
 from quantserve.config import ConfigError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
 
 def rope_from_config(cfg: dict, default_theta: float = 10000.0) -> tuple[float, dict | None]:
@@ -19,6 +21,12 @@ def rope_from_config(cfg: dict, default_theta: float = 10000.0) -> tuple[float, 
     theta = params.pop("rope_theta", None) or cfg.get("rope_theta") or default_theta
     scaling = cfg.get("rope_scaling") or (params if rope_type(params) != "default" else None)
     return float(theta), scaling
+
+
+def rotary_dim(cfg: dict, head_dim: int) -> int:
+    """How many leading dimensions of each head RoPE rotates."""
+    factor = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0
+    return int(head_dim * factor)
 
 
 def rope_type(scaling: dict | None) -> str:
@@ -93,23 +101,48 @@ def _llama3(inv: torch.Tensor, p: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def longrope(dim: int, theta: float, p: dict, max_position_embeddings: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                    float, int]:
+    """LongRoPE (Phi-3): (short inverse frequencies, long ones, cos/sin scale, the length where
+    transformers switches from the short factors to the long)."""
+    original = int(p["original_max_position_embeddings"])
+    factor = p.get("factor") or max_position_embeddings / original
+    attention = p.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    base = theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    short, long = (1.0 / (torch.tensor(p[k], dtype=torch.float32) * base) for k in ("short_factor", "long_factor"))
+    return short, long, float(attention), original
+
+
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float, scaling: dict | None,
+    """cos, sin: [P, rotary_dim] tables. LongRoPE rotates positions below the original context
+    with its short factors and later ones with its long factors: what transformers' forward
+    computes over its own cache, token by token (its generate() instead recomputes the whole
+    cache with the long factors once the sequence crosses; keys in a paged cache stay as stored)."""
+
+    def __init__(self, rotary_dim: int, theta: float, scaling: dict | None,
                  max_position_embeddings: int, max_positions: int):
         super().__init__()
-        inv, attention = inv_frequencies(head_dim, theta, scaling, max_position_embeddings, max_positions)
         pos = torch.arange(max(max_positions, 1), dtype=torch.float32)
-        freqs = torch.outer(pos, inv)                               # [P, D/2]
-        emb = torch.cat([freqs, freqs], dim=-1)                     # [P, D]
+        if rope_type(scaling) == "longrope":
+            short, long, attention, switch = longrope(rotary_dim, theta, scaling, max_position_embeddings)
+            freqs = torch.where((pos < switch)[:, None], torch.outer(pos, short), torch.outer(pos, long))
+        else:
+            inv, attention = inv_frequencies(rotary_dim, theta, scaling, max_position_embeddings, max_positions)
+            freqs = torch.outer(pos, inv)                           # [P, R/2]
+        emb = torch.cat([freqs, freqs], dim=-1)                     # [P, R]
         self.register_buffer("cos", emb.cos() * attention, persistent=False)
         self.register_buffer("sin", emb.sin() * attention, persistent=False)
 
 
-def apply_rope(x: torch.Tensor, heads: int, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate, in place, the first `heads` heads of every row of x: [T, >= heads * D]."""
-    d = cos.shape[1]
-    v = x[:, :heads * d].view(x.shape[0], heads, d)                # [T, heads, D]
-    c = cos[positions].unsqueeze(1).to(x.dtype)                   # [T, 1, D]
+def apply_rope(x: torch.Tensor, heads: int, head_dim: int, positions: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> None:
+    """Rotate, in place, the first cos.shape[1] dims of the first `heads` heads of every row of
+    x: [T, >= heads * head_dim]."""
+    r = cos.shape[1]
+    v = x[:, :heads * head_dim].view(x.shape[0], heads, head_dim)[..., :r]   # [T, heads, R]
+    c = cos[positions].unsqueeze(1).to(x.dtype)                   # [T, 1, R]
     s = sin[positions].unsqueeze(1).to(x.dtype)
     v.copy_(v * c + _rotate_half(v) * s)
 

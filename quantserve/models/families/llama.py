@@ -7,7 +7,7 @@ import torch
 
 from quantserve.models.families import Family, GgufArch
 from quantserve.models.layers import ModelArgs, eos_ids
-from quantserve.models.rope import rope_from_config
+from quantserve.models.rope import rope_from_config, rotary_dim
 from quantserve.quant.arch import Arch, ScaleGroup
 
 QKV_BIAS = False
@@ -15,6 +15,7 @@ QKV_BIAS = False
 
 def model_args(cfg: dict) -> ModelArgs:
     heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     theta, scaling = rope_from_config(cfg)
     return ModelArgs(
         model_type=cfg["model_type"],
@@ -24,7 +25,8 @@ def model_args(cfg: dict) -> ModelArgs:
         num_layers=cfg["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        head_dim=head_dim,
+        rotary_dim=rotary_dim(cfg, head_dim),
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         rope_theta=theta,
