@@ -10,7 +10,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config
-from transformers import Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from quantserve.models import resolve
@@ -39,6 +39,8 @@ def _random_model(arch: str, tied: bool):
     torch.manual_seed(0)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    elif arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**kwargs, head_dim=16))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
     with torch.no_grad():  # random everything (biases and norms too), so no tensor can be silently wrong
@@ -60,6 +62,8 @@ def _add_metadata(writer: gguf.GGUFWriter, config) -> None:
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_key_length(config.hidden_size // config.num_attention_heads)
+    writer.add_value_length(config.hidden_size // config.num_attention_heads)
     writer.add_rope_freq_base(50000.0)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
@@ -116,7 +120,7 @@ def test_unpermute_inverts_llama_cpp_permute():
 CASES = [
     ("llama", QT.F32, False), ("llama", QT.F32, True), ("llama", QT.F16, False),
     ("llama", QT.Q8_0, True), ("llama", QT.Q4_0, False), ("llama", QT.Q4_1, True),
-    ("qwen2", QT.F32, False), ("qwen2", QT.Q4_1, True),
+    ("qwen2", QT.F32, False), ("qwen2", QT.Q4_1, True), ("qwen3", QT.F32, True), ("qwen3", QT.Q8_0, False),
 ]
 
 
@@ -138,11 +142,24 @@ def test_convert_matches_transformers(tmp_path, arch, qtype, tied):
     if qtype == QT.F32:
         torch.testing.assert_close(_logits(converted), _logits(model), atol=1e-5, rtol=0)
 
+    if arch == "qwen3":        # transformers' GGUF loader ignores qwen3's key_length (head_dim)
+        torch.testing.assert_close(_logits(converted), _logits(_round_trip(model, qtype)), atol=1e-5, rtol=0)
+        return
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF")
     reference = AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=gguf_path.name, dtype=torch.float32
     ).eval()
     torch.testing.assert_close(_logits(converted), _logits(reference), atol=1e-5, rtol=0)
+
+
+def _round_trip(model, qtype: QT):
+    """The source model with every matrix through gguf's quantize and dequantize, as written."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                data = gguf.quants.quantize(param.numpy().astype(np.float32), qtype)
+                param.copy_(torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(param.shape)))
+    return model
 
 
 def test_converted_tokenizer_and_chat_template(tmp_path):

@@ -33,10 +33,12 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",       # qwen3: per-head RMSNorm of q and k
+    "attn_k_norm": "self_attn.k_norm",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _REQUIRED = object()
-_REQUIRED_PER_LAYER = [f"{hf}.weight" for hf in _LAYER_NAMES.values()]
+_REQUIRED_PER_LAYER = [f"{hf}.weight" for part, hf in _LAYER_NAMES.items() if not part.endswith(("q_norm", "k_norm"))]
 # what gguf's reader and numpy raise on a corrupt file: bad values, wrong types, short or misshapen arrays
 _CORRUPT = (ValueError, TypeError, IndexError, KeyError, OverflowError, ZeroDivisionError)
 # config.json sizes that must be positive for the model to be built at all

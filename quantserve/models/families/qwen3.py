@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from quantserve.config import ConfigError
-from quantserve.models.families import Family, llama
+from quantserve.models.families import Family, GgufArch, llama
 from quantserve.models.layers import ModelArgs
 
 RENAMES = [*llama.RENAMES,
@@ -26,4 +26,5 @@ def convert_weights(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[s
     return llama.convert_weights(weights, args, RENAMES)
 
 
-FAMILY = Family(("qwen3",), model_args, convert_weights, llama.RECIPE)
+FAMILY = Family(("qwen3",), model_args, convert_weights, llama.RECIPE,
+                GgufArch("qwen3", "qwen3", "Qwen3ForCausalLM", permuted_qk=False))
