@@ -1,30 +1,36 @@
 """quantserve vs llama.cpp's own tools, built natively, on the shapes of real models.
 
-    python benchmarks/bench_shapes.py                              # both shapes, best of 3
+    python benchmarks/bench_shapes.py                              # every shape, best of 3
     python benchmarks/bench_shapes.py --shapes qwen2.5-0.5b --skip-build
 
 bench_llamacpp.py compares the two engines on the tiny default model (SmolLM2-135M) only. This
-script does it at the EXACT dimensions of two real models, with random weights (no hub access
+script does it at the EXACT dimensions of real models, with random weights (no hub access
 here, and speed does not depend on the weights' values):
 
     Qwen2.5-0.5B      hidden 896, intermediate 4864, 24 layers, 14 heads / 2 KV heads, head_dim 64,
                       vocab 151936, tied embeddings, bias on q/k/v, rope_theta 1e6, rms eps 1e-6
     InternLM2.5-1.8B  hidden 2048, intermediate 8192, 24 layers, 16 heads / 8 KV heads, head_dim 128,
                       vocab 92544, untied output, no bias, rope_theta 1e6, rms eps 1e-5
+    Llama-3.2-1B      hidden 2048, intermediate 8192, 16 layers, 32 heads / 8 KV heads, head_dim 64,
+                      vocab 128256, tied embeddings, no bias, rope_theta 5e5, rms eps 1e-5
+    Qwen3-1.7B        hidden 2048, intermediate 6144, 28 layers, 16 heads / 8 KV heads, head_dim 128,
+                      vocab 151936, tied embeddings, per-head q/k RMSNorm, rope_theta 1e6, rms eps 1e-6
 
 One model per shape, written once as an F16 GGUF that both sides load (normal * 0.02 weights from
 a fixed seed, RMSNorm weights 1, norms and biases F32, as llama.cpp stores them): GGUF architecture
-`qwen2` for Qwen (llama.cpp's and quantserve's qwen2 have the q/k/v bias) and `llama` for InternLM
-(the same computation as `internlm2`, which quantserve's GGUF reader does not accept). The
-vocabulary is synthetic but of each model's kind, with the real number of tokens (so the embedding
-and the output head have the real number of rows): byte-level BPE for Qwen (`tokenizer.ggml.model`
+`qwen2` for Qwen2.5 (llama.cpp's and quantserve's qwen2 have the q/k/v bias), `qwen3` for Qwen3,
+`llama` for Llama and for InternLM (the same computation as `internlm2`, which quantserve's GGUF
+reader does not accept). The vocabulary is synthetic but of each model's kind, with the real number
+of tokens (so the embedding and the output head have the real number of rows): byte-level BPE for
+Qwen and Llama 3 (`tokenizer.ggml.model`
 "gpt2", pre-tokenizer "qwen2": 3 control tokens, the 256 byte symbols, space-prefixed ASCII pieces
 with their merges, filler pieces), sentencepiece for InternLM ("llama": <unk> <s> </s>, the 256
 byte tokens, ASCII pieces, filler pieces). llama.cpp loads both; quantserve's GGUF converter
 builds the tokenizer from them through transformers, as for any GGUF.
 
-- llama.cpp: `llama-quantize` F16 -> Q4_0 (group 32; llama-quantize picks the output head's type:
-  the types are in the results);
+- llama.cpp: `llama-quantize` F16 -> Q4_0 (group 32) and -> Q4_K_M (the usual download; 4-bit
+  K-quants with some tensors at 6 bits); llama-quantize picks the output head's type: the types
+  are in the results;
 - quantserve: its GGUF path (`quantserve.models.gguf.convert_gguf`, F16 -> float32 HF directory),
   then `quantserve lite rtn --w-bits 4 --w-group-size 128` (int8 output head at load, the default);
   the float32 directory is deleted once the W4 model is written. That converter holds the whole
@@ -69,8 +75,10 @@ RESULTS = Path(__file__).with_name("results")
 SEED = 1234
 STD = 0.02
 GROUP = 128
+LLAMACPP_TYPES = ("Q4_0", "Q4_K_M")          # llama.cpp's side: the classic 4-bit type and the usual download
 
-# The real models' config.json values (Qwen/Qwen2.5-0.5B, internlm/internlm2_5-1_8b).
+# The real models' config.json values (Qwen/Qwen2.5-0.5B, internlm/internlm2_5-1_8b,
+# meta-llama/Llama-3.2-1B, Qwen/Qwen3-1.7B; Llama 3.2's llama3 RoPE scaling left out: speed only).
 SHAPES = {
     "qwen2.5-0.5b": dict(name="Qwen2.5-0.5B", arch="qwen2", tokenizer="bpe", hidden=896, intermediate=4864,
                          layers=24, heads=14, kv_heads=2, head_dim=64, vocab=151936, tied=True, qkv_bias=True,
@@ -78,6 +86,12 @@ SHAPES = {
     "internlm2.5-1.8b": dict(name="InternLM2.5-1.8B", arch="llama", tokenizer="spm", hidden=2048, intermediate=8192,
                              layers=24, heads=16, kv_heads=8, head_dim=128, vocab=92544, tied=False, qkv_bias=False,
                              rope_theta=1e6, rms_eps=1e-5, context=32768),
+    "llama3.2-1b": dict(name="Llama-3.2-1B", arch="llama", tokenizer="bpe", hidden=2048, intermediate=8192,
+                        layers=16, heads=32, kv_heads=8, head_dim=64, vocab=128256, tied=True, qkv_bias=False,
+                        rope_theta=5e5, rms_eps=1e-5, context=131072),
+    "qwen3-1.7b": dict(name="Qwen3-1.7B", arch="qwen3", tokenizer="bpe", hidden=2048, intermediate=6144,
+                       layers=28, heads=16, kv_heads=8, head_dim=128, vocab=151936, tied=True, qkv_bias=False,
+                       rope_theta=1e6, rms_eps=1e-6, context=40960),
 }
 
 
@@ -92,6 +106,9 @@ def tensor_specs(s: dict) -> list[tuple[str, tuple[int, ...], str]]:
         if s["qkv_bias"]:
             specs += [(f"{b}.attn_q.bias", (q,), "bias"), (f"{b}.attn_k.bias", (kv,), "bias"),
                       (f"{b}.attn_v.bias", (kv,), "bias")]
+        if s["arch"] == "qwen3":                    # per-head RMSNorm of q and k
+            specs += [(f"{b}.attn_q_norm.weight", (s["head_dim"],), "norm"),
+                      (f"{b}.attn_k_norm.weight", (s["head_dim"],), "norm")]
         specs += [(f"{b}.attn_output.weight", (h, q), "weight"), (f"{b}.ffn_norm.weight", (h,), "norm"),
                   (f"{b}.ffn_gate.weight", (s["intermediate"], h), "weight"),
                   (f"{b}.ffn_up.weight", (s["intermediate"], h), "weight"),
@@ -214,28 +231,30 @@ def our_w4(gguf_path: Path, work: Path) -> Path:
     return out
 
 
-def build(key: str, s: dict, work: Path, skip: bool) -> tuple[Path, Path]:
-    """(llama.cpp's Q4_0 GGUF, our W4 g128 directory), made once and cached under `work`."""
-    f16, q4 = work / "model.F16.gguf", work / "model.Q4_0.gguf"
-    w4 = work / f"w4-g{GROUP}"
+def build(key: str, s: dict, work: Path, skip: bool) -> tuple[dict[str, Path], Path]:
+    """({llama.cpp type: its GGUF} for Q4_0 and Q4_K_M, our W4 g128 directory), made once and
+    cached under `work`."""
+    f16, w4 = work / "model.F16.gguf", work / f"w4-g{GROUP}"
+    quants = {kind: work / f"model.{kind}.gguf" for kind in LLAMACPP_TYPES}
     if skip:
-        missing = [p for p in (q4, w4 / "config.json") if not p.exists()]
+        missing = [p for p in (*quants.values(), w4 / "config.json") if not p.exists()]
         if missing:
             raise SystemExit(f"--skip-build: {missing[0]} is missing; run once without --skip-build")
-        return q4, w4
+        return quants, w4
     work.mkdir(parents=True, exist_ok=True)
     if not f16.exists():
         log(f"{key}: writing the random-weight F16 GGUF ({len(tensor_specs(s))} tensors) ...")
         write_gguf(s, f16)
-    if not q4.exists():
-        log(f"{key}: llama-quantize F16 -> Q4_0 ...")
-        partial = q4.with_name(q4.name + ".partial")
-        subprocess.run([tool("llama-quantize"), str(f16), str(partial), "Q4_0", str(THREADS)],
-                       check=True, capture_output=True)
-        partial.rename(q4)
+    for kind, path in quants.items():
+        if not path.exists():
+            log(f"{key}: llama-quantize F16 -> {kind} ...")
+            partial = path.with_name(path.name + ".partial")
+            subprocess.run([tool("llama-quantize"), str(f16), str(partial), kind, str(THREADS)],
+                           check=True, capture_output=True)
+            partial.rename(path)
     if not (w4 / "config.json").is_file():
         log(f"{key}: quantserve GGUF -> float -> lite rtn W4 g{GROUP} ...")
-    return q4, our_w4(f16, work)
+    return quants, our_w4(f16, work)
 
 
 def gguf_summary(gguf_path: Path) -> dict:
@@ -268,18 +287,24 @@ def bench_ours(path: Path, repeats: int) -> dict:
     return {**rates, "weights_gb": size, "step_read_gb": step, "step_gb_s": step * rates["decode_b1_tok_s"]}
 
 
-def measure(key: str, s: dict, q4: Path, w4: Path, repeats: int) -> dict:
-    """Both sides on one shape; the sizes and the Q4_0 file's tensor types with them."""
+def measure(key: str, s: dict, quants: dict[str, Path], w4: Path, repeats: int) -> dict:
+    """Both sides on one shape (llama.cpp on each of its types); the sizes and each file's tensor
+    types with them. "llama.cpp" is its Q4_0 run, "llama.cpp Q4_K_M" the other."""
     log(f"{key}: quantserve W4 g{GROUP} ...")
-    ours = bench_ours(w4, repeats)
-    log(f"{key}: quantserve {ours}; llama.cpp Q4_0 ...")
-    theirs, info = bench_theirs(q4)
-    summary = gguf_summary(q4)
-    theirs.update(step_read_gb=summary["step_read_gb"], step_gb_s=summary["step_read_gb"] * theirs["decode_b1_tok_s"])
-    log(f"{key}: llama.cpp {theirs}")
-    params = sum(int(np.prod(shape)) for _, shape, _ in tensor_specs(s))
-    return {"shape": s, "full_depth": s["layers"] == SHAPES[key]["layers"], "params": params,
-            "quantserve": ours, "llama.cpp": theirs, "llama_bench_info": info, "llama.cpp_types": summary}
+    out = {"shape": s, "full_depth": s["layers"] == SHAPES[key]["layers"],
+           "params": sum(int(np.prod(shape)) for _, shape, _ in tensor_specs(s)), "quantserve": bench_ours(w4, repeats)}
+    log(f"{key}: quantserve {out['quantserve']}")
+    for kind, path in quants.items():
+        log(f"{key}: llama.cpp {kind} ...")
+        theirs, info = bench_theirs(path)
+        summary = gguf_summary(path)
+        theirs.update(step_read_gb=summary["step_read_gb"],
+                      step_gb_s=summary["step_read_gb"] * theirs["decode_b1_tok_s"])
+        log(f"{key}: llama.cpp {kind} {theirs}")
+        side = "llama.cpp" if kind == "Q4_0" else f"llama.cpp {kind}"
+        out.update({side: theirs, f"{side} types": summary, "llama_bench_info": info})
+    out["llama.cpp_types"] = out.pop("llama.cpp types")
+    return out
 
 
 def markdown(results: dict, sides: dict, repeats: int) -> str:
@@ -298,6 +323,18 @@ def markdown(results: dict, sides: dict, repeats: int) -> str:
         rows.append(f"| {s['name']}{layers} | {r['params'] / 1e6:.0f} M | {o['step_read_gb']:.3f} vs "
                     f"{t['step_read_gb']:.3f} GB ({r['llama.cpp_types']['head']} head) | " + " | ".join(cells) +
                     f" | {o['step_gb_s']:.1f} / {t['step_gb_s']:.1f} GB/s |")
+    rows += ["", f"The same W4 g{GROUP} models against llama.cpp's Q4_K_M files of the same weights (issue 18's "
+             f"targets: batch 1 >= 1.0x, {STREAMS} streams >= 2x; ours is not read from the Q4_K_M file):", "",
+             f"| shape | Q4_K_M step weights | decode b=1 (ours / theirs) | ratio | prefill 512 (ours / theirs) | "
+             f"ratio | {STREAMS} streams (ours / theirs) | ratio |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results.values():
+        if "llama.cpp Q4_K_M" not in r:
+            continue
+        o, t = r["quantserve"], r["llama.cpp Q4_K_M"]
+        cells = [f"{o[k]:.1f} / {t[k]:.1f} | {ratio(o[k], t[k])}"
+                 for k in ("decode_b1_tok_s", "prefill512_tok_s", f"decode_{STREAMS}_tok_s")]
+        layers = "" if r["full_depth"] else f" ({r['shape']['layers']} of its layers)"
+        rows.append(f"| {r['shape']['name']}{layers} | {t['step_read_gb']:.3f} GB | " + " | ".join(cells) + " |")
     rows += ["", "Decode batch 1: `llama-bench -n 128` vs our 128 new tokens after a 128-token prompt; prefill: "
              "`llama-bench -p 512` vs one 512-token prompt; "
              f"{STREAMS} streams: `llama-batched-bench -npp 128 -ntg 128 -npl {STREAMS}` (S_TG) vs {STREAMS} "
@@ -348,8 +385,8 @@ def main() -> None:
         s = dict(SHAPES[key], layers=args.layers or SHAPES[key]["layers"])
         tag = key if args.layers is None else f"{key}-{args.layers}layers"
         work = envs.quantserve_home() / "work" / "shapes" / tag
-        q4, w4 = build(key, s, work, args.skip_build)
-        results[tag] = measure(key, s, q4, w4, args.repeats)
+        quants, w4 = build(key, s, work, args.skip_build)
+        results[tag] = measure(key, s, quants, w4, args.repeats)
     sides = {"quantserve": f"kernels {kernels.describe()}",
              "llama.cpp": f"{llamacpp_isa()}; machine {cpu_name()}"}
     RESULTS.mkdir(exist_ok=True)

@@ -39,12 +39,14 @@ def replicas() -> dict[str, int]:
     return serve.status().applications["quantserve"].deployments["EngineReplica"].replica_states
 
 
-def ask(client: openai.OpenAI, i: int, stream: bool) -> tuple[str, int]:
+def ask(client: openai.OpenAI, i: int, stream: bool, tokens: int = 32) -> tuple[str, int]:
+    """One chat request; `tokens` exactly (EOS ignored), so a request's length is known."""
     messages = [{"role": "user", "content": f"Count from {i} to {i + 20}."}]
+    kw = dict(model="smol", messages=messages, max_tokens=tokens, extra_body={"ignore_eos": True})
     if stream:
-        chunks = client.chat.completions.create(model="smol", messages=messages, max_tokens=32, stream=True)
+        chunks = client.chat.completions.create(stream=True, **kw)
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), 1
-    raw = client.chat.completions.with_raw_response.create(model="smol", messages=messages, max_tokens=32)
+    raw = client.chat.completions.with_raw_response.create(**kw)
     return raw.parse().choices[0].message.content, int(raw.headers["x-quantserve-attempts"])
 
 
@@ -65,8 +67,9 @@ def test_a_replica_killed_under_load_loses_no_request_and_comes_back(ray_server)
     client = openai.OpenAI(base_url=ray_server + "/v1", api_key="none", max_retries=0, timeout=300)
     victim = next(a for a in list_named_actors(all_namespaces=True) if "EngineReplica" in a["name"])
     with ThreadPoolExecutor(32) as pool:
-        futures = [pool.submit(ask, client, i, False) for i in range(32)]
-        time.sleep(3.0)                                             # all accepted, none answered yet
+        futures = [pool.submit(ask, client, i, False, 384) for i in range(32)]
+        time.sleep(3.0)             # all accepted, none answered yet: 16 x 384 tokens a replica take longer
+        assert not any(f.done() for f in futures)
         ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
         answers = [f.result() for f in futures]                     # a failed request raises here
     assert all(text for text, _ in answers)
