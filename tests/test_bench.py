@@ -151,3 +151,38 @@ def test_a_failed_plot_keeps_the_results_and_is_one_line(tiny_server_model, tmp_
     (line,) = [l for l in err.splitlines() if l.startswith("quantserve bench: plot")]
     assert "not written (ModuleNotFoundError: import of matplotlib" in line and "Traceback" not in err
     assert err.splitlines()[-1].startswith("results: ") and ".png" not in err.splitlines()[-1]
+
+
+def test_a_request_on_a_connection_the_server_closed_unanswered_is_sent_again():
+    """A server that drops its first connection without a response (as a kept-alive connection
+    closed under the client looks): the request goes once more on a new connection and counts."""
+    import asyncio
+
+    import httpx
+
+    from quantserve.bench.serving import ServingConfig, one_request
+    from quantserve.bench.workload import BenchRequest
+
+    connections = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")))
+        await reader.readexactly(length)
+        connections.append(head)
+        if len(connections) > 1:
+            event = json.dumps({"choices": [{"text": "hi"}], "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                         + f"data: {event}\n\ndata: [DONE]\n\n".encode())
+            await writer.drain()
+        writer.close()
+
+    async def scenario():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, httpx.AsyncClient() as client:
+            cfg = ServingConfig(base_url=f"http://127.0.0.1:{port}")
+            return await one_request(client, cfg, "m", BenchRequest("hello", [1, 2, 3], 1))
+
+    out = asyncio.run(scenario())
+    assert out.ok and out.output_tokens == 1 and out.error == "" and len(connections) == 2

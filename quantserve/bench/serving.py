@@ -30,6 +30,7 @@ class Outcome:
     itl: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     output_tokens: int = 0
+    status: int = 0              # the HTTP status, once the response began
 
 
 @dataclass
@@ -56,34 +57,47 @@ async def discover_model(client: httpx.AsyncClient, base_url: str) -> str:
 async def one_request(client: httpx.AsyncClient, cfg: ServingConfig, model: str, req: BenchRequest) -> Outcome:
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0.0,
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
-    out, chunks = Outcome(prompt_tokens=len(req.prompt_ids)), 0
+    for _ in range(2):
+        out = Outcome(prompt_tokens=len(req.prompt_ids))
+        try:
+            return await stream_completion(client, f"{cfg.base_url}/v1/completions", body, out)
+        except httpx.RemoteProtocolError as e:
+            out.error = f"{type(e).__name__}: {e}"
+            if out.status:      # the server had answered; else it closed a kept-alive connection as it was
+                return out      # reused, the request never reached it, and it goes once more on a new one
+        except (httpx.HTTPError, json.JSONDecodeError) as e:
+            out.error = f"{type(e).__name__}: {e}"
+            return out
+    return out
+
+
+async def stream_completion(client: httpx.AsyncClient, url: str, body: dict, out: Outcome) -> Outcome:
+    """One streamed completion into `out` (TTFT, inter-token gaps, usage); raises on transport errors."""
+    chunks = 0
     start = last = time.perf_counter()
-    try:
-        async with client.stream("POST", f"{cfg.base_url}/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                out.error = f"HTTP {response.status_code}: {(await response.aread())[:200].decode(errors='replace')}"
+    async with client.stream("POST", url, json=body) as response:
+        out.status = response.status_code
+        if response.status_code != 200:
+            out.error = f"HTTP {response.status_code}: {(await response.aread())[:200].decode(errors='replace')}"
+            return out
+        async for line in response.aiter_lines():
+            data = line[5:].strip() if line.startswith("data:") else ""
+            if not data or data == "[DONE]":
+                continue
+            chunk = json.loads(data)
+            if "error" in chunk:
+                out.error = str(chunk["error"])[:200]
                 return out
-            async for line in response.aiter_lines():
-                data = line[5:].strip() if line.startswith("data:") else ""
-                if not data or data == "[DONE]":
-                    continue
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    out.error = str(chunk["error"])[:200]
-                    return out
-                usage = chunk.get("usage") or {}
-                out.prompt_tokens = usage.get("prompt_tokens") or out.prompt_tokens
-                out.output_tokens = usage.get("completion_tokens") or out.output_tokens
-                if any(c.get("text") for c in chunk.get("choices") or []):
-                    now = time.perf_counter()
-                    if chunks == 0:
-                        out.ttft = now - start
-                    else:
-                        out.itl.append(now - last)
-                    last, chunks = now, chunks + 1
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
-        out.error = f"{type(e).__name__}: {e}"
-        return out
+            usage = chunk.get("usage") or {}
+            out.prompt_tokens = usage.get("prompt_tokens") or out.prompt_tokens
+            out.output_tokens = usage.get("completion_tokens") or out.output_tokens
+            if any(c.get("text") for c in chunk.get("choices") or []):
+                now = time.perf_counter()
+                if chunks == 0:
+                    out.ttft = now - start
+                else:
+                    out.itl.append(now - last)
+                last, chunks = now, chunks + 1
     out.e2e = time.perf_counter() - start
     out.output_tokens = out.output_tokens or chunks
     out.ok = chunks > 0
