@@ -56,11 +56,12 @@ def build_qwen2(path: Path) -> Path:
     return save_hf(Qwen2ForCausalLM(Qwen2Config(**{**TINY, "tie_word_embeddings": True})).eval(), path)
 
 
-def build_mistral(path: Path) -> Path:
+def build_mistral(path: Path, sliding_window: int | None = None) -> Path:
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    return save_hf(MistralForCausalLM(MistralConfig(**TINY, sliding_window=None, head_dim=32)).eval(), path)
+    cfg = MistralConfig(**TINY, sliding_window=sliding_window, head_dim=32)
+    return save_hf(MistralForCausalLM(cfg).eval(), path)
 
 
 def build_qwen3(path: Path) -> Path:

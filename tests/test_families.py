@@ -121,3 +121,22 @@ def test_longrope_past_the_original_length_matches_transformers_with_its_cache(t
             ids = logits.argmax().view(1, 1)
     got = engine_logits(small_engine(tiny_dirs["phi3"], max_prefill_token_num=16), prompt, new - 1)
     torch.testing.assert_close(got, torch.stack(rows), atol=1e-4, rtol=0)
+
+
+def test_a_sliding_window_model_keeps_its_sessions_inside_the_window(tmp_path):
+    """Mistral with a 48-token window: sessions default to 48 tokens, where full attention is what
+    transformers' windowed attention computes; a longer --session-len is a clear error."""
+    from conftest import build_mistral
+    from test_parity import engine_logits, hf_logits
+
+    from quantserve.config import ConfigError, EngineConfig
+    from quantserve.engine.engine import Engine
+
+    model = build_mistral(tmp_path / "mistral", sliding_window=48)
+    engine = Engine(model, EngineConfig(dtype="float32", cache_block_seq_len=16), progress=False)
+    assert engine.session_len == 48
+    prompt = list(range(3, 40))
+    torch.testing.assert_close(engine_logits(engine, prompt, 8), hf_logits(model, prompt, 8)[0], atol=1e-4, rtol=0)
+    with pytest.raises(ConfigError, match="48-token sliding window") as e:
+        Engine(model, EngineConfig(dtype="float32", session_len=256), progress=False)
+    assert e.value.field == "session_len"

@@ -51,7 +51,7 @@ class Engine:
         cfg = model_config(Path(model_path), config.model_overrides())
         require_supported(cfg, config.model_format)
         self.args = model_args(cfg)
-        self.session_len = config.session_len or self.args.max_position_embeddings
+        self.session_len = self._session_len(config.session_len)
         self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE[config.device]
         self.dtype = torch_dtype(config.dtype, cfg, config.device)
         self.model = load_model(Path(model_path), self.dtype, config.device, self.session_len, cfg, progress,
@@ -67,6 +67,18 @@ class Engine:
         self.runner = ModelRunner(self.model, self.cache, config.device)
         self.requests: dict[str, Request] = {}
         logger.info(self.memory_summary())
+
+    def _session_len(self, asked: int | None) -> int:
+        """--session-len, else the model's context; a sliding-window model's sessions stay inside
+        the window, where full attention is exact (sliding-window attention is not built yet)."""
+        window = self.args.sliding_window
+        if window and asked and asked > window:
+            raise ConfigError(f"session_len {asked} is longer than the model's {window}-token sliding window; "
+                              "sliding-window attention is not supported yet", field="session_len")
+        if window and not asked and self.args.max_position_embeddings > window:
+            logger.warning("session_len capped at the model's %d-token sliding window", window)
+            return window
+        return asked or self.args.max_position_embeddings
 
     def _plan_cache(self) -> CachePlan:
         c = self.config

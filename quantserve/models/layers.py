@@ -41,6 +41,7 @@ class ModelArgs:
     qk_norm: bool = False                 # an RMSNorm over each q and k head before RoPE (Qwen3)
     nope_layers: tuple[int, ...] = ()     # layers whose q and k get no RoPE (SmolLM3)
     rotary_dim: int = 0                   # leading dims of each head RoPE rotates (0: all)
+    sliding_window: int | None = None     # attention reaches this many tokens back (Mistral); None: all
 
     def __post_init__(self) -> None:
         self.rotary_dim = self.rotary_dim or self.head_dim

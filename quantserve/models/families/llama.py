@@ -27,6 +27,7 @@ def model_args(cfg: dict) -> ModelArgs:
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         head_dim=head_dim,
         rotary_dim=rotary_dim(cfg, head_dim),
+        sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         rope_theta=theta,

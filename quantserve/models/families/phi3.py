@@ -3,7 +3,6 @@
 holds them; LongRoPE scaling and a partial rotary factor (Phi-4-mini rotates 3/4 of each head)."""
 from __future__ import annotations
 
-from quantserve.config import ConfigError
 from quantserve.models.families import Family, llama
 from quantserve.models.rope import rope_type
 from quantserve.quant.arch import Arch, ScaleGroup
@@ -14,9 +13,6 @@ RENAMES = [*llama.RENAMES,
 
 
 def model_args(cfg: dict):
-    window = cfg.get("sliding_window")
-    if window and window < cfg.get("max_position_embeddings", 0):
-        raise ConfigError(f"phi3 with a {window}-token sliding window is not supported yet")
     rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
     if rope_type(rope) == "longrope":               # the pretraining length is a top-level key in Phi-3
         rope.setdefault("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))

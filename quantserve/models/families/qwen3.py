@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from quantserve.config import ConfigError
 from quantserve.models.families import Family, GgufArch, llama
 from quantserve.models.layers import ModelArgs
 
@@ -15,8 +14,6 @@ RENAMES = [*llama.RENAMES,
 
 
 def model_args(cfg: dict) -> ModelArgs:
-    if cfg.get("use_sliding_window"):
-        raise ConfigError("qwen3 with use_sliding_window is not supported yet")
     args = llama.model_args(cfg)
     args.qk_norm = True
     return args

@@ -1,16 +1,13 @@
 """SmolLM3: the Llama layout and names, with RoPE left out of some layers (`no_rope_layers`,
 1 = rotate; by default every `no_rope_layer_interval`-th layer, 4, is left unrotated) and tied
-embeddings. Its optional sliding-window layers are not supported yet (a clear error)."""
+embeddings. A config with sliding-window layers caps the session at the window (engine)."""
 from __future__ import annotations
 
-from quantserve.config import ConfigError
 from quantserve.models.families import Family, llama
 from quantserve.models.layers import ModelArgs
 
 
 def model_args(cfg: dict) -> ModelArgs:
-    if cfg.get("use_sliding_window"):
-        raise ConfigError("smollm3 with use_sliding_window is not supported yet")
     args = llama.model_args({"tie_word_embeddings": True, **cfg})
     layers, interval = cfg["num_hidden_layers"], cfg.get("no_rope_layer_interval", 4)
     rotates = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
