@@ -162,6 +162,18 @@ def _round_trip(model, qtype: QT):
     return model
 
 
+def test_a_llama_file_with_q_k_v_biases_and_no_o_bias_loads(tmp_path):
+    """A Qwen2 written under the llama architecture (q/k/v biases permuted as llama.cpp does, no
+    o bias): HF Llama's attention_bias covers o too, so the converter gives o a zero bias."""
+    model = _random_model("qwen2", tied=False)
+    out = convert_gguf(write_gguf(model, tmp_path / "qkv-bias.gguf", "llama", QT.F32), tmp_path / "hf", progress=False)
+    from test_parity import engine_logits, small_engine
+
+    assert json.loads((out / "config.json").read_text())["attention_bias"] is True
+    got = engine_logits(small_engine(out), TOKEN_IDS[0].tolist(), 0)                 # quantserve's strict loader
+    torch.testing.assert_close(got[0], _logits(model)[0, -1], atol=1e-4, rtol=0)
+
+
 def test_converted_tokenizer_and_chat_template(tmp_path):
     gguf_path = write_gguf(_random_model("llama", True), tmp_path / "tiny.gguf", "llama", QT.Q8_0)
     out = convert_gguf(gguf_path, tmp_path / "hf", progress=False)

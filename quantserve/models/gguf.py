@@ -84,6 +84,9 @@ def gguf_tensors(reader, path: Path, config: dict, arch: str, progress: bool = F
         for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor", file=sys.stderr, disable=not progress):
             hf_name, values = _convert_tensor(tensor, path, config, gguf_archs()[arch].permuted_qk)
             tensors[hf_name] = torch.from_numpy(values)
+    if config.get("attention_bias"):        # HF Llama's attention_bias covers o too: a file without it means 0
+        for i in range(config["num_hidden_layers"]):
+            tensors.setdefault(f"model.layers.{i}.self_attn.o_proj.bias", torch.zeros(config["hidden_size"]))
     _check_complete(tensors, config, path)
     return tensors
 
