@@ -63,11 +63,7 @@ STAGES = ("qkv linear", "rope, KV write, attention", "o linear", "gate_up linear
 @functools.cache
 def profiling_library() -> ctypes.CDLL:
     """This backend's kernels built with -DQS_PROFILE: qs_decode_layers times its stages."""
-    isa = kernels.backend()
-    target = Path(tempfile.mkdtemp()) / f"libqs-{isa}-profile.so"
-    kernels._build(target, [*kernels.COMMON_FLAGS, *kernels.ISAS[isa][0], "-DQS_PROFILE"])
-    lib = ctypes.CDLL(str(target))
-    kernels._declare(lib)
+    lib = kernels.load(kernels.backend(), ("-DQS_PROFILE",))
     lib.qs_profile_read.argtypes, lib.qs_profile_read.restype = [ctypes.c_void_p], None
     return lib
 

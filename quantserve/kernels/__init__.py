@@ -85,10 +85,11 @@ def _build(target: Path, flags: list[str]) -> None:
 
 
 @functools.cache
-def load(isa: str) -> ctypes.CDLL | None:
+def load(isa: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """The kernel library built for `isa` (built on first use), or None if it cannot be built or
-    loaded. Callers check runs_here(isa) first: calling into a build the CPU lacks is SIGILL."""
-    flags = [*COMMON_FLAGS, *ISAS[isa][0]]
+    loaded; `defines` (e.g. "-DQS_PROFILE") make a variant of it, cached apart. Callers check
+    runs_here(isa) first: calling into a build the CPU lacks is SIGILL."""
+    flags = [*COMMON_FLAGS, *ISAS[isa][0], *defines]
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     target = envs.quantserve_home() / "kernels" / f"libqs-{isa}-{digest}.so"
     try:

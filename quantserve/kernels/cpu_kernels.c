@@ -883,11 +883,11 @@ void qs_add_rmsnorm(const float *x, float *residual, const float *weight, float 
 }
 
 /* In place, rotate_half convention: for the first `heads` heads of each row (row stride
- * `stride` floats), x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin over the two halves of D.
- * cos/sin: [P, D] tables (halves duplicated). */
+ * `stride` floats), x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin over the two halves of the
+ * first R of each head's D dims. cos/sin: [P, R] tables (halves duplicated). */
 void qs_rope(float *x, int T, long stride, int heads, int D, int R, const int64_t *positions,
              const float *cos_t, const float *sin_t) {
-    int half = R / 2;                                /* the first R of each head's D dims rotate */
+    int half = R / 2;
     for (int t = 0; t < T; t++) {
         const float *c = cos_t + positions[t] * R, *s = sin_t + positions[t] * R;
         for (int h = 0; h < heads; h++) {
@@ -950,7 +950,7 @@ typedef struct {
     int T, H, Hq, Hkv, D, R, I, wtype, ctype, block_size, max_blocks, nthreads;   /* R: rotary dims */
     float eps, scale;
     const int64_t *positions, *slots, *block_tables, *context_lens;   /* [T], [T], [T, max_blocks], [T] */
-    const float *cos, *sin;                                            /* [P, D] */
+    const float *cos, *sin;                                            /* [P, R] */
     void *k_cache, *v_cache;                     /* [L, num_blocks, block_size, Hkv, D] (ctype) */
     long layer_stride;                           /* elements between layers of the cache */
     int kv_bits;                                 /* 0: float cache; 4 / 8: quantized (k_cache = codes) */

@@ -67,7 +67,8 @@ class FusedDecoder:
         self.structs = (LayerWeights * len(layers))(*[
             LayerWeights(LinearWeights.of(l.attn.qkv), LinearWeights.of(l.attn.o), LinearWeights.of(l.mlp.gate_up),
                          LinearWeights.of(l.mlp.down), _ptr(l.attn.qkv.bias), _ptr(l.attn.o.bias),
-                         _ptr(l.attn_norm.weight), _ptr(l.mlp_norm.weight), *_qk_norms(l.attn), l.attn.rotates) for l in layers])
+                         _ptr(l.attn_norm.weight), _ptr(l.mlp_norm.weight), *_qk_norms(l.attn), l.attn.rotates)
+            for l in layers])
         self.dims = dict(H=a.hidden_size, Hq=a.num_heads, Hkv=a.num_kv_heads, D=a.head_dim, R=a.rotary_dim,
                          I=a.intermediate_size)
         self.eps, self.scale = a.rms_norm_eps, a.head_dim ** -0.5

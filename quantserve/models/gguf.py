@@ -79,10 +79,10 @@ def gguf_tensors(reader, path: Path, config: dict, arch: str, progress: bool = F
     import torch
     from tqdm import tqdm
 
-    tensors = {}
+    tensors, permuted_qk = {}, gguf_archs()[arch].permuted_qk
     with _corrupt_is_load_error(path):
         for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor", file=sys.stderr, disable=not progress):
-            hf_name, values = _convert_tensor(tensor, path, config, gguf_archs()[arch].permuted_qk)
+            hf_name, values = _convert_tensor(tensor, path, config, permuted_qk)
             tensors[hf_name] = torch.from_numpy(values)
     if config.get("attention_bias"):        # HF Llama's attention_bias covers o too: a file without it means 0
         for i in range(config["num_hidden_layers"]):
@@ -174,10 +174,10 @@ def hf_config(reader, arch: str, path: Path) -> dict:
         return value
 
     hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
-    names = {t.name for t in reader.tensors}
+    names, family = {t.name for t in reader.tensors}, gguf_archs()[arch]
     config = {
-        "architectures": [gguf_archs()[arch].hf_class],
-        "model_type": gguf_archs()[arch].model_type,
+        "architectures": [family.hf_class],
+        "model_type": family.model_type,
         "hidden_size": hidden,
         "intermediate_size": int(meta("feed_forward_length")),
         "num_hidden_layers": int(meta("block_count")),

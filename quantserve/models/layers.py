@@ -42,11 +42,11 @@ class ModelArgs:
     nope_layers: tuple[int, ...] = ()     # layers whose q and k get no RoPE (SmolLM3)
     rotary_dim: int = 0                   # leading dims of each head RoPE rotates (0: all)
     sliding_window: int | None = None     # attention reaches this many tokens back (Mistral); None: all
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.rotary_dim = self.rotary_dim or self.head_dim
-    bos_token_id: int | None = None
-    eos_token_ids: list[int] = field(default_factory=list)
 
     @property
     def q_size(self) -> int:
