@@ -78,7 +78,8 @@ attention reads more bytes than the weights: 16 x ~190 tokens x 30 layers x K an
 ~70 MB a step, scattered in 16-token blocks, which is why that stage is near a third of the
 step. It is now compiled once per cache type (no type test in its inner loops) and prefetches
 the next block's keys and the block's values; the two profile runs of the day, before and
-after, gave 5.3 and 4.2 ms for that stage, within the run-to-run noise noted below.
+after, gave 5.3 and 4.2 ms for that stage (3.6 ms in the table above, a later run), within the
+run-to-run noise noted below.
 Timings on this machine vary by 10-30% from run to run (the same W4 batch-1 step measured 7.8
 ms in one run and 5.6 ms in the next, the machine's read bandwidth 43.6 GB/s in one run and
 51.7 GB/s in another), which is why every comparison elsewhere is best-of-3 within one run.
@@ -148,10 +149,10 @@ paper's code does; the attention groups are still scored on their linears' outpu
 Time with the tutorial's flags (PTB, 128 x 2048 tokens, group 64, `--batch-size 1`), each run
 alone, on the AMD family 26 (Zen 5) machine with AVX-512 BF16, after the calibration forward moved
 to bfloat16 weights on `vdpbf16ps` and prefill attention to the flash kernel (issue 17):
-- `lite auto_awq --search-scale False`: **3 min 0 s** wall clock (calibration 163 s, 1.28 s per
-  2048-token window; the AWQ step 7 s), against 8.5 minutes on this machine before;
-- `lite auto_gptq` (act-order, the default): **6 min 23 s** wall clock (both passes of every layer
-  over the calibration set 374 s), against about 17.4 minutes before.
+- `lite auto_awq --search-scale False`: **2 min 46 s** wall clock (table below), against 8.5
+  minutes on this machine before;
+- `lite auto_gptq` (act-order, the default): **5 min 56 s** wall clock, against about 17.4
+  minutes before.
 
 Both are under issue 8's 10-minute bar, with a progress bar all the way. What changed per
 2048-token window of the float forward: the linears (2 x 106.2 M weights x 2048 tokens = 435
@@ -205,32 +206,33 @@ first line of the table.
 Where the misses stand, with the profile of a decode step on the same machine
 (`benchmarks/profile_decode.py`, its table in "Where a decode step's time goes" below, stages
 inside the native call timed in place):
-- *Batch 1, W4 (1.33x of the 1.6x asked)*: a step is 2.7 ms: the 30 layers in one native call
-  1.94 ms (linears 1.49 ms for 60 MB, ~40 GB/s; rope, KV write and attention 0.35 ms: three
-  KV-head tasks on two threads, so one thread does two), the int8 head 0.43 ms (28 MB), Python
+- *Batch 1, W4 (1.32x of the 1.6x asked)*: a step is 2.8 ms: the 30 layers in one native call
+  1.83 ms (linears 1.44 ms for 60 MB, ~42 GB/s; rope, KV write and attention 0.23 ms: three
+  KV-head tasks on two threads, so one thread does two), the int8 head 0.62 ms (28 MB), Python
   and small ops around them (batch tensors, embedding, final norm, sampling) 0.3 ms. 1.6x
-  llama.cpp's 305.6 tok/s of this run is 2.04 ms a step: the linears would have to reach the
+  llama.cpp's 274.0 tok/s of this run is 2.28 ms a step: the linears would have to reach the
   machine's read bandwidth and the head, attention and Python all shrink (a 4-bit head reads 14
   MB less but costs 13% perplexity, "Output head bits" above). Not done: one parallel region
   per step instead of one per linear, huge pages for the weights, the quantized embedding row
   in C.
-- *Batch 1, float16 (1.16x) and bfloat16 (1.00x)*: both sides stream the same 0.27 GB at
-  40-46 GB/s; the figures move by 10-20% between runs (bfloat16 was 1.14x in the run before).
-- *16 streams, W4 (1.47x of the 3x asked)*: a step of 16 tokens is 14.5 ms: integer linears
-  6.2 ms (3.4 GOP: ~550 GOPS-equivalent, far below what `vpdpbusd` on two cores allows: the
+- *Batch 1, float16 (1.09x) and bfloat16 (1.12x)*: both sides stream the same 0.27 GB at
+  35-42 GB/s; the figures move by 10-20% between runs (bfloat16 was 1.14x and 1.00x in earlier
+  runs of the day).
+- *16 streams, W4 (1.59x of the 3x asked)*: a step of 16 tokens is 12.9 ms: integer linears
+  5.5 ms (3.4 GOP: ~615 GOPS-equivalent, far below what `vpdpbusd` on two cores allows: the
   4-bit tile spends more instructions unpacking nibbles and broadcasting activations than in
-  `vpdpbusd`), the decode attention 4.2 ms (29%: ~70 MB of fp16 K and V in 16-token blocks per
-  step, more than the weights; an int8 KV cache halves that), the int8 head 2.9 ms. 3x
-  llama.cpp is 6.5 ms a step: it needs all three halved at least. Not done.
-- *Serving (1.55x of the 2x asked; TTFT 599 vs 1146 ms, met)*: bounded by the same 16-stream
-  step (TPOT p50 16.7 ms vs 24.2 ms).
+  `vpdpbusd`), the decode attention 3.6 ms (28%: ~70 MB of fp16 K and V in 16-token blocks per
+  step, more than the weights; an int8 KV cache halves that), the int8 head 3.0 ms. 3x
+  llama.cpp is 7.6 ms a step: it needs all three cut by 40% or more. Not done.
+- *Serving (1.36x of the 2x asked; TTFT 625 vs 1136 ms, met)*: bounded by the same 16-stream
+  step (TPOT p50 18.5 ms vs 23.7 ms); it measured 1.55x in the run before.
 - *Real shapes* (next section, four shapes in one run after the decode-attention change):
   prefill leads 1.8-2.0x; batch 1 is 1.01-1.37x (Qwen3-1.7B 1.01x, InternLM2.5-1.8B 1.12x,
   Qwen2.5-0.5B 1.33x, Llama-3.2-1B 1.37x) and 16 streams 1.15-1.33x, short of 1.6x and 3x for
   the reasons above: at 1-2 GB a step both sides stream the weights at 38-54 GB/s, so batch 1
   is a matter of bytes read, and the 16-stream step is bound by the integer tiles.
-- The machine's read bandwidth (a sum over 512 MB, 2 threads) measured 43.6, 51.7 and 82.5 GB/s
-  in three runs on the same day: the host is shared, so ratios within one run are what count.
+- The machine's read bandwidth (a sum over 512 MB, 2 threads) measured 43.6, 51.7, 82.5 and
+  48.4 GB/s in four runs on the same day: the host is shared, so ratios within one run are what count.
 """
 
 SHAPES = """## quantserve vs llama.cpp at real models' shapes (`benchmarks/bench_shapes.py`)
