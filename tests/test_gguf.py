@@ -122,13 +122,18 @@ CASES = [
     ("llama", QT.Q8_0, True), ("llama", QT.Q4_0, False), ("llama", QT.Q4_1, True),
     ("qwen2", QT.F32, False), ("qwen2", QT.Q4_1, True), ("qwen3", QT.F32, True), ("qwen3", QT.Q8_0, False),
 ]
+QUANTIZED = (QT.Q8_0, QT.Q4_0, QT.Q4_1)
 
 
 CASE_IDS = [f"{a}-{q.name}-{'tied' if t else 'untied'}" for a, q, t in CASES]
 
 
 @pytest.mark.parametrize("arch,qtype,tied", CASES, ids=CASE_IDS)
-def test_convert_matches_transformers(tmp_path, arch, qtype, tied):
+def test_convert_matches_transformers(tmp_path, monkeypatch, arch, qtype, tied):
+    """Float files become a plain HF directory transformers loads; quantized ones are checked
+    through the engine at their own bits (the reference ops: weights dequantized exactly, float
+    activations; the kernels' int8 activations are checked in test_gguf_types), and dequantized
+    (own_bits=False) through transformers."""
     model = _random_model(arch, tied)
     gguf_path = write_gguf(model, tmp_path / f"tiny-{qtype.name}.gguf", arch, qtype)
     out = convert_gguf(gguf_path, tmp_path / "hf", progress=False)
@@ -137,19 +142,34 @@ def test_convert_matches_transformers(tmp_path, arch, qtype, tied):
     assert config["model_type"] == arch and config["rope_theta"] == 50000.0 and config["rms_norm_eps"] == 1e-5
     assert config["tie_word_embeddings"] is tied and config["vocab_size"] == len(_tokens())
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
-    converted = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert converted.dtype == torch.float32
-    if qtype == QT.F32:
-        torch.testing.assert_close(_logits(converted), _logits(model), atol=1e-5, rtol=0)
+    assert ("quantization_config" in config) == (qtype in QUANTIZED)
+    reference = _reference(model, tmp_path, gguf_path, arch, qtype)
+    if qtype in QUANTIZED:
+        from test_parity import engine_logits, small_engine
 
-    if arch == "qwen3":        # transformers' GGUF loader ignores qwen3's key_length (head_dim)
-        torch.testing.assert_close(_logits(converted), _logits(_round_trip(model, qtype)), atol=1e-5, rtol=0)
-        return
+        from quantserve.models import loader
+        from quantserve.models.ops import TorchOps
+
+        monkeypatch.setattr(loader, "ops_for", lambda *a, **k: TorchOps())
+        got = engine_logits(small_engine(out), TOKEN_IDS[0].tolist(), 0)[0]
+        torch.testing.assert_close(got, reference[0, -1], atol=1e-4, rtol=0)
+        out = convert_gguf(gguf_path, tmp_path / "dequantized", progress=False, own_bits=False)
+    converted = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert converted.dtype == (torch.float32 if qtype == QT.F32 else torch.float16)
+    tolerance = 1e-5 if qtype == QT.F32 else 2e-2
+    torch.testing.assert_close(_logits(converted.float()), reference, atol=tolerance, rtol=0)
+
+
+def _reference(model, tmp_path: Path, gguf_path: Path, arch: str, qtype: QT) -> torch.Tensor:
+    """Logits of the file's weights in float32: the source model itself for F32, else transformers'
+    own GGUF loader (or, for qwen3, whose key_length that loader ignores, the source round-tripped)."""
+    if qtype == QT.F32:
+        return _logits(model)
+    if arch == "qwen3":
+        return _logits(_round_trip(model, qtype))
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF")
-    reference = AutoModelForCausalLM.from_pretrained(
-        str(tmp_path), gguf_file=gguf_path.name, dtype=torch.float32
-    ).eval()
-    torch.testing.assert_close(_logits(converted), _logits(reference), atol=1e-5, rtol=0)
+    return _logits(AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=gguf_path.name,
+                                                        dtype=torch.float32).eval())
 
 
 def _round_trip(model, qtype: QT):
@@ -227,6 +247,12 @@ def test_resolve_model_paths(tmp_path, monkeypatch):
     monkeypatch.setattr(resolve, "convert_gguf", lambda *a, **k: pytest.fail("converted twice"))
     assert resolve.resolve_model(str(gguf_path), progress=False) == first
     assert resolve.resolve_model(str(first)) == first
+
+    (first / "gguf-format.json").unlink()          # as an older version's float32 conversion left it
+    monkeypatch.setattr(resolve, "convert_gguf", convert_gguf)
+    assert resolve.resolve_model(str(gguf_path), progress=False) == first
+    assert json.loads((first / "config.json").read_text())["quantization_config"]["quant_method"] == "gguf"
+    assert json.loads((first / "gguf-format.json").read_text())["format"] == 2
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty"):

@@ -59,7 +59,7 @@ def test_integer_linears_are_bit_identical_on_avx512_and_avx2(bits, m):
     torch.manual_seed(bits + m)
     n, k, group = 136, 512, 64
     qw = quantize(torch.randn(n, k), QuantSpec(bits, group))
-    packed = kernels.pack_quantized(qw.q, qw.scales, qw.zeros, bits)
+    packed = kernels.pack_quantized(qw.q, qw.scales, qw.offsets(), bits)
     x = torch.randn(m, k) * torch.rand(k) * 4                      # uneven channels: large int8 codes
     wide, narrow = (qlinear(isa, x, packed, n, bits, group) for isa in ("avx512", "avx2"))
     assert torch.equal(wide, narrow) and wide.abs().sum() > 0

@@ -21,7 +21,7 @@ def test_quantized_linear_matches_dequantized_matmul(native_ops, bits, group, m)
     torch.manual_seed(bits * group + m)
     n, k = 200, 512                                  # n not a multiple of the 16-row panel
     qw = quantize(torch.randn(n, k), QuantSpec(bits, group))
-    packed = kernels.pack_quantized(qw.q, qw.scales, qw.zeros, bits)
+    packed = kernels.pack_quantized(qw.q, qw.scales, qw.offsets(), bits)
     x, bias = torch.randn(m, k).bfloat16().float(), torch.randn(n)
     y = native_ops.linear_int(x, packed, n, bits, group, bias)
     ref = (x.bfloat16() @ qw.dequantize().bfloat16().t()).float() + bias     # the bf16 reference
@@ -31,7 +31,7 @@ def test_quantized_linear_matches_dequantized_matmul(native_ops, bits, group, m)
 def test_quantized_linear_rows_do_not_depend_on_batch(native_ops):
     torch.manual_seed(0)
     qw = quantize(torch.randn(96, 256), QuantSpec(4, 64))
-    packed = kernels.pack_quantized(qw.q, qw.scales, qw.zeros, 4)
+    packed = kernels.pack_quantized(qw.q, qw.scales, qw.offsets(), 4)
     x = torch.randn(16, 256)
     full = native_ops.linear_int(x, packed, 96, 4, 64, None)
     for i in (0, 5, 15):

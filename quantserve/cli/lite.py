@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
              "rtn": "round-to-nearest, data-free"}
     for name, text in helps.items():
         q = sub.add_parser(name, help=text, description=text)
-        q.add_argument("model_path", help="a float Hugging Face model directory")
+        q.add_argument("model_path", help="a float Hugging Face model directory, or a .gguf file")
         q.add_argument("--work-dir", default="./work_dir", help="where the quantized model is written")
         q.add_argument("--w-bits", type=int, default=4, help="weight bits: 4 or 8")
         q.add_argument("--w-group-size", type=int, default=128, help="input channels per group: 32, 64, 128, -1")
@@ -53,7 +53,12 @@ def run(ns) -> int:
     logging.basicConfig(level="WARNING", stream=sys.stderr)
     if ns.calib_samples < 0 or ns.calib_seqlen <= 0 or ns.batch_size <= 0:
         raise QuantError("--calib-samples must be >= 0, --calib-seqlen and --batch-size > 0")
-    job = LiteJob(ns.model_path, ns.work_dir, METHODS[ns.lite_command],
+    model = ns.model_path
+    if model.lower().endswith(".gguf"):      # converted once (at its own bits), dequantized for calibration
+        from quantserve.models.resolve import resolve_model
+
+        model = str(resolve_model(model))
+    job = LiteJob(model, ns.work_dir, METHODS[ns.lite_command],
                   QuantSpec(ns.w_bits, ns.w_group_size, ns.w_sym), ns.calib_dataset, ns.calib_samples,
                   ns.calib_seqlen, ns.batch_size, ns.search_scale, not ns.no_clip, ns.damp_percent, ns.desc_act,
                   fake_quant=ns.fake_quant)

@@ -148,9 +148,9 @@ QPANEL = 8          # output rows per integer-weight panel
 QBLOCK = 32         # activation quantization block; K and group sizes must be multiples of it
 
 
-def pack_quantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int
+def pack_quantized(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """codes [N, K] (0 .. 2^bits - 1), scales / zeros [N, G] -> the layout of qs_linear_q:
+    """codes [N, K] (0 .. 2^bits - 1), scales / mins [N, G] (W = code * scale + min) -> the layout of qs_linear_q:
     panels of 8 rows, 4 consecutive k of a row per 32-bit lane. 4-bit: [P, K/8, 8, 4] uint8 holding
     k and k + 4 as low and high nibbles; 8-bit: [P, K/4, 8, 4] int8 (code - 128). Scales and mins
     [P, G, 8] float16, weight = scale * stored code + min."""
@@ -163,14 +163,14 @@ def pack_quantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
         panels = c[..., 0, :] | (c[..., 1, :] << 4)
     else:
         panels = (padded.view(-1, QPANEL, k // 4, 4).permute(0, 2, 1, 3).short() - 128).to(torch.int8)
-    scale, zero = torch.zeros(rows, scales.shape[1]), torch.zeros(rows, scales.shape[1])
-    scale[:n], zero[:n] = scales.float(), zeros.float()
-    mins = (128 - zero) * scale if bits == 8 else -zero * scale
+    scale, offset = torch.zeros(rows, scales.shape[1]), torch.zeros(rows, scales.shape[1])
+    scale[:n], offset[:n] = scales.float(), mins.float()
+    offset = offset + 128 * scale if bits == 8 else offset       # 8-bit codes are stored as code - 128
 
     def by_panel(t: torch.Tensor) -> torch.Tensor:
         return t.view(-1, QPANEL, t.shape[1]).transpose(1, 2).half().contiguous()   # [P, G, 8]
 
-    return panels.contiguous(), by_panel(scale), by_panel(mins)
+    return panels.contiguous(), by_panel(scale), by_panel(offset)
 
 
 class QuantCache(ctypes.Structure):

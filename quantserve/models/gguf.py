@@ -1,8 +1,10 @@
-"""GGUF file → Hugging Face model directory (float32 safetensors, config, tokenizer).
+"""GGUF file -> a model directory quantserve loads at the file's own bits.
 
-read metadata → config.json → dequantize each tensor (undo llama.cpp's q/k row permutation)
-→ model.safetensors → tokenizer + chat template → generation_config.json, all written into a
-hidden sibling directory that is renamed into place only once complete.
+read metadata -> config.json -> each tensor in the integer kernels' form (models/gguf_blocks.py:
+codes with a float16 scale and min per 32 weights; float tensors stay float; llama.cpp's q/k row
+permutation undone) -> model.safetensors -> tokenizer + chat template -> generation_config.json,
+all written into a hidden sibling directory that is renamed into place only once complete. A file
+without quantized tensors gives a plain float Hugging Face directory.
 """
 import json
 import re
@@ -14,9 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from quantserve.models.families import gguf_archs
+from quantserve.models.gguf_blocks import EXACT_BITS, GROUP, Codes, target_bits, to_codes
 from quantserve.models.loader import ModelLoadError, one_line
 from quantserve.quant.checkpoint import staged_dir
 
+FORMAT = 2          # of the converted directory: 1 held float32 weights, 2 the file's own bits
+STAMP = "gguf-format.json"
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -38,7 +43,7 @@ _LAYER_NAMES = {
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _REQUIRED = object()
-_REQUIRED_PER_LAYER = [f"{hf}.weight" for part, hf in _LAYER_NAMES.items() if not part.endswith(("q_norm", "k_norm"))]
+_REQUIRED_PER_LAYER = [hf for part, hf in _LAYER_NAMES.items() if not part.endswith(("q_norm", "k_norm"))]
 # what gguf's reader and numpy raise on a corrupt file: bad values, wrong types, short or misshapen arrays
 _CORRUPT = (ValueError, TypeError, IndexError, KeyError, OverflowError, ZeroDivisionError)
 # config.json sizes that must be positive for the model to be built at all
@@ -46,13 +51,19 @@ _SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attentio
           "head_dim", "max_position_embeddings", "vocab_size")
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> Path:
+def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True, replace: bool = False,
+                 own_bits: bool = True) -> Path:
+    """own_bits=False: every tensor dequantized to float16 instead (a plain Hugging Face directory)."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if out_dir.exists():
+    if out_dir.exists() and not replace:
         raise FileExistsError(f"{out_dir} already exists; remove it or pick another output directory")
     reader, arch, config = gguf_metadata(gguf_path)
-    log_line(progress, f"converting {gguf_path.name} ({arch}, {config['num_hidden_layers']} layers) -> {out_dir}")
-    tensors = gguf_tensors(reader, gguf_path, config, arch, progress)
+    log_line(progress, f"reading {gguf_path.name} ({arch}, {config['num_hidden_layers']} layers) -> {out_dir}")
+    tensors, codes = gguf_tensors(reader, gguf_path, config, arch, progress, own_bits)
+    if codes:
+        config["quantization_config"] = quantization_summary(codes)
+        log_line(progress, describe_summary(config["quantization_config"]))
+    config["torch_dtype"] = _storage_dtype(tensors)
     try:
         with staged_dir(out_dir) as tmp:
             _save_weights(tensors, tmp / "model.safetensors")
@@ -60,9 +71,18 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> Path:
             log_line(progress, "building tokenizer from GGUF metadata")
             with _corrupt_is_load_error(gguf_path):
                 _write_tokenizer(reader, gguf_path, tmp)
+            _write_json(tmp / STAMP, {"format": FORMAT, "source": gguf_path.name})
     except OSError as e:
         raise RuntimeError(f"cannot write the converted model to {out_dir}: {e.strerror or e}") from None
     return out_dir
+
+
+def is_current(out_dir: Path) -> bool:
+    """A directory converted by this version's format (older ones are converted again)."""
+    try:
+        return json.loads((Path(out_dir) / STAMP).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def gguf_metadata(path: Path) -> tuple[object, str, dict]:
@@ -74,21 +94,66 @@ def gguf_metadata(path: Path) -> tuple[object, str, dict]:
         return reader, arch, hf_config(reader, arch, path)
 
 
-def gguf_tensors(reader, path: Path, config: dict, arch: str, progress: bool = False) -> dict:
-    """Every tensor dequantized to float32 under its HF name, checked against the config."""
+def gguf_tensors(reader, path: Path, config: dict, arch: str, progress: bool = False, own_bits: bool = True
+                 ) -> tuple[dict, list[Codes]]:
+    """(tensors under HF names: float ones as `.weight`, quantized linears as `.codes` (4-bit: two
+    to a byte) `.scales` `.mins`; every Codes made), checked against the config."""
     import torch
     from tqdm import tqdm
 
-    tensors, permuted_qk = {}, gguf_archs()[arch].permuted_qk
+    tensors, made, permuted_qk = {}, [], gguf_archs()[arch].permuted_qk
     with _corrupt_is_load_error(path):
-        for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor", file=sys.stderr, disable=not progress):
-            hf_name, values = _convert_tensor(tensor, path, config, permuted_qk)
-            tensors[hf_name] = torch.from_numpy(values)
+        for tensor in tqdm(reader.tensors, desc="reading GGUF blocks", unit="tensor", file=sys.stderr,
+                           disable=not progress):
+            hf_name, value = _convert_tensor(tensor, path, config, permuted_qk, own_bits)
+            if isinstance(value, Codes):
+                tensors.update(codes_tensors(hf_name.removesuffix(".weight"), value))
+                made.append(value)
+            else:
+                tensors[hf_name] = value
     if config.get("attention_bias"):        # HF Llama's attention_bias covers o too: a file without it means 0
         for i in range(config["num_hidden_layers"]):
             tensors.setdefault(f"model.layers.{i}.self_attn.o_proj.bias", torch.zeros(config["hidden_size"]))
     _check_complete(tensors, config, path)
-    return tensors
+    return tensors, made
+
+
+def codes_tensors(base: str, c: Codes) -> dict:
+    import torch
+
+    codes = c.codes if c.bits == 8 else c.codes[:, 0::2] | (c.codes[:, 1::2] << 4)   # [N, K] | [N, K/2]
+    return {f"{base}.codes": torch.from_numpy(np.ascontiguousarray(codes)),
+            f"{base}.scales": torch.from_numpy(np.ascontiguousarray(c.scales)),
+            f"{base}.mins": torch.from_numpy(np.ascontiguousarray(c.mins))}
+
+
+def quantization_summary(made: list[Codes]) -> dict:
+    """config.json's quantization_config for a converted GGUF: what each GGML type became."""
+    types: dict[str, dict] = {}
+    for c in made:
+        entry = types.setdefault(c.source, {"tensors": 0, "bits": c.bits, "max_rel_rms_error": 0.0})
+        entry["tensors"] += 1
+        entry["max_rel_rms_error"] = max(entry["max_rel_rms_error"], round(c.error, 6))
+    return {"quant_method": "gguf", "bits": max(c.bits for c in made), "group_size": GROUP, "gguf_types": types}
+
+
+def describe_summary(q: dict) -> str:
+    def how(name: str, t: dict) -> str:
+        if name in EXACT_BITS:
+            return "scales rounded to float16" if name == "Q4_K" else "exact"
+        return f"requantized, +{100 * t['max_rel_rms_error']:.2f}% rms error"
+
+    parts = [f"{t['tensors']} {name} -> {t['bits']}-bit ({how(name, t)})" for name, t in sorted(q["gguf_types"].items())]
+    return "weights at the file's own bits: " + ", ".join(parts)
+
+
+def _storage_dtype(tensors: dict) -> str:
+    """config.json's torch_dtype: that of the float matrices (float16 when every one is quantized)."""
+    import torch
+
+    kinds = {t.dtype for t in tensors.values() if t.dim() == 2 and t.is_floating_point()}
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(kinds.pop(), "float16") if len(kinds) == 1 \
+        else "float16"
 
 
 @contextmanager
@@ -193,7 +258,6 @@ def hf_config(reader, arch: str, path: Path) -> dict:
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        "torch_dtype": "float32",
     }
     if arch == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in names
@@ -262,16 +326,36 @@ def dequantize_tensor(tensor, path: Path) -> np.ndarray:
     return np.array(values, dtype=np.float32)  # copy: the reader's arrays are read-only memmaps
 
 
-def _convert_tensor(tensor, path: Path, config: dict, permuted_qk: bool) -> tuple[str, np.ndarray]:
+def _convert_tensor(tensor, path: Path, config: dict, permuted_qk: bool, own_bits: bool):
+    """(HF name, a float torch tensor or Codes in torch layout [out, in])."""
+    import torch
+
     hf_name = hf_tensor_name(tensor.name)
     if hf_name is None:
         raise ModelLoadError(f"{path}: tensor {tensor.name!r} has no Hugging Face counterpart (not supported)")
-    values = dequantize_tensor(tensor, path)
-    if permuted_qk and ".attn_q." in tensor.name:
-        values = unpermute_qk(values, config["num_attention_heads"])
-    elif permuted_qk and ".attn_k." in tensor.name:
-        values = unpermute_qk(values, config["num_key_value_heads"])
-    return hf_name, values
+    heads = _permuted_heads(tensor.name, config) if permuted_qk else None
+    kind = tensor.tensor_type.name
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    if target_bits(kind) is None or len(shape) != 2 or not own_bits:
+        values = dequantize_tensor(tensor, path)
+        values = unpermute_qk(values, heads) if heads else values
+        dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(kind, torch.float16)
+        return hf_name, torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
+    try:
+        c = to_codes(tensor.data, kind, shape)
+    except NotImplementedError as e:
+        raise ModelLoadError(f"{path}: tensor {tensor.name!r} has type {kind}, which cannot be read") from e
+    if heads:       # rows are independent: codes, scales and mins permute alike
+        c.codes, c.scales, c.mins = (unpermute_qk(a, heads) for a in (c.codes, c.scales, c.mins))
+    return hf_name, c
+
+
+def _permuted_heads(name: str, config: dict) -> int | None:
+    if ".attn_q." in name:
+        return config["num_attention_heads"]
+    if ".attn_k." in name:
+        return config["num_key_value_heads"]
+    return None
 
 
 def _save_weights(tensors: dict, out_file: Path) -> None:
@@ -284,15 +368,15 @@ def _save_weights(tensors: dict, out_file: Path) -> None:
 def _check_complete(tensors: dict, config: dict, path: Path) -> None:
     if config["num_hidden_layers"] > len(tensors):  # a corrupt block_count: do not list 2**40 layers' names
         raise ModelLoadError(f"{path}: block_count {config['num_hidden_layers']} exceeds the {len(tensors)} tensors")
-    required = ["model.embed_tokens.weight", "model.norm.weight"] + [
+    required = ["model.embed_tokens", "model.norm"] + [
         f"model.layers.{i}.{name}" for i in range(config["num_hidden_layers"]) for name in _REQUIRED_PER_LAYER
     ]
-    missing = [name for name in required if name not in tensors]
+    missing = [name for name in required if f"{name}.weight" not in tensors and f"{name}.codes" not in tensors]
     if missing:
         raise ModelLoadError(f"{path}: GGUF lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    rows = tensors["model.embed_tokens.weight"].shape[0]
-    if rows != config["vocab_size"]:
-        raise ModelLoadError(f"{path}: token_embd has {rows} rows but vocab_size is {config['vocab_size']}")
+    embed = tensors.get("model.embed_tokens.weight", tensors.get("model.embed_tokens.codes"))
+    if embed.shape[0] != config["vocab_size"]:
+        raise ModelLoadError(f"{path}: token_embd has {embed.shape[0]} rows but vocab_size is {config['vocab_size']}")
 
 
 def _write_tokenizer(reader, path: Path, out_dir: Path) -> None:

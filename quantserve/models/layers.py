@@ -17,8 +17,8 @@ from quantserve.kernels.fused import FusedDecoder
 from quantserve.kvcache.paged import AttentionMetadata, PagedKVCache, paged_attention
 from quantserve.models.rope import RotaryEmbedding
 from quantserve.quant.linear import (RUNTIME_KINDS, IntPanelLinear, Linear, PanelLinear, QuantLinear, make_linear,
-                                     runtime_linear, tied_head)
-from quantserve.quant.primitives import QuantSpec, quantize
+                                     runtime_linear, tied_head, unpack_nibbles)
+from quantserve.quant.primitives import QuantSpec, affine_dequantize, quantize
 
 
 @dataclass
@@ -163,17 +163,23 @@ class PanelEmbedding(nn.Module):
 
 
 class QuantizedEmbedding(nn.Module):
-    """Input embedding read from a tied head's integer panels (kernels.pack_quantized, 8 or 4 bits)."""
+    """Input embedding read row by row from integer codes: a tied head's, or a GGUF token_embd's own
+    (8 or 4 bits, W = code * scale + min), in the VNNI panels (kernels.pack_quantized) or as the
+    reference QuantLinear's rows."""
 
-    def __init__(self, head: IntPanelLinear):
+    def __init__(self, table: IntPanelLinear | QuantLinear):
         super().__init__()
-        self.head = [head]
+        self.table = table          # also the output head when tied (one module, registered twice)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        codes, scales, mins = self.head[0].panels()       # 8-bit [P, H/4, 8, 4] int8 | 4-bit [P, H/8, 8, 4]; [P, G, 8]
+        if isinstance(self.table, QuantLinear):
+            t = self.table
+            rows = unpack_nibbles(t.codes[ids]) if t.spec.bits == 4 else t.codes[ids]             # [T, H]
+            return affine_dequantize(rows, t.scales[ids], t.mins[ids], t.spec)
+        codes, scales, mins = self.table.panels()         # 8-bit [P, H/4, 8, 4] int8 | 4-bit [P, H/8, 8, 4]; [P, G, 8]
         panel, lane = ids // QPANEL, ids % QPANEL
         picked = codes[panel, :, lane, :]                                                 # [T, H/4 | H/8, 4]
-        if self.head[0].spec.bits == 4:                   # byte b of a lane: code k + b low, k + 4 + b high
+        if self.table.spec.bits == 4:                     # byte b of a lane: code k + b low, k + 4 + b high
             picked = torch.stack([picked & 0x0F, picked >> 4], dim=-2)                    # [T, H/8, 2, 4]
         rows = picked.reshape(len(ids), scales.shape[1], -1).float()                      # [T, G, g]
         weight = rows * scales[panel, :, lane].float()[..., None] + mins[panel, :, lane].float()[..., None]
@@ -201,13 +207,17 @@ class CausalLM(nn.Module):
         the ops run (native panels or the torch reference), read a tied embedding from the head."""
         self.compute_dtype = compute_dtype
         if self.lm_head is None:
-            self.lm_head = tied_head(self.embed.weight)
+            quantized_table = isinstance(self.embed, QuantizedEmbedding)
+            self.lm_head = self.embed.table if quantized_table else tied_head(self.embed.weight)
         if self.weight_quantized():
             self.lm_head = quantize_head(self.ops, self.lm_head, head_bits)
-        for name, module in list(self.named_modules()):
+        swapped: dict[int, nn.Module] = {}       # a tied table is one module under two names
+        for name, module in list(self.named_modules(remove_duplicate=False)):
             if isinstance(module, (Linear, QuantLinear)):
                 parent, _, child = name.rpartition(".")
-                setattr(self.get_submodule(parent), child, runtime_linear(self.ops, module))
+                if id(module) not in swapped:
+                    swapped[id(module)] = runtime_linear(self.ops, module)
+                setattr(self.get_submodule(parent), child, swapped[id(module)])
         if self.args.tie_word_embeddings and isinstance(self.lm_head, PanelLinear):
             self.embed = PanelEmbedding(self.lm_head)
         elif self.args.tie_word_embeddings and isinstance(self.lm_head, IntPanelLinear):

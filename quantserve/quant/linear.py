@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantserve.quant.primitives import QuantizedWeight, QuantSpec, dequantize
+from quantserve.quant.primitives import QuantizedWeight, QuantSpec, affine_dequantize
 
 
 class Linear(nn.Module):
@@ -34,7 +34,8 @@ class Linear(nn.Module):
 
 
 class QuantLinear(nn.Module):
-    """Integer codes (4-bit two to a byte); the reference runtime dequantizes one layer per call."""
+    """Integer codes (4-bit two to a byte), W = codes * scales + mins; the reference runtime
+    dequantizes one layer per call."""
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
         super().__init__()
@@ -42,14 +43,14 @@ class QuantLinear(nn.Module):
         self.spec: QuantSpec = qw.spec
         self.register_buffer("codes", pack_nibbles(qw.q) if qw.spec.bits == 4 else qw.q.contiguous())  # [N, K/2]
         self.register_buffer("scales", qw.scales.float().contiguous())                            # [N, G]
-        self.register_buffer("zeros", qw.zeros.contiguous())                                      # [N, G]
+        self.register_buffer("mins", qw.offsets().contiguous())                                   # [N, G]
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
 
     def unpacked_codes(self) -> torch.Tensor:
         return unpack_nibbles(self.codes) if self.spec.bits == 4 else self.codes       # [N, K]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize(self.unpacked_codes(), self.scales, self.zeros, self.spec)
+        w = affine_dequantize(self.unpacked_codes(), self.scales, self.mins, self.spec)
         return F.linear(x.float(), w, self.bias).to(x.dtype)
 
 
@@ -79,7 +80,7 @@ class IntPanelLinear(nn.Module):
         super().__init__()
         self.ops = ops
         self.in_features, self.out_features, self.spec = linear.in_features, linear.out_features, linear.spec
-        codes, scales, mins = ops.pack_int(linear.unpacked_codes(), linear.scales, linear.zeros, linear.spec.bits)
+        codes, scales, mins = ops.pack_int(linear.unpacked_codes(), linear.scales, linear.mins, linear.spec.bits)
         self.register_buffer("qcodes", codes)           # 8-bit [P, K/4, 8, 4] | 4-bit [P, K/8, 8, 4]
         self.register_buffer("qscales", scales)         # [P, G, 8] float16
         self.register_buffer("qmins", mins)             # [P, G, 8] float16

@@ -42,14 +42,23 @@ class QuantSpec:
 
 @dataclass
 class QuantizedWeight:
-    """Integer codes and per-(row, group) parameters of one linear weight."""
-    q: torch.Tensor          # [N, K] uint8 codes
-    scales: torch.Tensor     # [N, G] float32
-    zeros: torch.Tensor      # [N, G] uint8 integer zero points
+    """Integer codes and per-(row, group) parameters of one linear weight: W = (q - zeros) * scales
+    with integer zero points (AWQ, GPTQ, RTN), or W = q * scales + mins with float offsets (GGUF's
+    Q4_1 / Q4_K blocks carry a float min, which no integer zero point reproduces)."""
+    q: torch.Tensor                      # [N, K] uint8 codes
+    scales: torch.Tensor                 # [N, G] float32
+    zeros: torch.Tensor | None           # [N, G] uint8 integer zero points, or None with mins
     spec: QuantSpec
+    mins: torch.Tensor | None = None     # [N, G] float32 offsets, when there are no integer zeros
+
+    def offsets(self) -> torch.Tensor:
+        """[N, G] float32 m with W = q * scales + m."""
+        return self.mins.float() if self.mins is not None else -self.zeros.float() * self.scales.float()
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize(self.q, self.scales, self.zeros, self.spec)
+        if self.mins is None:
+            return dequantize(self.q, self.scales, self.zeros, self.spec)
+        return affine_dequantize(self.q, self.scales, self.mins, self.spec)
 
 
 def check_spec(spec: QuantSpec, in_features: int, name: str = "a layer") -> None:
@@ -100,6 +109,13 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec:
     n, k = q.shape
     grouped = q.float().reshape(n, spec.groups(k), spec.width(k))
     return ((grouped - zeros.float().unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(n, k)
+
+
+def affine_dequantize(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """codes [N, K], scales / mins [N, G] -> W = q * scale + min [N, K] float32."""
+    n, k = q.shape
+    grouped = q.float().reshape(n, spec.groups(k), spec.width(k))
+    return (grouped * scales.float().unsqueeze(-1) + mins.float().unsqueeze(-1)).reshape(n, k)
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float = 1.0) -> torch.Tensor:

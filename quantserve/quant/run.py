@@ -1,6 +1,7 @@
 """`quantserve lite …`: model directory -> quantized checkpoint, with a summary.
 
-read config and weights (HF names) -> check the settings against every linear -> the method
+read config and weights (HF names; a GGUF converted at its own bits is dequantized to a temporary
+float16 copy first) -> check the settings against every linear -> the method
 (RTN, AWQ, GPTQ) turns float linears into integer codes (AWQ also rescales the float weights
 that feed them) -> packed checkpoint written atomically -> summary (time, sizes).
 """
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,6 +49,9 @@ def run(job: LiteJob) -> str:
     src = Path(job.model)
     cfg = read_config(src)
     ensure_writable(Path(job.work_dir), src)
+    if (cfg.get("quantization_config") or {}).get("quant_method") == "gguf":
+        with dequantized_copy(src, cfg, job.progress) as float_dir:     # calibration runs the float model
+            return run(replace(job, model=str(float_dir)))
     if job.spec.bits not in (4, 8) and not job.fake_quant:
         raise QuantError(f"--w-bits {job.spec.bits}: packed checkpoints hold 4 or 8 bits; add --fake-quant to "
                          "write dequantized weights for evaluation")
@@ -68,6 +75,24 @@ def run(job: LiteJob) -> str:
         del weights[f"{name}.weight"]
     save_quantized(src, Path(job.work_dir), cfg, weights, quantized, method, job.spec)
     return summary(job, start, float_bytes, src)
+
+
+@contextmanager
+def dequantized_copy(src: Path, cfg: dict, progress: bool) -> Iterator[Path]:
+    """A GGUF converted at its own bits -> a temporary float16 directory of the same name."""
+    from quantserve import envs
+    from quantserve.models.loader import checkpoint_files, read_checkpoint
+    from quantserve.quant.checkpoint import split_gguf, write_checkpoint
+
+    weights, codes = split_gguf(read_checkpoint(checkpoint_files(src), progress), cfg["quantization_config"]["group_size"])
+    for name, qw in tqdm(codes.items(), desc="dequantizing GGUF weights", disable=not progress, file=sys.stderr):
+        weights[f"{name}.weight"] = qw.dequantize().half()
+    float_cfg = {k: v for k, v in cfg.items() if k != "quantization_config"} | {"torch_dtype": "float16"}
+    home = envs.quantserve_home()
+    home.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="lite-", dir=home) as tmp:
+        write_checkpoint(src, Path(tmp) / src.name, float_cfg, weights)
+        yield Path(tmp) / src.name
 
 
 def ensure_writable(out: Path, src: Path) -> None:
