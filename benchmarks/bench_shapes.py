@@ -31,11 +31,10 @@ builds the tokenizer from them through transformers, as for any GGUF.
 - llama.cpp: `llama-quantize` F16 -> Q4_0 (group 32) and -> Q4_K_M (the usual download; 4-bit
   K-quants with some tensors at 6 bits); llama-quantize picks the output head's type: the types
   are in the results;
-- quantserve: its GGUF path (`quantserve.models.gguf.convert_gguf`, F16 -> float32 HF directory),
-  then `quantserve lite rtn --w-bits 4 --w-group-size 128` (int8 output head at load, the default);
-  the float32 directory is deleted once the W4 model is written. That converter holds the whole
-  model in float32 and about as much again while saving, so InternLM's build should peak near 16 GB
-  of RAM (an estimate: a 1-layer cut peaked at 3.8 GB for its 1.8 GB of float32).
+- quantserve, two ways: (a) W4 g128 from the F16 file (`convert_gguf` keeps F16 tensors float16,
+  then `quantserve lite rtn --w-bits 4 --w-group-size 128`, int8 output head at load, the default);
+  (b) llama.cpp's own Q4_0 and Q4_K_M files read at their own bits (`convert_gguf`, timed: the
+  first load; the engine's load from the converted directory is the second), issue 18's target.
 
 Both sides 2 threads, greedy, best of --repeats (3), measured as in bench_llamacpp.py:
 - decode batch 1: `llama-bench -n 128` (tg128) vs our 128 new tokens after a 128-token prompt;
@@ -53,6 +52,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -221,13 +221,13 @@ def our_w4(gguf_path: Path, work: Path) -> Path:
     out = work / f"w4-g{GROUP}"
     if (out / "config.json").is_file():
         return out
-    float_dir = work / "hf-float32"
+    float_dir = work / "hf-float16"
     if not (float_dir / "config.json").is_file():
         shutil.rmtree(float_dir, ignore_errors=True)
         convert_gguf(gguf_path, float_dir, progress=True)
     subprocess.run([sys.executable, "-m", "quantserve.cli.main", "lite", "rtn", str(float_dir), "--w-bits", "4",
                     "--w-group-size", str(GROUP), "--work-dir", str(out)], check=True)
-    shutil.rmtree(float_dir)                    # float32: 4 bytes a weight, only needed to quantize
+    shutil.rmtree(float_dir)                    # only needed to quantize
     return out
 
 
@@ -276,15 +276,33 @@ def bench_ours(path: Path, repeats: int) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
+    start = time.perf_counter()
     engine = Engine(path, EngineConfig(dtype="float16", session_len=1024, max_batch_size=STREAMS,
                                        num_threads=THREADS), progress=False)
+    load_s = time.perf_counter() - start
     rates = engine_rates(engine, tokenizer, repeats=repeats, streams=STREAMS)
     model = engine.model
     lookup = 0 if model.args.tie_word_embeddings else sum(p.nbytes for p in model.embed.parameters())
     size, step = engine.weights_bytes / 1e9, (engine.weights_bytes - lookup) / 1e9
     del engine, model
     gc.collect()
-    return {**rates, "weights_gb": size, "step_read_gb": step, "step_gb_s": step * rates["decode_b1_tok_s"]}
+    return {**rates, "weights_gb": size, "step_read_gb": step, "step_gb_s": step * rates["decode_b1_tok_s"],
+            "load_s": load_s}
+
+
+def bench_file(gguf_path: Path, work: Path, repeats: int) -> dict:
+    """Ours on llama.cpp's own file at its own bits: converted afresh (the first load, timed), then
+    bench_ours on the result (its engine load is the second)."""
+    from quantserve.models.gguf import convert_gguf
+
+    out = work / f"own-bits-{gguf_path.stem}"
+    start = time.perf_counter()
+    convert_gguf(gguf_path, out, progress=True, replace=True)
+    first = time.perf_counter() - start
+    summary = json.loads((out / "config.json").read_text())["quantization_config"]["gguf_types"]
+    result = bench_ours(out, repeats)
+    shutil.rmtree(out)
+    return {**result, "first_load_s": first, "file_gb": gguf_path.stat().st_size / 1e9, "conversion": summary}
 
 
 def measure(key: str, s: dict, quants: dict[str, Path], w4: Path, repeats: int) -> dict:
@@ -303,6 +321,9 @@ def measure(key: str, s: dict, quants: dict[str, Path], w4: Path, repeats: int) 
         log(f"{key}: llama.cpp {kind} {theirs}")
         side = "llama.cpp" if kind == "Q4_0" else f"llama.cpp {kind}"
         out.update({side: theirs, f"{side} types": summary, "llama_bench_info": info})
+        log(f"{key}: quantserve on the {kind} file ...")
+        out[f"quantserve {kind} file"] = bench_file(path, w4.parent, repeats)
+        log(f"{key}: quantserve {kind} file {out[f'quantserve {kind} file']}")
     out["llama.cpp_types"] = out.pop("llama.cpp types")
     return out
 
@@ -323,24 +344,41 @@ def markdown(results: dict, sides: dict, repeats: int) -> str:
         rows.append(f"| {s['name']}{layers} | {r['params'] / 1e6:.0f} M | {o['step_read_gb']:.3f} vs "
                     f"{t['step_read_gb']:.3f} GB ({r['llama.cpp_types']['head']} head) | " + " | ".join(cells) +
                     f" | {o['step_gb_s']:.1f} / {t['step_gb_s']:.1f} GB/s |")
-    rows += ["", f"The same W4 g{GROUP} models against llama.cpp's Q4_K_M files of the same weights (issue 18's "
-             f"targets: batch 1 >= 1.0x, {STREAMS} streams >= 2x; ours is not read from the Q4_K_M file):", "",
-             f"| shape | Q4_K_M step weights | decode b=1 (ours / theirs) | ratio | prefill 512 (ours / theirs) | "
-             f"ratio | {STREAMS} streams (ours / theirs) | ratio |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in results.values():
-        if "llama.cpp Q4_K_M" not in r:
-            continue
-        o, t = r["quantserve"], r["llama.cpp Q4_K_M"]
-        cells = [f"{o[k]:.1f} / {t[k]:.1f} | {ratio(o[k], t[k])}"
-                 for k in ("decode_b1_tok_s", "prefill512_tok_s", f"decode_{STREAMS}_tok_s")]
-        layers = "" if r["full_depth"] else f" ({r['shape']['layers']} of its layers)"
-        rows.append(f"| {r['shape']['name']}{layers} | {t['step_read_gb']:.3f} GB | " + " | ".join(cells) + " |")
+    for kind in ("Q4_0", "Q4_K_M"):
+        rows += own_bits_rows(results, kind)
     rows += ["", "Decode batch 1: `llama-bench -n 128` vs our 128 new tokens after a 128-token prompt; prefill: "
              "`llama-bench -p 512` vs one 512-token prompt; "
              f"{STREAMS} streams: `llama-batched-bench -npp 128 -ntg 128 -npl {STREAMS}` (S_TG) vs {STREAMS} "
              "prompts of 128 decoded together. Sizes: the weights a batch-1 step reads (an untied input "
              "embedding is only looked up, so left out); step reads: those bytes x steps/s."]
     return "\n".join(rows) + "\n"
+
+
+def own_bits_rows(results: dict, kind: str) -> list[str]:
+    """Ours reading llama.cpp's own file at its own bits, against llama.cpp on that file."""
+    side = "llama.cpp" if kind == "Q4_0" else f"llama.cpp {kind}"
+    rows = ["", f"Ours on llama.cpp's own {kind} file, read at its own bits, against llama.cpp on the same file"
+            + (f" (issue 18's targets: batch 1 >= 1.0x, {STREAMS} streams >= 2x)" if kind == "Q4_K_M" else "") + ":",
+            "", f"| shape | file | our weights in memory (x file) | first / second load | decode b=1 (ours / theirs) "
+            f"| ratio | prefill 512 (ours / theirs) | ratio | {STREAMS} streams (ours / theirs) | ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results.values():
+        if f"quantserve {kind} file" not in r:
+            continue
+        o, t = r[f"quantserve {kind} file"], r[side]
+        cells = [f"{o[k]:.1f} / {t[k]:.1f} | {ratio(o[k], t[k])}"
+                 for k in ("decode_b1_tok_s", "prefill512_tok_s", f"decode_{STREAMS}_tok_s")]
+        layers = "" if r["full_depth"] else f" ({r['shape']['layers']} of its layers)"
+        rows.append(f"| {r['shape']['name']}{layers} | {o['file_gb']:.3f} GB | {o['weights_gb']:.3f} GB "
+                    f"({o['weights_gb'] / o['file_gb']:.2f}x) | {o['first_load_s']:.0f} s / {o['load_s']:.1f} s | "
+                    + " | ".join(cells) + " |")
+    conversions = {r["shape"]["name"]: r[f"quantserve {kind} file"]["conversion"] for r in results.values()
+                   if f"quantserve {kind} file" in r}
+    rows += ["", "What each file's tensor types became: " + "; ".join(
+        f"{name}: " + ", ".join(f"{c['tensors']} {t} -> {c['bits']}-bit"
+                                + (f" (+{100 * c['max_rel_rms_error']:.2f}% rms)" if c["max_rel_rms_error"] else "")
+                                for t, c in sorted(conv.items())) for name, conv in conversions.items())]
+    return rows
 
 
 def plot(results: dict, path: Path) -> None:
