@@ -17,6 +17,7 @@ from quantserve.models.gguf import convert_gguf, unpermute_qk
 from quantserve.models.gguf_blocks import relative_rms
 from quantserve.models.loader import checkpoint_files, read_checkpoint, read_config
 from quantserve.quant.checkpoint import split_quantized
+from quantserve.quant.primitives import QuantSpec
 
 DATA = Path(__file__).parent / "data" / "gguf"
 REFERENCE = json.loads((DATA / "reference.json").read_text())
@@ -81,7 +82,7 @@ def test_weights_against_gguf_dequantization(converted, kind):
         else:
             assert 0 < relative_rms(ours, want[name]) <= summary["max_rel_rms_error"] + 1e-6
         assert qw.spec.bits == (8 if kind in TO_8BIT or kind == "Q8_0" else 4)
-    assert summary["max_rel_rms_error"] < (0.006 if kind in TO_8BIT else 0.09 if kind in TO_4BIT else 1e-9)
+    assert summary["max_rel_rms_error"] < (0.008 if kind in TO_8BIT else 0.09 if kind in TO_4BIT else 1e-9)
 
 
 @torch.inference_mode()
@@ -119,13 +120,14 @@ def test_memory_after_load_is_close_to_the_file(converted, kind):
 
 
 def test_mixed_widths_fuse_at_the_widest(converted):
-    """Q4_K_M keeps some attn_v at Q6_K (here 8 bits) beside 4-bit q and k: that layer's fused qkv
-    runs at 8 bits with the 4-bit codes' values unchanged."""
+    """Q4_K_M keeps layer 1's attn_v and ffn_down and the output at Q6_K (here 8 bits in groups of
+    256) beside 4-bit q and k in groups of 32: that layer's fused qkv runs at 8 bits in groups of
+    32 (codes keep their values, the 8-bit part's scales repeat); its down keeps groups of 256."""
     summary = read_config(converted["Q4_K_M"])["quantization_config"]["gguf_types"]
     assert set(summary) == {"Q4_K", "Q6_K"}
-    engine = small_engine(converted["Q4_K_M"])
-    widths = {layer.attn.qkv.spec.bits for layer in engine.model.layers}
-    assert widths == {8} or widths == {4, 8}
     codes = loaded_codes(converted["Q4_K_M"])
-    wide = [n for n, qw in codes.items() if n.endswith("v_proj") and qw.spec.bits == 8]
-    assert wide, "the fixture should hold a Q6_K attn_v"
+    assert codes["model.layers.1.self_attn.v_proj"].spec == QuantSpec(8, 256)
+    assert codes["model.layers.1.self_attn.q_proj"].spec == QuantSpec(4, 32)
+    layers = small_engine(converted["Q4_K_M"]).model.layers
+    assert [layer.attn.qkv.spec for layer in layers] == [QuantSpec(4, 32), QuantSpec(8, 32)]
+    assert [layer.mlp.down.spec for layer in layers] == [QuantSpec(4, 32), QuantSpec(8, 256)]

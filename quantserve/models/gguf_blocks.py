@@ -1,10 +1,12 @@
 """GGUF tensor blocks -> the integer kernels' form: codes with a float16 scale and min per 32 weights.
 
-W = code * scale + min, per (row, group of 32 input channels). Q4_0, Q4_1 and Q8_0 blocks are that
-form already (exact); Q4_K is too, per 32-weight sub-block, up to the float16 rounding of the
-products d * sc and dmin * m. Every other quantized type is dequantized by `gguf` and requantized
-at load: to 8 bits for the 5- and 6-bit types, to 4 bits below that (Q2_K, Q3_K, IQ*), with the
-error this adds measured per tensor. Float tensors (F32, F16, BF16) stay float.
+W = code * scale + min, per (row, group of input channels). Q4_0, Q4_1 and Q8_0 blocks are that
+form already (exact, groups of 32); Q4_K is too, per 32-weight sub-block, up to the float16
+rounding of the products d * sc and dmin * m. Every other quantized type is dequantized by `gguf`
+and requantized at load: to 8 bits in groups of 256 (or the largest of 128 / 64 / 32 dividing the
+row) for the 5- and 6-bit types, to 4 bits in groups of 32 below that (Q2_K, Q3_K, IQ*), with the
+error this adds measured per tensor. 4-bit codes always come in groups of 32 (split_gguf reads the
+width from that). Float tensors (F32, F16, BF16) stay float.
 """
 from __future__ import annotations
 
@@ -16,20 +18,21 @@ GROUP = 32
 FLOAT_TYPES = ("F32", "F16", "BF16")
 EXACT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "Q4_K": 4}
 WIDE_TYPES = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")     # requantized to 8 bits; every other type to 4
+WIDE_GROUPS = (256, 128, 64, 32)                   # of the 8-bit requantization: the first dividing K
 
 
 @dataclass
 class Codes:
     codes: np.ndarray       # [N, K] uint8, 0 .. 2^bits - 1
-    scales: np.ndarray      # [N, K / 32] float16
-    mins: np.ndarray        # [N, K / 32] float16
+    scales: np.ndarray      # [N, K / group] float16
+    mins: np.ndarray        # [N, K / group] float16
     bits: int
     source: str             # the GGML type it came from
     error: float            # rms(ours - gguf's dequantization) / rms(gguf's); 0 for the exact types
 
     def dequantize(self) -> np.ndarray:
         n, k = self.codes.shape
-        grouped = self.codes.reshape(n, -1, GROUP).astype(np.float32)
+        grouped = self.codes.reshape(n, self.scales.shape[1], -1).astype(np.float32)
         return (grouped * self.scales[..., None].astype(np.float32) + self.mins[..., None].astype(np.float32)
                 ).reshape(n, k)
 
@@ -53,10 +56,12 @@ def to_codes(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Codes:
 
 
 def requantize(w: np.ndarray, type_name: str) -> Codes:
-    """w: [N, K] float32 (gguf's dequantization) -> asymmetric codes at target_bits, group 32."""
+    """w: [N, K] float32 (gguf's dequantization) -> asymmetric codes at target_bits: 8 bits in the
+    largest group dividing K (fewer bytes: 8.1 bits a weight instead of 9), 4 bits in groups of 32."""
     bits = target_bits(type_name)
     n, k = w.shape
-    grouped = w.reshape(n, k // GROUP, GROUP)
+    group = next(g for g in WIDE_GROUPS if k % g == 0) if bits == 8 else GROUP
+    grouped = w.reshape(n, k // group, group)
     lo, hi = np.minimum(grouped.min(-1), 0), np.maximum(grouped.max(-1), 0)     # [N, G], 0 inside the range
     scales = np.maximum((hi - lo) / (2 ** bits - 1), 1e-8).astype(np.float16)
     step = scales.astype(np.float32)[..., None]

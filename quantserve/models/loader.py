@@ -20,7 +20,7 @@ from quantserve.models.ops import ops_for
 from quantserve.models.rope import RotaryEmbedding
 from quantserve.quant.checkpoint import split_quantized
 from quantserve.quant.linear import QuantLinear
-from quantserve.quant.primitives import QuantizedWeight
+from quantserve.quant.primitives import QuantizedWeight, QuantSpec
 
 
 
@@ -170,18 +170,43 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
 def fused_quantized(family, quantized: dict[str, QuantizedWeight], args: ModelArgs) -> dict[str, QuantizedWeight]:
     """Unpacked HF-named linears -> internal names, fused like float weights: codes, scales and
     offsets all run along the output dimension, so the family's own fusion applies to each. Parts
-    of mixed widths (a GGUF's 4-bit q and 6-bit v) fuse at the widest: a code keeps its value."""
+    of mixed widths or groups (a GGUF's 4-bit q and requantized 8-bit v) fuse at the widest width
+    and the finest group: a code keeps its value, a coarser group's scale and min repeat exactly."""
     if not quantized:
         return {}
+    quantized = finest_groups(family, quantized, args)
     parts = {"q": lambda qw: qw.q, "scales": lambda qw: qw.scales, "mins": lambda qw: qw.offsets(),
              "bits": lambda qw: torch.full((qw.q.shape[0], 1), qw.spec.bits)}
     pieces = {part: family.convert_weights({f"{name}.weight": get(qw) for name, qw in quantized.items()}, args)
               for part, get in parts.items()}
     spec = next(iter(quantized.values())).spec
-    return {name.removesuffix(".weight"): QuantizedWeight(
-                q, pieces["scales"][name], None, replace(spec, bits=int(pieces["bits"][name].max())),
-                pieces["mins"][name])
+
+    def fused_spec(name: str) -> QuantSpec:
+        width = pieces["q"][name].shape[1] // pieces["scales"][name].shape[1]
+        group = spec.group_size if spec.width(pieces["q"][name].shape[1]) == width else width   # keeps -1
+        return replace(spec, bits=int(pieces["bits"][name].max()), group_size=group)
+
+    return {name.removesuffix(".weight"): QuantizedWeight(q, pieces["scales"][name], None, fused_spec(name),
+                                                          pieces["mins"][name])
             for name, q in pieces["q"].items()}
+
+
+def finest_groups(family, quantized: dict[str, QuantizedWeight], args: ModelArgs) -> dict[str, QuantizedWeight]:
+    """Parts that the family fuses into one linear, brought to one group size (their finest)."""
+    names = list(quantized)
+    members = family.convert_weights({f"{n}.weight": torch.full((quantized[n].q.shape[0], 1), i)
+                                      for i, n in enumerate(names)}, args)      # fused name -> source indices
+    out = dict(quantized)
+    for index in members.values():
+        parts = [names[i] for i in index.unique().tolist()]
+        finest = min(quantized[n].q.shape[1] // quantized[n].scales.shape[1] for n in parts)
+        for n in parts:
+            qw = quantized[n]
+            repeat = qw.q.shape[1] // qw.scales.shape[1] // finest
+            if repeat > 1:
+                out[n] = QuantizedWeight(qw.q, qw.scales.repeat_interleave(repeat, 1), None,
+                                         replace(qw.spec, group_size=finest), qw.offsets().repeat_interleave(repeat, 1))
+    return out
 
 
 def torch_dtype(name: str, cfg: dict, device: str) -> torch.dtype:

@@ -157,7 +157,8 @@ def split_quantized(weights: dict[str, torch.Tensor], qcfg: dict
 def split_gguf(weights: dict[str, torch.Tensor], group: int
                ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight]]:
     """A converted GGUF (models/gguf.py): `.codes` (4-bit two to a byte, even k low), `.scales` and
-    `.mins` per group, W = code * scale + min; the width is read from the codes' shape."""
+    `.mins` per group, W = code * scale + min. 4-bit codes come in groups of `group` (32), so the
+    width and the group size are read from the shapes."""
     from quantserve.quant.linear import unpack_nibbles
 
     quantized: dict[str, QuantizedWeight] = {}
@@ -165,5 +166,6 @@ def split_gguf(weights: dict[str, torch.Tensor], group: int
         codes, scales, mins = (weights.pop(f"{base}.{k}") for k in ("codes", "scales", "mins"))
         bits = 4 if 2 * codes.shape[1] == group * scales.shape[1] else 8
         q = unpack_nibbles(codes) if bits == 4 else codes
-        quantized[base] = QuantizedWeight(q, scales.float(), None, QuantSpec(bits, group), mins.float())
+        spec = QuantSpec(bits, q.shape[1] // scales.shape[1])
+        quantized[base] = QuantizedWeight(q, scales.float(), None, spec, mins.float())
     return weights, quantized
