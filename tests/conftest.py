@@ -95,6 +95,26 @@ def build_phi3(path: Path) -> Path:
     return save_hf(Phi3ForCausalLM(cfg).eval(), path)
 
 
+def build_qwen3_moe(path: Path) -> Path:
+    """8 experts, top 2 renormalised, the middle of three layers dense (mlp_only_layers)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(**{**TINY, "num_hidden_layers": 3}, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[1], decoder_sparse_step=1)
+    return save_hf(Qwen3MoeForCausalLM(cfg).eval(), path)
+
+
+def build_mixtral(path: Path) -> Path:
+    """4 experts, top 2."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(**{**TINY, "intermediate_size": 64}, num_local_experts=4, num_experts_per_tok=2,
+                        head_dim=32, sliding_window=None)
+    return save_hf(MixtralForCausalLM(cfg).eval(), path)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
@@ -105,6 +125,8 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
         "qwen3": build_qwen3(root / "qwen3"),
         "smollm3": build_smollm3(root / "smollm3"),
         "phi3": build_phi3(root / "phi3"),
+        "qwen3_moe": build_qwen3_moe(root / "qwen3_moe"),
+        "mixtral": build_mixtral(root / "mixtral"),
         "llama3": build_llama(root / "llama3", tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE),  # as Llama 3.2 1B
         "llama_src": build_llama(root / "llama_src", num_attention_heads=8, num_key_value_heads=2,
                                  rope_theta=500.0),

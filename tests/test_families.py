@@ -14,7 +14,7 @@ from quantserve.config import SamplingParams
 from quantserve.quant.primitives import QuantSpec
 from quantserve.quant.run import LiteJob, run
 
-FAMILIES = ["internlm", "qwen3", "llama3", "smollm3", "phi3"]
+FAMILIES = ["internlm", "qwen3", "llama3", "smollm3", "phi3", "qwen3_moe", "mixtral"]
 PROMPTS = [list(range(3, 40)), list(range(50, 61)), list(range(7, 90, 3))]
 STEPS = 32
 
@@ -78,10 +78,11 @@ def test_internlm_reads_bias_and_rotary_from_its_config(tiny_dirs):
     assert plain.rope_theta == 10000.0 and plain.rope_scaling is None and not plain.qkv_bias and not plain.o_bias
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "internlm", "internlm2", "qwen3", "smollm3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "internlm", "internlm2", "qwen3", "smollm3", "phi3",
+                                    "qwen3_moe", "mixtral"])
 def test_each_family_file_holds_a_recipe_that_fits_its_checkpoints(tiny_dirs, family):
-    """Found by model_type alone; every linear its AWQ/GPTQ recipe names is in a checkpoint of the
-    family, and lands in the engine module the recipe says reads its input."""
+    """Found by model_type alone; its AWQ/GPTQ recipe names exactly the checkpoint's linears (every
+    expert's, not a MoE router), each landing in the engine module the recipe says reads its input."""
     from quantserve.models.families import registry
     from quantserve.models.loader import checkpoint_files, read_checkpoint, read_config
     from quantserve.quant.arch import quantized_linears
@@ -90,8 +91,11 @@ def test_each_family_file_holds_a_recipe_that_fits_its_checkpoints(tiny_dirs, fa
     fam = registry()[cfg["model_type"]]
     weights = read_checkpoint(checkpoint_files(tiny_dirs[family]), False)
     engine_names = fam.convert_weights(weights, fam.model_args(cfg))
-    for linear in quantized_linears(fam.quant, cfg["num_hidden_layers"]):
-        assert f"{linear}.weight" in weights
+    linears = {n.removesuffix(".weight") for n, t in weights.items()
+               if t.dim() == 2 and ".layers." in n and not n.endswith(".gate.weight")}
+    names = quantized_linears(fam.quant, cfg, weights)
+    assert set(names) == linears and len(names) == len(linears)
+    for linear in names:
         layer = int(linear.split(".")[2])
         assert f"{fam.quant.input_site(linear, layer)}.weight" in engine_names
 
@@ -140,3 +144,36 @@ def test_a_sliding_window_model_keeps_its_sessions_inside_the_window(tmp_path):
     with pytest.raises(ConfigError, match="48-token sliding window") as e:
         Engine(model, EngineConfig(dtype="float32", session_len=256), progress=False)
     assert e.value.field == "session_len"
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_experts_no_calibration_token_reaches_are_quantized_data_free(tiny_dirs, tmp_path, method):
+    """8 calibration tokens pick at most 16 of each MoE layer's 8 experts x 2 slots: some experts
+    see no token. They are still quantized (round to nearest), the summary counts them, and the
+    checkpoint loads and decodes."""
+    import re
+
+    from quantserve.models.loader import checkpoint_files, read_checkpoint
+    from quantserve.quant.checkpoint import split_quantized
+    from quantserve.quant.primitives import quantize
+
+    model = add_tokenizer(Path(shutil.copytree(tiny_dirs["qwen3_moe"], tmp_path / "model")))
+    out = tmp_path / method
+    text = run(LiteJob(str(model), str(out), method, QuantSpec(4, 32), calib_dataset="wikitext2", calib_samples=1,
+                       calib_seqlen=8, progress=False))
+    found = re.search(r"(\d+) linears \(of experts no calibration token reached\) quantized data-free", text)
+    assert found and int(found.group(1)) > 0, text
+    floats = read_checkpoint(checkpoint_files(model), False)
+    codes = split_quantized(read_checkpoint(checkpoint_files(out), False),
+                            {"quant_method": "awq" if method == "awq" else "gptq", "bits": 4, "group_size": 32})[1]
+    unreached = re.findall(r"model\.layers\.\d+\.mlp\.experts\.\d+\.\w+_proj", text)
+    for name in unreached:
+        expected = quantize(floats[f"{name}.weight"].float(), QuantSpec(4, 32), min_zero=1 if method == "gptq" else 0)
+        assert torch.equal(codes[name].q, expected.q), name
+    assert torch.isfinite(engine_logits_of(out)).all()
+
+
+def engine_logits_of(model_dir: Path) -> torch.Tensor:
+    from test_parity import engine_logits
+
+    return engine_logits(small_engine(model_dir), PROMPTS[0], 2)

@@ -77,6 +77,8 @@ class FusedDecoder:
     def build(cls, model) -> FusedDecoder | None:
         """For a model on native ops (its shapes already checked at load) whose linears all hold
         panels, float ones of one type."""
+        if model.args.moe_layers:          # the C step runs dense MLPs only
+            return None
         linears = _linears(model)
         if not all(hasattr(m, "panels") or hasattr(m, "packed") for m in linears):
             return None

@@ -1,6 +1,7 @@
 """The decoder every supported family maps onto.
 
-Families (models/families/: llama, qwen2, qwen3, smollm3, phi3, internlm, internlm2) differ
+Families (models/families/: llama, qwen2, qwen3, qwen3_moe, mixtral, smollm3, phi3, internlm,
+internlm2) differ
 only in how their config and checkpoint names map onto `ModelArgs` and these modules; the
 forward pass is shared. Tokens are flat: the batch is [T] tokens from many requests, attention
 finds each request's context through `AttentionMetadata`.
@@ -42,6 +43,11 @@ class ModelArgs:
     nope_layers: tuple[int, ...] = ()     # layers whose q and k get no RoPE (SmolLM3)
     rotary_dim: int = 0                   # leading dims of each head RoPE rotates (0: all)
     sliding_window: int | None = None     # attention reaches this many tokens back (Mistral); None: all
+    num_experts: int = 0                  # mixture of experts (Qwen3-MoE, Mixtral): experts per MoE layer
+    experts_per_token: int = 0            # the router's top-k
+    expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True           # the top-k routing weights renormalised to sum to 1
+    moe_layers: tuple[int, ...] = ()      # layers whose MLP is the mixture (the others dense)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -59,9 +65,11 @@ class ModelArgs:
     def num_params(self) -> int:
         h, i, l = self.hidden_size, self.intermediate_size, self.num_layers
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
-        per_layer = attn + 3 * h * i + 2 * h
+        moe = len(self.moe_layers) * self.num_experts * (3 * h * self.expert_intermediate_size + h)
+        per_layer = attn + 2 * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return self.vocab_size * h + l * per_layer + h + head
+        dense = (l - len(self.moe_layers)) * 3 * h * i
+        return self.vocab_size * h + l * per_layer + dense + moe + h + head
 
 
 def eos_ids(cfg: dict) -> list[int]:
@@ -120,14 +128,40 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs, ops):
+    def __init__(self, args: ModelArgs, ops, intermediate: int | None = None):
         super().__init__()
         self.ops = ops
-        self.gate_up = make_linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down = make_linear(args.intermediate_size, args.hidden_size, bias=False)
+        intermediate = intermediate or args.intermediate_size
+        self.gate_up = make_linear(args.hidden_size, 2 * intermediate, bias=False)
+        self.down = make_linear(intermediate, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.ops.silu_mul(self.gate_up(x)))     # [T, 2I] -> [T, I] -> [T, H]
+
+
+class MoE(nn.Module):
+    """Mixture of experts: a float router picks each token's top-k experts; every expert (an MLP,
+    float or integer like any linear) runs once on the rows that picked it, so a decode batch whose
+    rows pick different experts and a prefill both run grouped by expert."""
+
+    def __init__(self, args: ModelArgs, ops):
+        super().__init__()
+        self.k, self.renormalise = args.experts_per_token, args.norm_topk_prob
+        self.router = make_linear(args.hidden_size, args.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(args, ops, args.expert_intermediate_size) for _ in range(args.num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] -> [T, H]: sum over each token's experts of weight * expert(x)."""
+        probs = self.router(x).float().softmax(dim=-1)                      # [T, E]
+        weights, chosen = probs.topk(self.k, dim=-1)                        # [T, k]
+        if self.renormalise:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for expert in chosen.unique().tolist():
+            rows, slot = (chosen == expert).nonzero(as_tuple=True)          # the tokens that picked it
+            y = self.experts[expert](x[rows]) * weights[rows, slot, None].to(x.dtype)
+            out.index_add_(0, rows, y)
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -136,7 +170,7 @@ class DecoderLayer(nn.Module):
         self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
         self.attn = Attention(args, layer_idx, ops)
         self.mlp_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
-        self.mlp = MLP(args, ops)
+        self.mlp = MoE(args, ops) if layer_idx in args.moe_layers else MLP(args, ops)
 
     def forward(self, x, residual, rope, positions, meta, cache):
         """Pre-norm block with the residual stream carried separately: returns (x, residual)."""

@@ -2,7 +2,7 @@
 quantized (HF names), and which norm or linear feeds which linears (where AWQ folds its input
 scales). Each family's recipe lives in its own file (models/families/).
 
-`{i}` is the layer index. A scale group: (the producer whose output is scaled down, the
+`{i}` is the layer index, `{e}` an expert's (mixtures of experts). A scale group: (the producer whose output is scaled down, the
 consumers whose input columns are scaled up, the module whose inputs give the statistics).
 """
 from __future__ import annotations
@@ -24,10 +24,30 @@ class Arch:
     linears: tuple[str, ...]
     scale_groups: tuple[ScaleGroup, ...]
     inputs: dict[str, str]        # HF projection (last two name parts) -> the engine module reading that input
+    expert_linears: tuple[str, ...] = ()          # mixtures of experts: {i} the layer, {e} the expert
+    expert_groups: tuple[ScaleGroup, ...] = ()
 
     def input_site(self, linear: str, layer: int) -> str:
         """The engine projection whose input this HF linear reads (its statistics)."""
+        if m := _EXPERT.search(linear):
+            return f"layers.{layer}.mlp.experts.{m.group(1)}.{self.inputs['experts.' + m.group(2)]}"
         return f"layers.{layer}.{self.inputs['.'.join(linear.split('.')[-2:])]}"
+
+    def layer_linears(self, layer: int, experts: int = 0) -> list[str]:
+        """The HF names of layer's linears (a checkpoint holds those of its dense or its MoE MLP)."""
+        return [t.format(i=layer) for t in self.linears] + [
+            t.format(i=layer, e=e) for e in range(experts) for t in self.expert_linears]
+
+    def layer_groups(self, layer: int, experts: int = 0) -> list[ScaleGroup]:
+        def concrete(g: ScaleGroup, **expert) -> ScaleGroup:
+            name = lambda t: t and t.format(i=layer, **expert)         # noqa: E731
+            return ScaleGroup(name(g.producer), tuple(map(name, g.consumers)), g.needs_same_width, name(g.mlp_down))
+
+        return [concrete(g) for g in self.scale_groups] + [
+            concrete(g, e=e) for e in range(experts) for g in self.expert_groups]
+
+
+_EXPERT = re.compile(r"experts\.(\d+)\.(\w+)$")
 
 
 def arch_for(model_type: str) -> Arch:
@@ -44,8 +64,15 @@ def layer_names(template: str, layer: int) -> str:
     return template.format(i=layer)
 
 
-def quantized_linears(arch: Arch, num_layers: int) -> list[str]:
-    return [layer_names(t, i) for i in range(num_layers) for t in arch.linears]
+def quantized_linears(arch: Arch, cfg: dict, weights: dict) -> list[str]:
+    """Every linear of the checkpoint the recipe quantizes (HF names, in layer order)."""
+    experts = num_experts(cfg)
+    return [name for i in range(cfg["num_hidden_layers"]) for name in arch.layer_linears(i, experts)
+            if f"{name}.weight" in weights]
+
+
+def num_experts(cfg: dict) -> int:
+    return cfg.get("num_experts") or cfg.get("num_local_experts") or 0
 
 
 def is_quantized_tensor(name: str) -> bool:

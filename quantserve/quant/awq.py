@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from quantserve.quant.arch import Arch, ScaleGroup, layer_names
+from quantserve.quant.arch import Arch, ScaleGroup
 from quantserve.quant.calib import InputStats
 from quantserve.quant.primitives import QuantizedWeight, QuantSpec, fake_quantize, quantize
 
@@ -33,21 +33,28 @@ NO_CLIP = ("q_proj", "k_proj", "wqkv")
 
 
 def awq(weights: dict[str, torch.Tensor], arch: Arch, num_layers: int, stats: dict[str, InputStats],
-        spec: QuantSpec, search_scale: bool, clip: bool, progress: bool = True) -> dict[str, QuantizedWeight]:
-    """Rescales `weights` (HF names) in place; returns the quantized linears."""
+        spec: QuantSpec, search_scale: bool, clip: bool, progress: bool = True, experts: int = 0,
+        data_free: list[str] | None = None) -> dict[str, QuantizedWeight]:
+    """Rescales `weights` (HF names) in place; returns the quantized linears. A linear whose input
+    no calibration token reached (an expert never routed to) is quantized data-free, named in
+    `data_free`."""
     quantized: dict[str, QuantizedWeight] = {}
+    data_free = [] if data_free is None else data_free
     for layer in tqdm(range(num_layers), desc="AWQ", unit="layer", disable=not progress, file=sys.stderr):
         input_scales: dict[str, torch.Tensor] = {}       # linear -> s its input columns were multiplied by
-        for group in arch.scale_groups:
-            s = apply_scale_group(weights, arch, layer, group, stats, spec, search_scale)
-            input_scales.update({layer_names(c, layer): s for c in group.consumers} if s is not None else {})
-        for template in arch.linears:
-            name = layer_names(template, layer)
-            w = weights[f"{name}.weight"].float()
+        for group in arch.layer_groups(layer, experts):
+            if all(f"{c}.weight" in weights for c in (group.producer, *group.consumers)):
+                s = apply_scale_group(weights, arch, layer, group, stats, spec, search_scale)
+                input_scales.update({c: s for c in group.consumers} if s is not None else {})
+        for name in arch.layer_linears(layer, experts):
+            if f"{name}.weight" not in weights:           # the MLP this layer does not have (dense / MoE)
+                continue
+            w, seen = weights[f"{name}.weight"].float(), stats[arch.input_site(name, layer)]
             ratios = 1.0
-            if clip and not name.endswith(NO_CLIP):       # the model now feeds this linear x / s
-                rows = stats[arch.input_site(name, layer)].rows_sample()
-                ratios = clip_ratios(w, rows / input_scales.get(name, 1.0), spec)
+            if not seen.rows:
+                data_free.append(name)
+            elif clip and not name.endswith(NO_CLIP):     # the model now feeds this linear x / s
+                ratios = clip_ratios(w, seen.rows_sample() / input_scales.get(name, 1.0), spec)
             quantized[name] = quantize(w, spec, ratios)
     return quantized
 
@@ -55,17 +62,18 @@ def awq(weights: dict[str, torch.Tensor], arch: Arch, num_layers: int, stats: di
 def apply_scale_group(weights: dict, arch: Arch, layer: int, group: ScaleGroup, stats: dict, spec: QuantSpec,
                       search: bool) -> torch.Tensor | None:
     """Search and fold the group's input scales; returns s (None when the group does not apply)."""
-    producer = layer_names(group.producer, layer)
-    consumers = [layer_names(c, layer) for c in group.consumers]
+    producer, consumers = group.producer, list(group.consumers)          # concrete names (Arch.layer_groups)
     w = torch.cat([weights[f"{c}.weight"].float() for c in consumers])           # [sum N, K]
     prod_w = weights[f"{producer}.weight"]
     if group.needs_same_width and prod_w.shape[0] != w.shape[1]:
         return None                                     # GQA: v_proj's rows do not line up with o_proj's inputs
     x = stats[arch.input_site(consumers[0], layer)]
+    if not x.rows:                                      # an expert no calibration token reached
+        return None
     mean_abs = x.mean_abs
     output = linear_output
     if group.mlp_down:
-        output = mlp_output(weights[f"{layer_names(group.mlp_down, layer)}.weight"].float())
+        output = mlp_output(weights[f"{group.mlp_down}.weight"].float())
     alpha = best_alpha(w, mean_abs, x.rows_sample(), spec, output) if search else 0.5
     s = scales_for(mean_abs, alpha)
     for c in consumers:

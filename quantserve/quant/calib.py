@@ -100,7 +100,12 @@ class InputStats:
         return rows[torch.randperm(rows.shape[0], generator=self.rng)[: self.keep]]
 
 
-PROJECTIONS = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")
+def projections(module: torch.nn.Module) -> list[str]:
+    """The names of a model's (or layer's) quantizable linears: every runtime linear but a MoE
+    router, which stays float."""
+    from quantserve.quant.linear import RUNTIME_KINDS
+
+    return [name for name, m in module.named_modules() if isinstance(m, RUNTIME_KINDS) and not name.endswith("router")]
 
 
 def calibration_dtype() -> str:
@@ -125,8 +130,7 @@ def collect_stats(model_dir: Path, windows: list[list[int]], batch_size: int, ke
                                             max_batch_size=batch_size, cache_max_tokens=(seqlen + 64) * batch_size,
                                             max_prefill_token_num=min(8192, seqlen * batch_size)), progress=False)
     share = min(1.0, HESSIAN_ROWS / (seqlen * len(windows)))
-    stats = {f"layers.{i}.{p}": InputStats(keep, hessian, share)
-             for i in range(engine.args.num_layers) for p in PROJECTIONS}
+    stats = {f"layers.{p}": InputStats(keep, hessian, share) for p in projections(engine.model.layers)}
     hooks = [engine.model.get_submodule(name).register_forward_pre_hook(
         lambda _m, args, s=s: s.add(args[0])) for name, s in stats.items()]
     try:

@@ -13,26 +13,33 @@ from __future__ import annotations
 
 import torch
 
-from quantserve.quant.arch import Arch, layer_names
+from quantserve.quant.arch import Arch
 from quantserve.quant.calib import InputStats
-from quantserve.quant.primitives import QuantizedWeight, QuantSpec, group_params
+from quantserve.quant.primitives import QuantizedWeight, QuantSpec, group_params, quantize
 from quantserve.quant.sequential import LayerwiseRunner
 
 BLOCK = 128
 
 
 def gptq(weights: dict[str, torch.Tensor], arch: Arch, runner: LayerwiseRunner, spec: QuantSpec,
-         damp_percent: float, desc_act: bool, progress: bool = True) -> dict[str, QuantizedWeight]:
-    """Quantize every layer's linears in turn; the runner feeds each layer the quantized outputs of the last."""
+         damp_percent: float, desc_act: bool, progress: bool = True, experts: int = 0,
+         data_free: list[str] | None = None) -> dict[str, QuantizedWeight]:
+    """Quantize every layer's linears in turn; the runner feeds each layer the quantized outputs of
+    the last. A linear no calibration token reached (an expert never routed to) is rounded to
+    nearest instead, named in `data_free`."""
     quantized: dict[str, QuantizedWeight] = {}
+    data_free = [] if data_free is None else data_free
 
     def quantize_layer(layer: int, stats: dict[str, InputStats]) -> dict[str, torch.Tensor]:
-        for template in arch.linears:
-            name = layer_names(template, layer)
-            h = stats[arch.input_site(name, layer)].hessian()
-            quantized[name] = gptq_linear(weights[f"{name}.weight"].float(), h, spec, damp_percent, desc_act)
-        return {f"{layer_names(t, layer)}.weight": quantized[layer_names(t, layer)].dequantize()
-                for t in arch.linears}
+        names = [n for n in arch.layer_linears(layer, experts) if f"{n}.weight" in weights]
+        for name in names:
+            w, seen = weights[f"{name}.weight"].float(), stats[arch.input_site(name, layer)]
+            if not seen.hessian_rows:
+                data_free.append(name)
+                quantized[name] = quantize(w, spec, min_zero=1)
+            else:
+                quantized[name] = gptq_linear(w, seen.hessian(), spec, damp_percent, desc_act)
+        return {f"{name}.weight": quantized[name].dequantize() for name in names}
 
     runner.run(quantize_layer, progress)
     return quantized

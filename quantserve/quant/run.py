@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from quantserve.quant.arch import arch_for, quantized_linears
+from quantserve.quant.arch import arch_for, num_experts, quantized_linears
 from quantserve.quant.checkpoint import check_replaceable, save_float, save_quantized
 from quantserve.quant.primitives import QuantError, QuantSpec, check_spec, quantize
 
@@ -60,21 +60,22 @@ def run(job: LiteJob) -> str:
                          "start from the float model")
     arch = arch_for(cfg.get("model_type"))
     weights = read_checkpoint(checkpoint_files(src), job.progress)
-    names = quantized_linears(arch, cfg["num_hidden_layers"])
+    names = quantized_linears(arch, cfg, weights)
     for name in names:
         check_spec(job.spec, weights[f"{name}.weight"].shape[1], name)
     float_bytes = sum(t.nbytes for t in weights.values())
-    quantized = quantize_linears(job, cfg, weights, names)
+    data_free: list[str] = []        # linears no calibration token reached (experts never routed to)
+    quantized = quantize_linears(job, cfg, weights, names, data_free)
     if job.fake_quant:
         for name, qw in quantized.items():
             weights[f"{name}.weight"] = qw.dequantize().to(weights[f"{name}.weight"].dtype)
         save_float(src, Path(job.work_dir), cfg, weights)
-        return summary(job, start, float_bytes, src)
+        return summary(job, start, float_bytes, src, data_free)
     method = "gptq" if job.method == "gptq" or job.spec.bits != 4 else "awq"
     for name in quantized:
         del weights[f"{name}.weight"]
     save_quantized(src, Path(job.work_dir), cfg, weights, quantized, method, job.spec)
-    return summary(job, start, float_bytes, src)
+    return summary(job, start, float_bytes, src, data_free)
 
 
 @contextmanager
@@ -108,7 +109,8 @@ def ensure_writable(out: Path, src: Path) -> None:
     check_replaceable(out)
 
 
-def quantize_linears(job: LiteJob, cfg: dict, weights: dict[str, torch.Tensor], names: list[str]) -> dict:
+def quantize_linears(job: LiteJob, cfg: dict, weights: dict[str, torch.Tensor], names: list[str],
+                     data_free: list[str]) -> dict:
     gptq_zeros = job.method == "gptq" or job.spec.bits != 4     # GPTQ's format stores zero - 1
     if job.method == "rtn" or job.calib_samples == 0:
         return {name: rtn(weights[f"{name}.weight"], job.spec, gptq_zeros)
@@ -118,12 +120,13 @@ def quantize_linears(job: LiteJob, cfg: dict, weights: dict[str, torch.Tensor], 
 
         stats = calibrate(job)
         return awq(weights, arch_for(cfg["model_type"]), cfg["num_hidden_layers"], stats, job.spec,
-                   job.search_scale, job.clip, job.progress)
+                   job.search_scale, job.clip, job.progress, num_experts(cfg), data_free)
     from quantserve.quant.gptq import gptq
     from quantserve.quant.sequential import LayerwiseRunner
 
     runner = LayerwiseRunner(Path(job.model), calibration_set(job), job.batch_size)
-    return gptq(weights, arch_for(cfg["model_type"]), runner, job.spec, job.damp_percent, job.desc_act, job.progress)
+    return gptq(weights, arch_for(cfg["model_type"]), runner, job.spec, job.damp_percent, job.desc_act, job.progress,
+                num_experts(cfg), data_free)
 
 
 def calibration_set(job: LiteJob) -> list[list[int]]:
@@ -144,7 +147,7 @@ def rtn(w: torch.Tensor, spec: QuantSpec, gptq_zeros: bool):
     return quantize(w.float(), spec, min_zero=1 if gptq_zeros else 0)
 
 
-def summary(job: LiteJob, start: float, float_bytes: int, src: Path) -> str:
+def summary(job: LiteJob, start: float, float_bytes: int, src: Path, data_free: list[str]) -> str:
     out = Path(job.work_dir)
     disk_before = sum(f.stat().st_size for f in src.iterdir() if f.is_file())
     disk_after = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
@@ -152,4 +155,7 @@ def summary(job: LiteJob, start: float, float_bytes: int, src: Path) -> str:
     return (f"quantized {src.name} with {job.method.upper()} W{job.spec.bits} g{job.spec.group_size} "
             f"in {time.monotonic() - start:.1f} s -> {out}\n"
             f"on disk:   {disk_before / 1e6:,.1f} MB -> {disk_after / 1e6:,.1f} MB\n"
-            f"weights:   {float_bytes / 1e6:,.1f} MB -> {quant_bytes / 1e6:,.1f} MB")
+            f"weights:   {float_bytes / 1e6:,.1f} MB -> {quant_bytes / 1e6:,.1f} MB"
+            + (f"\n{len(data_free)} linears (of experts no calibration token reached) quantized data-free, "
+               f"round-to-nearest: {', '.join(data_free[:4])}{' ...' if len(data_free) > 4 else ''}"
+               if data_free else ""))

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from quantserve.kvcache.paged import AttentionMetadata, PrefillChunk
-from quantserve.quant.calib import HESSIAN_ROWS, PROJECTIONS, InputStats, calibration_dtype
+from quantserve.quant.calib import HESSIAN_ROWS, InputStats, calibration_dtype, projections
 
 # (layer index, that layer's statistics by engine projection name) -> HF name -> float weight
 QuantizeLayer = Callable[[int, dict[str, InputStats]], dict[str, torch.Tensor]]
@@ -70,7 +70,7 @@ class LayerwiseRunner:
     def _collect(self, i: int, bar: tqdm) -> dict[str, InputStats]:
         """Pass 1: the float layer on the current inputs, with hooks; its outputs are dropped."""
         layer = self.model.layers[i]
-        stats = {p: InputStats(self.keep, True, self.hessian_share) for p in PROJECTIONS}
+        stats = {p: InputStats(self.keep, True, self.hessian_share) for p in projections(layer)}
         hooks = [layer.get_submodule(p).register_forward_pre_hook(lambda _m, args, s=s: s.add(args[0]))
                  for p, s in stats.items()]
         try:
