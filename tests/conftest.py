@@ -101,7 +101,7 @@ def build_qwen3_moe(path: Path) -> Path:
 
     torch.manual_seed(0)
     cfg = Qwen3MoeConfig(**{**TINY, "num_hidden_layers": 3}, head_dim=32, num_experts=8, num_experts_per_tok=2,
-                         moe_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[1], decoder_sparse_step=1)
+                         moe_intermediate_size=64, norm_topk_prob=True, mlp_only_layers=[1], decoder_sparse_step=1)
     return save_hf(Qwen3MoeForCausalLM(cfg).eval(), path)
 
 

@@ -67,7 +67,7 @@ def test_logits_match_transformers(tiny_dirs, family, chunk):
 
 
 @pytest.mark.parametrize("backend", [*native_isas(), "torch"])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "smollm3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "qwen3_moe"])
 def test_every_backend_matches_transformers(tiny_dirs, monkeypatch, family, backend):
     """The same model on each ops object this machine has (the process picks one; here each is
     forced at load), prefill in chunks of 7 so later chunks attend to cached context."""

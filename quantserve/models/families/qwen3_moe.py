@@ -21,7 +21,7 @@ _ROUTER_RE = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\
 
 def model_args(cfg: dict) -> ModelArgs:
     args = qwen3.model_args(cfg)
-    experts, step = cfg.get("num_experts", 0), cfg.get("decoder_sparse_step", 1) or 1
+    experts, step = cfg.get("num_experts") or cfg.get("num_local_experts") or 0, cfg.get("decoder_sparse_step", 1) or 1
     dense = set(cfg.get("mlp_only_layers") or ())
     args.num_experts, args.experts_per_token = experts, cfg.get("num_experts_per_tok", 1)
     args.expert_intermediate_size = cfg.get("moe_intermediate_size") or args.intermediate_size
