@@ -81,5 +81,6 @@ def test_every_backend_matches_transformers(tiny_dirs, monkeypatch, family, back
     prompt = list(range(3, 40))
     expected, _ = hf_logits(tiny_dirs[family], prompt, 8)
     engine = small_engine(tiny_dirs[family], max_prefill_token_num=7)
-    assert engine.model.ops is ops and (engine.model.fused is None) == (backend == "torch")
+    fused = backend != "torch" and family != "qwen3_moe"          # the C decode step runs dense MLPs only
+    assert engine.model.ops is ops and (engine.model.fused is not None) == fused
     torch.testing.assert_close(engine_logits(engine, prompt, 8), expected, atol=1e-4, rtol=0)
