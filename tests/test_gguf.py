@@ -176,7 +176,7 @@ def _round_trip(model, qtype: QT):
     """The source model with every matrix through gguf's quantize and dequantize, as written."""
     with torch.no_grad():
         for param in model.parameters():
-            if param.dim() == 2:
+            if param.dim() >= 2:        # blocks run along the last dimension (stacked experts too)
                 data = gguf.quants.quantize(param.numpy().astype(np.float32), qtype)
                 param.copy_(torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(param.shape)))
     return model
@@ -299,3 +299,82 @@ def test_real_default_model():
                                          add_generation_prompt=True)
     assert "<|im_start|>user\nhi<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
     assert tokenizer.convert_ids_to_tokens(2) == "<|im_end|>"
+
+
+def _qwen3_moe_model():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=len(_tokens()), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                            rope_theta=50000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
+                            eos_token_id=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                            norm_topk_prob=True)
+    model = Qwen3MoeForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.randn_like(param) * 0.2 + (1.0 if "norm" in name else 0.0))
+    return model.eval()
+
+
+def write_moe_gguf(model, path: Path, qtype: QT) -> Path:
+    """As llama.cpp's converter writes a Qwen3-MoE: each projection's experts stacked [E, out, in]."""
+    cfg, state = model.config, model.state_dict()
+    writer = gguf.GGUFWriter(str(path), "qwen3moe")
+    _add_metadata(writer, cfg)               # head_dim 16 = hidden / heads, as _add_metadata writes
+    writer.add_expert_count(cfg.num_experts)
+    writer.add_expert_used_count(cfg.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+
+    def add(name: str, t: torch.Tensor) -> None:
+        values = t.detach().numpy().astype(np.float32)
+        if values.ndim == 1:
+            writer.add_tensor(name, values, raw_dtype=QT.F32)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+
+    add("token_embd.weight", state["model.embed_tokens.weight"])
+    add("output_norm.weight", state["model.norm.weight"])
+    add("output.weight", state["lm_head.weight"])
+    parts = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate_inp": "mlp.gate"}
+    for i in range(cfg.num_hidden_layers):
+        for part, hf in parts.items():
+            add(f"blk.{i}.{part}.weight", state[f"model.layers.{i}.{hf}.weight"])
+        for part, hf in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+            experts = [model.model.layers[i].mlp.experts]
+            stacked = torch.stack([_expert_weight(experts[0], e, hf) for e in range(cfg.num_experts)])
+            add(f"blk.{i}.ffn_{part}_exps.weight", stacked)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _expert_weight(experts, e: int, hf: str) -> torch.Tensor:
+    """transformers 5 holds a mixture's experts fused: gate_up [E, 2I, H], down [E, H, I]."""
+    if hf == "down_proj":
+        return experts.down_proj[e]
+    gate, up = experts.gate_up_proj[e].chunk(2, dim=0)
+    return gate if hf == "gate_proj" else up
+
+
+@pytest.mark.parametrize("qtype", [QT.F32, QT.Q8_0])
+def test_a_qwen3_moe_file_runs_its_experts(tmp_path, monkeypatch, qtype):
+    """A Qwen3-MoE GGUF (experts stacked per projection, a router per layer): the engine's logits on
+    the reference ops equal transformers' on the source model (its matrices through the file's type)."""
+    from test_parity import engine_logits, small_engine
+
+    from quantserve.models import loader
+    from quantserve.models.ops import TorchOps
+
+    model = _qwen3_moe_model()
+    out = convert_gguf(write_moe_gguf(model, tmp_path / "moe.gguf", qtype), tmp_path / "hf", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["num_experts"], config["num_experts_per_tok"]) == ("qwen3_moe", 4, 2)
+    expected = _logits(model if qtype == QT.F32 else _round_trip(model, qtype))[0, -1]
+    monkeypatch.setattr(loader, "ops_for", lambda *a, **k: TorchOps())
+    got = engine_logits(small_engine(out), TOKEN_IDS[0].tolist(), 0)[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)

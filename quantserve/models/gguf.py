@@ -40,10 +40,14 @@ _LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm",
     "attn_q_norm": "self_attn.q_norm",       # qwen3: per-head RMSNorm of q and k
     "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate_inp": "mlp.gate",               # a mixture of experts' router
 }
+# a mixture's experts, stacked in one tensor [E, out, in] per projection
+_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+_MLP_NAMES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _REQUIRED = object()
-_REQUIRED_PER_LAYER = [hf for part, hf in _LAYER_NAMES.items() if not part.endswith(("q_norm", "k_norm"))]
+_REQUIRED_PER_LAYER = [hf for part, hf in _LAYER_NAMES.items() if not part.endswith(("q_norm", "k_norm", "gate_inp"))]
 # what gguf's reader and numpy raise on a corrupt file: bad values, wrong types, short or misshapen arrays
 _CORRUPT = (ValueError, TypeError, IndexError, KeyError, OverflowError, ZeroDivisionError)
 # config.json sizes that must be positive for the model to be built at all
@@ -105,12 +109,12 @@ def gguf_tensors(reader, path: Path, config: dict, arch: str, progress: bool = F
     with _corrupt_is_load_error(path):
         for tensor in tqdm(reader.tensors, desc="reading GGUF blocks", unit="tensor", file=sys.stderr,
                            disable=not progress):
-            hf_name, value = _convert_tensor(tensor, path, config, permuted_qk, own_bits)
-            if isinstance(value, Codes):
-                tensors.update(codes_tensors(hf_name.removesuffix(".weight"), value))
-                made.append(value)
-            else:
-                tensors[hf_name] = value
+            for hf_name, value in _convert_tensor(tensor, path, config, permuted_qk, own_bits):
+                if isinstance(value, Codes):
+                    tensors.update(codes_tensors(hf_name.removesuffix(".weight"), value))
+                    made.append(value)
+                else:
+                    tensors[hf_name] = value
     if config.get("attention_bias"):        # HF Llama's attention_bias covers o too: a file without it means 0
         for i in range(config["num_hidden_layers"]):
             tensors.setdefault(f"model.layers.{i}.self_attn.o_proj.bias", torch.zeros(config["hidden_size"]))
@@ -244,7 +248,7 @@ def hf_config(reader, arch: str, path: Path) -> dict:
         "architectures": [family.hf_class],
         "model_type": family.model_type,
         "hidden_size": hidden,
-        "intermediate_size": int(meta("feed_forward_length")),
+        "intermediate_size": int(meta("feed_forward_length", None) or meta("expert_feed_forward_length")),
         "num_hidden_layers": int(meta("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(meta("attention.head_count_kv", heads)),
@@ -262,6 +266,11 @@ def hf_config(reader, arch: str, path: Path) -> dict:
     if arch == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in names
         config["mlp_bias"] = False
+    experts = int(meta("expert_count", 0))
+    if experts:             # a mixture of experts in every layer (qwen3moe), top-k renormalised
+        config.update(num_experts=experts, num_experts_per_tok=int(meta("expert_used_count")),
+                      moe_intermediate_size=int(meta("expert_feed_forward_length")), norm_topk_prob=True,
+                      decoder_sparse_step=1, mlp_only_layers=[])
     bad = [key for key in _SIZES if config[key] < 1]
     if bad:
         raise ModelLoadError(f"{path}: GGUF metadata gives {bad[0]} = {config[bad[0]]}, not a positive size")
@@ -326,28 +335,41 @@ def dequantize_tensor(tensor, path: Path) -> np.ndarray:
     return np.array(values, dtype=np.float32)  # copy: the reader's arrays are read-only memmaps
 
 
-def _convert_tensor(tensor, path: Path, config: dict, permuted_qk: bool, own_bits: bool):
-    """(HF name, a float torch tensor or Codes in torch layout [out, in])."""
+def _convert_tensor(tensor, path: Path, config: dict, permuted_qk: bool, own_bits: bool) -> list[tuple]:
+    """[(HF name, a float torch tensor or Codes in torch layout [out, in])]: one pair, or one per
+    expert for a mixture's stacked experts."""
     import torch
 
-    hf_name = hf_tensor_name(tensor.name)
-    if hf_name is None:
+    names = _hf_names(tensor.name, config)
+    if names is None:
         raise ModelLoadError(f"{path}: tensor {tensor.name!r} has no Hugging Face counterpart (not supported)")
     heads = _permuted_heads(tensor.name, config) if permuted_qk else None
     kind = tensor.tensor_type.name
     shape = tuple(int(d) for d in reversed(tensor.shape))
-    if target_bits(kind) is None or len(shape) != 2 or not own_bits:
+    rows = (int(np.prod(shape[:-1])), shape[-1])                  # experts' rows one after another
+    if target_bits(kind) is None or len(shape) == 1 or not own_bits:
         values = dequantize_tensor(tensor, path)
         values = unpermute_qk(values, heads) if heads else values
         dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(kind, torch.float16)
-        return hf_name, torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
+        values = torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
+        return list(zip(names, values if len(names) > 1 else [values]))
     try:
-        c = to_codes(tensor.data, kind, shape)
+        c = to_codes(tensor.data, kind, rows)
     except NotImplementedError as e:
         raise ModelLoadError(f"{path}: tensor {tensor.name!r} has type {kind}, which cannot be read") from e
     if heads:       # rows are independent: codes, scales and mins permute alike
         c.codes, c.scales, c.mins = (unpermute_qk(a, heads) for a in (c.codes, c.scales, c.mins))
-    return hf_name, c
+    return list(zip(names, c.split(len(names))))
+
+
+def _hf_names(gguf_name: str, config: dict) -> list[str] | None:
+    """The HF names a GGUF tensor holds: one, or one per expert ([E, out, in] stacks)."""
+    match = _LAYER_RE.fullmatch(gguf_name)
+    if match is None or match.group(2) not in _EXPERT_NAMES or not config.get("num_experts"):
+        name = hf_tensor_name(gguf_name)
+        return None if name is None else [name]
+    layer, part, kind = match.groups()
+    return [f"model.layers.{layer}.mlp.experts.{e}.{_EXPERT_NAMES[part]}.{kind}" for e in range(config["num_experts"])]
 
 
 def _permuted_heads(name: str, config: dict) -> int | None:
@@ -368,8 +390,10 @@ def _save_weights(tensors: dict, out_file: Path) -> None:
 def _check_complete(tensors: dict, config: dict, path: Path) -> None:
     if config["num_hidden_layers"] > len(tensors):  # a corrupt block_count: do not list 2**40 layers' names
         raise ModelLoadError(f"{path}: block_count {config['num_hidden_layers']} exceeds the {len(tensors)} tensors")
+    per_layer = [n if n not in _MLP_NAMES or not config.get("num_experts") else n.replace("mlp.", "mlp.experts.0.")
+                 for n in _REQUIRED_PER_LAYER] + (["mlp.gate"] if config.get("num_experts") else [])
     required = ["model.embed_tokens", "model.norm"] + [
-        f"model.layers.{i}.{name}" for i in range(config["num_hidden_layers"]) for name in _REQUIRED_PER_LAYER
+        f"model.layers.{i}.{name}" for i in range(config["num_hidden_layers"]) for name in per_layer
     ]
     missing = [name for name in required if f"{name}.weight" not in tensors and f"{name}.codes" not in tensors]
     if missing:

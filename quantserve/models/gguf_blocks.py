@@ -30,6 +30,11 @@ class Codes:
     source: str             # the GGML type it came from
     error: float            # rms(ours - gguf's dequantization) / rms(gguf's); 0 for the exact types
 
+    def split(self, parts: int) -> list[Codes]:
+        """Equal row ranges (a mixture's experts, stacked)."""
+        return [Codes(c, s, m, self.bits, self.source, self.error) for c, s, m in
+                zip(*(np.split(a, parts) for a in (self.codes, self.scales, self.mins)))]
+
     def dequantize(self) -> np.ndarray:
         n, k = self.codes.shape
         grouped = self.codes.reshape(n, self.scales.shape[1], -1).astype(np.float32)

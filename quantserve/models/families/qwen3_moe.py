@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from quantserve.models.families import Family, llama, qwen3
+from quantserve.models.families import Family, GgufArch, llama, qwen3
 from quantserve.models.layers import ModelArgs
 from quantserve.quant.arch import Arch, ScaleGroup
 
@@ -71,4 +71,5 @@ def recipe(moe: str, gate: str, up: str, down: str) -> Arch:
                 expert_groups=(ScaleGroup(expert + up, (expert + down,)),))
 
 
-FAMILY = Family(("qwen3_moe",), model_args, convert_weights, recipe("mlp", "gate_proj", "up_proj", "down_proj"))
+FAMILY = Family(("qwen3_moe",), model_args, convert_weights, recipe("mlp", "gate_proj", "up_proj", "down_proj"),
+                GgufArch("qwen3moe", "qwen3_moe", "Qwen3MoeForCausalLM", permuted_qk=False))
