@@ -15,6 +15,9 @@ here, and speed does not depend on the weights' values):
                       vocab 128256, tied embeddings, no bias, rope_theta 5e5, rms eps 1e-5
     Qwen3-1.7B        hidden 2048, intermediate 6144, 28 layers, 16 heads / 8 KV heads, head_dim 128,
                       vocab 151936, tied embeddings, per-head q/k RMSNorm, rope_theta 1e6, rms eps 1e-6
+    Qwen3-30B-A3B     a mixture of experts: hidden 2048, 48 layers (4 run here: 61 GB in F16 whole),
+                      32 heads / 4 KV heads, head_dim 128, 128 experts of 768 a layer, 8 a token,
+                      untied output, vocab 151936 (GGUF architecture `qwen3moe`)
 
 One model per shape, written once as an F16 GGUF that both sides load (normal * 0.02 weights from
 a fixed seed, RMSNorm weights 1, norms and biases F32, as llama.cpp stores them): GGUF architecture
@@ -92,6 +95,12 @@ SHAPES = {
     "qwen3-1.7b": dict(name="Qwen3-1.7B", arch="qwen3", tokenizer="bpe", hidden=2048, intermediate=6144,
                        layers=28, heads=16, kv_heads=8, head_dim=128, vocab=151936, tied=True, qkv_bias=False,
                        rope_theta=1e6, rms_eps=1e-6, context=40960),
+    # Qwen/Qwen3-30B-A3B: 128 experts of 768, 8 a token, in each of 48 layers; 4 of them are run
+    # (the whole is 61 GB in F16), so the embedding and head weigh more here than in the model
+    "qwen3-30b-a3b": dict(name="Qwen3-30B-A3B", arch="qwen3moe", tokenizer="bpe", hidden=2048, intermediate=6144,
+                          layers=48, bench_layers=4, heads=32, kv_heads=4, head_dim=128, vocab=151936, tied=False,
+                          qkv_bias=False, rope_theta=1e6, rms_eps=1e-6, context=40960, experts=128, experts_used=8,
+                          expert_ffn=768),
 }
 
 
@@ -106,17 +115,27 @@ def tensor_specs(s: dict) -> list[tuple[str, tuple[int, ...], str]]:
         if s["qkv_bias"]:
             specs += [(f"{b}.attn_q.bias", (q,), "bias"), (f"{b}.attn_k.bias", (kv,), "bias"),
                       (f"{b}.attn_v.bias", (kv,), "bias")]
-        if s["arch"] == "qwen3":                    # per-head RMSNorm of q and k
+        if s["arch"].startswith("qwen3"):           # per-head RMSNorm of q and k
             specs += [(f"{b}.attn_q_norm.weight", (s["head_dim"],), "norm"),
                       (f"{b}.attn_k_norm.weight", (s["head_dim"],), "norm")]
-        specs += [(f"{b}.attn_output.weight", (h, q), "weight"), (f"{b}.ffn_norm.weight", (h,), "norm"),
-                  (f"{b}.ffn_gate.weight", (s["intermediate"], h), "weight"),
-                  (f"{b}.ffn_up.weight", (s["intermediate"], h), "weight"),
-                  (f"{b}.ffn_down.weight", (h, s["intermediate"]), "weight")]
+        specs += [(f"{b}.attn_output.weight", (h, q), "weight"), (f"{b}.ffn_norm.weight", (h,), "norm")]
+        specs += mlp_specs(s, b)
     specs.append(("output_norm.weight", (h,), "norm"))
     if not s["tied"]:
         specs.append(("output.weight", (s["vocab"], h), "weight"))
     return specs
+
+
+def mlp_specs(s: dict, b: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """A dense SwiGLU MLP, or a mixture: the router and each projection's experts stacked [E, out, in]."""
+    h = s["hidden"]
+    if not s.get("experts"):
+        i = s["intermediate"]
+        return [(f"{b}.ffn_gate.weight", (i, h), "weight"), (f"{b}.ffn_up.weight", (i, h), "weight"),
+                (f"{b}.ffn_down.weight", (h, i), "weight")]
+    e, i = s["experts"], s["expert_ffn"]
+    return [(f"{b}.ffn_gate_inp.weight", (e, h), "router"), (f"{b}.ffn_gate_exps.weight", (e, i, h), "weight"),
+            (f"{b}.ffn_up_exps.weight", (e, i, h), "weight"), (f"{b}.ffn_down_exps.weight", (e, h, i), "weight")]
 
 
 def random_tensor(name: str, shape: tuple[int, ...], kind: str) -> np.ndarray:
@@ -178,6 +197,10 @@ def write_metadata(writer, s: dict) -> None:
     writer.add_rope_freq_base(s["rope_theta"])
     writer.add_layer_norm_rms_eps(s["rms_eps"])
     writer.add_vocab_size(s["vocab"])
+    if s.get("experts"):
+        writer.add_expert_count(s["experts"])
+        writer.add_expert_used_count(s["experts_used"])
+        writer.add_expert_feed_forward_length(s["expert_ffn"])
     v = (bpe_vocabulary if s["tokenizer"] == "bpe" else spm_vocabulary)(s["vocab"])
     writer.add_tokenizer_model(v["model"])
     writer.add_tokenizer_pre(v["pre"])
@@ -350,7 +373,9 @@ def markdown(results: dict, sides: dict, repeats: int) -> str:
              "`llama-bench -p 512` vs one 512-token prompt; "
              f"{STREAMS} streams: `llama-batched-bench -npp 128 -ntg 128 -npl {STREAMS}` (S_TG) vs {STREAMS} "
              "prompts of 128 decoded together. Sizes: the weights a batch-1 step reads (an untied input "
-             "embedding is only looked up, so left out); step reads: those bytes x steps/s."]
+             "embedding is only looked up, so left out); step reads: those bytes x steps/s. For the mixture "
+             "of experts (Qwen3-30B-A3B) a step reads only the experts its tokens pick (8 of 128 a token), "
+             "so its sizes and GB/s count weights a step does not read."]
     return "\n".join(rows) + "\n"
 
 
@@ -420,7 +445,7 @@ def main() -> None:
     bench_llamacpp.REPEATS = args.repeats        # llama_bench() / batched() read it at call time
     results = {}
     for key in args.shapes:
-        s = dict(SHAPES[key], layers=args.layers or SHAPES[key]["layers"])
+        s = dict(SHAPES[key], layers=args.layers or SHAPES[key].get("bench_layers", SHAPES[key]["layers"]))
         tag = key if args.layers is None else f"{key}-{args.layers}layers"
         work = envs.quantserve_home() / "work" / "shapes" / tag
         quants, w4 = build(key, s, work, args.skip_build)
@@ -429,6 +454,9 @@ def main() -> None:
              "llama.cpp": f"{llamacpp_isa()}; machine {cpu_name()}"}
     RESULTS.mkdir(exist_ok=True)
     stem = "shapes" if args.layers is None else f"shapes-{args.layers}layers"    # a smoke run keeps the table
+    if (RESULTS / f"{stem}.json").exists() and set(args.shapes) != set(SHAPES):   # some shapes: update their rows
+        merged = {**json.loads((RESULTS / f"{stem}.json").read_text())["results"], **results}
+        results = {key: merged[key] for key in SHAPES if key in merged}
     (RESULTS / f"{stem}.json").write_text(json.dumps({"results": results, "sides": sides, "threads": THREADS,
                                                       "args": vars(args)}, indent=2))
     text = markdown(results, sides, args.repeats)
