@@ -156,11 +156,18 @@ class MoE(nn.Module):
         weights, chosen = probs.topk(self.k, dim=-1)                        # [T, k]
         if self.renormalise:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        out = torch.zeros_like(x)
-        for expert in chosen.unique().tolist():
-            rows, slot = (chosen == expert).nonzero(as_tuple=True)          # the tokens that picked it
-            y = self.experts[expert](x[rows]) * weights[rows, slot, None].to(x.dtype)
-            out.index_add_(0, rows, y)
+        if x.shape[0] == 1:                                                 # one token: no grouping to do
+            w = weights[0].to(x.dtype).tolist()
+            return sum(w[j] * self.experts[e](x) for j, e in enumerate(chosen[0].tolist()))
+        picks = chosen.flatten()                                             # [T * k]
+        order = picks.argsort(stable=True)                                   # the picks grouped by expert
+        rows, scale = order // self.k, weights.flatten()[order, None].to(x.dtype)
+        out, start = torch.zeros_like(x), 0
+        for expert, count in enumerate(torch.bincount(picks, minlength=len(self.experts)).tolist()):
+            if count:
+                group = slice(start, start + count)                          # the tokens that picked it
+                out.index_add_(0, rows[group], self.experts[expert](x[rows[group]]) * scale[group])
+                start += count
         return out
 
 
