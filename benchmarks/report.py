@@ -238,8 +238,9 @@ inside the native call timed in place):
 SHAPES = """## quantserve vs llama.cpp at real models' shapes (`benchmarks/bench_shapes.py`)
 
 Random weights (speed does not depend on their values) at the exact dimensions of Qwen2.5-0.5B
-(tied head, q/k/v bias), InternLM2.5-1.8B (untied head), Llama-3.2-1B (tied head) and Qwen3-1.7B
-(tied head, per-head q/k norms), one F16 GGUF per shape that both sides load, with a synthetic
+(tied head, q/k/v bias), InternLM2.5-1.8B (untied head), Llama-3.2-1B (tied head), Qwen3-1.7B
+(tied head, per-head q/k norms) and the mixture of experts Qwen3-30B-A3B (4 of its 48 layers, 128
+experts of 768 in each, 8 a token), one F16 GGUF per shape that both sides load, with a synthetic
 vocabulary of the real size and kind. llama.cpp: that file quantized to Q4_0 and to Q4_K_M by
 `llama-quantize` (which picks the head's type, named in the table). Ours, two ways: W4 group 128
 (`lite rtn` from the F16 file, int8 output head), and llama.cpp's own Q4_0 and Q4_K_M files read at

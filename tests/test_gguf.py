@@ -301,33 +301,40 @@ def test_real_default_model():
     assert tokenizer.convert_ids_to_tokens(2) == "<|im_end|>"
 
 
-def _qwen3_moe_model():
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+def _moe_model(arch: str):
+    """A tiny Qwen3-MoE or Mixtral: 4 experts, 2 a token, random everything."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen3MoeConfig(vocab_size=len(_tokens()), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                            rope_theta=50000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
-                            eos_token_id=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                            norm_topk_prob=True)
-    model = Qwen3MoeForCausalLM(config)
+    kwargs = dict(vocab_size=len(_tokens()), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rope_theta=50000.0,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, num_experts_per_tok=2)
+    if arch == "qwen3moe":
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**kwargs, intermediate_size=128, num_experts=4,
+                                                   moe_intermediate_size=64, norm_topk_prob=True))
+    else:
+        model = MixtralForCausalLM(MixtralConfig(**kwargs, intermediate_size=64, num_local_experts=4))
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(torch.randn_like(param) * 0.2 + (1.0 if "norm" in name else 0.0))
     return model.eval()
 
 
-def write_moe_gguf(model, path: Path, qtype: QT) -> Path:
-    """As llama.cpp's converter writes a Qwen3-MoE: each projection's experts stacked [E, out, in]."""
+def write_moe_gguf(model, path: Path, arch: str, qtype: QT) -> Path:
+    """As llama.cpp's converter writes a mixture: each projection's experts stacked [E, out, in], a
+    router per layer; Mixtral as the `llama` architecture (q/k rows permuted) with experts."""
     cfg, state = model.config, model.state_dict()
-    writer = gguf.GGUFWriter(str(path), "qwen3moe")
+    writer = gguf.GGUFWriter(str(path), arch)
     _add_metadata(writer, cfg)               # head_dim 16 = hidden / heads, as _add_metadata writes
-    writer.add_expert_count(cfg.num_experts)
+    experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+    writer.add_expert_count(experts)
     writer.add_expert_used_count(cfg.num_experts_per_tok)
-    writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    writer.add_expert_feed_forward_length(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
 
     def add(name: str, t: torch.Tensor) -> None:
         values = t.detach().numpy().astype(np.float32)
+        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+            values = _permute(values, cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads)
         if values.ndim == 1:
             writer.add_tensor(name, values, raw_dtype=QT.F32)
         else:
@@ -338,13 +345,15 @@ def write_moe_gguf(model, path: Path, qtype: QT) -> Path:
     add("output.weight", state["lm_head.weight"])
     parts = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-             "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate_inp": "mlp.gate"}
+             "ffn_gate_inp": "mlp.gate"}
+    if arch == "qwen3moe":
+        parts.update(attn_q_norm="self_attn.q_norm", attn_k_norm="self_attn.k_norm")
     for i in range(cfg.num_hidden_layers):
         for part, hf in parts.items():
             add(f"blk.{i}.{part}.weight", state[f"model.layers.{i}.{hf}.weight"])
-        for part, hf in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
-            experts = [model.model.layers[i].mlp.experts]
-            stacked = torch.stack([_expert_weight(experts[0], e, hf) for e in range(cfg.num_experts)])
+        stacks = model.model.layers[i].mlp.experts        # transformers 5: gate_up [E, 2I, H], down [E, H, I]
+        gate, up = stacks.gate_up_proj.chunk(2, dim=1)
+        for part, stacked in (("gate", gate), ("up", up), ("down", stacks.down_proj)):
             add(f"blk.{i}.ffn_{part}_exps.weight", stacked)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -353,27 +362,21 @@ def write_moe_gguf(model, path: Path, qtype: QT) -> Path:
     return path
 
 
-def _expert_weight(experts, e: int, hf: str) -> torch.Tensor:
-    """transformers 5 holds a mixture's experts fused: gate_up [E, 2I, H], down [E, H, I]."""
-    if hf == "down_proj":
-        return experts.down_proj[e]
-    gate, up = experts.gate_up_proj[e].chunk(2, dim=0)
-    return gate if hf == "gate_proj" else up
-
-
-@pytest.mark.parametrize("qtype", [QT.F32, QT.Q8_0])
-def test_a_qwen3_moe_file_runs_its_experts(tmp_path, monkeypatch, qtype):
-    """A Qwen3-MoE GGUF (experts stacked per projection, a router per layer): the engine's logits on
-    the reference ops equal transformers' on the source model (its matrices through the file's type)."""
+@pytest.mark.parametrize("arch,qtype", [("qwen3moe", QT.F32), ("qwen3moe", QT.Q8_0), ("llama", QT.Q8_0)])
+def test_a_mixture_of_experts_file_runs_its_experts(tmp_path, monkeypatch, arch, qtype):
+    """A Qwen3-MoE GGUF, and a Mixtral one (the llama architecture with experts): the engine's
+    logits on the reference ops equal transformers' on the source model (its matrices through the
+    file's type)."""
     from test_parity import engine_logits, small_engine
 
     from quantserve.models import loader
     from quantserve.models.ops import TorchOps
 
-    model = _qwen3_moe_model()
-    out = convert_gguf(write_moe_gguf(model, tmp_path / "moe.gguf", qtype), tmp_path / "hf", progress=False)
+    model = _moe_model(arch)
+    out = convert_gguf(write_moe_gguf(model, tmp_path / "moe.gguf", arch, qtype), tmp_path / "hf", progress=False)
     config = json.loads((out / "config.json").read_text())
-    assert (config["model_type"], config["num_experts"], config["num_experts_per_tok"]) == ("qwen3_moe", 4, 2)
+    assert config["model_type"] == ("qwen3_moe" if arch == "qwen3moe" else "mixtral")
+    assert (config["num_experts"], config["num_experts_per_tok"]) == (4, 2)
     expected = _logits(model if qtype == QT.F32 else _round_trip(model, qtype))[0, -1]
     monkeypatch.setattr(loader, "ops_for", lambda *a, **k: TorchOps())
     got = engine_logits(small_engine(out), TOKEN_IDS[0].tolist(), 0)[0]

@@ -267,10 +267,12 @@ def hf_config(reader, arch: str, path: Path) -> dict:
         config["attention_bias"] = "blk.0.attn_q.bias" in names
         config["mlp_bias"] = False
     experts = int(meta("expert_count", 0))
-    if experts:             # a mixture of experts in every layer (qwen3moe), top-k renormalised
+    if experts:             # a mixture of experts in every layer, top-k renormalised
         config.update(num_experts=experts, num_experts_per_tok=int(meta("expert_used_count")),
-                      moe_intermediate_size=int(meta("expert_feed_forward_length")), norm_topk_prob=True,
-                      decoder_sparse_step=1, mlp_only_layers=[])
+                      moe_intermediate_size=int(meta("expert_feed_forward_length", config["intermediate_size"])),
+                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    if experts and arch == "llama":     # llama.cpp writes Mixtral as a llama with experts
+        config.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=experts)
     bad = [key for key in _SIZES if config[key] < 1]
     if bad:
         raise ModelLoadError(f"{path}: GGUF metadata gives {bad[0]} = {config[bad[0]]}, not a positive size")
