@@ -103,7 +103,7 @@ def test_each_family_file_holds_a_recipe_that_fits_its_checkpoints(tiny_dirs, fa
 def test_an_unknown_architecture_names_the_supported_ones(tmp_path):
     from quantserve.models.loader import ModelLoadError, family_for
 
-    with pytest.raises(ModelLoadError, match="supported model_types: internlm, internlm2, llama, mistral, phi3, qwen2, qwen3, smollm3"):
+    with pytest.raises(ModelLoadError, match="supported model_types: internlm, internlm2, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe, smollm3"):
         family_for({"model_type": "gpt_neox"})
 
 
