@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import add_tokenizer
+from conftest import add_tokenizer, native_isas
 from test_parity import REFERENCE, hf_logits, small_engine
 
 from quantserve.config import SamplingParams
@@ -127,23 +127,50 @@ def test_longrope_past_the_original_length_matches_transformers_with_its_cache(t
     torch.testing.assert_close(got, torch.stack(rows), atol=1e-4, rtol=0)
 
 
-def test_a_sliding_window_model_keeps_its_sessions_inside_the_window(tmp_path):
-    """Mistral with a 48-token window: sessions default to 48 tokens, where full attention is what
-    transformers' windowed attention computes; a longer --session-len is a clear error."""
+@pytest.fixture(scope="module")
+def windowed_mistral(tmp_path_factory) -> Path:
     from conftest import build_mistral
+
+    return build_mistral(tmp_path_factory.mktemp("window") / "mistral", sliding_window=13)
+
+
+@pytest.mark.parametrize("backend", [*native_isas(), "torch"])
+@pytest.mark.parametrize("chunk", [8192, 7])
+def test_sliding_window_attention_matches_transformers(windowed_mistral, monkeypatch, backend, chunk):
+    """Mistral with a 13-token window (not a multiple of the 16-token cache blocks), a 37-token
+    prompt and 24 new tokens: every position attends to its last 13 only, in prefill (whole or in
+    chunks of 7, later chunks reading the cache), in the fused decode step and module by module."""
     from test_parity import engine_logits, hf_logits
 
-    from quantserve.config import ConfigError, EngineConfig
-    from quantserve.engine.engine import Engine
+    from quantserve import kernels
+    from quantserve.kernels.native import NativeOps
+    from quantserve.models import loader
+    from quantserve.models.ops import TorchOps
 
-    model = build_mistral(tmp_path / "mistral", sliding_window=48)
-    engine = Engine(model, EngineConfig(dtype="float32", cache_block_seq_len=16), progress=False)
-    assert engine.session_len == 48
+    ops = TorchOps() if backend == "torch" else NativeOps(kernels.load(backend), backend)
+    monkeypatch.setattr(loader, "ops_for", lambda *args: ops)
     prompt = list(range(3, 40))
-    torch.testing.assert_close(engine_logits(engine, prompt, 8), hf_logits(model, prompt, 8)[0], atol=1e-4, rtol=0)
-    with pytest.raises(ConfigError, match="48-token sliding window") as e:
-        Engine(model, EngineConfig(dtype="float32", session_len=256), progress=False)
-    assert e.value.field == "session_len"
+    expected = hf_logits(windowed_mistral, prompt, 24)[0]
+    engine = small_engine(windowed_mistral, max_prefill_token_num=chunk)
+    assert engine.session_len == 256                    # small_engine's, not bounded by the window
+    torch.testing.assert_close(engine_logits(engine, prompt, 24), expected, atol=1e-4, rtol=0)
+    if engine.model.fused is not None:                  # and the module-by-module decode path
+        engine = small_engine(windowed_mistral, max_prefill_token_num=chunk)
+        engine.model.fused = None
+        torch.testing.assert_close(engine_logits(engine, prompt, 24), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_sliding_window_over_a_quantized_cache(windowed_mistral, kv_bits):
+    """The int8 / int4 cache with a window: the logits of the prefill and the first decode steps
+    (before greedy choices may part) near the float cache's; ignoring the window would not be."""
+    from test_parity import engine_logits
+
+    prompt = list(range(3, 40))
+    exact = engine_logits(small_engine(windowed_mistral, max_prefill_token_num=7), prompt, 3)
+    quant = engine_logits(small_engine(windowed_mistral, quant_policy=kv_bits, max_prefill_token_num=7), prompt, 3)
+    err = (quant - exact).abs().amax(dim=1) / exact.abs().amax(dim=1)
+    assert (err < (0.1 if kv_bits == 8 else 0.5)).all(), err
 
 
 @pytest.mark.parametrize("method", ["awq", "gptq"])

@@ -102,3 +102,23 @@ def test_rows_do_not_depend_on_the_chunk(isa):
     whole = run(lib, q, cache, ids, 200)
     assert torch.equal(run(lib, q[121:], cache, ids, 200), whole[121:])
     assert torch.equal(run(lib, q[:130], cache, ids, 130), whole[:130])
+
+
+# sliding windows: shorter than a 64-key tile, spanning several, and a chunk that starts past it
+WINDOW_CASES = [(100, 100, 9, 3, 64, 16, torch.float32, 0, 13), (130, 300, 4, 2, 64, 64, torch.bfloat16, 0, 100),
+                (70, 250, 14, 2, 128, 16, torch.float32, 8, 37), (90, 200, 9, 3, 64, 16, torch.float32, 4, 64)]
+
+
+@pytest.mark.parametrize("isa", BUILDS)
+@pytest.mark.parametrize("n, context_len, hq, hkv, d, block_size, dtype, kv_bits, window", WINDOW_CASES)
+def test_sliding_window_matches_reference(isa, n, context_len, hq, hkv, d, block_size, dtype, kv_bits, window):
+    """Each row sees only the last `window` keys up to its position, as the reference masks them."""
+    lib = build(isa)
+    cache, ids = filled_cache(context_len, hkv, d, block_size, dtype, kv_bits, seed=n + window)
+    q = strided_q(n, hq, hkv, d, seed=window)
+    k, v = cache.read(0, ids)
+    expected = causal_attention(q, k[:context_len].float(), v[:context_len].float(), d ** -0.5, window)
+    got = prefill_attention(lib, q, cache.parts("k", 0), cache.parts("v", 0), ids, context_len, d ** -0.5, window)
+    torch.testing.assert_close(got, expected, **TOLERANCE[kv_bits])
+    assert not torch.allclose(expected, causal_attention(q, k[:context_len].float(), v[:context_len].float(),
+                                                         d ** -0.5), atol=1e-3)          # the window mattered

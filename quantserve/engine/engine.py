@@ -69,15 +69,7 @@ class Engine:
         logger.info(self.memory_summary())
 
     def _session_len(self, asked: int | None) -> int:
-        """--session-len, else the model's context; a sliding-window model's sessions stay inside
-        the window, where full attention is exact (sliding-window attention is not built yet)."""
-        window = self.args.sliding_window
-        if window and asked and asked > window:
-            raise ConfigError(f"session_len {asked} is longer than the model's {window}-token sliding window; "
-                              "sliding-window attention is not supported yet", field="session_len")
-        if window and not asked and self.args.max_position_embeddings > window:
-            logger.warning("session_len capped at the model's %d-token sliding window", window)
-            return window
+        """--session-len, else the model's context (a sliding window does not bound it)."""
         return asked or self.args.max_position_embeddings
 
     def _plan_cache(self) -> CachePlan:

@@ -743,7 +743,7 @@ static inline void prefetch_rows(const void *cache, int ctype, long off, long n,
 static inline __attribute__((always_inline)) void scores_softmax(const float *const *qg, int G, const void *k_cache,
                                                                 const void *v_cache, int ctype, const int64_t *table,
                                                                 long L, int block_size, int Hkv, int h, int D,
-                                                                float scale, float *scores) {
+                                                                float scale, float *scores, long off) {
     long kstride = (long)Hkv * D;
     for (long t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
         long n = L - t0 < block_size ? L - t0 : block_size;
@@ -761,7 +761,10 @@ static inline __attribute__((always_inline)) void scores_softmax(const float *co
                 scores[g * L + t0 + i] = dot(qg[g], k_cache, ctype, base + i * kstride, D) * scale;
         }
     }
-    for (int g = 0; g < G; g++) softmax_inplace(scores + g * L, L);
+    for (int g = 0; g < G; g++) {       /* the first `off` tokens lie before a sliding window: weight 0 */
+        for (long i = 0; i < off; i++) scores[g * L + i] = -INFINITY;
+        softmax_inplace(scores + g * L, L);
+    }
 }
 
 /* acc[j] += sum over n rows i of p[i] * v[row i, 8 j .. 8 j + 7], rows in order. */
@@ -800,18 +803,18 @@ static inline __attribute__((always_inline)) void weighted_values(const float *s
 static inline __attribute__((always_inline)) void attend_head(const int CT, const float *const *qg, int G, const void *k_cache,
                                                              const void *v_cache, const int64_t *table, long L,
                                                              int block_size, int Hkv, int h, int D, float scale,
-                                                             float *scores, float *const *og) {
-    scores_softmax(qg, G, k_cache, v_cache, CT, table, L, block_size, Hkv, h, D, scale, scores);
+                                                             float *scores, float *const *og, long off) {
+    scores_softmax(qg, G, k_cache, v_cache, CT, table, L, block_size, Hkv, h, D, scale, scores, off);
     weighted_values(scores, G, v_cache, CT, table, L, block_size, Hkv, h, D, og);
 }
 
 typedef void (*attend_fn)(const float *const *, int, const void *, const void *, const int64_t *, long, int, int, int,
-                          int, float, float *, float *const *);
+                          int, float, float *, float *const *, long);
 #define DEFINE_ATTEND(CT)                                                                                   \
     static void attend_head_##CT(const float *const *qg, int G, const void *k, const void *v,              \
                                  const int64_t *table, long L, int bs, int Hkv, int h, int D, float scale, \
-                                 float *scores, float *const *og) {                                         \
-        attend_head(CT, qg, G, k, v, table, L, bs, Hkv, h, D, scale, scores, og);                          \
+                                 float *scores, float *const *og, long off) {                               \
+        attend_head(CT, qg, G, k, v, table, L, bs, Hkv, h, D, scale, scores, og, off);                     \
     }
 DEFINE_ATTEND(0) DEFINE_ATTEND(1) DEFINE_ATTEND(2)
 static const attend_fn ATTEND[3] = {attend_head_0, attend_head_1, attend_head_2};   /* by W_F32 / W_BF16 / W_F16 */
@@ -823,13 +826,16 @@ static const attend_fn ATTEND[3] = {attend_head_0, attend_head_1, attend_head_2}
 void qs_decode_attention(const float *q, long q_stride, const void *k_cache, const void *v_cache, int ctype,
                          const int64_t *block_tables, const int64_t *context_lens, int B, int Hq,
                          int Hkv, int D, int block_size, int max_blocks, float scale, float *out,
-                         int nthreads) {
+                         int nthreads, int window) {
     int G = Hq / Hkv;
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(nthreads)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < Hkv; h++) {
-            long L = context_lens[b];
-            const int64_t *table = block_tables + (long)b * max_blocks;
+            /* a sliding window: from the block holding the first token it reaches, that token at `off` */
+            long start = window > 0 && context_lens[b] > window ? context_lens[b] - window : 0;
+            long first = start / block_size, off = start - first * block_size;
+            long L = context_lens[b] - first * block_size;
+            const int64_t *table = block_tables + (long)b * max_blocks + first;
             const float *qg[MAX_GROUP];
             float *og[MAX_GROUP];
             for (int g = 0; g < G; g++) {
@@ -837,7 +843,7 @@ void qs_decode_attention(const float *q, long q_stride, const void *k_cache, con
                 og[g] = out + ((long)b * Hq + h * G + g) * D;
             }
             float *scores = malloc(sizeof(float) * G * L);
-            ATTEND[ctype](qg, G, k_cache, v_cache, table, L, block_size, Hkv, h, D, scale, scores, og);
+            ATTEND[ctype](qg, G, k_cache, v_cache, table, L, block_size, Hkv, h, D, scale, scores, og, off);
             free(scores);
         }
     }
@@ -958,6 +964,7 @@ typedef struct {
     uint8_t *k_zero, *v_zero;
     long k_param_stride, v_param_stride;         /* elements between layers of scale / zero */
     int k_groups, v_groups;
+    int window;                                  /* sliding window (tokens back, this one included); 0: none */
 } DecodeBatch;
 
 /* ---- quantized KV cache (see quantserve/kvcache/quant.py for the scheme) ----------------- */
@@ -1122,7 +1129,7 @@ static inline void axpy_codes(__m256 *acc, float w, const QuantCache *c, long ro
 void qs_decode_attention_quant(const float *q, long q_stride, const QuantCache *kc, const QuantCache *vc,
                                const int64_t *block_tables, const int64_t *context_lens, int B, int Hq,
                                int Hkv, int D, int block_size, int max_blocks, float scale, float *out,
-                               int nthreads) {
+                               int nthreads, int window) {
     int G = Hq / Hkv;
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(nthreads)
     for (int b = 0; b < B; b++) {
@@ -1136,16 +1143,18 @@ void qs_decode_attention_quant(const float *q, long q_stride, const QuantCache *
             if (rot) fwht(qv, D);
             float qsum[2] = {0.0f, 0.0f};
             for (int d = 0; d < D; d++) qsum[d >= D / 2] += qv[d];
+            long start = window > 0 && L > window ? L - window : 0;     /* a sliding window's first token */
             float *p = malloc(sizeof(float) * L);
-            for (long t = 0; t < L; t++) {
+            for (long t = 0; t < start; t++) p[t] = 0.0f;
+            for (long t = start; t < L; t++) {
                 long row = (table[t / block_size] * block_size + t % block_size) * Hkv + h;
                 p[t] = key_score(qv, qsum, kc, row, D) * scale;
             }
-            softmax_inplace(p, L);
+            softmax_inplace(p + start, L - start);
             __m256 acc[MAX_HEAD_DIM / 8];
             for (int j = 0; j < D / 8; j++) acc[j] = _mm256_setzero_ps();
             float shift = 0.0f;
-            for (long t = 0; t < L; t++) {
+            for (long t = start; t < L; t++) {
                 long row = (table[t / block_size] * block_size + t % block_size) * Hkv + h;
                 float w = p[t] * half_to_float(vc->scale[row]);
                 axpy_codes(acc, w, vc, row, D);
@@ -1175,7 +1184,7 @@ static void attend(const DecodeBatch *b, int l, const float *qkv, int nqkv, int 
         qs_kv_write_quant(qkv + qd + kvd, nqkv, T, b->Hkv, b->D, b->slots, vc.data, vc.scale, vc.zero, b->kv_bits,
                           b->v_groups);
         qs_decode_attention_quant(qkv, nqkv, &kc, &vc, b->block_tables, b->context_lens, T, b->Hq, b->Hkv, b->D,
-                                  b->block_size, b->max_blocks, b->scale, attn, b->nthreads);
+                                  b->block_size, b->max_blocks, b->scale, attn, b->nthreads, b->window);
         return;
     }
     void *kc = cache_layer(b->k_cache, b->ctype, l * b->layer_stride);
@@ -1183,7 +1192,7 @@ static void attend(const DecodeBatch *b, int l, const float *qkv, int nqkv, int 
     qs_kv_write(qkv + qd, nqkv, T, kvd, b->slots, kc, b->ctype);
     qs_kv_write(qkv + qd + kvd, nqkv, T, kvd, b->slots, vc, b->ctype);
     qs_decode_attention(qkv, nqkv, kc, vc, b->ctype, b->block_tables, b->context_lens, T, b->Hq, b->Hkv, b->D,
-                        b->block_size, b->max_blocks, b->scale, attn, b->nthreads);
+                        b->block_size, b->max_blocks, b->scale, attn, b->nthreads, b->window);
 }
 
 /* qkv rows [Hq q heads | Hkv k heads | v]: every q and k head RMS-normalised in place. */
@@ -1318,6 +1327,7 @@ typedef struct {
     int L, N, Hq, Hkv, D, block_size, nthreads;
     long q_stride;
     float scale;
+    int window;                          /* sliding window: a row sees this many keys back (itself included); 0: all */
 } FaArgs;
 
 typedef struct {
@@ -1423,15 +1433,18 @@ static void fa_scores(const float *qt, const float *const *k, int nk, int D, flo
 /* Online softmax of one lane block over keys k0 .. k0 + nk - 1: scores past a lane's position
  * masked when `diag`, s turned into p = exp(s - m_new) in place, l = alpha l + sum p,
  * alpha = exp(m_old - m_new) left for the output. */
-static void fa_softmax(float *s, int nk, int k0, int diag, const float *pos, float *m, float *l, float *alpha) {
+static void fa_softmax(float *s, int nk, int k0, int diag, int window, const float *pos, float *m, float *l,
+                       float *alpha) {
     for (int c = 0; c < FA_LB; c += FV) {
         fv mx = fv_load(m + c), p = fv_load(pos + c);
         for (int j = 0; j < nk; j++) {
             fv x = fv_load(s + (long)j * FA_LB + c);
-            if (diag) {
+            if (diag)
                 x = fv_causal(x, fv_set1((float)(k0 + j)), p);
+            if (window)         /* keys before the window: position > key + window - 1 */
+                x = fv_causal(x, p, fv_set1((float)(k0 + j + window - 1)));
+            if (diag || window)
                 fv_store(s + (long)j * FA_LB + c, x);
-            }
             mx = fv_max(mx, x);
         }
         fv al = fv_exp(fv_sub(fv_load(m + c), mx)), sum = fv_mul(fv_load(l + c), al);
@@ -1497,7 +1510,8 @@ static void fa_tile(const FaArgs *a, const float *q, int h, int q0, FaBuf *b, fl
     int rows = a->N - q0 < FA_BM ? a->N - q0 : FA_BM, D = a->D;
     int R = fa_pack_q(a, q, h, q0, rows, a->kq && rotates(a->kq->bits, D), b);
     int last = a->L - a->N + q0 + rows - 1;                       /* position of the tile's last row */
-    for (int k0 = 0; k0 <= last; k0 += FA_BN) {
+    int lowest = a->window ? a->L - a->N + q0 - a->window + 1 : 0;  /* first key the tile's first row sees */
+    for (int k0 = lowest > 0 ? lowest / FA_BN * FA_BN : 0; k0 <= last; k0 += FA_BN) {
         int nk = last + 1 - k0 < FA_BN ? (last + 1 - k0 + 7) / 8 * 8 : FA_BN;
         fa_rows(a, a->k, a->kq, h, k0, nk, b->k, b->zero, b->kr);
         fa_rows(a, a->v, a->vq, h, k0, nk, b->v, b->zero, b->vr);
@@ -1506,7 +1520,8 @@ static void fa_tile(const FaArgs *a, const float *q, int h, int q0, FaBuf *b, fl
             if (see <= 0) continue;
             int n = see < nk ? (see + 7) / 8 * 8 : nk;
             fa_scores(b->qt + (long)r0 * D, b->kr, n, D, b->s);
-            fa_softmax(b->s, n, k0, k0 + n - 1 > (int)b->pos[r0], b->pos + r0, b->m + r0, b->l + r0, b->alpha);
+            fa_softmax(b->s, n, k0, k0 + n - 1 > (int)b->pos[r0], a->window, b->pos + r0, b->m + r0, b->l + r0,
+                       b->alpha);
             fa_pv(b->o + (long)r0 * D, D, b->alpha, b->s, b->vr, n);
         }
     }
@@ -1538,20 +1553,22 @@ static void fa_run(const FaArgs *a, const float *q, float *out) {
  * N included) are in one layer of the paged cache. q: [N, Hq, D] (row stride q_stride floats);
  * k_cache, v_cache: [num_blocks, block_size, Hkv, D] (ctype); token t in block block_ids[t /
  * block_size] at offset t % block_size; query row i sits at position context_len - N + i and sees
- * keys 0 .. context_len - N + i; KV head of query head h: h / (Hq / Hkv). out: [N, Hq, D].
+ * keys 0 .. context_len - N + i (with a sliding window > 0, only the last `window` of those);
+ * KV head of query head h: h / (Hq / Hkv). out: [N, Hq, D].
  * D % 16 == 0, D <= 256. */
 void qs_prefill_attention(const float *q, long q_stride, const void *k_cache, const void *v_cache, int ctype,
                           const int64_t *block_ids, int context_len, int N, int Hq, int Hkv, int D, int block_size,
-                          float scale, float *out, int nthreads) {
+                          float scale, float *out, int nthreads, int window) {
     FaArgs a = {k_cache, v_cache, ctype, NULL, NULL, block_ids, context_len, N, Hq, Hkv, D, block_size, nthreads,
-                q_stride, scale};
+                q_stride, scale, window};
     fa_run(&a, q, out);
 }
 
 /* The same over a quantized cache (int8, or int4 whose rotation moves to the queries and outputs). */
 void qs_prefill_attention_quant(const float *q, long q_stride, const QuantCache *kc, const QuantCache *vc,
                                 const int64_t *block_ids, int context_len, int N, int Hq, int Hkv, int D,
-                                int block_size, float scale, float *out, int nthreads) {
-    FaArgs a = {NULL, NULL, 0, kc, vc, block_ids, context_len, N, Hq, Hkv, D, block_size, nthreads, q_stride, scale};
+                                int block_size, float scale, float *out, int nthreads, int window) {
+    FaArgs a = {NULL, NULL, 0, kc, vc, block_ids, context_len, N, Hq, Hkv, D, block_size, nthreads, q_stride, scale,
+                window};
     fa_run(&a, q, out);
 }

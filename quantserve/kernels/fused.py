@@ -39,7 +39,7 @@ class DecodeBatch(ctypes.Structure):
         ("eps", _f), ("scale", _f), ("positions", _p), ("slots", _p), ("block_tables", _p),
         ("context_lens", _p), ("cos", _p), ("sin", _p), ("k_cache", _p), ("v_cache", _p),
         ("layer_stride", _l), ("kv_bits", _i), ("k_scale", _p), ("v_scale", _p), ("k_zero", _p), ("v_zero", _p),
-        ("k_param_stride", _l), ("v_param_stride", _l), ("k_groups", _i), ("v_groups", _i)]
+        ("k_param_stride", _l), ("v_param_stride", _l), ("k_groups", _i), ("v_groups", _i), ("window", _i)]
 
 
 def _linears(model) -> list:
@@ -108,7 +108,7 @@ class FusedDecoder:
             block_tables=meta.decode_block_tables.data_ptr(), context_lens=meta.decode_context_lens.data_ptr(),
             cos=rope.cos.data_ptr(), sin=rope.sin.data_ptr(), k_cache=cache.k.data_ptr(),
             v_cache=cache.v.data_ptr(), layer_stride=cache.k[0].numel() // cache.k.shape[-1] * cache.head_dim,
-            **self.dims, **self._quant_fields(cache))
+            window=self.model.args.sliding_window or 0, **self.dims, **self._quant_fields(cache))
         self.lib.qs_decode_layers(self.structs, len(self.structs), ctypes.byref(batch),
                                        x.data_ptr(), residual.data_ptr())
         return x, residual

@@ -119,15 +119,16 @@ class NativeOps:
                 self.lib.qs_kv_write(src.data_ptr(), src.stride(0), src.shape[0], src.shape[1], slots.data_ptr(),
                                      parts[0].data_ptr(), CACHE_TYPES[parts[0].dtype])
 
-    def decode_attention(self, q: torch.Tensor, layer: int, meta, cache, scale: float) -> torch.Tensor:
-        """q: [B, Hq, D] float32 (rows may be strided) -> [B, Hq, D], each row over its whole context."""
+    def decode_attention(self, q: torch.Tensor, layer: int, meta, cache, scale: float, window: int = 0) -> torch.Tensor:
+        """q: [B, Hq, D] float32 (rows may be strided) -> [B, Hq, D], each row over its whole context
+        (its last `window` tokens with a sliding window)."""
         b, hq, d = q.shape
         k_parts, v_parts = cache.parts("k", layer), cache.parts("v", layer)
         _, block_size, hkv, _ = k_parts[0].shape
         tables = meta.decode_block_tables
         out = torch.empty(b, hq, d, dtype=torch.float32)
         args = (tables.data_ptr(), meta.decode_context_lens.data_ptr(), b, hq, hkv, d, block_size, tables.shape[1],
-                scale, out.data_ptr(), torch.get_num_threads())
+                scale, out.data_ptr(), torch.get_num_threads(), window)
         if cache.kv_bits:
             kc, vc = quant_cache(k_parts, d), quant_cache(v_parts, d)
             self.lib.qs_decode_attention_quant(q.data_ptr(), q.stride(0), ctypes.byref(kc), ctypes.byref(vc), *args)
@@ -137,10 +138,11 @@ class NativeOps:
         return out
 
     def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, chunk, cache,
-                          scale: float) -> torch.Tensor:
-        """q: [N, Hq, D] -> [N, Hq, D], causal over the chunk's whole context, read in place."""
+                          scale: float, window: int = 0) -> torch.Tensor:
+        """q: [N, Hq, D] -> [N, Hq, D], causal over the chunk's whole context (or a sliding window),
+        read in place."""
         return flash.prefill_attention(self.lib, q, cache.parts("k", layer), cache.parts("v", layer),
-                                       chunk.block_ids, chunk.context_len, scale)
+                                       chunk.block_ids, chunk.context_len, scale, window)
 
     def fused_decoder(self, model) -> FusedDecoder | None:
         return FusedDecoder.build(model)

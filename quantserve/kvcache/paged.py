@@ -109,34 +109,39 @@ def committed_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch
 
 
 def paged_attention(ops, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-                    meta: AttentionMetadata, cache: PagedKVCache, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, cache: PagedKVCache, scale: float, window: int = 0) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (already written to the cache) -> [T, Hq * D]: the
-    decodes in one call, each prefill chunk in its own, on the model's ops."""
+    decodes in one call, each prefill chunk in its own, on the model's ops. window > 0: each
+    token sees only the last `window` positions (itself included)."""
     out = torch.empty_like(q)
     nd = meta.num_decode
     if nd:
-        out[:nd] = ops.decode_attention(q[:nd], layer, meta, cache, scale)
+        out[:nd] = ops.decode_attention(q[:nd], layer, meta, cache, scale, window)
     for chunk in meta.prefills:
         rows = slice(chunk.start, chunk.start + chunk.num_new)
-        out[rows] = ops.prefill_attention(q[rows], k[rows], v[rows], layer, chunk, cache, scale)
+        out[rows] = ops.prefill_attention(q[rows], k[rows], v[rows], layer, chunk, cache, scale, window)
     return out.flatten(1)
 
 
 def decode_attention_reference(q: torch.Tensor, layer: int, meta: AttentionMetadata,
-                               cache: PagedKVCache, scale: float) -> torch.Tensor:
+                               cache: PagedKVCache, scale: float, window: int = 0) -> torch.Tensor:
     """q: [B, Hq, D] -> [B, Hq, D]; the query heads of one KV group act as query rows."""
     b, hq, d = q.shape
     k, v = cache.read(layer, meta.decode_block_tables)        # [B, S, Hkv, D]
     k, v = k.to(q.dtype), v.to(q.dtype)
     hkv = k.shape[2]
     qg = q.reshape(b, hkv, hq // hkv, d)                       # [B, Hkv, G, D]
+    mask = meta.decode_mask
+    if window:                                                 # positions before the last `window` left out
+        first = (meta.decode_context_lens - window).view(b, 1, 1, 1).to(q.device)
+        mask = mask & (torch.arange(mask.shape[-1], device=q.device) >= first)
     o = F.scaled_dot_product_attention(
-        qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.decode_mask, scale=scale)
+        qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
     return o.reshape(b, hq, d)
 
 
 def prefill_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-                                chunk: PrefillChunk, cache: PagedKVCache, scale: float) -> torch.Tensor:
+                                chunk: PrefillChunk, cache: PagedKVCache, scale: float, window: int = 0) -> torch.Tensor:
     """q: [N, Hq, D]; k, v: [N, Hkv, D] -> [N, Hq, D], causal over the whole context."""
     n = chunk.num_new
     if chunk.context_len > n or cache.kv_bits:
@@ -144,20 +149,21 @@ def prefill_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         k, v = k[:chunk.context_len].to(q.dtype), v[:chunk.context_len].to(q.dtype)
     else:    # attend to the values as stored, as every later read will
         k, v = k.to(cache.dtype).to(q.dtype), v.to(cache.dtype).to(q.dtype)
-    return causal_attention(q, k, v, scale)
+    return causal_attention(q, k, v, scale, window)
 
 
 SCORE_BYTES = 64 << 20      # bound on one block of attention scores
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
     """q: [N, Hq, D], the last N of the S positions of k, v: [S, Hkv, D] -> [N, Hq, D].
 
     Blocks of queries against only the keys they can see (half the work of a full square),
-    the G query heads of a KV head batched against it (no repeated K/V)."""
+    the G query heads of a KV head batched against it (no repeated K/V). window > 0: a row sees
+    only the last `window` keys up to its own position."""
     n, hq, d = q.shape
     s, hkv, _ = k.shape
-    if s == n:          # no past: torch's fused causal kernel (flash attention on CPU), ~1.9x faster at 2048
+    if s == n and not window:          # no past: torch's fused causal kernel (flash attention on CPU), ~1.9x faster at 2048
         o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                                            v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale,
                                            enable_gqa=True)           # [1, Hq, N, D]
@@ -174,6 +180,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         scores = torch.matmul(qg[:, :, i0:i1], kt[..., :end]) * scale      # [Hkv, G, b, end]
         # row r sits at position s - n + i0 + r and sees keys 0..s - n + i0 + r
         visible = torch.ones(i1 - i0, end, dtype=torch.bool, device=q.device).tril_(s - n + i0)
+        if window:                                             # and keys after position - window only
+            visible.triu_(s - n + i0 - window + 1)
         scores.masked_fill_(~visible, float("-inf"))
         out[:, :, i0:i1] = torch.matmul(scores.softmax(dim=-1), vv[:, :, :end])
     return out.permute(2, 0, 1, 3).reshape(n, hq, d)

@@ -97,6 +97,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.scale = args.head_dim ** -0.5
         self.rotates = layer_idx not in args.nope_layers
+        self.window = args.sliding_window or 0
         h = args.hidden_size
         self.qkv = make_linear(h, args.q_size + 2 * args.kv_size, bias=args.qkv_bias)
         self.o = make_linear(args.q_size, h, bias=args.o_bias)
@@ -124,7 +125,7 @@ class Attention(nn.Module):
         k = k.view(t, a.num_kv_heads, a.head_dim)               # [T, Hkv, D]
         v = v.view(t, a.num_kv_heads, a.head_dim)
         self.ops.kv_write(cache, self.layer_idx, k, v, meta.slot_mapping)
-        return self.o(paged_attention(self.ops, q, k, v, self.layer_idx, meta, cache, self.scale))
+        return self.o(paged_attention(self.ops, q, k, v, self.layer_idx, meta, cache, self.scale, self.window))
 
 
 class MLP(nn.Module):
