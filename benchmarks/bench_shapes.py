@@ -305,7 +305,8 @@ def bench_ours(path: Path, repeats: int) -> dict:
     load_s = time.perf_counter() - start
     rates = engine_rates(engine, tokenizer, repeats=repeats, streams=STREAMS)
     model = engine.model
-    lookup = 0 if model.args.tie_word_embeddings else sum(p.nbytes for p in model.embed.parameters())
+    held = [*model.embed.parameters(), *model.embed.buffers()]        # a quantized table holds buffers
+    lookup = 0 if model.args.tie_word_embeddings else sum(t.nbytes for t in held)
     size, step = engine.weights_bytes / 1e9, (engine.weights_bytes - lookup) / 1e9
     del engine, model
     gc.collect()

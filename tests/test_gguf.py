@@ -381,3 +381,37 @@ def test_a_mixture_of_experts_file_runs_its_experts(tmp_path, monkeypatch, arch,
     monkeypatch.setattr(loader, "ops_for", lambda *a, **k: TorchOps())
     got = engine_logits(small_engine(out), TOKEN_IDS[0].tolist(), 0)[0]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_a_mixture_file_whose_expert_count_lies_is_a_clear_error(tmp_path):
+    model = _moe_model("qwen3moe")
+    model.config.num_experts = 5                        # metadata says 5, the stacks hold 4
+    with pytest.raises(ValueError, match="expert_count 5 .* do not match the file's expert tensors \\(4 experts\\)"):
+        convert_gguf(write_moe_gguf(model, tmp_path / "moe.gguf", "qwen3moe", QT.Q8_0), tmp_path / "hf", progress=False)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_mixtral_file_gets_mixtrals_own_names(tmp_path):
+    """llama.cpp's `llama` architecture with experts becomes HF Mixtral's layout, so `lite`'s Mixtral
+    recipe names every expert."""
+    from safetensors import safe_open
+
+    out = convert_gguf(write_moe_gguf(_moe_model("llama"), tmp_path / "m.gguf", "llama", QT.Q8_0), tmp_path / "hf",
+                       progress=False)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.codes" in names
+    assert "model.layers.0.block_sparse_moe.gate.codes" in names and not any(".mlp." in n for n in names)
+
+
+def test_quantized_tensors_that_disagree_with_the_metadata_are_a_clear_error(tmp_path):
+    from test_parity import small_engine
+
+    from quantserve.models.loader import ModelLoadError
+
+    model = _random_model("llama", tied=False)
+    model.config.intermediate_size = 96                 # the metadata lies; the tensors are 128 wide
+    out = convert_gguf(write_gguf(model, tmp_path / "bad.gguf", "llama", QT.Q8_0), tmp_path / "hf", progress=False)
+    message = r"does not match its config: layers\.0\.mlp\.down holds \(64, 128\) codes, the config makes it \(64, 96\)"
+    with pytest.raises(ModelLoadError, match=message):
+        small_engine(out)

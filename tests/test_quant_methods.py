@@ -110,7 +110,7 @@ def test_layer_by_layer_calibration_feeds_each_layer_the_quantized_outputs(tiny_
     """The runner's statistics equal a whole-model forward: of the float model while nothing is
     replaced, and of the RTN model (at every layer's first projection) once each layer is."""
     from quantserve.models.loader import checkpoint_files, read_checkpoint, read_config
-    from quantserve.quant.arch import arch_for, layer_names
+    from quantserve.quant.arch import arch_for
     from quantserve.quant.calib import collect_stats
     from quantserve.quant.run import LiteJob, run
     from quantserve.quant.sequential import LayerwiseRunner
@@ -123,7 +123,7 @@ def test_layer_by_layer_calibration_feeds_each_layer_the_quantized_outputs(tiny_
     run(LiteJob(str(model), str(rtn_dir), "rtn", spec, calib_samples=0, fake_quant=True, progress=False))
 
     def rtn_layer(layer: int) -> dict[str, torch.Tensor]:
-        names = [f"{layer_names(t, layer)}.weight" for t in arch.linears]
+        names = [f"{name}.weight" for name in arch.layer_linears(layer)]
         return {n: quantize(weights[n].float(), spec, min_zero=1).dequantize() for n in names}
 
     def statistics(replace: bool) -> dict:

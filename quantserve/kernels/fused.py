@@ -75,8 +75,8 @@ class FusedDecoder:
 
     @classmethod
     def build(cls, model) -> FusedDecoder | None:
-        """For a model on native ops (its shapes already checked at load) whose linears all hold
-        panels, float ones of one type."""
+        """For a dense model on native ops (its shapes checked at load against its config) whose
+        linears all hold panels, float ones of one type."""
         if model.args.moe_layers:          # the C step runs dense MLPs only
             return None
         linears = _linears(model)

@@ -65,7 +65,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True, replace:
     log_line(progress, f"reading {gguf_path.name} ({arch}, {config['num_hidden_layers']} layers) -> {out_dir}")
     tensors, codes = gguf_tensors(reader, gguf_path, config, arch, progress, own_bits)
     if codes:
-        config["quantization_config"] = quantization_summary(codes)
+        config["quantization_config"] = quantization_summary(codes, gguf_path)
         log_line(progress, describe_summary(config["quantization_config"]))
     config["torch_dtype"] = _storage_dtype(tensors)
     try:
@@ -119,7 +119,7 @@ def gguf_tensors(reader, path: Path, config: dict, arch: str, progress: bool = F
         for i in range(config["num_hidden_layers"]):
             tensors.setdefault(f"model.layers.{i}.self_attn.o_proj.bias", torch.zeros(config["hidden_size"]))
     _check_complete(tensors, config, path)
-    return tensors, made
+    return (mixtral_names(tensors) if config["model_type"] == "mixtral" else tensors), made
 
 
 def codes_tensors(base: str, c: Codes) -> dict:
@@ -131,10 +131,12 @@ def codes_tensors(base: str, c: Codes) -> dict:
             f"{base}.mins": torch.from_numpy(np.ascontiguousarray(c.mins))}
 
 
-def quantization_summary(made: list[Codes]) -> dict:
+def quantization_summary(made: list[Codes], path: Path) -> dict:
     """config.json's quantization_config for a converted GGUF: what each GGML type became."""
     types: dict[str, dict] = {}
     for c in made:
+        if not np.isfinite(c.error):       # a NaN or inf weight in the file: never run it silently
+            raise ModelLoadError(f"{path}: a {c.source} tensor holds weights that are not finite numbers")
         entry = types.setdefault(c.source, {"tensors": 0, "bits": c.bits, "max_rel_rms_error": 0.0})
         entry["tensors"] += 1
         entry["max_rel_rms_error"] = max(entry["max_rel_rms_error"], round(c.error, 6))
@@ -143,8 +145,10 @@ def quantization_summary(made: list[Codes]) -> dict:
 
 def describe_summary(q: dict) -> str:
     def how(name: str, t: dict) -> str:
-        if name in EXACT_BITS:
-            return "scales rounded to float16" if name == "Q4_K" else "exact"
+        if name in EXACT_BITS and name != "Q4_K":
+            return "exact"
+        if name == "Q4_K":
+            return f"scales rounded to float16, {100 * t['max_rel_rms_error']:.3f}% rms"
         return f"requantized, +{100 * t['max_rel_rms_error']:.2f}% rms error"
 
     parts = [f"{t['tensors']} {name} -> {t['bits']}-bit ({how(name, t)})" for name, t in sorted(q["gguf_types"].items())]
@@ -266,7 +270,7 @@ def hf_config(reader, arch: str, path: Path) -> dict:
     if arch == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in names
         config["mlp_bias"] = False
-    experts = int(meta("expert_count", 0))
+    experts = _expert_count(reader, meta, path)
     if experts:             # a mixture of experts in every layer, top-k renormalised
         config.update(num_experts=experts, num_experts_per_tok=int(meta("expert_used_count")),
                       moe_intermediate_size=int(meta("expert_feed_forward_length", config["intermediate_size"])),
@@ -277,6 +281,20 @@ def hf_config(reader, arch: str, path: Path) -> dict:
     if bad:
         raise ModelLoadError(f"{path}: GGUF metadata gives {bad[0]} = {config[bad[0]]}, not a positive size")
     return config
+
+
+def _expert_count(reader, meta, path: Path) -> int:
+    """expert_count, checked against the first stacked expert tensor, with 1 <= expert_used_count <= it."""
+    experts = int(meta("expert_count", 0))
+    if not experts:
+        return 0
+    stacks = [t for t in reader.tensors if t.name == "blk.0.ffn_gate_exps.weight"]
+    outer = int(stacks[0].shape[-1]) if stacks else None          # GGUF lists dims innermost-first
+    used = int(meta("expert_used_count", 0))
+    if outer != experts or not 1 <= used <= experts:
+        raise ModelLoadError(f"{path}: expert_count {experts} and expert_used_count {used} do not match the "
+                             f"file's expert tensors ({outer} experts)")
+    return experts
 
 
 def _f32(value) -> float:
@@ -349,6 +367,8 @@ def _convert_tensor(tensor, path: Path, config: dict, permuted_qk: bool, own_bit
     kind = tensor.tensor_type.name
     shape = tuple(int(d) for d in reversed(tensor.shape))
     rows = (int(np.prod(shape[:-1])), shape[-1])                  # experts' rows one after another
+    if len(names) > 1 and (len(shape) != 3 or shape[0] != len(names)):
+        raise ModelLoadError(f"{path}: tensor {tensor.name!r} of shape {shape} does not hold {len(names)} experts")
     if target_bits(kind) is None or len(shape) == 1 or not own_bits:
         values = dequantize_tensor(tensor, path)
         values = unpermute_qk(values, heads) if heads else values
@@ -372,6 +392,19 @@ def _hf_names(gguf_name: str, config: dict) -> list[str] | None:
         return None if name is None else [name]
     layer, part, kind = match.groups()
     return [f"model.layers.{layer}.mlp.experts.{e}.{_EXPERT_NAMES[part]}.{kind}" for e in range(config["num_experts"])]
+
+
+def mixtral_names(tensors: dict) -> dict:
+    """A mixture read from llama.cpp's `llama` architecture under HF Mixtral's own names."""
+    parts = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    renamed = {}
+    for name, t in tensors.items():
+        name = name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+        if ".mlp.experts." in name:
+            base, part, suffix = name.replace(".mlp.", ".block_sparse_moe.").rsplit(".", 2)
+            name = f"{base}.{parts.get(part, part)}.{suffix}"
+        renamed[name] = t
+    return renamed
 
 
 def _permuted_heads(name: str, config: dict) -> int | None:

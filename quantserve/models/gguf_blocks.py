@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 GROUP = 32
+SAMPLE_ROWS = 256           # rows of a Q4_K tensor its rounding error is measured on
 FLOAT_TYPES = ("F32", "F16", "BF16")
 EXACT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "Q4_K": 4}
 WIDE_TYPES = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")     # requantized to 8 bits; every other type to 4
@@ -28,7 +29,7 @@ class Codes:
     mins: np.ndarray        # [N, K / group] float16
     bits: int
     source: str             # the GGML type it came from
-    error: float            # rms(ours - gguf's dequantization) / rms(gguf's); 0 for the exact types
+    error: float            # rms(ours - gguf's dequantization) / rms(gguf's): 0 for Q4_0/Q4_1/Q8_0, Q4_K's on a sample
 
     def split(self, parts: int) -> list[Codes]:
         """Equal row ranges (a mixture's experts, stacked)."""
@@ -55,8 +56,13 @@ def to_codes(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Codes:
     if type_name in EXACT_BITS:
         blocks = np.ascontiguousarray(data).view(np.uint8).reshape(-1, _BLOCK_BYTES[type_name])
         codes, scales, mins = _EXACT[type_name](blocks)                     # [groups, 32], [groups] x 2
-        return Codes(codes.reshape(n, k), scales.reshape(n, -1), mins.reshape(n, -1), EXACT_BITS[type_name],
-                     type_name, 0.0)
+        out = Codes(codes.reshape(n, k), scales.reshape(n, -1), mins.reshape(n, -1), EXACT_BITS[type_name],
+                    type_name, 0.0)
+        if type_name == "Q4_K":     # float16 rounding of the scales: measured on the first rows
+            rows = min(n, SAMPLE_ROWS)
+            sample = Codes(out.codes[:rows], out.scales[:rows], out.mins[:rows], 4, type_name, 0.0)
+            out.error = relative_rms(sample.dequantize(), _dequantize(blocks[:rows * k // 256], type_name, (rows, k)))
+        return out
     return requantize(_dequantize(data, type_name, shape), type_name)
 
 
@@ -68,7 +74,8 @@ def requantize(w: np.ndarray, type_name: str) -> Codes:
     group = next(g for g in WIDE_GROUPS if k % g == 0) if bits == 8 else GROUP
     grouped = w.reshape(n, k // group, group)
     lo, hi = np.minimum(grouped.min(-1), 0), np.maximum(grouped.max(-1), 0)     # [N, G], 0 inside the range
-    scales = np.maximum((hi - lo) / (2 ** bits - 1), 1e-8).astype(np.float16)
+    scales = ((hi - lo) / (2 ** bits - 1)).astype(np.float16)
+    scales[scales == 0] = 1.0           # an all-zero group (or one below float16's range): codes of 0 exact
     step = scales.astype(np.float32)[..., None]
     zero = np.round(-lo[..., None] / step)
     codes = np.clip(np.round(grouped / step) + zero, 0, 2 ** bits - 1).astype(np.uint8).reshape(n, k)

@@ -230,7 +230,8 @@ class QuantizedEmbedding(nn.Module):
 
 class CausalLM(nn.Module):
     """Internal parameter names: embed, layers.{i}.{attn_norm,attn.qkv,attn.o,mlp_norm,
-    mlp.gate_up,mlp.down}, norm, lm_head (absent when tied). `ops` (models/ops.py) runs
+    mlp.gate_up,mlp.down} (a mixture: mlp.router, mlp.experts.{e}.{gate_up,down}), norm, lm_head
+    (absent when tied). `ops` (models/ops.py) runs
     everything device-specific; it is chosen at load, before the model is built."""
 
     def __init__(self, args: ModelArgs, rope: RotaryEmbedding, ops):

@@ -157,6 +157,10 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
     except RuntimeError as e:
         raise ModelLoadError(f"checkpoint in {model_dir} does not match its config: {e}") from None
     for name, qw in codes.items():
+        expected = tuple(model.get_submodule(name).weight.shape)
+        if tuple(qw.q.shape) != expected:
+            raise ModelLoadError(f"checkpoint in {model_dir} does not match its config: {name} holds "
+                                 f"{tuple(qw.q.shape)} codes, the config makes it {expected}")
         if name == "embed":         # a GGUF's quantized token_embd: rows read from its codes
             model.embed = QuantizedEmbedding(QuantLinear(qw, None))
             continue

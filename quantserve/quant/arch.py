@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from quantserve.quant.primitives import QuantError
+
 
 @dataclass(frozen=True)
 class ScaleGroup:
@@ -60,15 +62,18 @@ def arch_for(model_type: str) -> Arch:
     return families[model_type].quant
 
 
-def layer_names(template: str, layer: int) -> str:
-    return template.format(i=layer)
-
-
 def quantized_linears(arch: Arch, cfg: dict, weights: dict) -> list[str]:
-    """Every linear of the checkpoint the recipe quantizes (HF names, in layer order)."""
+    """Every linear of the checkpoint the recipe quantizes (HF names, in layer order); a layer
+    matrix the recipe does not name (but a MoE router) is an error, never left float silently."""
     experts = num_experts(cfg)
-    return [name for i in range(cfg["num_hidden_layers"]) for name in arch.layer_linears(i, experts)
-            if f"{name}.weight" in weights]
+    names = [name for i in range(cfg["num_hidden_layers"]) for name in arch.layer_linears(i, experts)
+             if f"{name}.weight" in weights]
+    covered = {f"{n}.weight" for n in names}
+    missed = [n for n, t in weights.items() if t.dim() == 2 and ".layers." in n and not n.endswith(".gate.weight")
+              and n not in covered]
+    if missed:
+        raise QuantError(f"the {cfg.get('model_type')} recipe does not name {len(missed)} linears, e.g. {missed[:2]}")
+    return names
 
 
 def num_experts(cfg: dict) -> int:

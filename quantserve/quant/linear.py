@@ -1,7 +1,7 @@
 """Linears: one class per runtime kind, chosen once by a convert-for-runtime step after loading.
 
 Loading fills the two holders, `Linear` (a float weight [N, K]) and `QuantLinear` (integer
-codes + scales + zeros); both also run as the plain-PyTorch reference. `runtime_linear` then
+codes + scales + mins, W = code * scale + min); both also run as the plain-PyTorch reference. `runtime_linear` then
 swaps each for what the model's ops run: `PanelLinear` (float weights repacked into the native
 kernels' panels) or `IntPanelLinear` (integer codes in the VNNI panel layout). Model files ask
 `make_linear` for every projection and never branch on quantization or device.

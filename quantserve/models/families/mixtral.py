@@ -8,7 +8,7 @@ import torch
 from quantserve.models.families import Family, llama, qwen3_moe
 from quantserve.models.layers import ModelArgs
 
-PARTS = {"w1": ("gate_up", 0), "w3": ("gate_up", 1), "w2": ("down", 0), **qwen3_moe.EXPERT_PARTS}   # hub, GGUF names
+PARTS = {"w1": ("gate_up", 0), "w3": ("gate_up", 1), "w2": ("down", 0)}
 
 
 def model_args(cfg: dict) -> ModelArgs:
