@@ -115,6 +115,23 @@ def build_mixtral(path: Path) -> Path:
     return save_hf(MixtralForCausalLM(cfg).eval(), path)
 
 
+def build_gemma3(path: Path) -> Path:
+    """Three layers: sliding (a 13-token window, RoPE base 10000), full (base 1e6), sliding; queries
+    scaled by 24 ** -0.5 (not head_dim's 32); every norm weight random, so (1 + w) is exercised."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(**{**TINY, "num_hidden_layers": 3, "tie_word_embeddings": True}, head_dim=32,
+                           sliding_window=13, query_pre_attn_scalar=24,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(torch.randn_like(param) * 0.3)
+    return save_hf(model, path)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
@@ -127,6 +144,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
         "phi3": build_phi3(root / "phi3"),
         "qwen3_moe": build_qwen3_moe(root / "qwen3_moe"),
         "mixtral": build_mixtral(root / "mixtral"),
+        "gemma3": build_gemma3(root / "gemma3"),
         "llama3": build_llama(root / "llama3", tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE),  # as Llama 3.2 1B
         "llama_src": build_llama(root / "llama_src", num_attention_heads=8, num_key_value_heads=2,
                                  rope_theta=500.0),

@@ -49,7 +49,7 @@ REFERENCE = {"internlm2": "llama_src", "internlm": "llama_bias"}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "internlm2", "internlm", "qwen3", "llama3", "smollm3", "phi3",
-                                    "qwen3_moe", "mixtral"])
+                                    "qwen3_moe", "mixtral", "gemma3"])
 @pytest.mark.parametrize("chunk", [8192, 7])
 def test_logits_match_transformers(tiny_dirs, family, chunk):
     """InternLM2 and InternLM (v1) are remote code, not transformers classes: their checkpoints
@@ -67,7 +67,7 @@ def test_logits_match_transformers(tiny_dirs, family, chunk):
 
 
 @pytest.mark.parametrize("backend", [*native_isas(), "torch"])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "qwen3_moe", "gemma3"])
 def test_every_backend_matches_transformers(tiny_dirs, monkeypatch, family, backend):
     """The same model on each ops object this machine has (the process picks one; here each is
     forced at load), prefill in chunks of 7 so later chunks attend to cached context."""
@@ -81,6 +81,6 @@ def test_every_backend_matches_transformers(tiny_dirs, monkeypatch, family, back
     prompt = list(range(3, 40))
     expected, _ = hf_logits(tiny_dirs[family], prompt, 8)
     engine = small_engine(tiny_dirs[family], max_prefill_token_num=7)
-    fused = backend != "torch" and family != "qwen3_moe"          # the C decode step runs dense MLPs only
+    fused = backend != "torch" and family not in ("qwen3_moe", "gemma3")   # the C step: Llama-style dense layers
     assert engine.model.ops is ops and (engine.model.fused is not None) == fused
     torch.testing.assert_close(engine_logits(engine, prompt, 8), expected, atol=1e-4, rtol=0)

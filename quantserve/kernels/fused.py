@@ -77,8 +77,9 @@ class FusedDecoder:
     def build(cls, model) -> FusedDecoder | None:
         """For a dense model on native ops (its shapes checked at load against its config) whose
         linears all hold panels, float ones of one type."""
-        if model.args.moe_layers:          # the C step runs dense MLPs only
-            return None
+        a = model.args
+        if a.moe_layers or a.sandwich_norms or a.hidden_act != "silu" or a.layer_windows or a.attn_scale:
+            return None                     # the C step runs Llama-style dense layers only
         linears = _linears(model)
         if not all(hasattr(m, "panels") or hasattr(m, "packed") for m in linears):
             return None

@@ -1,7 +1,7 @@
 """The decoder every supported family maps onto.
 
-Families (models/families/: llama, qwen2, qwen3, qwen3_moe, mixtral, smollm3, phi3, internlm,
-internlm2) differ
+Families (models/families/: llama, qwen2, qwen3, qwen3_moe, mixtral, gemma3, smollm3, phi3,
+internlm, internlm2) differ
 only in how their config and checkpoint names map onto `ModelArgs` and these modules; the
 forward pass is shared. Tokens are flat: the batch is [T] tokens from many requests, attention
 finds each request's context through `AttentionMetadata`.
@@ -48,6 +48,12 @@ class ModelArgs:
     expert_intermediate_size: int = 0
     norm_topk_prob: bool = True           # the top-k routing weights renormalised to sum to 1
     moe_layers: tuple[int, ...] = ()      # layers whose MLP is the mixture (the others dense)
+    embed_scale: float = 1.0              # input embeddings multiplied by this (Gemma: sqrt(hidden))
+    hidden_act: str = "silu"              # the MLP's gate: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU)
+    sandwich_norms: bool = False          # Gemma: attention and MLP outputs normed too, before the residual
+    attn_scale: float = 0.0               # query scale (Gemma: query_pre_attn_scalar ** -0.5); 0: head_dim ** -0.5
+    layer_windows: tuple[int, ...] = ()   # per-layer sliding window (0: full attention); empty: sliding_window
+    local_rope_theta: float = 0.0         # RoPE base of the sliding-window layers (Gemma 3); 0: the global one
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -95,9 +101,9 @@ class Attention(nn.Module):
         super().__init__()
         self.args, self.ops = args, ops
         self.layer_idx = layer_idx
-        self.scale = args.head_dim ** -0.5
+        self.scale = args.attn_scale or args.head_dim ** -0.5
         self.rotates = layer_idx not in args.nope_layers
-        self.window = args.sliding_window or 0
+        self.window = args.layer_windows[layer_idx] if args.layer_windows else args.sliding_window or 0
         h = args.hidden_size
         self.qkv = make_linear(h, args.q_size + 2 * args.kv_size, bias=args.qkv_bias)
         self.o = make_linear(args.q_size, h, bias=args.o_bias)
@@ -131,13 +137,17 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs, ops, intermediate: int | None = None):
         super().__init__()
-        self.ops = ops
+        self.ops, self.gelu = ops, args.hidden_act == "gelu_pytorch_tanh"
         intermediate = intermediate or args.intermediate_size
         self.gate_up = make_linear(args.hidden_size, 2 * intermediate, bias=False)
         self.down = make_linear(intermediate, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.ops.silu_mul(self.gate_up(x)))     # [T, 2I] -> [T, I] -> [T, H]
+        gate_up = self.gate_up(x)                                 # [T, 2I] -> [T, I] -> [T, H]
+        if self.gelu:                                             # GeGLU (Gemma)
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.down(torch.nn.functional.gelu(gate, approximate="tanh") * up)
+        return self.down(self.ops.silu_mul(gate_up))
 
 
 class MoE(nn.Module):
@@ -179,6 +189,9 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(args, layer_idx, ops)
         self.mlp_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
         self.mlp = MoE(args, ops) if layer_idx in args.moe_layers else MLP(args, ops)
+        if args.sandwich_norms:
+            self.post_attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
+            self.post_mlp_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
 
     def forward(self, x, residual, rope, positions, meta, cache):
         """Pre-norm block with the residual stream carried separately: returns (x, residual)."""
@@ -188,7 +201,11 @@ class DecoderLayer(nn.Module):
         else:
             h = self.attn_norm(x, residual)
         h = self.attn(h, rope, positions, meta, cache)
+        if hasattr(self, "post_attn_norm"):           # Gemma: each block's output normed before the residual
+            h = self.post_attn_norm(h)
         h = self.mlp(self.mlp_norm(h, residual))
+        if hasattr(self, "post_mlp_norm"):
+            h = self.post_mlp_norm(h)
         return h, residual
 
 
@@ -234,14 +251,14 @@ class CausalLM(nn.Module):
     (absent when tied). `ops` (models/ops.py) runs
     everything device-specific; it is chosen at load, before the model is built."""
 
-    def __init__(self, args: ModelArgs, rope: RotaryEmbedding, ops):
+    def __init__(self, args: ModelArgs, rope: RotaryEmbedding, ops, rope_local: RotaryEmbedding | None = None):
         super().__init__()
         self.args, self.ops = args, ops
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i, ops) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
         self.lm_head = None if args.tie_word_embeddings else make_linear(args.hidden_size, args.vocab_size, bias=False)
-        self.rope = rope
+        self.rope, self.rope_local = rope, rope_local      # rope_local: the sliding layers' own (Gemma 3)
         self.compute_dtype = torch.float32
         self.fused: FusedDecoder | None = None
 
@@ -279,14 +296,24 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata, cache: PagedKVCache) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, H] after the final norm."""
-        x = self.embed(input_ids).to(self.compute_dtype)
+        x = self.embed_tokens(input_ids)
         if self.fused is not None and not meta.prefills:
             x, residual = self.fused.forward(x, positions, meta, cache)
             return self.norm(x, residual)
         residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, self.rope, positions, meta, cache)
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, self.layer_rope(i), positions, meta, cache)
         return self.norm(x, residual)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: [T] -> [T, H] in the compute dtype (scaled, for Gemma)."""
+        x = self.embed(ids).to(self.compute_dtype)
+        return x * self.args.embed_scale if self.args.embed_scale != 1.0 else x
+
+    def layer_rope(self, i: int) -> RotaryEmbedding:
+        """Layer i's rotary table: a sliding layer's own where the family has one."""
+        local = self.rope_local is not None and self.args.layer_windows and self.args.layer_windows[i]
+        return self.rope_local if local else self.rope
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> logits [N, V] in float32."""

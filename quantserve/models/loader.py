@@ -144,8 +144,9 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
                            args.max_position_embeddings, max_positions)
     ops = ops_for(device, args.hidden_size, args.intermediate_size, args.head_dim, args.num_heads, args.num_kv_heads,
                   args.rotary_dim)
+    rope_local = local_rope(args, max_positions)
     with torch.device("meta"):
-        model = CausalLM(args, rope, ops)
+        model = CausalLM(args, rope, ops, rope_local)
     compute = torch.float32 if device == "cpu" else dtype
     weights = {k: v.to(compute if "norm" in k else dtype) for k, v in weights.items()}
     codes = fused_quantized(family, quantized, args)
@@ -169,6 +170,13 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
     model = model.to(device).eval()
     model.finalize(compute, head_bits)
     return model
+
+
+def local_rope(args: ModelArgs, max_positions: int) -> RotaryEmbedding | None:
+    """The sliding-window layers' rotary table, where the family gives them a base of their own."""
+    if not args.local_rope_theta:
+        return None
+    return RotaryEmbedding(args.rotary_dim, args.local_rope_theta, None, args.max_position_embeddings, max_positions)
 
 
 def fused_quantized(family, quantized: dict[str, QuantizedWeight], args: ModelArgs) -> dict[str, QuantizedWeight]:

@@ -28,6 +28,7 @@ class Arch:
     inputs: dict[str, str]        # HF projection (last two name parts) -> the engine module reading that input
     expert_linears: tuple[str, ...] = ()          # mixtures of experts: {i} the layer, {e} the expert
     expert_groups: tuple[ScaleGroup, ...] = ()
+    norm_offset: float = 0.0      # a norm multiplies by (offset + weight): Gemma's 1 + w
 
     def input_site(self, linear: str, layer: int) -> str:
         """The engine projection whose input this HF linear reads (its statistics)."""

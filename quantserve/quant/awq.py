@@ -79,7 +79,8 @@ def apply_scale_group(weights: dict, arch: Arch, layer: int, group: ScaleGroup, 
     for c in consumers:
         weights[f"{c}.weight"] = (weights[f"{c}.weight"].float() * s).to(weights[f"{c}.weight"].dtype)
     if prod_w.dim() == 1:                               # a norm: its output is divided by s
-        weights[f"{producer}.weight"] = (prod_w.float() / s).to(prod_w.dtype)
+        off = arch.norm_offset                          # Gemma's (1 + w): (1 + w') = (1 + w) / s
+        weights[f"{producer}.weight"] = ((prod_w.float() + off) / s - off).to(prod_w.dtype)
     else:                                               # a linear: its output rows
         weights[f"{producer}.weight"] = (prod_w.float() / s.unsqueeze(1)).to(prod_w.dtype)
         bias = weights.get(f"{producer}.bias")

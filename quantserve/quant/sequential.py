@@ -42,7 +42,7 @@ class LayerwiseRunner:
         self.meta = {len(b): self._prefill_meta(len(b), seqlen) for b in self.batches}
         self.positions = torch.arange(seqlen)
         with torch.inference_mode():
-            self.hidden = [self.model.embed(torch.tensor(b).flatten()).float() for b in self.batches]   # [T, H]
+            self.hidden = [self.model.embed_tokens(torch.tensor(b).flatten()).float() for b in self.batches]  # [T, H]
         self.residual: list[torch.Tensor | None] = [None] * len(self.batches)
 
     def _prefill_meta(self, count: int, seqlen: int) -> AttentionMetadata:
@@ -75,7 +75,7 @@ class LayerwiseRunner:
                  for p, s in stats.items()]
         try:
             for x, r in zip(self.hidden, self.residual):
-                layer(x.clone(), None if r is None else r.clone(), *self._context(x))
+                layer(x.clone(), None if r is None else r.clone(), *self._context(x, i))
                 bar.update()
         finally:
             for h in hooks:
@@ -86,12 +86,12 @@ class LayerwiseRunner:
         """Pass 2: the quantized layer's outputs become the next layer's inputs."""
         layer = self.model.layers[i]
         for b, (x, r) in enumerate(zip(self.hidden, self.residual)):
-            self.hidden[b], self.residual[b] = layer(x, r, *self._context(x))
+            self.hidden[b], self.residual[b] = layer(x, r, *self._context(x, i))
             bar.update()
 
-    def _context(self, x: torch.Tensor) -> tuple:
+    def _context(self, x: torch.Tensor, i: int) -> tuple:
         count = x.shape[0] // len(self.positions)
-        return self.model.rope, self.positions.repeat(count), self.meta[count], self.cache
+        return self.model.layer_rope(i), self.positions.repeat(count), self.meta[count], self.cache
 
     def _replace_weights(self, i: int, hf_weights: dict[str, torch.Tensor]) -> None:
         """HF-named float weights of layer i -> the engine's (fused) linears, repacked."""
