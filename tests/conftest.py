@@ -132,6 +132,23 @@ def build_gemma3(path: Path) -> Path:
     return save_hf(model, path)
 
 
+def build_gemma2(path: Path) -> Path:
+    """Three layers alternating sliding (a 13-token window) and full attention; attention scores
+    capped at 5 and logits at 3, low enough that the caps bite; random norm weights."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(**{**TINY, "num_hidden_layers": 3, "tie_word_embeddings": True}, head_dim=32,
+                       sliding_window=13, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                       final_logit_softcapping=3.0)
+    model = Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(torch.randn_like(param) * 0.3)
+    return save_hf(model, path)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
@@ -145,6 +162,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
         "qwen3_moe": build_qwen3_moe(root / "qwen3_moe"),
         "mixtral": build_mixtral(root / "mixtral"),
         "gemma3": build_gemma3(root / "gemma3"),
+        "gemma2": build_gemma2(root / "gemma2"),
         "llama3": build_llama(root / "llama3", tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE),  # as Llama 3.2 1B
         "llama_src": build_llama(root / "llama_src", num_attention_heads=8, num_key_value_heads=2,
                                  rope_theta=500.0),

@@ -14,7 +14,7 @@ from quantserve.config import SamplingParams
 from quantserve.quant.primitives import QuantSpec
 from quantserve.quant.run import LiteJob, run
 
-FAMILIES = ["internlm", "qwen3", "llama3", "smollm3", "phi3", "qwen3_moe", "mixtral", "gemma3"]
+FAMILIES = ["internlm", "qwen3", "llama3", "smollm3", "phi3", "qwen3_moe", "mixtral", "gemma3", "gemma2"]
 PROMPTS = [list(range(3, 40)), list(range(50, 61)), list(range(7, 90, 3))]
 STEPS = 32
 
@@ -79,7 +79,7 @@ def test_internlm_reads_bias_and_rotary_from_its_config(tiny_dirs):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "internlm", "internlm2", "qwen3", "smollm3", "phi3",
-                                    "qwen3_moe", "mixtral", "gemma3"])
+                                    "qwen3_moe", "mixtral", "gemma3", "gemma2"])
 def test_each_family_file_holds_a_recipe_that_fits_its_checkpoints(tiny_dirs, family):
     """Found by model_type alone; its AWQ/GPTQ recipe names exactly the checkpoint's linears (every
     expert's, not a MoE router), each landing in the engine module the recipe says reads its input."""
@@ -103,7 +103,7 @@ def test_each_family_file_holds_a_recipe_that_fits_its_checkpoints(tiny_dirs, fa
 def test_an_unknown_architecture_names_the_supported_ones(tmp_path):
     from quantserve.models.loader import ModelLoadError, family_for
 
-    with pytest.raises(ModelLoadError, match="supported model_types: gemma3_text, internlm, internlm2, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe, smollm3"):
+    with pytest.raises(ModelLoadError, match="supported model_types: gemma2, gemma3_text, internlm, internlm2, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe, smollm3"):
         family_for({"model_type": "gpt_neox"})
 
 
@@ -204,3 +204,11 @@ def engine_logits_of(model_dir: Path) -> torch.Tensor:
     from test_parity import engine_logits
 
     return engine_logits(small_engine(model_dir), PROMPTS[0], 2)
+
+
+def test_gemma2_runs_on_the_pytorch_ops_which_cap_attention_scores(tiny_dirs):
+    from quantserve.models.ops import TorchOps
+
+    engine = small_engine(tiny_dirs["gemma2"])
+    assert isinstance(engine.model.ops, TorchOps) and engine.model.fused is None
+    assert engine.model.args.attn_softcap == 5.0 and engine.model.args.final_softcap == 3.0

@@ -49,7 +49,7 @@ REFERENCE = {"internlm2": "llama_src", "internlm": "llama_bias"}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "internlm2", "internlm", "qwen3", "llama3", "smollm3", "phi3",
-                                    "qwen3_moe", "mixtral", "gemma3"])
+                                    "qwen3_moe", "mixtral", "gemma3", "gemma2"])
 @pytest.mark.parametrize("chunk", [8192, 7])
 def test_logits_match_transformers(tiny_dirs, family, chunk):
     """InternLM2 and InternLM (v1) are remote code, not transformers classes: their checkpoints

@@ -78,7 +78,8 @@ class FusedDecoder:
         """For a dense model on native ops (its shapes checked at load against its config) whose
         linears all hold panels, float ones of one type."""
         a = model.args
-        if a.moe_layers or a.sandwich_norms or a.hidden_act != "silu" or a.layer_windows or a.attn_scale:
+        if a.moe_layers or a.sandwich_norms or a.hidden_act != "silu" or a.layer_windows or a.attn_scale \
+                or a.final_softcap:
             return None                     # the C step runs Llama-style dense layers only
         linears = _linears(model)
         if not all(hasattr(m, "panels") or hasattr(m, "packed") for m in linears):

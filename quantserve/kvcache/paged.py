@@ -109,22 +109,25 @@ def committed_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch
 
 
 def paged_attention(ops, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-                    meta: AttentionMetadata, cache: PagedKVCache, scale: float, window: int = 0) -> torch.Tensor:
+                    meta: AttentionMetadata, cache: PagedKVCache, scale: float, window: int = 0,
+                    softcap: float = 0.0) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (already written to the cache) -> [T, Hq * D]: the
     decodes in one call, each prefill chunk in its own, on the model's ops. window > 0: each
-    token sees only the last `window` positions (itself included)."""
+    token sees only the last `window` positions (itself included); softcap > 0 (the PyTorch ops
+    only, chosen at load): scores become softcap * tanh(score / softcap)."""
+    capped = {"softcap": softcap} if softcap else {}
     out = torch.empty_like(q)
     nd = meta.num_decode
     if nd:
-        out[:nd] = ops.decode_attention(q[:nd], layer, meta, cache, scale, window)
+        out[:nd] = ops.decode_attention(q[:nd], layer, meta, cache, scale, window, **capped)
     for chunk in meta.prefills:
         rows = slice(chunk.start, chunk.start + chunk.num_new)
-        out[rows] = ops.prefill_attention(q[rows], k[rows], v[rows], layer, chunk, cache, scale, window)
+        out[rows] = ops.prefill_attention(q[rows], k[rows], v[rows], layer, chunk, cache, scale, window, **capped)
     return out.flatten(1)
 
 
 def decode_attention_reference(q: torch.Tensor, layer: int, meta: AttentionMetadata,
-                               cache: PagedKVCache, scale: float, window: int = 0) -> torch.Tensor:
+                               cache: PagedKVCache, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """q: [B, Hq, D] -> [B, Hq, D]; the query heads of one KV group act as query rows."""
     b, hq, d = q.shape
     k, v = cache.read(layer, meta.decode_block_tables)        # [B, S, Hkv, D]
@@ -135,13 +138,18 @@ def decode_attention_reference(q: torch.Tensor, layer: int, meta: AttentionMetad
     if window:                                                 # positions before the last `window` left out
         first = (meta.decode_context_lens - window).view(b, 1, 1, 1).to(q.device)
         mask = mask & (torch.arange(mask.shape[-1], device=q.device) >= first)
+    if softcap:                                                # scores capped before the mask: by hand
+        scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale                 # [B, Hkv, G, S]
+        scores = (torch.tanh(scores / softcap) * softcap).masked_fill(~mask, float("-inf"))
+        return torch.matmul(scores.softmax(dim=-1), v.transpose(1, 2)).reshape(b, hq, d)
     o = F.scaled_dot_product_attention(
         qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
     return o.reshape(b, hq, d)
 
 
 def prefill_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-                                chunk: PrefillChunk, cache: PagedKVCache, scale: float, window: int = 0) -> torch.Tensor:
+                                chunk: PrefillChunk, cache: PagedKVCache, scale: float, window: int = 0,
+                                softcap: float = 0.0) -> torch.Tensor:
     """q: [N, Hq, D]; k, v: [N, Hkv, D] -> [N, Hq, D], causal over the whole context."""
     n = chunk.num_new
     if chunk.context_len > n or cache.kv_bits:
@@ -149,13 +157,14 @@ def prefill_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         k, v = k[:chunk.context_len].to(q.dtype), v[:chunk.context_len].to(q.dtype)
     else:    # attend to the values as stored, as every later read will
         k, v = k.to(cache.dtype).to(q.dtype), v.to(cache.dtype).to(q.dtype)
-    return causal_attention(q, k, v, scale, window)
+    return causal_attention(q, k, v, scale, window, softcap)
 
 
 SCORE_BYTES = 64 << 20      # bound on one block of attention scores
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0,
+                     softcap: float = 0.0) -> torch.Tensor:
     """q: [N, Hq, D], the last N of the S positions of k, v: [S, Hkv, D] -> [N, Hq, D].
 
     Blocks of queries against only the keys they can see (half the work of a full square),
@@ -163,7 +172,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     only the last `window` keys up to its own position."""
     n, hq, d = q.shape
     s, hkv, _ = k.shape
-    if s == n and not window:          # no past: torch's fused causal kernel (flash attention on CPU), ~1.9x faster at 2048
+    if s == n and not window and not softcap:          # no past: torch's fused causal kernel (flash attention on CPU), ~1.9x faster at 2048
         o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                                            v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale,
                                            enable_gqa=True)           # [1, Hq, N, D]
@@ -178,6 +187,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         i1 = min(n, i0 + block)
         end = s - n + i1                                       # keys the block's last query sees
         scores = torch.matmul(qg[:, :, i0:i1], kt[..., :end]) * scale      # [Hkv, G, b, end]
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         # row r sits at position s - n + i0 + r and sees keys 0..s - n + i0 + r
         visible = torch.ones(i1 - i0, end, dtype=torch.bool, device=q.device).tril_(s - n + i0)
         if window:                                             # and keys after position - window only

@@ -1,6 +1,7 @@
 """The decoder every supported family maps onto.
 
-Families (models/families/: llama, qwen2, qwen3, qwen3_moe, mixtral, gemma3, smollm3, phi3,
+Families (models/families/: llama, qwen2, qwen3, qwen3_moe, mixtral, gemma2, gemma3, smollm3,
+phi3,
 internlm, internlm2) differ
 only in how their config and checkpoint names map onto `ModelArgs` and these modules; the
 forward pass is shared. Tokens are flat: the batch is [T] tokens from many requests, attention
@@ -54,6 +55,8 @@ class ModelArgs:
     attn_scale: float = 0.0               # query scale (Gemma: query_pre_attn_scalar ** -0.5); 0: head_dim ** -0.5
     layer_windows: tuple[int, ...] = ()   # per-layer sliding window (0: full attention); empty: sliding_window
     local_rope_theta: float = 0.0         # RoPE base of the sliding-window layers (Gemma 3); 0: the global one
+    attn_softcap: float = 0.0             # attention scores c * tanh(s / c) (Gemma 2); 0: none
+    final_softcap: float = 0.0            # and the output logits likewise
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -104,6 +107,7 @@ class Attention(nn.Module):
         self.scale = args.attn_scale or args.head_dim ** -0.5
         self.rotates = layer_idx not in args.nope_layers
         self.window = args.layer_windows[layer_idx] if args.layer_windows else args.sliding_window or 0
+        self.softcap = args.attn_softcap
         h = args.hidden_size
         self.qkv = make_linear(h, args.q_size + 2 * args.kv_size, bias=args.qkv_bias)
         self.o = make_linear(args.q_size, h, bias=args.o_bias)
@@ -131,7 +135,8 @@ class Attention(nn.Module):
         k = k.view(t, a.num_kv_heads, a.head_dim)               # [T, Hkv, D]
         v = v.view(t, a.num_kv_heads, a.head_dim)
         self.ops.kv_write(cache, self.layer_idx, k, v, meta.slot_mapping)
-        return self.o(paged_attention(self.ops, q, k, v, self.layer_idx, meta, cache, self.scale, self.window))
+        return self.o(paged_attention(self.ops, q, k, v, self.layer_idx, meta, cache, self.scale, self.window,
+                                      self.softcap))
 
 
 class MLP(nn.Module):
@@ -316,8 +321,10 @@ class CausalLM(nn.Module):
         return self.rope_local if local else self.rope
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, H] -> logits [N, V] in float32."""
-        return self.lm_head(hidden).float()
+        """hidden: [N, H] -> logits [N, V] in float32 (soft-capped where the family says)."""
+        logits = self.lm_head(hidden).float()
+        cap = self.args.final_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def quantize_head(ops, head: Linear, bits: int = 8) -> nn.Module:

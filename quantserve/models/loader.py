@@ -143,7 +143,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
     rope = RotaryEmbedding(args.rotary_dim, args.rope_theta, args.rope_scaling,
                            args.max_position_embeddings, max_positions)
     ops = ops_for(device, args.hidden_size, args.intermediate_size, args.head_dim, args.num_heads, args.num_kv_heads,
-                  args.rotary_dim)
+                  args.rotary_dim, args.attn_softcap)
     rope_local = local_rope(args, max_positions)
     with torch.device("meta"):
         model = CausalLM(args, rope, ops, rope_local)

@@ -60,12 +60,14 @@ class TorchOps:
 
 
 def ops_for(device: str, hidden: int, intermediate: int, head_dim: int, heads: int, kv_heads: int,
-            rotary_dim: int) -> TorchOps | NativeOps:
-    """The model's ops: native kernels on CPU where the backend has them and the shapes suit."""
+            rotary_dim: int, softcap: float = 0.0) -> TorchOps | NativeOps:
+    """The model's ops: native kernels on CPU where the backend has them and the shapes suit (and
+    attention scores are not soft-capped, which only the PyTorch ops do)."""
     lib = kernels.cpu() if torch.device(device).type == "cpu" else None
     if lib is None:
         return TorchOps(device)
     misfit = NativeOps.misfit(hidden, intermediate, head_dim, heads, kv_heads, rotary_dim)
+    misfit = misfit or ("attention logits are soft-capped" if softcap else None)
     if misfit:
         logger.info("native kernels do not take this model (%s): plain PyTorch ops", misfit)
         return TorchOps(device)

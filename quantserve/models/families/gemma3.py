@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from quantserve.config import ConfigError
 from quantserve.models.families import Family, llama
 from quantserve.models.layers import ModelArgs
 from quantserve.models.rope import rope_from_config
@@ -24,8 +23,6 @@ RENAMES = [
 
 
 def model_args(cfg: dict) -> ModelArgs:
-    if cfg.get("attn_logit_softcapping") or cfg.get("final_logit_softcapping"):
-        raise ConfigError("logit soft-capping (Gemma 2) is not supported yet")
     args = llama.model_args({**cfg, "sliding_window": None})
     (args.rope_theta, args.rope_scaling), args.local_rope_theta = global_and_local_rope(cfg)
     args.layer_windows = tuple(cfg["sliding_window"] if kind == "sliding_attention" else 0 for kind in layer_types(cfg))
