@@ -1,9 +1,8 @@
 """The decoder every supported family maps onto.
 
 Families (models/families/: llama, qwen2, qwen3, qwen3_moe, mixtral, gemma2, gemma3, smollm3,
-phi3,
-internlm, internlm2) differ
-only in how their config and checkpoint names map onto `ModelArgs` and these modules; the
+phi3, internlm, internlm2) differ only in how their config and checkpoint names map onto
+`ModelArgs` and these modules; the
 forward pass is shared. Tokens are flat: the batch is [T] tokens from many requests, attention
 finds each request's context through `AttentionMetadata`.
 """
