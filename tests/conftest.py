@@ -115,6 +115,15 @@ def build_mixtral(path: Path) -> Path:
     return save_hf(MixtralForCausalLM(cfg).eval(), path)
 
 
+def random_norms(model):
+    """Gemma's norms start at 0 (a (1 + w) of 1): random ones make the folding of (1 + w) count."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(torch.randn_like(param) * 0.3)
+    return model
+
+
 def build_gemma3(path: Path) -> Path:
     """Three layers: sliding (a 13-token window, RoPE base 10000), full (base 1e6), sliding; queries
     scaled by 24 ** -0.5 (not head_dim's 32); every norm weight random, so (1 + w) is exercised."""
@@ -124,12 +133,7 @@ def build_gemma3(path: Path) -> Path:
     cfg = Gemma3TextConfig(**{**TINY, "num_hidden_layers": 3, "tie_word_embeddings": True}, head_dim=32,
                            sliding_window=13, query_pre_attn_scalar=24,
                            layer_types=["sliding_attention", "full_attention", "sliding_attention"])
-    model = Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(torch.randn_like(param) * 0.3)
-    return save_hf(model, path)
+    return save_hf(random_norms(Gemma3ForCausalLM(cfg).eval()), path)
 
 
 def build_gemma2(path: Path) -> Path:
@@ -141,12 +145,7 @@ def build_gemma2(path: Path) -> Path:
     cfg = Gemma2Config(**{**TINY, "num_hidden_layers": 3, "tie_word_embeddings": True}, head_dim=32,
                        sliding_window=13, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
                        final_logit_softcapping=3.0)
-    model = Gemma2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(torch.randn_like(param) * 0.3)
-    return save_hf(model, path)
+    return save_hf(random_norms(Gemma2ForCausalLM(cfg).eval()), path)
 
 
 @pytest.fixture(scope="session")
