@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from quantserve.quant.arch import Arch, ScaleGroup
-from quantserve.quant.calib import InputStats
+from quantserve.quant.calib import InputStats, too_few_rows
 from quantserve.quant.primitives import QuantizedWeight, QuantSpec, fake_quantize, quantize
 
 ALPHA_GRID = [i / 20 for i in range(20)]
@@ -35,9 +35,8 @@ NO_CLIP = ("q_proj", "k_proj", "wqkv")
 def awq(weights: dict[str, torch.Tensor], arch: Arch, num_layers: int, stats: dict[str, InputStats],
         spec: QuantSpec, search_scale: bool, clip: bool, progress: bool = True, experts: int = 0,
         data_free: list[str] | None = None) -> dict[str, QuantizedWeight]:
-    """Rescales `weights` (HF names) in place; returns the quantized linears. A linear whose input
-    no calibration token reached (an expert never routed to) is quantized data-free, named in
-    `data_free`."""
+    """Rescales `weights` (HF names) in place; returns the quantized linears. An expert that fewer
+    than MIN_EXPERT_ROWS calibration tokens reach is rounded to nearest, named in `data_free`."""
     quantized: dict[str, QuantizedWeight] = {}
     data_free = [] if data_free is None else data_free
     for layer in tqdm(range(num_layers), desc="AWQ", unit="layer", disable=not progress, file=sys.stderr):
@@ -51,7 +50,7 @@ def awq(weights: dict[str, torch.Tensor], arch: Arch, num_layers: int, stats: di
                 continue
             w, seen = weights[f"{name}.weight"].float(), stats[arch.input_site(name, layer)]
             ratios = 1.0
-            if not seen.rows:
+            if too_few_rows(name, seen.rows):
                 data_free.append(name)
             elif clip and not name.endswith(NO_CLIP):     # the model now feeds this linear x / s
                 ratios = clip_ratios(w, seen.rows_sample() / input_scales.get(name, 1.0), spec)
@@ -68,7 +67,7 @@ def apply_scale_group(weights: dict, arch: Arch, layer: int, group: ScaleGroup, 
     if group.needs_same_width and prod_w.shape[0] != w.shape[1]:
         return None                                     # GQA: v_proj's rows do not line up with o_proj's inputs
     x = stats[arch.input_site(consumers[0], layer)]
-    if not x.rows:                                      # an expert no calibration token reached
+    if too_few_rows(consumers[0], x.rows):              # an expert (almost) no calibration token reached
         return None
     mean_abs = x.mean_abs
     output = linear_output

@@ -57,6 +57,12 @@ def calibration_windows(tokenizer, name: str, samples: int, seqlen: int, seed: i
 
 
 HESSIAN_ROWS = 65536    # GPTQ's X^T X uses at most this many token rows (a random subset)
+MIN_EXPERT_ROWS = 16    # an expert fewer calibration tokens reach is rounded to nearest: too few rows to fit
+
+
+def too_few_rows(linear: str, rows: int) -> bool:
+    """A MoE expert whose statistics are too thin to calibrate from (routing decides how many)."""
+    return ".experts." in linear and rows < MIN_EXPERT_ROWS or not rows
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from quantserve.quant.arch import Arch
-from quantserve.quant.calib import InputStats
+from quantserve.quant.calib import InputStats, too_few_rows
 from quantserve.quant.primitives import QuantizedWeight, QuantSpec, group_params, quantize
 from quantserve.quant.sequential import LayerwiseRunner
 
@@ -25,7 +25,7 @@ def gptq(weights: dict[str, torch.Tensor], arch: Arch, runner: LayerwiseRunner, 
          damp_percent: float, desc_act: bool, progress: bool = True, experts: int = 0,
          data_free: list[str] | None = None) -> dict[str, QuantizedWeight]:
     """Quantize every layer's linears in turn; the runner feeds each layer the quantized outputs of
-    the last. A linear no calibration token reached (an expert never routed to) is rounded to
+    the last. An expert that fewer than MIN_EXPERT_ROWS calibration tokens reach is rounded to
     nearest instead, named in `data_free`."""
     quantized: dict[str, QuantizedWeight] = {}
     data_free = [] if data_free is None else data_free
@@ -34,7 +34,7 @@ def gptq(weights: dict[str, torch.Tensor], arch: Arch, runner: LayerwiseRunner, 
         names = [n for n in arch.layer_linears(layer, experts) if f"{n}.weight" in weights]
         for name in names:
             w, seen = weights[f"{name}.weight"].float(), stats[arch.input_site(name, layer)]
-            if not seen.hessian_rows:
+            if too_few_rows(name, seen.hessian_rows):
                 data_free.append(name)
                 quantized[name] = quantize(w, spec, min_zero=1)
             else:

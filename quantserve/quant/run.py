@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from quantserve.quant.arch import arch_for, num_experts, quantized_linears
+from quantserve.quant.calib import MIN_EXPERT_ROWS
 from quantserve.quant.checkpoint import check_replaceable, save_float, save_quantized
 from quantserve.quant.primitives import QuantError, QuantSpec, check_spec, quantize
 
@@ -42,16 +43,17 @@ class LiteJob:
     fake_quant: bool = False        # write dequantized float weights (any bits, e.g. W3 for evaluation)
 
 
-def run(job: LiteJob) -> str:
+def run(job: LiteJob, start: float | None = None, origin: Path | None = None) -> str:
+    """origin: the model the summary names, when job.model is a temporary float copy of it."""
     from quantserve.models.loader import checkpoint_files, read_checkpoint, read_config
 
-    start = time.monotonic()
+    start = start or time.monotonic()
     src = Path(job.model)
     cfg = read_config(src)
     ensure_writable(Path(job.work_dir), src)
     if (cfg.get("quantization_config") or {}).get("quant_method") == "gguf":
         with dequantized_copy(src, cfg, job.progress) as float_dir:     # calibration runs the float model
-            return run(replace(job, model=str(float_dir)))
+            return run(replace(job, model=str(float_dir)), start, src)
     if job.spec.bits not in (4, 8) and not job.fake_quant:
         raise QuantError(f"--w-bits {job.spec.bits}: packed checkpoints hold 4 or 8 bits; add --fake-quant to "
                          "write dequantized weights for evaluation")
@@ -64,18 +66,18 @@ def run(job: LiteJob) -> str:
     for name in names:
         check_spec(job.spec, weights[f"{name}.weight"].shape[1], name)
     float_bytes = sum(t.nbytes for t in weights.values())
-    data_free: list[str] = []        # linears no calibration token reached (experts never routed to)
+    data_free: list[str] = []        # experts too few calibration tokens reached: rounded to nearest
     quantized = quantize_linears(job, cfg, weights, names, data_free)
     if job.fake_quant:
         for name, qw in quantized.items():
             weights[f"{name}.weight"] = qw.dequantize().to(weights[f"{name}.weight"].dtype)
         save_float(src, Path(job.work_dir), cfg, weights)
-        return summary(job, start, float_bytes, src, data_free)
+        return summary(job, start, float_bytes, origin or src, data_free)
     method = "gptq" if job.method == "gptq" or job.spec.bits != 4 else "awq"
     for name in quantized:
         del weights[f"{name}.weight"]
     save_quantized(src, Path(job.work_dir), cfg, weights, quantized, method, job.spec)
-    return summary(job, start, float_bytes, src, data_free)
+    return summary(job, start, float_bytes, origin or src, data_free)
 
 
 @contextmanager
@@ -156,6 +158,6 @@ def summary(job: LiteJob, start: float, float_bytes: int, src: Path, data_free: 
             f"in {time.monotonic() - start:.1f} s -> {out}\n"
             f"on disk:   {disk_before / 1e6:,.1f} MB -> {disk_after / 1e6:,.1f} MB\n"
             f"weights:   {float_bytes / 1e6:,.1f} MB -> {quant_bytes / 1e6:,.1f} MB"
-            + (f"\n{len(data_free)} linears (of experts no calibration token reached) quantized data-free, "
-               f"round-to-nearest: {', '.join(data_free[:4])}{' ...' if len(data_free) > 4 else ''}"
+            + (f"\n{len(data_free)} expert linears that fewer than {MIN_EXPERT_ROWS} calibration tokens reached, "
+               f"rounded to nearest (data-free): {', '.join(data_free[:4])}{' ...' if len(data_free) > 4 else ''}"
                if data_free else ""))
