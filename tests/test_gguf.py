@@ -415,3 +415,51 @@ def test_quantized_tensors_that_disagree_with_the_metadata_are_a_clear_error(tmp
     message = r"does not match its config: layers\.0\.mlp\.down holds \(64, 128\) codes, the config makes it \(64, 96\)"
     with pytest.raises(ModelLoadError, match=message):
         small_engine(out)
+
+
+def test_a_gemma3_file(tmp_path, monkeypatch):
+    """llama.cpp's gemma3 GGUF: its norms stored as (1 + w), its ffn_norm the pre-feedforward norm,
+    the sliding window, local RoPE base and query scale it fixes; two sliding layers of a 6-token
+    window over a 10-token prompt. Logits on the reference ops equal transformers' on the source."""
+    from test_parity import engine_logits, small_engine
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from quantserve.models import loader
+    from quantserve.models.ops import TorchOps
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=len(_tokens()), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                           sliding_window=6, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1,
+                           eos_token_id=2, pad_token_id=0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.randn_like(param) * 0.2)
+    writer = gguf.GGUFWriter(str(tmp_path / "gemma.gguf"), "gemma3")
+    _add_metadata(writer, cfg)
+    writer.add_sliding_window(cfg.sliding_window)
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+             "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for hf, t in model.state_dict().items():
+        if hf == "lm_head.weight":
+            continue
+        values = t.numpy().astype(np.float32) + (1.0 if hf.endswith("norm.weight") else 0.0)   # as llama.cpp shifts
+        if hf.startswith("model.layers."):
+            _, _, i, *part, _ = hf.split(".")
+            name = f"blk.{i}.{names['.'.join(part)]}.weight"
+        else:
+            name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}[hf]
+        writer.add_tensor(name, values, raw_dtype=QT.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out = convert_gguf(tmp_path / "gemma.gguf", tmp_path / "hf", progress=False)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gemma3_text"
+    monkeypatch.setattr(loader, "ops_for", lambda *a, **k: TorchOps())
+    got = engine_logits(small_engine(out), TOKEN_IDS[0].tolist(), 0)[0]
+    torch.testing.assert_close(got, _logits(model)[0, -1], atol=1e-4, rtol=0)

@@ -45,6 +45,9 @@ _LAYER_NAMES = {
 # a mixture's experts, stacked in one tensor [E, out, in] per projection
 _EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _MLP_NAMES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# Gemma 3's extra norms (llama.cpp's ffn_norm is its pre-feedforward norm there)
+_GEMMA_NAMES = {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                "post_ffw_norm": "post_feedforward_layernorm"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _REQUIRED = object()
 _REQUIRED_PER_LAYER = [hf for part, hf in _LAYER_NAMES.items() if not part.endswith(("q_norm", "k_norm", "gate_inp"))]
@@ -275,6 +278,10 @@ def hf_config(reader, arch: str, path: Path) -> dict:
         config.update(num_experts=experts, num_experts_per_tok=int(meta("expert_used_count")),
                       moe_intermediate_size=int(meta("expert_feed_forward_length", config["intermediate_size"])),
                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    if arch == "gemma3":                # llama.cpp fixes what the HF config spells out
+        config.update(sliding_window=int(meta("attention.sliding_window")), sliding_window_pattern=6,
+                      rope_local_base_freq=10000.0, query_pre_attn_scalar=config["head_dim"],
+                      hidden_activation="gelu_pytorch_tanh")
     if experts and arch == "llama":     # llama.cpp writes Mixtral as a llama with experts
         config.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=experts)
     bad = [key for key in _SIZES if config[key] < 1]
@@ -321,14 +328,15 @@ def _vocab_size(reader, meta, path: Path) -> int:
     return int(size)
 
 
-def hf_tensor_name(name: str) -> str | None:
+def hf_tensor_name(name: str, model_type: str = "") -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
+    names = _GEMMA_NAMES if model_type == "gemma3_text" else _LAYER_NAMES
     match = _LAYER_RE.fullmatch(name)
-    if match is None or match.group(2) not in _LAYER_NAMES:
+    if match is None or match.group(2) not in names:
         return None
     layer, part, kind = match.groups()
-    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    return f"model.layers.{layer}.{names[part]}.{kind}"
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -372,6 +380,8 @@ def _convert_tensor(tensor, path: Path, config: dict, permuted_qk: bool, own_bit
     if target_bits(kind) is None or len(shape) == 1 or not own_bits:
         values = dequantize_tensor(tensor, path)
         values = unpermute_qk(values, heads) if heads else values
+        if config["model_type"] == "gemma3_text" and tensor.name.endswith("norm.weight"):
+            values = values - 1.0           # llama.cpp stores Gemma's (1 + w); transformers' checkpoints w
         dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(kind, torch.float16)
         values = torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
         return list(zip(names, values if len(names) > 1 else [values]))
@@ -388,7 +398,7 @@ def _hf_names(gguf_name: str, config: dict) -> list[str] | None:
     """The HF names a GGUF tensor holds: one, or one per expert ([E, out, in] stacks)."""
     match = _LAYER_RE.fullmatch(gguf_name)
     if match is None or match.group(2) not in _EXPERT_NAMES or not config.get("num_experts"):
-        name = hf_tensor_name(gguf_name)
+        name = hf_tensor_name(gguf_name, config["model_type"])
         return None if name is None else [name]
     layer, part, kind = match.groups()
     return [f"model.layers.{layer}.mlp.experts.{e}.{_EXPERT_NAMES[part]}.{kind}" for e in range(config["num_experts"])]

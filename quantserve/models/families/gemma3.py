@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from quantserve.models.families import Family, llama
+from quantserve.models.families import Family, GgufArch, llama
 from quantserve.models.layers import ModelArgs
 from quantserve.models.rope import rope_from_config
 from quantserve.quant.arch import Arch, ScaleGroup
@@ -68,4 +68,5 @@ def _recipe() -> Arch:
     return Arch(linears=base.linears, scale_groups=groups, inputs=base.inputs, norm_offset=1.0)
 
 
-FAMILY = Family(("gemma3_text",), model_args, convert_weights, _recipe())
+FAMILY = Family(("gemma3_text",), model_args, convert_weights, _recipe(),
+                GgufArch("gemma3", "gemma3_text", "Gemma3ForCausalLM", permuted_qk=False))
