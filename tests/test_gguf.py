@@ -463,3 +463,51 @@ def test_a_gemma3_file(tmp_path, monkeypatch):
     monkeypatch.setattr(loader, "ops_for", lambda *a, **k: TorchOps())
     got = engine_logits(small_engine(out), TOKEN_IDS[0].tolist(), 0)[0]
     torch.testing.assert_close(got, _logits(model)[0, -1], atol=1e-4, rtol=0)
+
+
+def test_a_phi3_file_with_longrope(tmp_path, monkeypatch):
+    """llama.cpp's phi3 GGUF: fused attn_qkv and ffn_up (gate and up), half of each head rotated,
+    LongRoPE's factors stored as tensors. Logits on the reference ops equal transformers'."""
+    from test_parity import engine_logits, small_engine
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from quantserve.models import loader
+    from quantserve.models.ops import TorchOps
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "longrope", "rope_theta": 50000.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0 + i / 10 for i in range(8)], "long_factor": [2.0 + i for i in range(8)]}
+    cfg = Phi3Config(vocab_size=len(_tokens()), hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     original_max_position_embeddings=64, partial_rotary_factor=0.5, rope_parameters=rope,
+                     rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    model = Phi3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.randn_like(param) * 0.2 + (1.0 if "norm" in name else 0.0))
+    writer = gguf.GGUFWriter(str(tmp_path / "phi3.gguf"), "phi3")
+    _add_metadata(writer, cfg)
+    writer.add_rope_dimension_count(16)                      # half of each 32-dim head
+    writer.add_rope_scaling_orig_ctx_len(64)
+    writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32), raw_dtype=QT.F32)
+    writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32), raw_dtype=QT.F32)
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.qkv_proj": "attn_qkv",
+             "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for hf, t in model.state_dict().items():
+        if hf.startswith("model.layers."):
+            _, _, i, *part, _ = hf.split(".")
+            name = f"blk.{i}.{names['.'.join(part)]}.weight"
+        else:
+            name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                    "lm_head.weight": "output.weight"}[hf]
+        writer.add_tensor(name, t.numpy().astype(np.float32), raw_dtype=QT.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out = convert_gguf(tmp_path / "phi3.gguf", tmp_path / "hf", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_parameters"]["long_factor"] == rope["long_factor"] and config["partial_rotary_factor"] == 0.5
+    monkeypatch.setattr(loader, "ops_for", lambda *a, **k: TorchOps())
+    got = engine_logits(small_engine(out), TOKEN_IDS[0].tolist(), 0)[0]
+    torch.testing.assert_close(got, _logits(model)[0, -1], atol=1e-4, rtol=0)

@@ -45,6 +45,10 @@ _LAYER_NAMES = {
 # a mixture's experts, stacked in one tensor [E, out, in] per projection
 _EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _MLP_NAMES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# Phi-3's fused projections, as HF Phi3 holds them too
+_PHI3_NAMES = {**{k: v for k, v in _LAYER_NAMES.items() if k not in ("attn_q", "attn_k", "attn_v", "ffn_gate")},
+               "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+_ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")     # read into the config
 # Gemma 3's extra norms (llama.cpp's ffn_norm is its pre-feedforward norm there)
 _GEMMA_NAMES = {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
                 "post_ffw_norm": "post_feedforward_layernorm"}
@@ -112,6 +116,8 @@ def gguf_tensors(reader, path: Path, config: dict, arch: str, progress: bool = F
     with _corrupt_is_load_error(path):
         for tensor in tqdm(reader.tensors, desc="reading GGUF blocks", unit="tensor", file=sys.stderr,
                            disable=not progress):
+            if tensor.name in _ROPE_FACTORS:        # LongRoPE's factors: config.json holds them
+                continue
             for hf_name, value in _convert_tensor(tensor, path, config, permuted_qk, own_bits):
                 if isinstance(value, Codes):
                     tensors.update(codes_tensors(hf_name.removesuffix(".weight"), value))
@@ -278,6 +284,8 @@ def hf_config(reader, arch: str, path: Path) -> dict:
         config.update(num_experts=experts, num_experts_per_tok=int(meta("expert_used_count")),
                       moe_intermediate_size=int(meta("expert_feed_forward_length", config["intermediate_size"])),
                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    if arch == "phi3":
+        config.update(_phi3_rope(reader, meta, config))
     if arch == "gemma3":                # llama.cpp fixes what the HF config spells out
         config.update(sliding_window=int(meta("attention.sliding_window")), sliding_window_pattern=6,
                       rope_local_base_freq=10000.0, query_pre_attn_scalar=config["head_dim"],
@@ -288,6 +296,22 @@ def hf_config(reader, arch: str, path: Path) -> dict:
     if bad:
         raise ModelLoadError(f"{path}: GGUF metadata gives {bad[0]} = {config[bad[0]]}, not a positive size")
     return config
+
+
+def _phi3_rope(reader, meta, config: dict) -> dict:
+    """Phi-3's partial rotary factor, sliding window and LongRoPE factors (stored as tensors)."""
+    rotary = int(meta("rope.dimension_count", config["head_dim"]))
+    out = {"partial_rotary_factor": rotary / config["head_dim"], "sliding_window": meta("attention.sliding_window", None)}
+    factors = {t.name: [float(x) for x in np.asarray(t.data, dtype=np.float32)] for t in reader.tensors
+               if t.name in _ROPE_FACTORS}
+    if len(factors) == 2:
+        original = int(meta("rope.scaling.original_context_length"))
+        out["original_max_position_embeddings"] = original
+        out["rope_parameters"] = {"rope_type": "longrope", "rope_theta": config["rope_theta"],
+                                  "long_factor": factors[_ROPE_FACTORS[0]], "short_factor": factors[_ROPE_FACTORS[1]],
+                                  "original_max_position_embeddings": original,
+                                  "partial_rotary_factor": out["partial_rotary_factor"]}
+    return out
 
 
 def _expert_count(reader, meta, path: Path) -> int:
@@ -331,7 +355,7 @@ def _vocab_size(reader, meta, path: Path) -> int:
 def hf_tensor_name(name: str, model_type: str = "") -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
-    names = _GEMMA_NAMES if model_type == "gemma3_text" else _LAYER_NAMES
+    names = {"gemma3_text": _GEMMA_NAMES, "phi3": _PHI3_NAMES}.get(model_type, _LAYER_NAMES)
     match = _LAYER_RE.fullmatch(name)
     if match is None or match.group(2) not in names:
         return None
@@ -437,6 +461,8 @@ def _check_complete(tensors: dict, config: dict, path: Path) -> None:
         raise ModelLoadError(f"{path}: block_count {config['num_hidden_layers']} exceeds the {len(tensors)} tensors")
     per_layer = [n if n not in _MLP_NAMES or not config.get("num_experts") else n.replace("mlp.", "mlp.experts.0.")
                  for n in _REQUIRED_PER_LAYER] + (["mlp.gate"] if config.get("num_experts") else [])
+    if config["model_type"] == "phi3":
+        per_layer = [n for n in _PHI3_NAMES.values() if not n.endswith(("q_norm", "k_norm", "mlp.gate"))]
     required = ["model.embed_tokens", "model.norm"] + [
         f"model.layers.{i}.{name}" for i in range(config["num_hidden_layers"]) for name in per_layer
     ]

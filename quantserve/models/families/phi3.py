@@ -3,7 +3,7 @@
 holds them; LongRoPE scaling and a partial rotary factor (Phi-4-mini rotates 3/4 of each head)."""
 from __future__ import annotations
 
-from quantserve.models.families import Family, llama
+from quantserve.models.families import Family, GgufArch, llama
 from quantserve.models.rope import rope_type
 from quantserve.quant.arch import Arch, ScaleGroup
 
@@ -37,4 +37,5 @@ RECIPE = Arch(
     inputs={"self_attn.qkv_proj": "attn.qkv", "self_attn.o_proj": "attn.o", "mlp.gate_up_proj": "mlp.gate_up",
             "mlp.down_proj": "mlp.down"})
 
-FAMILY = Family(("phi3",), model_args, convert_weights, RECIPE)
+FAMILY = Family(("phi3",), model_args, convert_weights, RECIPE,
+                GgufArch("phi3", "phi3", "Phi3ForCausalLM", permuted_qk=False))
