@@ -77,11 +77,14 @@ def _add_metadata(writer: gguf.GGUFWriter, config) -> None:
     writer.add_chat_template(TEMPLATE)
 
 
+PERMUTED = ("llama", "smollm3", "internlm2")      # llama.cpp permutes their q / k rows
+
+
 def _gguf_tensor(hf_name: str, tensor: torch.Tensor, model, arch: str, qtype: QT):
     values = tensor.detach().numpy().astype(np.float32)
-    if arch == "llama" and ".q_proj." in hf_name:
+    if arch in PERMUTED and ".q_proj." in hf_name:
         values = _permute(values, model.config.num_attention_heads)
-    elif arch == "llama" and ".k_proj." in hf_name:
+    elif arch in PERMUTED and ".k_proj." in hf_name:
         values = _permute(values, model.config.num_key_value_heads)
     if values.ndim == 1:  # llama.cpp keeps norms and biases in F32
         return values, QT.F32
@@ -511,3 +514,44 @@ def test_a_phi3_file_with_longrope(tmp_path, monkeypatch):
     monkeypatch.setattr(loader, "ops_for", lambda *a, **k: TorchOps())
     got = engine_logits(small_engine(out), TOKEN_IDS[0].tolist(), 0)[0]
     torch.testing.assert_close(got, _logits(model)[0, -1], atol=1e-4, rtol=0)
+
+
+def test_a_smollm3_file_leaves_rope_out_of_every_fourth_layer(tmp_path, monkeypatch):
+    """llama.cpp's smollm3 GGUF carries no no-RoPE list: every 4th layer, as SmolLM3's default."""
+    from test_parity import engine_logits, small_engine
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    from quantserve.models import loader
+    from quantserve.models.ops import TorchOps
+
+    torch.manual_seed(0)
+    cfg = SmolLM3Config(vocab_size=len(_tokens()), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=50000.0,
+                        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    model = SmolLM3ForCausalLM(cfg).eval()
+    assert model.config.no_rope_layers == [1, 1, 1, 0]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.randn_like(param) * 0.2 + (1.0 if "norm" in name else 0.0))
+    out = convert_gguf(write_gguf(model, tmp_path / "smollm3.gguf", "smollm3", QT.F32), tmp_path / "hf", progress=False)
+    monkeypatch.setattr(loader, "ops_for", lambda *a, **k: TorchOps())
+    got = engine_logits(small_engine(out), TOKEN_IDS[0].tolist(), 0)[0]
+    torch.testing.assert_close(got, _logits(model)[0, -1], atol=1e-4, rtol=0)
+
+
+def test_an_internlm2_file_reads_as_the_llama_it_computes(tmp_path, monkeypatch):
+    """llama.cpp splits InternLM2's wqkv into permuted q, k, v under Llama's names; its tokenizer is
+    built through a tokenizer-only copy (transformers reads no internlm2 GGUF)."""
+    from test_parity import engine_logits, small_engine
+
+    from quantserve.models import loader
+    from quantserve.models.ops import TorchOps
+
+    model = _random_model("llama", tied=False)
+    out = convert_gguf(write_gguf(model, tmp_path / "internlm2.gguf", "internlm2", QT.Q8_0), tmp_path / "hf",
+                       progress=False)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert AutoTokenizer.from_pretrained(out).convert_ids_to_tokens(2) == "<|im_end|>"
+    monkeypatch.setattr(loader, "ops_for", lambda *a, **k: TorchOps())
+    got = engine_logits(small_engine(out), TOKEN_IDS[0].tolist(), 0)[0]
+    torch.testing.assert_close(got, _logits(_round_trip(model, QT.Q8_0))[0, -1], atol=1e-4, rtol=0)

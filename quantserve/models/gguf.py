@@ -9,6 +9,7 @@ without quantized tensors gives a plain float Hugging Face directory.
 import json
 import re
 import sys
+import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -478,7 +479,13 @@ def _write_tokenizer(reader, path: Path, out_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except ValueError as e:          # transformers reads no GGUF of this architecture (smollm3, internlm2)
+            if "is not supported" not in str(e):
+                raise
+            with tempfile.TemporaryDirectory() as tmp:
+                tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=_tokenizer_only(reader, Path(tmp)).name)
     except Exception as e:  # transformers' own GGUF parsing fails in many types
         reason = f"{type(e).__name__}: {one_line(e)}"
         raise ModelLoadError(f"{path}: cannot build a tokenizer from its metadata ({reason})") from None
@@ -492,6 +499,23 @@ def _write_tokenizer(reader, path: Path, out_dir: Path) -> None:
     }
     generation["pad_token_id"] = generation.pop("padding_token_id")
     _write_json(out_dir / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
+
+
+def _tokenizer_only(reader, tmp: Path) -> Path:
+    """The file's tokenizer.* metadata alone, under the `llama` architecture transformers reads."""
+    import gguf
+
+    out = tmp / "tokenizer.gguf"
+    writer = gguf.GGUFWriter(str(out), "llama")
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            array = field.types[0] == gguf.GGUFValueType.ARRAY
+            writer.add_key_value(key, field.contents(), field.types[0], field.types[1] if array else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
 
 
 def _write_json(path: Path, data: dict) -> None:

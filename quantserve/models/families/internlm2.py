@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from quantserve.models.families import Family, llama
+from quantserve.models.families import Family, GgufArch, llama
 from quantserve.models.families.llama import fuse, rename
 from quantserve.models.layers import ModelArgs
 from quantserve.quant.arch import Arch, ScaleGroup
@@ -76,4 +76,7 @@ RECIPE = Arch(
     inputs={"attention.wqkv": "attn.qkv", "attention.wo": "attn.o", "feed_forward.w1": "mlp.gate_up",
             "feed_forward.w3": "mlp.gate_up", "feed_forward.w2": "mlp.down"})
 
-FAMILY = Family(("internlm2",), model_args, convert_weights, RECIPE)
+# llama.cpp splits wqkv into q, k and v (permuted, as for Llama) and names the rest as Llama's:
+# its internlm2 files are read as the Llama checkpoint they compute
+FAMILY = Family(("internlm2",), model_args, convert_weights, RECIPE,
+                GgufArch("internlm2", "llama", "LlamaForCausalLM", permuted_qk=True))

@@ -1,9 +1,9 @@
 """SmolLM3: the Llama layout and names, with RoPE left out of some layers (`no_rope_layers`,
-1 = rotate; by default every `no_rope_layer_interval`-th layer, 4, is left unrotated) and tied
-embeddings. A config with sliding-window layers caps the session at the window (engine)."""
+1 = rotate; by default every `no_rope_layer_interval`-th layer, 4, is left unrotated, as llama.cpp
+fixes it for its `smollm3` GGUF files) and tied embeddings."""
 from __future__ import annotations
 
-from quantserve.models.families import Family, llama
+from quantserve.models.families import Family, GgufArch, llama
 from quantserve.models.layers import ModelArgs
 
 
@@ -15,4 +15,5 @@ def model_args(cfg: dict) -> ModelArgs:
     return args
 
 
-FAMILY = Family(("smollm3",), model_args, llama.convert_weights, llama.RECIPE)
+FAMILY = Family(("smollm3",), model_args, llama.convert_weights, llama.RECIPE,
+                GgufArch("smollm3", "smollm3", "SmolLM3ForCausalLM", permuted_qk=True))
