@@ -420,28 +420,45 @@ def test_quantized_tensors_that_disagree_with_the_metadata_are_a_clear_error(tmp
         small_engine(out)
 
 
-def test_a_gemma3_file(tmp_path, monkeypatch):
-    """llama.cpp's gemma3 GGUF: its norms stored as (1 + w), its ffn_norm the pre-feedforward norm,
-    the sliding window, local RoPE base and query scale it fixes; two sliding layers of a 6-token
-    window over a 10-token prompt. Logits on the reference ops equal transformers' on the source."""
+def _gemma_model(arch: str):
+    """A tiny Gemma 2 (scores capped at 5, logits at 3; sliding and full layers) or Gemma 3 (two
+    sliding layers), a 6-token window, queries scaled by head_dim as llama.cpp fixes it."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=len(_tokens()), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                  sliding_window=6, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0)
+    if arch == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**kwargs, rope_theta=50000.0, attn_logit_softcapping=5.0,
+                                               final_logit_softcapping=3.0))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**kwargs))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.randn_like(param) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_a_gemma_file(tmp_path, monkeypatch, arch):
+    """llama.cpp's gemma2 / gemma3 GGUF: its norms stored as (1 + w), its ffn_norm the
+    pre-feedforward norm, the window, soft-caps (Gemma 2), local RoPE base (Gemma 3) and query scale
+    it fixes; a 10-token prompt past the 6-token window. Logits on the reference ops equal transformers'."""
     from test_parity import engine_logits, small_engine
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     from quantserve.models import loader
     from quantserve.models.ops import TorchOps
 
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=len(_tokens()), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-                           sliding_window=6, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1,
-                           eos_token_id=2, pad_token_id=0)
-    model = Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(torch.randn_like(param) * 0.2)
-    writer = gguf.GGUFWriter(str(tmp_path / "gemma.gguf"), "gemma3")
+    model = _gemma_model(arch)
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(tmp_path / "gemma.gguf"), arch)
     _add_metadata(writer, cfg)
     writer.add_sliding_window(cfg.sliding_window)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
              "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -462,7 +479,7 @@ def test_a_gemma3_file(tmp_path, monkeypatch):
     writer.write_tensors_to_file()
     writer.close()
     out = convert_gguf(tmp_path / "gemma.gguf", tmp_path / "hf", progress=False)
-    assert json.loads((out / "config.json").read_text())["model_type"] == "gemma3_text"
+    assert json.loads((out / "config.json").read_text())["model_type"] == {"gemma2": "gemma2", "gemma3": "gemma3_text"}[arch]
     monkeypatch.setattr(loader, "ops_for", lambda *a, **k: TorchOps())
     got = engine_logits(small_engine(out), TOKEN_IDS[0].tolist(), 0)[0]
     torch.testing.assert_close(got, _logits(model)[0, -1], atol=1e-4, rtol=0)

@@ -287,10 +287,14 @@ def hf_config(reader, arch: str, path: Path) -> dict:
                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
     if arch == "phi3":
         config.update(_phi3_rope(reader, meta, config))
-    if arch == "gemma3":                # llama.cpp fixes what the HF config spells out
-        config.update(sliding_window=int(meta("attention.sliding_window")), sliding_window_pattern=6,
-                      rope_local_base_freq=10000.0, query_pre_attn_scalar=config["head_dim"],
+    if arch in ("gemma2", "gemma3"):    # llama.cpp fixes what the HF config spells out
+        config.update(sliding_window=int(meta("attention.sliding_window")), query_pre_attn_scalar=config["head_dim"],
                       hidden_activation="gelu_pytorch_tanh")
+    if arch == "gemma3":
+        config.update(sliding_window_pattern=6, rope_local_base_freq=10000.0)
+    if arch == "gemma2":
+        config.update(attn_logit_softcapping=_f32(meta("attn_logit_softcapping", 0.0)) or None,
+                      final_logit_softcapping=_f32(meta("final_logit_softcapping", 0.0)) or None)
     if experts and arch == "llama":     # llama.cpp writes Mixtral as a llama with experts
         config.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=experts)
     bad = [key for key in _SIZES if config[key] < 1]
@@ -356,7 +360,7 @@ def _vocab_size(reader, meta, path: Path) -> int:
 def hf_tensor_name(name: str, model_type: str = "") -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
-    names = {"gemma3_text": _GEMMA_NAMES, "phi3": _PHI3_NAMES}.get(model_type, _LAYER_NAMES)
+    names = {"gemma2": _GEMMA_NAMES, "gemma3_text": _GEMMA_NAMES, "phi3": _PHI3_NAMES}.get(model_type, _LAYER_NAMES)
     match = _LAYER_RE.fullmatch(name)
     if match is None or match.group(2) not in names:
         return None
@@ -405,7 +409,7 @@ def _convert_tensor(tensor, path: Path, config: dict, permuted_qk: bool, own_bit
     if target_bits(kind) is None or len(shape) == 1 or not own_bits:
         values = dequantize_tensor(tensor, path)
         values = unpermute_qk(values, heads) if heads else values
-        if config["model_type"] == "gemma3_text" and tensor.name.endswith("norm.weight"):
+        if config["model_type"] in ("gemma2", "gemma3_text") and tensor.name.endswith("norm.weight"):
             values = values - 1.0           # llama.cpp stores Gemma's (1 + w); transformers' checkpoints w
         dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(kind, torch.float16)
         values = torch.from_numpy(np.ascontiguousarray(values)).to(dtype)

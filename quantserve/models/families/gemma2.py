@@ -4,7 +4,7 @@ under one RoPE base, and soft-capped scores: attention (c * tanh(s / c), c = 50)
 logits (c = 30). Only the PyTorch ops cap attention scores, so Gemma 2 runs on them."""
 from __future__ import annotations
 
-from quantserve.models.families import Family, gemma3, llama
+from quantserve.models.families import Family, GgufArch, gemma3, llama
 from quantserve.models.layers import ModelArgs
 
 
@@ -23,4 +23,5 @@ def model_args(cfg: dict) -> ModelArgs:
     return args
 
 
-FAMILY = Family(("gemma2",), model_args, gemma3.convert_weights, gemma3.FAMILY.quant)
+FAMILY = Family(("gemma2",), model_args, gemma3.convert_weights, gemma3.FAMILY.quant,
+                GgufArch("gemma2", "gemma2", "Gemma2ForCausalLM", permuted_qk=False))
