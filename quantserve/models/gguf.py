@@ -135,8 +135,10 @@ def gguf_tensors(reader, path: Path, config: dict, arch: str, progress: bool = F
 def codes_tensors(base: str, c: Codes) -> dict:
     import torch
 
-    codes = c.codes if c.bits == 8 else c.codes[:, 0::2] | (c.codes[:, 1::2] << 4)   # [N, K] | [N, K/2]
-    return {f"{base}.codes": torch.from_numpy(np.ascontiguousarray(codes)),
+    from quantserve.quant.linear import pack_nibbles
+
+    codes = torch.from_numpy(np.ascontiguousarray(c.codes))                       # [N, K]
+    return {f"{base}.codes": codes if c.bits == 8 else pack_nibbles(codes),       # 4-bit: [N, K/2]
             f"{base}.scales": torch.from_numpy(np.ascontiguousarray(c.scales)),
             f"{base}.mins": torch.from_numpy(np.ascontiguousarray(c.mins))}
 
@@ -155,10 +157,10 @@ def quantization_summary(made: list[Codes], path: Path) -> dict:
 
 def describe_summary(q: dict) -> str:
     def how(name: str, t: dict) -> str:
-        if name in EXACT_BITS and name != "Q4_K":
-            return "exact"
         if name == "Q4_K":
             return f"scales rounded to float16, {100 * t['max_rel_rms_error']:.3f}% rms"
+        if name in EXACT_BITS:
+            return "exact"
         return f"requantized, +{100 * t['max_rel_rms_error']:.2f}% rms error"
 
     parts = [f"{t['tensors']} {name} -> {t['bits']}-bit ({how(name, t)})" for name, t in sorted(q["gguf_types"].items())]
@@ -170,8 +172,9 @@ def _storage_dtype(tensors: dict) -> str:
     import torch
 
     kinds = {t.dtype for t in tensors.values() if t.dim() == 2 and t.is_floating_point()}
-    return {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(kinds.pop(), "float16") if len(kinds) == 1 \
-        else "float16"
+    if len(kinds) != 1:
+        return "float16"
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(kinds.pop(), "float16")
 
 
 @contextmanager

@@ -11,7 +11,7 @@ import torch
 
 from quantserve.models.families import Family, GgufArch, llama, qwen3
 from quantserve.models.layers import ModelArgs
-from quantserve.quant.arch import Arch, ScaleGroup
+from quantserve.quant.arch import Arch, ScaleGroup, num_experts
 
 # per-expert tensors as the hub stores them, and the fused stacks transformers 5 holds in memory
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
@@ -21,7 +21,7 @@ _ROUTER_RE = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\
 
 def model_args(cfg: dict) -> ModelArgs:
     args = qwen3.model_args(cfg)
-    experts, step = cfg.get("num_experts") or cfg.get("num_local_experts") or 0, cfg.get("decoder_sparse_step", 1) or 1
+    experts, step = num_experts(cfg), cfg.get("decoder_sparse_step", 1) or 1
     dense = set(cfg.get("mlp_only_layers") or ())
     args.num_experts, args.experts_per_token = experts, cfg.get("num_experts_per_tok", 1)
     args.expert_intermediate_size = cfg.get("moe_intermediate_size") or args.intermediate_size
