@@ -46,13 +46,7 @@ _LAYER_NAMES = {
 # a mixture's experts, stacked in one tensor [E, out, in] per projection
 _EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _MLP_NAMES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-# Phi-3's fused projections, as HF Phi3 holds them too
-_PHI3_NAMES = {**{k: v for k, v in _LAYER_NAMES.items() if k not in ("attn_q", "attn_k", "attn_v", "ffn_gate")},
-               "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
-_ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")     # read into the config
-# Gemma 3's extra norms (llama.cpp's ffn_norm is its pre-feedforward norm there)
-_GEMMA_NAMES = {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
-                "post_ffw_norm": "post_feedforward_layernorm"}
+ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")     # read into the config (Phi-3)
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _REQUIRED = object()
 _REQUIRED_PER_LAYER = [hf for part, hf in _LAYER_NAMES.items() if not part.endswith(("q_norm", "k_norm", "gate_inp"))]
@@ -113,13 +107,13 @@ def gguf_tensors(reader, path: Path, config: dict, arch: str, progress: bool = F
     import torch
     from tqdm import tqdm
 
-    tensors, made, permuted_qk = {}, [], gguf_archs()[arch].permuted_qk
+    tensors, made, family = {}, [], gguf_archs()[arch]
     with _corrupt_is_load_error(path):
         for tensor in tqdm(reader.tensors, desc="reading GGUF blocks", unit="tensor", file=sys.stderr,
                            disable=not progress):
-            if tensor.name in _ROPE_FACTORS:        # LongRoPE's factors: config.json holds them
+            if tensor.name in ROPE_FACTORS:         # LongRoPE's factors: config.json holds them
                 continue
-            for hf_name, value in _convert_tensor(tensor, path, config, permuted_qk, own_bits):
+            for hf_name, value in _convert_tensor(tensor, path, config, family, own_bits):
                 if isinstance(value, Codes):
                     tensors.update(codes_tensors(hf_name.removesuffix(".weight"), value))
                     made.append(value)
@@ -128,7 +122,7 @@ def gguf_tensors(reader, path: Path, config: dict, arch: str, progress: bool = F
     if config.get("attention_bias"):        # HF Llama's attention_bias covers o too: a file without it means 0
         for i in range(config["num_hidden_layers"]):
             tensors.setdefault(f"model.layers.{i}.self_attn.o_proj.bias", torch.zeros(config["hidden_size"]))
-    _check_complete(tensors, config, path)
+    _check_complete(tensors, config, family, path)
     return (mixtral_names(tensors) if config["model_type"] == "mixtral" else tensors), made
 
 
@@ -271,9 +265,9 @@ def hf_config(reader, arch: str, path: Path) -> dict:
         "num_key_value_heads": int(meta("attention.head_count_kv", heads)),
         "head_dim": int(meta("attention.key_length", hidden // heads)),
         "max_position_embeddings": int(meta("context_length")),
-        "rope_theta": _f32(meta("rope.freq_base", 10000.0)),
+        "rope_theta": float32_value(meta("rope.freq_base", 10000.0)),
         "rope_scaling": _rope_scaling(meta, path),
-        "rms_norm_eps": _f32(meta("attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": float32_value(meta("attention.layer_norm_rms_epsilon")),
         "vocab_size": _vocab_size(reader, meta, path),
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in names,
@@ -288,38 +282,14 @@ def hf_config(reader, arch: str, path: Path) -> dict:
         config.update(num_experts=experts, num_experts_per_tok=int(meta("expert_used_count")),
                       moe_intermediate_size=int(meta("expert_feed_forward_length", config["intermediate_size"])),
                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
-    if arch == "phi3":
-        config.update(_phi3_rope(reader, meta, config))
-    if arch in ("gemma2", "gemma3"):    # llama.cpp fixes what the HF config spells out
-        config.update(sliding_window=int(meta("attention.sliding_window")), query_pre_attn_scalar=config["head_dim"],
-                      hidden_activation="gelu_pytorch_tanh")
-    if arch == "gemma3":
-        config.update(sliding_window_pattern=6, rope_local_base_freq=10000.0)
-    if arch == "gemma2":
-        config.update(attn_logit_softcapping=_f32(meta("attn_logit_softcapping", 0.0)) or None,
-                      final_logit_softcapping=_f32(meta("final_logit_softcapping", 0.0)) or None)
+    if family.config:       # what llama.cpp fixes for this architecture, or keeps elsewhere in the file
+        config.update(family.config(meta, reader, config))
     if experts and arch == "llama":     # llama.cpp writes Mixtral as a llama with experts
         config.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=experts)
     bad = [key for key in _SIZES if config[key] < 1]
     if bad:
         raise ModelLoadError(f"{path}: GGUF metadata gives {bad[0]} = {config[bad[0]]}, not a positive size")
     return config
-
-
-def _phi3_rope(reader, meta, config: dict) -> dict:
-    """Phi-3's partial rotary factor, sliding window and LongRoPE factors (stored as tensors)."""
-    rotary = int(meta("rope.dimension_count", config["head_dim"]))
-    out = {"partial_rotary_factor": rotary / config["head_dim"], "sliding_window": meta("attention.sliding_window", None)}
-    factors = {t.name: [float(x) for x in np.asarray(t.data, dtype=np.float32)] for t in reader.tensors
-               if t.name in _ROPE_FACTORS}
-    if len(factors) == 2:
-        original = int(meta("rope.scaling.original_context_length"))
-        out["original_max_position_embeddings"] = original
-        out["rope_parameters"] = {"rope_type": "longrope", "rope_theta": config["rope_theta"],
-                                  "long_factor": factors[_ROPE_FACTORS[0]], "short_factor": factors[_ROPE_FACTORS[1]],
-                                  "original_max_position_embeddings": original,
-                                  "partial_rotary_factor": out["partial_rotary_factor"]}
-    return out
 
 
 def _expert_count(reader, meta, path: Path) -> int:
@@ -336,7 +306,7 @@ def _expert_count(reader, meta, path: Path) -> int:
     return experts
 
 
-def _f32(value) -> float:
+def float32_value(value) -> float:
     # GGUF stores float32: 1e-5 reads back as 9.999999747378752e-06; keep the short spelling
     return float(str(np.float32(value)))
 
@@ -346,7 +316,7 @@ def _rope_scaling(meta, path: Path) -> dict | None:
     if kind == "none":
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": _f32(meta("rope.scaling.factor"))}
+        return {"rope_type": "linear", "factor": float32_value(meta("rope.scaling.factor"))}
     raise ModelLoadError(f"{path}: rope scaling type {kind!r} is not supported (only linear)")
 
 
@@ -360,10 +330,11 @@ def _vocab_size(reader, meta, path: Path) -> int:
     return int(size)
 
 
-def hf_tensor_name(name: str, model_type: str = "") -> str | None:
+def hf_tensor_name(name: str, layer_names: dict | None = None) -> str | None:
+    """layer_names: an architecture's own layer tensors beside the shared ones (GgufArch.layer_names)."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
-    names = {"gemma2": _GEMMA_NAMES, "gemma3_text": _GEMMA_NAMES, "phi3": _PHI3_NAMES}.get(model_type, _LAYER_NAMES)
+    names = {**_LAYER_NAMES, **(layer_names or {})}
     match = _LAYER_RE.fullmatch(name)
     if match is None or match.group(2) not in names:
         return None
@@ -395,15 +366,15 @@ def dequantize_tensor(tensor, path: Path) -> np.ndarray:
     return np.array(values, dtype=np.float32)  # copy: the reader's arrays are read-only memmaps
 
 
-def _convert_tensor(tensor, path: Path, config: dict, permuted_qk: bool, own_bits: bool) -> list[tuple]:
+def _convert_tensor(tensor, path: Path, config: dict, family, own_bits: bool) -> list[tuple]:
     """[(HF name, a float torch tensor or Codes in torch layout [out, in])]: one pair, or one per
     expert for a mixture's stacked experts."""
     import torch
 
-    names = _hf_names(tensor.name, config)
+    names = _hf_names(tensor.name, config, family.layer_names)
     if names is None:
         raise ModelLoadError(f"{path}: tensor {tensor.name!r} has no Hugging Face counterpart (not supported)")
-    heads = _permuted_heads(tensor.name, config) if permuted_qk else None
+    heads = _permuted_heads(tensor.name, config) if family.permuted_qk else None
     kind = tensor.tensor_type.name
     shape = tuple(int(d) for d in reversed(tensor.shape))
     rows = (int(np.prod(shape[:-1])), shape[-1])                  # experts' rows one after another
@@ -412,8 +383,8 @@ def _convert_tensor(tensor, path: Path, config: dict, permuted_qk: bool, own_bit
     if target_bits(kind) is None or len(shape) == 1 or not own_bits:
         values = dequantize_tensor(tensor, path)
         values = unpermute_qk(values, heads) if heads else values
-        if config["model_type"] in ("gemma2", "gemma3_text") and tensor.name.endswith("norm.weight"):
-            values = values - 1.0           # llama.cpp stores Gemma's (1 + w); transformers' checkpoints w
+        if family.norm_shift and tensor.name.endswith("norm.weight"):
+            values = values - family.norm_shift     # llama.cpp stores Gemma's (1 + w); transformers' checkpoints w
         dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(kind, torch.float16)
         values = torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
         return list(zip(names, values if len(names) > 1 else [values]))
@@ -426,11 +397,11 @@ def _convert_tensor(tensor, path: Path, config: dict, permuted_qk: bool, own_bit
     return list(zip(names, c.split(len(names))))
 
 
-def _hf_names(gguf_name: str, config: dict) -> list[str] | None:
+def _hf_names(gguf_name: str, config: dict, layer_names: dict) -> list[str] | None:
     """The HF names a GGUF tensor holds: one, or one per expert ([E, out, in] stacks)."""
     match = _LAYER_RE.fullmatch(gguf_name)
     if match is None or match.group(2) not in _EXPERT_NAMES or not config.get("num_experts"):
-        name = hf_tensor_name(gguf_name, config["model_type"])
+        name = hf_tensor_name(gguf_name, layer_names)
         return None if name is None else [name]
     layer, part, kind = match.groups()
     return [f"model.layers.{layer}.mlp.experts.{e}.{_EXPERT_NAMES[part]}.{kind}" for e in range(config["num_experts"])]
@@ -464,13 +435,12 @@ def _save_weights(tensors: dict, out_file: Path) -> None:
     out_file.chmod(0o644)  # safetensors creates files owner-only
 
 
-def _check_complete(tensors: dict, config: dict, path: Path) -> None:
+def _check_complete(tensors: dict, config: dict, family, path: Path) -> None:
     if config["num_hidden_layers"] > len(tensors):  # a corrupt block_count: do not list 2**40 layers' names
         raise ModelLoadError(f"{path}: block_count {config['num_hidden_layers']} exceeds the {len(tensors)} tensors")
     per_layer = [n if n not in _MLP_NAMES or not config.get("num_experts") else n.replace("mlp.", "mlp.experts.0.")
                  for n in _REQUIRED_PER_LAYER] + (["mlp.gate"] if config.get("num_experts") else [])
-    if config["model_type"] == "phi3":
-        per_layer = [n for n in _PHI3_NAMES.values() if not n.endswith(("q_norm", "k_norm", "mlp.gate"))]
+    per_layer = list(family.required) or per_layer
     required = ["model.embed_tokens", "model.norm"] + [
         f"model.layers.{i}.{name}" for i in range(config["num_hidden_layers"]) for name in per_layer
     ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 
@@ -20,6 +20,10 @@ class GgufArch:
     model_type: str            # the HF model_type its config.json gets
     hf_class: str              # and its `architectures` entry
     permuted_qk: bool          # llama.cpp permuted q/k rows for its RoPE layout (undone on read)
+    layer_names: dict = field(default_factory=dict)   # llama.cpp layer tensor -> HF module, beyond Llama's
+    required: tuple[str, ...] = ()     # the HF modules every layer's file must hold, where not Llama's
+    norm_shift: float = 0.0            # llama.cpp stores each norm weight + this (Gemma's 1 + w)
+    config: Callable | None = None     # (meta, reader, config) -> the config.json entries llama.cpp fixes
 
 
 @dataclass(frozen=True)

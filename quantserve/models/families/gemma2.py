@@ -23,5 +23,15 @@ def model_args(cfg: dict) -> ModelArgs:
     return args
 
 
+def gguf_config(meta, reader, config: dict) -> dict:
+    """Gemma 3's fixed entries (gemma3.gguf_config) and Gemma 2's soft-caps from the metadata."""
+    from quantserve.models.gguf import float32_value
+
+    return {**gemma3.gguf_config(meta, reader, config),
+            "attn_logit_softcapping": float32_value(meta("attn_logit_softcapping", 0.0)) or None,
+            "final_logit_softcapping": float32_value(meta("final_logit_softcapping", 0.0)) or None}
+
+
 FAMILY = Family(("gemma2",), model_args, gemma3.convert_weights, gemma3.FAMILY.quant,
-                GgufArch("gemma2", "gemma2", "Gemma2ForCausalLM", permuted_qk=False))
+                GgufArch("gemma2", "gemma2", "Gemma2ForCausalLM", permuted_qk=False, layer_names=gemma3.GGUF_NAMES,
+                         norm_shift=1.0, config=gguf_config))

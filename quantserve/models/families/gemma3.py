@@ -68,5 +68,19 @@ def _recipe() -> Arch:
     return Arch(linears=base.linears, scale_groups=groups, inputs=base.inputs, norm_offset=1.0)
 
 
+def gguf_config(meta, reader, config: dict) -> dict:
+    """What llama.cpp fixes for Gemma (2 and 3) rather than writes: queries scaled by head_dim (but
+    for 27B), the tanh GELU; and for Gemma 3 one full layer in six, the sliding layers' RoPE base."""
+    out = {"sliding_window": int(meta("attention.sliding_window")), "query_pre_attn_scalar": config["head_dim"],
+           "hidden_activation": "gelu_pytorch_tanh"}
+    if config["model_type"] == "gemma3_text":
+        out.update(sliding_window_pattern=6, rope_local_base_freq=10000.0)
+    return out
+
+
+# llama.cpp names Gemma's extra norms, calls its pre-feedforward norm ffn_norm, and stores (1 + w)
+GGUF_NAMES = {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+              "post_ffw_norm": "post_feedforward_layernorm"}
 FAMILY = Family(("gemma3_text",), model_args, convert_weights, _recipe(),
-                GgufArch("gemma3", "gemma3_text", "Gemma3ForCausalLM", permuted_qk=False))
+                GgufArch("gemma3", "gemma3_text", "Gemma3ForCausalLM", permuted_qk=False, layer_names=GGUF_NAMES,
+                         norm_shift=1.0, config=gguf_config))

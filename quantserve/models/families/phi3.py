@@ -37,5 +37,30 @@ RECIPE = Arch(
     inputs={"self_attn.qkv_proj": "attn.qkv", "self_attn.o_proj": "attn.o", "mlp.gate_up_proj": "mlp.gate_up",
             "mlp.down_proj": "mlp.down"})
 
-FAMILY = Family(("phi3",), model_args, convert_weights, RECIPE,
-                GgufArch("phi3", "phi3", "Phi3ForCausalLM", permuted_qk=False))
+def gguf_config(meta, reader, config: dict) -> dict:
+    """llama.cpp's phi3 file: the partial rotary factor, sliding window and LongRoPE factors (tensors)."""
+    import numpy as np
+
+    from quantserve.models.gguf import ROPE_FACTORS
+
+    rotary = int(meta("rope.dimension_count", config["head_dim"]))
+    out = {"partial_rotary_factor": rotary / config["head_dim"], "sliding_window": meta("attention.sliding_window", None)}
+    factors = {t.name: [float(x) for x in np.asarray(t.data, dtype=np.float32)] for t in reader.tensors
+               if t.name in ROPE_FACTORS}
+    if len(factors) == 2:
+        original = int(meta("rope.scaling.original_context_length"))
+        out["original_max_position_embeddings"] = original
+        out["rope_parameters"] = {"rope_type": "longrope", "rope_theta": config["rope_theta"],
+                                  "long_factor": factors[ROPE_FACTORS[0]], "short_factor": factors[ROPE_FACTORS[1]],
+                                  "original_max_position_embeddings": original,
+                                  "partial_rotary_factor": out["partial_rotary_factor"]}
+    return out
+
+
+# llama.cpp keeps the fused projections, as HF Phi3 does
+GGUF = GgufArch("phi3", "phi3", "Phi3ForCausalLM", permuted_qk=False,
+                layer_names={"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+                required=("input_layernorm", "post_attention_layernorm", "self_attn.qkv_proj", "self_attn.o_proj",
+                          "mlp.gate_up_proj", "mlp.down_proj"),
+                config=gguf_config)
+FAMILY = Family(("phi3",), model_args, convert_weights, RECIPE, GGUF)
