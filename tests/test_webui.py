@@ -147,13 +147,28 @@ def test_a_full_reply_shows_its_speed_and_new_chat_clears(browser, model_server)
         page.greedy()
         page.ask("What is the capital of France?")
         page.wait_reply(lambda t: "Paris" in t)
-        page.page.wait_for_function(
-            "() => /tokens\\/s/.test(document.querySelector('#qs-stats').innerText)", timeout=30_000)
         page.ask("And of Italy?")                                   # the second turn sees the first
         page.wait_reply(lambda t: "Rome" in t)
         assert page.page.locator("#qs-chat .bot.message").count() == 2
+        assert "tokens/s" in page.page.inner_text("#qs-stats")
         page.page.click("#qs-clear")
         page.page.wait_for_function("() => !document.querySelector('#qs-chat .bot.message')", timeout=10_000)
+    finally:
+        ui.close()
+
+
+def test_enter_during_a_reply_takes_the_next_turn_when_it_ends(browser, model_server):
+    ui, page_url = launch_ui(model_server.url)
+    try:
+        page = Page(browser, page_url)
+        page.set_number("qs-max-tokens", 160)
+        page.greedy()
+        page.ask("Write a very long story about a dragon who learns to cook.")
+        page.wait_reply(lambda t: len(t) > 20)                      # it streams
+        page.ask("What is the capital of Italy?")
+        page.wait_reply(lambda t: "Rome" in t)
+        bots = page.page.locator("#qs-chat .bot.message")
+        assert bots.count() == 2 and len(bots.first.inner_text()) > 200     # the story ran to its end
     finally:
         ui.close()
 

@@ -178,9 +178,10 @@ def build_ui(backend: Backend, title: str = "quantserve"):
                 yield history, (gr.skip() if cleared else ""), line
                 cleared = True
 
-        # the server does its own admission control: the page does not queue users behind each other
-        runs = [box.submit(handler, inputs, [chat, box, stats], concurrency_limit=None),
-                send.click(handler, inputs, [chat, box, stats], concurrency_limit=None)]
+        # the server does its own admission control: the page does not queue users behind each other;
+        # Enter pressed while a reply streams takes the next turn when it ends, instead of being dropped
+        runs = [trigger(handler, inputs, [chat, box, stats], concurrency_limit=None, trigger_mode="always_last")
+                for trigger in (box.submit, send.click)]
         stop.click(None, None, None, cancels=runs)
         clear.click(lambda: ([], "", ""), None, [chat, box, stats], cancels=runs)
         ui.load(backend.info_markdown, None, info)
