@@ -11,6 +11,12 @@ from dataclasses import dataclass, field, fields, replace
 SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SUPPORTED_DEVICES = ("cpu", "cuda")
 SUPPORTED_MODEL_FORMATS = (None, "hf", "gguf", "awq", "gptq")
+# vLLM's --quantization: a checked claim about the checkpoint, or (w8a8, w4a16) a data-free
+# round-to-nearest of a float one at load
+SUPPORTED_QUANTIZATION = (None, "none", "awq", "gptq", "gguf", "w8a8", "w4a16")
+GPU_ONLY_QUANTIZATION = ("fp8", "fbgemm_fp8", "marlin", "gptq_marlin", "gptq_marlin_24", "awq_marlin", "bitsandbytes",
+                         "aqlm", "deepspeedfp", "tpu_int8", "modelopt", "compressed-tensors", "experts_int8", "qqq",
+                         "neuron_quant")
 
 
 class ConfigError(ValueError):
@@ -58,6 +64,7 @@ class EngineConfig:
     rope_scaling_factor: float = 0.0              # > 0: dynamic NTK RoPE scaling by this factor
     hf_overrides: dict | None = None              # merged into the model's config.json
     head_bits: int = 8                            # output head of weight-quantized models: 8 or 4 bits
+    quantization: str | None = None               # SUPPORTED_QUANTIZATION
 
     def model_overrides(self) -> dict:
         """Config entries to override: --hf-overrides, and --rope-scaling-factor as dynamic NTK."""
@@ -82,6 +89,13 @@ class EngineConfig:
         _check(self.head_bits in (4, 8), f"head_bits must be 4 or 8, got {self.head_bits}")
         _check(self.model_format in SUPPORTED_MODEL_FORMATS,
                f"model_format {self.model_format!r} is not supported; supported: hf, gguf, awq, gptq")
+        if self.quantization is not None:
+            self.quantization = self.quantization.lower()
+        _check(self.quantization not in GPU_ONLY_QUANTIZATION,
+               f"quantization {self.quantization} runs on GPUs only; on a CPU quantserve runs awq, gptq, gguf, "
+               "w8a8 and w4a16 (the last two quantize a float model at load)")
+        _check(self.quantization in SUPPORTED_QUANTIZATION,
+               f"quantization {self.quantization!r} is not supported; supported: awq, gptq, gguf, w8a8, w4a16, none")
 
 
 @dataclass

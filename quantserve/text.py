@@ -21,8 +21,36 @@ BUILTIN_TEMPLATES = {
     "base": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
 }
 BUILTIN_TEMPLATES["internlm2"] = BUILTIN_TEMPLATES["chatml"]
+BUILTIN_TEMPLATES["internlm"] = (       # InternLM v1 chat (internlm-chat-7b)
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|System|>:{{ m['content'] }}\n"
+    "{% elif m['role'] == 'user' %}<|User|>:{{ m['content'] }}<eoh>\n"
+    "{% else %}<|Bot|>:{{ m['content'] }}<eoa>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|Bot|>:{% endif %}")
+BUILTIN_TEMPLATES["llama2"] = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = '<<SYS>>\n' + messages[0]['content'] + '\n<</SYS>>\n\n' %}"
+    "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] {{ system if loop.first }}"
+    "{{ m['content'] }} [/INST]{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
+BUILTIN_TEMPLATES["llama3"] = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+# LMDeploy's --model-name (`chat --model-name internlm-chat-7b`): a name's prefix picks a template
+MODEL_NAME_TEMPLATES = (("internlm2", "internlm2"), ("internlm", "internlm"), ("qwen", "chatml"),
+                        ("llama-3", "llama3"), ("llama3", "llama3"), ("llama-2", "llama2"), ("llama2", "llama2"),
+                        ("chatml", "chatml"), ("base", "base"))
 # the files a tokenizer usually comes in (fast, sentencepiece, BPE): named when none is there
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def template_for_model_name(name: str | None) -> str | None:
+    """The name of the built-in template LMDeploy's model name (internlm-chat-7b, qwen-7b, llama2,
+    …) stands for; None for a name it does not know (the model's own template then applies)."""
+    if not name:
+        return None
+    key = name.lower().rsplit("/", 1)[-1]
+    return next((t for prefix, t in MODEL_NAME_TEMPLATES if key.startswith(prefix)), None)
 
 
 def load_chat_template(spec: str | None) -> str | None:

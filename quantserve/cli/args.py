@@ -8,25 +8,44 @@ import re
 from quantserve.config import EngineConfig, GenerationConfig
 
 
+BACKEND_WORDS = ("turbomind", "pytorch")     # LMDeploy's `chat turbomind MODEL`
+QUOTES = {"\u2018": "\u2019", "\u201c": "\u201d", "'": "'", '"': '"'}
+
+
 class FlexibleParser(argparse.ArgumentParser):
-    """Accepts `--foo_bar` as `--foo-bar` (LMDeploy and vLLM do the same)."""
+    """Accepts `--foo_bar` as `--foo-bar` (LMDeploy and vLLM do the same), values pasted with
+    their quotes, and LMDeploy's backend word after `chat`."""
 
     def parse_args(self, args=None, namespace=None):
         import sys
 
-        argv = sys.argv[1:] if args is None else list(args)
-        return super().parse_args([normalize_flag(a) for a in argv], namespace)
+        argv = [normalize_flag(a) for a in (sys.argv[1:] if args is None else list(args))]
+        if len(argv) > 2 and argv[0] == "chat" and argv[1] in BACKEND_WORDS:
+            print(f"quantserve chat: '{argv[1]}' names an LMDeploy backend; quantserve's own engine runs the model",
+                  file=sys.stderr)
+            argv[1:2] = ["--backend", argv[1]]
+        return super().parse_args(argv, namespace)
 
 
 def normalize_flag(arg: str) -> str:
     """`--foo_bar` -> `--foo-bar`; a flag pasted from a web page with an en or em dash
-    (`–quant-policy`) -> `--quant-policy`."""
+    (`–quant-policy`) -> `--quant-policy`; a value in quotes, straight or curly (`‘ptb’`) ->
+    the bare word."""
     if arg[:1] in ("\u2013", "\u2014"):
         arg = "--" + arg[1:]
+    if len(arg) >= 2 and QUOTES.get(arg[0]) == arg[-1]:
+        return arg[1:-1]
     if not arg.startswith("--"):
         return arg
     name, eq, value = arg.partition("=")
-    return re.sub("_", "-", name) + eq + value
+    return re.sub("_", "-", name) + eq + normalize_flag(value) if eq else re.sub("_", "-", name)
+
+
+def boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return value in ("true", "1", "yes")
 
 
 def fraction_or_size(text: str) -> float | str:
@@ -78,6 +97,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="online KV cache quantization: 0/none, 8/int8, 4/int4 (per head, per token, asymmetric)")
     g.add_argument("--enable-prefix-caching", action="store_true")
     g.add_argument("--model-format", default=None, help="hf or gguf (detected when omitted)")
+    g.add_argument("--quantization", "-q", default=None, type=str.lower,
+                   help="awq, gptq, gguf: checked against the checkpoint; w8a8, w4a16: round a float model to 8 or "
+                        "4 bits at load (data-free); none: as the checkpoint says")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--chat-template", default=None, help="built-in name (chatml, internlm2, base) or a Jinja/JSON file")
     g.add_argument("--trust-remote-code", action="store_true")
@@ -106,7 +128,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 ENGINE_FIELDS = ("dtype", "tp", "session_len", "max_batch_size", "cache_max_entry_count", "cache_max_tokens",
                  "cache_block_seq_len", "max_prefill_token_num", "quant_policy", "device",
                  "enable_prefix_caching", "model_format", "trust_remote_code", "num_threads",
-                 "rope_scaling_factor", "hf_overrides", "head_bits")
+                 "rope_scaling_factor", "hf_overrides", "head_bits", "quantization")
 
 
 def engine_config(ns: argparse.Namespace) -> EngineConfig:

@@ -20,6 +20,9 @@ def add_arguments(p) -> None:
     add_engine_args(p)
     add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt for the conversation")
+    p.add_argument("--model-name", default=None,
+                   help="LMDeploy's model name (internlm-chat-7b, internlm2-chat, qwen, llama2, llama3): picks the "
+                        "built-in chat template it names; --chat-template wins over it")
 
 
 def run(ns) -> int:
@@ -27,7 +30,7 @@ def run(ns) -> int:
     from quantserve.config import GenerationConfig
 
     logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr, format="%(message)s")
-    pipe = Pipeline(ns.model_path, engine_config(ns), ns.chat_template)
+    pipe = Pipeline(ns.model_path, engine_config(ns), ns.chat_template or _named_template(ns.model_name))
     interactive = sys.stdin.isatty()
     # a person gets the model's sampling defaults; a script gets reproducible (greedy) replies
     defaults = GenerationConfig.from_model(pipe.model_path, do_sample=True, temperature=0.7, top_p=0.9)
@@ -37,6 +40,16 @@ def run(ns) -> int:
               "Enter sends; 'end' clears the history; 'exit' quits; Ctrl-C stops a reply.", file=sys.stderr)
     chat_loop(lambda history: _reply(pipe, history, gen), ns.system, interactive)
     return 0
+
+
+def _named_template(model_name: str | None) -> str | None:
+    from quantserve.text import template_for_model_name
+
+    template = template_for_model_name(model_name)
+    if model_name and template is None:
+        print(f"quantserve chat: --model-name {model_name}: no built-in template by that name; the model's own "
+              "chat template is used", file=sys.stderr)
+    return template
 
 
 def _reply(pipe, history: list[dict], gen) -> str | None:

@@ -5,14 +5,9 @@ import argparse
 import logging
 import sys
 
+from quantserve.cli.args import boolean
+
 METHODS = {"auto_awq": "awq", "auto_gptq": "gptq", "rtn": "rtn"}
-
-
-def boolean(text: str) -> bool:
-    value = text.strip().lower()
-    if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-    return value in ("true", "1", "yes")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
              "rtn": "round-to-nearest, data-free"}
     for name, text in helps.items():
         q = sub.add_parser(name, help=text, description=text)
-        q.add_argument("model_path", help="a float Hugging Face model directory, or a .gguf file")
+        q.add_argument("model_path", nargs="?", default=None,
+                       help="a float Hugging Face model directory, or a .gguf file")
+        q.add_argument("--model", dest="model_flag", default=None, help="the model, as LMDeploy's older --model")
         q.add_argument("--work-dir", default="./work_dir", help="where the quantized model is written")
         q.add_argument("--w-bits", type=int, default=4, help="weight bits: 4 or 8")
         q.add_argument("--w-group-size", type=int, default=128, help="input channels per group: 32, 64, 128, -1")
@@ -46,21 +43,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(ns) -> int:
-    from quantserve.quant.primitives import QuantError, QuantSpec
-    from quantserve.quant.run import LiteJob
-    from quantserve.quant.run import run as quantize_model
+    from quantserve.lite import quantize
+    from quantserve.quant.primitives import QuantError
 
     logging.basicConfig(level="WARNING", stream=sys.stderr)
     if ns.calib_samples < 0 or ns.calib_seqlen <= 0 or ns.batch_size <= 0:
         raise QuantError("--calib-samples must be >= 0, --calib-seqlen and --batch-size > 0")
-    model = ns.model_path
-    if model.lower().endswith(".gguf"):      # converted once (at its own bits), dequantized for calibration
-        from quantserve.models.resolve import resolve_model
-
-        model = str(resolve_model(model))
-    job = LiteJob(model, ns.work_dir, METHODS[ns.lite_command],
-                  QuantSpec(ns.w_bits, ns.w_group_size, ns.w_sym), ns.calib_dataset, ns.calib_samples,
-                  ns.calib_seqlen, ns.batch_size, ns.search_scale, not ns.no_clip, ns.damp_percent, ns.desc_act,
-                  fake_quant=ns.fake_quant)
-    print(quantize_model(job))
+    samples = 0 if ns.lite_command == "rtn" else ns.calib_samples
+    print(quantize(model_of(ns), ns.work_dir, METHODS[ns.lite_command], ns.w_bits, ns.w_group_size, ns.w_sym,
+                   ns.calib_dataset, samples, ns.calib_seqlen, ns.batch_size, True, search_scale=ns.search_scale,
+                   clip=not ns.no_clip, damp_percent=ns.damp_percent, desc_act=ns.desc_act, fake_quant=ns.fake_quant))
     return 0
+
+
+def model_of(ns) -> str:
+    """MODEL_PATH or --model (LMDeploy's older spelling): exactly one of them."""
+    if (ns.model_path is None) == (ns.model_flag is None):
+        raise ValueError("give the model once: as MODEL_PATH or as --model PATH")
+    return ns.model_path or ns.model_flag

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from quantserve.cli.args import add_engine_args, engine_config
+from quantserve.cli.args import add_engine_args, boolean, engine_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ui.add_argument("model_path", nargs="?", default=None, metavar="URL_OR_MODEL",
                     help="http(s)://host:port of an api_server, or a model (nothing: the default model)")
     ui.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key of the api_server (URL mode)")
+    ui.add_argument("--restful-api", type=boolean, default=None,
+                    help="LMDeploy's spelling: True when the argument is an api_server's URL (detected when omitted)")
     add_engine_args(ui)
     add_server_args(ui, port=6006)
     add_connection_args(ui)
@@ -142,6 +144,9 @@ def run(ns) -> int:
         return run_proxy(ns)
     if ns.serve_command == "ray":
         return run_ray(ns)
+    if ns.serve_command == "gradio" and ns.restful_api is not None and ns.restful_api != is_url(ns.model_path):
+        raise ValueError(f"--restful-api {ns.restful_api}: " + ("give the api_server's URL (http://host:port)"
+                                                                 if ns.restful_api else "give a model, not a URL"))
     if ns.serve_command == "gradio" and is_url(ns.model_path):
         from quantserve.serve.server import run_ui
 

@@ -18,7 +18,8 @@ from quantserve.engine.request import FinishReason, Request
 from quantserve.engine.scheduler import Scheduler
 from quantserve.kvcache.budget import CachePlan, free_memory, plan_cache
 from quantserve.kvcache.paged import PagedKVCache
-from quantserve.models.loader import load_model, model_args, model_config, require_supported, torch_dtype
+from quantserve.models.loader import (load_model, load_time_spec, model_args, model_config, require_supported,
+                                      torch_dtype)
 
 logger = logging.getLogger("quantserve")
 
@@ -49,13 +50,13 @@ class Engine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         cfg = model_config(Path(model_path), config.model_overrides())
-        require_supported(cfg, config.model_format)
+        require_supported(cfg, config.model_format, config.quantization)
         self.args = model_args(cfg)
         self.session_len = self._session_len(config.session_len)
         self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE[config.device]
         self.dtype = torch_dtype(config.dtype, cfg, config.device)
         self.model = load_model(Path(model_path), self.dtype, config.device, self.session_len, cfg, progress,
-                                config.head_bits)
+                                config.head_bits, load_time_spec(cfg, config.quantization))
         self.weights_bytes = self.model.weight_bytes()
         self.plan = self._plan_cache()
         self.cache = PagedKVCache(self.args.num_layers, self.plan.num_blocks, self.plan.block_size,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantserve.models.families import gguf_archs
+from quantserve.models.families import gguf_archs, registry
 from quantserve.models.gguf_blocks import EXACT_BITS, GROUP, Codes, target_bits, to_codes
 from quantserve.models.loader import ModelLoadError, one_line
 from quantserve.quant.checkpoint import staged_dir
@@ -123,7 +123,8 @@ def gguf_tensors(reader, path: Path, config: dict, arch: str, progress: bool = F
         for i in range(config["num_hidden_layers"]):
             tensors.setdefault(f"model.layers.{i}.self_attn.o_proj.bias", torch.zeros(config["hidden_size"]))
     _check_complete(tensors, config, family, path)
-    return (mixtral_names(tensors) if config["model_type"] == "mixtral" else tensors), made
+    rename = registry()[config["model_type"]].gguf_rename
+    return (rename(tensors) if rename else tensors), made
 
 
 def codes_tensors(base: str, c: Codes) -> dict:
@@ -284,8 +285,6 @@ def hf_config(reader, arch: str, path: Path) -> dict:
                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
     if family.config:       # what llama.cpp fixes for this architecture, or keeps elsewhere in the file
         config.update(family.config(meta, reader, config))
-    if experts and arch == "llama":     # llama.cpp writes Mixtral as a llama with experts
-        config.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=experts)
     bad = [key for key in _SIZES if config[key] < 1]
     if bad:
         raise ModelLoadError(f"{path}: GGUF metadata gives {bad[0]} = {config[bad[0]]}, not a positive size")
@@ -405,19 +404,6 @@ def _hf_names(gguf_name: str, config: dict, layer_names: dict) -> list[str] | No
         return None if name is None else [name]
     layer, part, kind = match.groups()
     return [f"model.layers.{layer}.mlp.experts.{e}.{_EXPERT_NAMES[part]}.{kind}" for e in range(config["num_experts"])]
-
-
-def mixtral_names(tensors: dict) -> dict:
-    """A mixture read from llama.cpp's `llama` architecture under HF Mixtral's own names."""
-    parts = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-    renamed = {}
-    for name, t in tensors.items():
-        name = name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
-        if ".mlp.experts." in name:
-            base, part, suffix = name.replace(".mlp.", ".block_sparse_moe.").rsplit(".", 2)
-            name = f"{base}.{parts.get(part, part)}.{suffix}"
-        renamed[name] = t
-    return renamed
 
 
 def _permuted_heads(name: str, config: dict) -> int | None:

@@ -128,10 +128,12 @@ def read_weights_file(f: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: int,
-               cfg: dict | None = None, progress: bool = True, head_bits: int = 8) -> CausalLM:
+               cfg: dict | None = None, progress: bool = True, head_bits: int = 8,
+               quantize: QuantSpec | None = None) -> CausalLM:
     """Weights stored in `dtype`; activations (and the small norm weights) in float32 on CPU,
     where the kernels compute in float32 whatever the storage, else in `dtype`. cfg: the
-    model_config() already read, if the caller has it."""
+    model_config() already read, if the caller has it. quantize: round a float checkpoint's
+    linears to nearest with this spec as they load."""
     cfg = cfg or read_config(model_dir)
     family = family_for(cfg)
     args = family.model_args(cfg)
@@ -139,6 +141,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
     quantized = {}
     if cfg.get("quantization_config"):
         raw, quantized = split_quantized(raw, cfg["quantization_config"])
+    elif quantize is not None:
+        raw, quantized = rounded_at_load(raw, cfg, family, quantize, progress)
     weights = family.convert_weights(raw, args)
     rope = RotaryEmbedding(args.rotary_dim, args.rope_theta, args.rope_scaling,
                            args.max_position_embeddings, max_positions)
@@ -170,6 +174,20 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
     model = model.to(device).eval()
     model.finalize(compute, head_bits)
     return model
+
+
+def rounded_at_load(raw: dict[str, torch.Tensor], cfg: dict, family: Family, spec: QuantSpec, progress: bool
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight]]:
+    """(float tensors left, HF-named linears rounded to nearest): every linear the family's
+    quantization recipe names, as `lite rtn` would write them."""
+    from quantserve.quant.arch import quantized_linears
+    from quantserve.quant.primitives import quantize
+
+    names = quantized_linears(family.quant, cfg, raw)
+    quantized = {name: quantize(raw.pop(f"{name}.weight").float(), spec)
+                 for name in tqdm(names, desc=f"quantizing to {spec.bits} bits", unit="linear", file=sys.stderr,
+                                  disable=not progress)}
+    return raw, quantized
 
 
 def local_rope(args: ModelArgs, max_positions: int) -> RotaryEmbedding | None:
@@ -230,14 +248,35 @@ def torch_dtype(name: str, cfg: dict, device: str) -> torch.dtype:
     return torch.bfloat16 if stored == "bfloat16" else torch.float16
 
 
-def require_supported(cfg: dict, model_format: str | None = None) -> None:
-    """The architecture and quantization are known, and --model-format (if given) says the truth."""
+def require_supported(cfg: dict, model_format: str | None = None, quantization: str | None = None) -> None:
+    """The architecture and quantization are known, and --model-format / --quantization (if
+    given) say the truth about the checkpoint."""
     family_for(cfg)
     q = cfg.get("quantization_config")
     method = q.get("quant_method") if q else None
     if q and method not in ("awq", "gptq", "gguf"):
         raise ConfigError(f"quantized checkpoints ({method}) are not supported; awq, gptq and converted GGUF are")
-    if model_format in ("awq", "gptq") and method != model_format:
-        raise ConfigError(f"the model is {method or 'not quantized (hf)'}, not {model_format}; "
-                          f"make an {model_format} model with `quantserve lite auto_{model_format}`",
-                          field="model_format")
+    for flag, claim in (("model_format", model_format), ("quantization", quantization)):
+        if claim in ("awq", "gptq", "gguf") and method != claim:
+            how = "pass the .gguf file" if claim == "gguf" else f"make one with `quantserve lite auto_{claim}`"
+            raise ConfigError(f"the model is {method or 'not quantized (hf)'}, not {claim}; {how}", field=flag)
+    if quantization == "w8a8" and method:
+        raise ConfigError(f"w8a8 quantizes a float model at load; this one is already {method}", field="quantization")
+
+
+def load_time_spec(cfg: dict, quantization: str | None) -> QuantSpec | None:
+    """--quantization w8a8 / w4a16 on a float checkpoint: the data-free round-to-nearest it gets
+    at load (8-bit per output channel; 4-bit in the largest group of 128, 64, 32 that divides
+    every linear's input); None when the weights load as they are."""
+    if quantization not in ("w8a8", "w4a16") or cfg.get("quantization_config"):
+        return None
+    if quantization == "w8a8":
+        return QuantSpec(8, -1)
+    args = family_for(cfg).model_args(cfg)
+    widths = (args.hidden_size, args.intermediate_size, args.num_heads * args.head_dim,
+              args.expert_intermediate_size or args.intermediate_size)
+    group = next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), None)
+    if group is None:
+        raise ConfigError(f"w4a16 needs linears whose inputs divide by 32; this model has {widths}",
+                          field="quantization")
+    return QuantSpec(4, group)

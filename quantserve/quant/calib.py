@@ -28,19 +28,24 @@ BUNDLED = {"ptb": "ptb.train.txt", "wikitext2": "wiki.valid.raw"}
 HUB_ONLY = ("c4", "pileval")
 
 
+def check_dataset(name: str) -> None:
+    """--calib-dataset names a set this machine has: checked before any weights are read."""
+    if name in HUB_ONLY:
+        raise QuantError(f"--calib-dataset {name} is downloaded from the Hugging Face hub, which is not reachable "
+                         "here; use the bundled ptb or wikitext2, or a local .txt/.jsonl file")
+    if name not in BUNDLED and not Path(name).is_file():
+        raise QuantError(f"--calib-dataset {name!r}: not a known dataset (bundled: ptb, wikitext2) "
+                         "nor an existing .txt/.jsonl file")
+
+
 def calibration_text(name: str) -> str:
+    check_dataset(name)
     if name in BUNDLED:
         if name == "wikitext2":
             print("calibration: wikitext2 from the bundled validation split (the hub's train split is not "
                   "reachable offline)", file=sys.stderr)
         return resources.files("quantserve.data").joinpath(BUNDLED[name]).read_text(encoding="utf-8")
-    if name in HUB_ONLY:
-        raise QuantError(f"--calib-dataset {name} is downloaded from the Hugging Face hub, which is not reachable "
-                         "here; use ptb, wikitext2 or a local .txt/.jsonl file")
     path = Path(name)
-    if not path.is_file():
-        raise QuantError(f"--calib-dataset {name!r}: not a known dataset (ptb, wikitext2, c4, pileval) "
-                         "nor an existing .txt/.jsonl file")
     if path.suffix == ".jsonl":
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return "\n\n".join(r["text"] if isinstance(r, dict) else str(r) for r in rows)

@@ -33,6 +33,7 @@ class Family:
     convert_weights: Callable  # (HF-named tensors, ModelArgs) -> engine-named tensors
     quant: object              # quant.arch.Arch: the AWQ / GPTQ recipe
     gguf: GgufArch | None = None
+    gguf_rename: Callable | None = None   # tensors read under another GGUF architecture's names -> ours
 
 
 @functools.cache

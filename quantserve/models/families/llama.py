@@ -104,5 +104,12 @@ RECIPE = Arch(
             "self_attn.o_proj": "attn.o", "mlp.gate_proj": "mlp.gate_up", "mlp.up_proj": "mlp.gate_up",
             "mlp.down_proj": "mlp.down"})
 
+def gguf_config(meta, reader, config: dict) -> dict:
+    """llama.cpp writes Mixtral as a llama with experts."""
+    if not config.get("num_experts"):
+        return {}
+    return {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "num_local_experts": config["num_experts"]}
+
+
 FAMILY = Family(("llama", "mistral"), model_args, convert_weights, RECIPE,
-                GgufArch("llama", "llama", "LlamaForCausalLM", permuted_qk=True))
+                GgufArch("llama", "llama", "LlamaForCausalLM", permuted_qk=True, config=gguf_config))

@@ -23,4 +23,19 @@ def convert_weights(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[s
     return qwen3_moe.convert_weights(weights, args, PARTS, llama.convert_weights)
 
 
-FAMILY = Family(("mixtral",), model_args, convert_weights, qwen3_moe.recipe("block_sparse_moe", "w1", "w3", "w2"))
+def gguf_names(tensors: dict) -> dict:
+    """llama.cpp writes Mixtral as its `llama` architecture with experts: those tensors under HF
+    Mixtral's own names."""
+    parts = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    renamed = {}
+    for name, t in tensors.items():
+        name = name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+        if ".mlp.experts." in name:
+            base, part, suffix = name.replace(".mlp.", ".block_sparse_moe.").rsplit(".", 2)
+            name = f"{base}.{parts.get(part, part)}.{suffix}"
+        renamed[name] = t
+    return renamed
+
+
+FAMILY = Family(("mixtral",), model_args, convert_weights, qwen3_moe.recipe("block_sparse_moe", "w1", "w3", "w2"),
+                gguf_rename=gguf_names)
