@@ -55,7 +55,7 @@ class EngineConfig:
     cache_max_tokens: int | None = None
     cache_block_seq_len: int = 64
     max_prefill_token_num: int = 8192
-    quant_policy: int = 0
+    quant_policy: int | None = None               # None: the model directory's config.ini, else 0
     device: str = "cpu"
     enable_prefix_caching: bool = False
     model_format: str | None = None
@@ -83,7 +83,7 @@ class EngineConfig:
         _check(self.cache_max_tokens is None or self.cache_max_tokens > 0, "cache_max_tokens must be > 0")
         _check(self.cache_block_seq_len > 0, "cache_block_seq_len must be > 0")
         _check(self.max_prefill_token_num > 0, "max_prefill_token_num must be > 0")
-        _check(self.quant_policy in (0, 4, 8), f"quant_policy must be 0 (none), 4 (int4) or 8 (int8), got {self.quant_policy}")
+        _check(self.quant_policy in (None, 0, 4, 8), f"quant_policy must be 0 (none), 4 (int4) or 8 (int8), got {self.quant_policy}")
         _check(self.device in SUPPORTED_DEVICES, f"device must be one of {SUPPORTED_DEVICES}, got {self.device!r}")
         _check(self.rope_scaling_factor >= 0, "rope_scaling_factor must be >= 0")
         _check(self.head_bits in (4, 8), f"head_bits must be 4 or 8, got {self.head_bits}")

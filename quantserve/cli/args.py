@@ -93,8 +93,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache size in tokens (replaces --cache-max-entry-count)")
     g.add_argument("--cache-block-seq-len", type=int, default=64, help="tokens per KV cache block")
     g.add_argument("--max-prefill-token-num", type=int, default=8192, help="tokens per step (chunked prefill)")
-    g.add_argument("--quant-policy", type=quant_policy, default=0,
-                   help="online KV cache quantization: 0/none, 8/int8, 4/int4 (per head, per token, asymmetric)")
+    g.add_argument("--quant-policy", type=quant_policy, default=None,
+                   help="KV cache quantization: 0/none, 8/int8, 4/int4 (per head, per token, asymmetric; static with a "
+                        "directory's kv_qparams.safetensors). Default: the directory's config.ini, else 0")
     g.add_argument("--enable-prefix-caching", action="store_true")
     g.add_argument("--model-format", default=None, help="hf or gguf (detected when omitted)")
     g.add_argument("--quantization", "-q", default=None, type=str.lower,

@@ -39,12 +39,13 @@ def run(ns) -> int:
     engine = Engine(path, engine_config(ns), progress=not ns.json)
     result = perplexity(engine, dataset_text(ns.dataset), Tokenizer(path).hf, ns.seqlen, ns.max_windows,
                         progress=sys.stderr.isatty() or not ns.json)
-    report = {"model": str(path), "dataset": ns.dataset, "quant_policy": ns.quant_policy, "dtype": str(engine.dtype),
+    report = {"model": str(path), "dataset": ns.dataset, "quant_policy": engine.cache.kv_bits,
+              "kv_cache": engine.kv_cache_dtype, "dtype": str(engine.dtype),
               "seqlen": ns.seqlen, "chunk_size": ns.max_prefill_token_num, "windows": result.windows,
               "tokens": result.tokens, "ppl": result.ppl}
     if ns.json:
         print(json.dumps(report))
     else:
         print(f"perplexity {result.ppl:.4f} on {ns.dataset} ({result.windows} windows x {ns.seqlen} tokens, "
-              f"KV {['float', '', '', '', 'int4', '', '', '', 'int8'][ns.quant_policy]}, {engine.dtype} weights)")
+              f"KV {engine.kv_cache_dtype}, {engine.dtype} weights)")
     return 0

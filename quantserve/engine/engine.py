@@ -20,6 +20,7 @@ from quantserve.kvcache.budget import CachePlan, free_memory, plan_cache
 from quantserve.kvcache.paged import PagedKVCache
 from quantserve.models.loader import (load_model, load_time_spec, model_args, model_config, require_supported,
                                       torch_dtype)
+from quantserve.models.workspace import load_static_kv, saved_settings
 
 logger = logging.getLogger("quantserve")
 
@@ -52,18 +53,23 @@ class Engine:
         cfg = model_config(Path(model_path), config.model_overrides())
         require_supported(cfg, config.model_format, config.quantization)
         self.args = model_args(cfg)
-        self.session_len = self._session_len(config.session_len)
+        saved = saved_settings(Path(model_path))      # a workspace's config.ini: defaults below the flags
+        self.session_len = self._session_len(config.session_len or saved.get("session_len"))
         self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE[config.device]
         self.dtype = torch_dtype(config.dtype, cfg, config.device)
         self.model = load_model(Path(model_path), self.dtype, config.device, self.session_len, cfg, progress,
                                 config.head_bits, load_time_spec(cfg, config.quantization))
         self.weights_bytes = self.model.weight_bytes()
+        self.kv_bits = config.quant_policy if config.quant_policy is not None else saved.get("quant_policy", 0)
         self.plan = self._plan_cache()
         self.cache = PagedKVCache(self.args.num_layers, self.plan.num_blocks, self.plan.block_size,
                                   self.args.num_kv_heads, self.args.head_dim, self.dtype, config.device,
-                                  kv_bits=config.quant_policy)
+                                  kv_bits=self.kv_bits)
+        static = load_static_kv(Path(model_path), self.kv_bits, self.args.num_layers, self.args.num_kv_heads)
+        if static is not None:                  # lite kv_qparams wrote calibrated parameters here
+            self.cache.set_static(static)
         blocks = BlockManager(self.plan.num_blocks, self.plan.block_size, config.enable_prefix_caching,
-                              cache_tag=f"{self.dtype}/{config.quant_policy}")
+                              cache_tag=f"{self.dtype}/{self.kv_bits}/{'static' if static else 'online'}")
         self.scheduler = Scheduler(blocks, self.max_batch_size, config.max_prefill_token_num)
         self.runner = ModelRunner(self.model, self.cache, config.device)
         self.requests: dict[str, Request] = {}
@@ -76,7 +82,7 @@ class Engine:
     def _plan_cache(self) -> CachePlan:
         c = self.config
         per_token = PagedKVCache.bytes_per_token(self.args.num_layers, self.args.num_kv_heads,
-                                                 self.args.head_dim, self.dtype, c.quant_policy)
+                                                 self.args.head_dim, self.dtype, self.kv_bits)
         plan = plan_cache(free_memory(c.device), c.cache_max_entry_count, per_token,
                           c.cache_block_seq_len, self.max_batch_size, self.session_len, c.cache_max_tokens)
         if plan.num_tokens < self.session_len:
@@ -87,7 +93,9 @@ class Engine:
 
     @property
     def kv_cache_dtype(self) -> str:
-        return {0: str(self.dtype).replace("torch.", ""), 8: "int8", 4: "int4"}[self.cache.kv_bits]
+        """float16 / bfloat16 / float32, or int8 / int4 (with ", static" under lite kv_qparams' parameters)."""
+        name = {0: str(self.dtype).replace("torch.", ""), 8: "int8", 4: "int4"}[self.cache.kv_bits]
+        return f"{name}, static" if self.cache.static is not None else name
 
     def describe(self) -> dict:
         """What a user wants to see about the running model: precision, capacity, memory."""

@@ -119,7 +119,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qs_rope.argtypes = [p, i, ctypes.c_long, i, i, i, p, p, p]
     lib.qs_kv_write.argtypes = [p, ctypes.c_long, i, i, p, p, i]
     lib.qs_silu_mul.argtypes = [p, p, i, i]
-    lib.qs_kv_write_quant.argtypes = [p, ctypes.c_long, i, i, i, p, p, p, p, i, i]
+    lib.qs_kv_write_quant.argtypes = [p, ctypes.c_long, i, i, i, p, p, p, p, i, i, p, p]
     lib.qs_decode_attention_quant.argtypes = [p, ctypes.c_long, p, p, p, p, i, i, i, i, i, i, f, p, i]
     lib.qs_decode_layers.argtypes = [p, i, p, p, p]
     lib.qs_linear_q.argtypes = [p, i, i, p, i, p, p, i, p, p, i, i]

@@ -965,6 +965,8 @@ typedef struct {
     long k_param_stride, v_param_stride;         /* elements between layers of scale / zero */
     int k_groups, v_groups;
     int window;                                  /* sliding window (tokens back, this one included); 0: none */
+    const uint16_t *k_fixed_scale, *v_fixed_scale;   /* static KV parameters [L, Hkv, groups]; NULL: online */
+    const uint8_t *k_fixed_zero, *v_fixed_zero;
 } DecodeBatch;
 
 /* ---- quantized KV cache (see quantserve/kvcache/quant.py for the scheme) ----------------- */
@@ -977,6 +979,9 @@ typedef struct {
     uint8_t *zero;       /* [num_blocks, block_size, Hkv] */
     int bits;
     int groups;          /* 1, or 2 = one scale / zero per half of the head ([..., Hkv, 2]) */
+    const uint16_t *fixed_scale;   /* static parameters, [Hkv, groups] (lite kv_qparams); NULL: online */
+    const uint8_t *fixed_zero;
+    int hkv;
 } QuantCache;
 
 static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
@@ -997,8 +1002,28 @@ static void fwht(float *v, int D) {
     for (int i = 0; i < D; i++) v[i] *= norm;
 }
 
+/* Codes of x[n] for one group with the static scale and zero of its head and group, clamped to
+ * the code range (values past the calibrated range saturate); both are written at `param` too,
+ * so the readers never know which. */
+static void quantize_group_fixed(const float *x, int n, const QuantCache *c, long param, uint8_t *q) {
+    long fixed = (param / c->groups % c->hkv) * c->groups + param % c->groups;
+    uint16_t s16 = c->fixed_scale[fixed];
+    uint8_t z = c->fixed_zero[fixed];
+    c->scale[param] = s16;
+    c->zero[param] = z;
+    float sf = half_to_float(s16), top = (float)((1 << c->bits) - 1);
+    for (int d = 0; d < n; d++) {
+        float v = nearbyintf(x[d] / sf) + (float)z;
+        q[d] = (uint8_t)(v < 0.0f ? 0.0f : v > top ? top : v);
+    }
+}
+
 /* Codes of x[n] for one group: scale (float16, rounded up) and integer zero written at `param`. */
 static void quantize_group(const float *x, int n, const QuantCache *c, long param, uint8_t *q) {
+    if (c->fixed_scale) {
+        quantize_group_fixed(x, n, c, param, q);
+        return;
+    }
     __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
     for (int d = 0; d < n; d += 8) {
         __m256 v = _mm256_loadu_ps(x + d);
@@ -1050,8 +1075,9 @@ static void quantize_head(const float *x_in, int D, const QuantCache *c, long ro
 
 /* Rows of Hkv * D floats (row stride `stride`) into quantized cache slots. */
 void qs_kv_write_quant(const float *src, long stride, int T, int Hkv, int D, const int64_t *slots,
-                       void *data, uint16_t *scale, uint8_t *zero, int bits, int groups) {
-    QuantCache c = {data, scale, zero, bits, groups};
+                       void *data, uint16_t *scale, uint8_t *zero, int bits, int groups,
+                       const uint16_t *fixed_scale, const uint8_t *fixed_zero) {
+    QuantCache c = {data, scale, zero, bits, groups, fixed_scale, fixed_zero, Hkv};
     for (int t = 0; t < T; t++)
         for (int h = 0; h < Hkv; h++) quantize_head(src + t * stride + (long)h * D, D, &c, slots[t] * Hkv + h);
 }
@@ -1177,12 +1203,19 @@ static void attend(const DecodeBatch *b, int l, const float *qkv, int nqkv, int 
     int T = b->T;
     if (b->kv_bits) {
         long lo = l * b->layer_stride * b->kv_bits / 8, kp = l * b->k_param_stride, vp = l * b->v_param_stride;
-        QuantCache kc = {(uint8_t *)b->k_cache + lo, b->k_scale + kp, b->k_zero + kp, b->kv_bits, b->k_groups};
-        QuantCache vc = {(uint8_t *)b->v_cache + lo, b->v_scale + vp, b->v_zero + vp, b->kv_bits, b->v_groups};
+        long kf = (long)l * b->Hkv * b->k_groups, vf = (long)l * b->Hkv * b->v_groups;   /* static: [L, Hkv, G] */
+        const uint16_t *kfs = b->k_fixed_scale ? b->k_fixed_scale + kf : NULL;
+        const uint16_t *vfs = b->v_fixed_scale ? b->v_fixed_scale + vf : NULL;
+        const uint8_t *kfz = b->k_fixed_zero ? b->k_fixed_zero + kf : NULL;
+        const uint8_t *vfz = b->v_fixed_zero ? b->v_fixed_zero + vf : NULL;
+        QuantCache kc = {(uint8_t *)b->k_cache + lo, b->k_scale + kp, b->k_zero + kp, b->kv_bits, b->k_groups,
+                         kfs, kfz, b->Hkv};
+        QuantCache vc = {(uint8_t *)b->v_cache + lo, b->v_scale + vp, b->v_zero + vp, b->kv_bits, b->v_groups,
+                         vfs, vfz, b->Hkv};
         qs_kv_write_quant(qkv + qd, nqkv, T, b->Hkv, b->D, b->slots, kc.data, kc.scale, kc.zero, b->kv_bits,
-                          b->k_groups);
+                          b->k_groups, kfs, kfz);
         qs_kv_write_quant(qkv + qd + kvd, nqkv, T, b->Hkv, b->D, b->slots, vc.data, vc.scale, vc.zero, b->kv_bits,
-                          b->v_groups);
+                          b->v_groups, vfs, vfz);
         qs_decode_attention_quant(qkv, nqkv, &kc, &vc, b->block_tables, b->context_lens, T, b->Hq, b->Hkv, b->D,
                                   b->block_size, b->max_blocks, b->scale, attn, b->nthreads, b->window);
         return;

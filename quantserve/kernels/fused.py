@@ -39,7 +39,8 @@ class DecodeBatch(ctypes.Structure):
         ("eps", _f), ("scale", _f), ("positions", _p), ("slots", _p), ("block_tables", _p),
         ("context_lens", _p), ("cos", _p), ("sin", _p), ("k_cache", _p), ("v_cache", _p),
         ("layer_stride", _l), ("kv_bits", _i), ("k_scale", _p), ("v_scale", _p), ("k_zero", _p), ("v_zero", _p),
-        ("k_param_stride", _l), ("v_param_stride", _l), ("k_groups", _i), ("v_groups", _i), ("window", _i)]
+        ("k_param_stride", _l), ("v_param_stride", _l), ("k_groups", _i), ("v_groups", _i), ("window", _i),
+        ("k_fixed_scale", _p), ("v_fixed_scale", _p), ("k_fixed_zero", _p), ("v_fixed_zero", _p)]
 
 
 def _linears(model) -> list:
@@ -96,7 +97,7 @@ class FusedDecoder:
                     k_zero=cache.k_zero.data_ptr(), v_zero=cache.v_zero.data_ptr(),
                     k_param_stride=cache.k_scale[0].numel(), v_param_stride=cache.v_scale[0].numel(),
                     k_groups=kernels.param_groups(cache.k, cache.k_scale),
-                    v_groups=kernels.param_groups(cache.v, cache.v_scale))
+                    v_groups=kernels.param_groups(cache.v, cache.v_scale), **cache.static_pointers())
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta, cache) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] embeddings of T decode tokens -> (last layer output, residual stream)."""

@@ -112,9 +112,11 @@ class NativeOps:
             src, parts = x.flatten(1), cache.parts(which, layer)             # [T, Hkv * D]
             if cache.kv_bits:
                 data, scale, zero = parts
+                fixed = cache.static_params(which, layer)
                 self.lib.qs_kv_write_quant(src.data_ptr(), src.stride(0), src.shape[0], x.shape[1], x.shape[2],
                                            slots.data_ptr(), data.data_ptr(), scale.data_ptr(), zero.data_ptr(),
-                                           cache.kv_bits, param_groups(data, scale))
+                                           cache.kv_bits, param_groups(data, scale),
+                                           *(t.data_ptr() if t is not None else None for t in fixed))
             else:
                 self.lib.qs_kv_write(src.data_ptr(), src.stride(0), src.shape[0], src.shape[1], slots.data_ptr(),
                                      parts[0].data_ptr(), CACHE_TYPES[parts[0].dtype])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from quantserve.kvcache.quant import bytes_per_head_token, dequantize_kv, groups_for, quantize_kv
+from quantserve.kvcache.quant import bytes_per_head_token, dequantize_kv, groups_for, quantize_kv, quantize_kv_static
 
 
 @dataclass
@@ -55,6 +55,7 @@ class PagedKVCache:
                  head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu", kv_bits: int = 0):
         self.block_size, self.num_blocks, self.kv_bits, self.dtype = block_size, num_blocks, kv_bits, dtype
         self.head_dim = head_dim
+        self.static: dict[str, torch.Tensor] | None = None     # set_static(): lite kv_qparams' parameters
         rows = (num_layers, num_blocks, block_size, num_kv_heads)
         width = head_dim * kv_bits // 8 if kv_bits else head_dim
         store = torch.uint8 if kv_bits else dtype
@@ -81,14 +82,39 @@ class PagedKVCache:
             return (getattr(self, which)[layer],)
         return tuple(getattr(self, f"{which}{suffix}")[layer] for suffix in ("", "_scale", "_zero"))
 
+    def set_static(self, params: dict[str, torch.Tensor]) -> None:
+        """Static KV quantization (lite kv_qparams): k_scale, k_zero, v_scale, v_zero, each
+        [L, Hkv, groups], replace the per-token parameters computed online; the cache's layout
+        and readers are unchanged (every token of a head gets the same scale and zero)."""
+        self.static = {name: t.contiguous() for name, t in params.items()}
+
+    def static_params(self, which: str, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(scale [Hkv, G], zero [Hkv, G]) of one layer's K or V when static; (None, None) online."""
+        if self.static is None:
+            return None, None
+        return self.static[f"{which}_scale"][layer], self.static[f"{which}_zero"][layer]
+
+    def static_pointers(self) -> dict:
+        """The static parameters for the fused decode step (no entries: online)."""
+        if self.static is None:
+            return {}
+        return {f"{which}_fixed_{part}": self.static[f"{which}_{part}"].data_ptr()
+                for which in ("k", "v") for part in ("scale", "zero")}
+
     def write_reference(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """k, v: [T, Hkv, D] for the new tokens (rows may be strided) into their slots; the
         plain-PyTorch write that the native kv_write is tested against."""
         for which, x in (("k", k), ("v", v)):
-            values = quantize_kv(x.float(), self.kv_bits, groups_for(which, self.kv_bits)) if self.kv_bits else (x,)
+            values = self._quantized(which, layer, x) if self.kv_bits else (x,)
             for dst, src in zip(self.parts(which, layer), values):
                 flat = dst.view(-1, *dst.shape[2:])                      # [slots, Hkv(, width)]
                 flat.index_copy_(0, slots, src.to(dst.dtype))
+
+    def _quantized(self, which: str, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        scale, zero = self.static_params(which, layer)
+        if scale is None:
+            return quantize_kv(x.float(), self.kv_bits, groups_for(which, self.kv_bits))
+        return quantize_kv_static(x.float(), self.kv_bits, scale, zero)
 
     def read(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """block_ids: [..., n] -> k, v: [..., n * block_size, Hkv, D] (float32 when quantized)."""

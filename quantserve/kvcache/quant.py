@@ -102,6 +102,38 @@ def quantize_kv(x: torch.Tensor, bits: int, groups: int = 1) -> tuple[torch.Tens
     return (pack_int4(q) if bits == 4 else q), scale, zero
 
 
+def static_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static parameters from a calibrated range (lite kv_qparams), for one head and group:
+    asymmetric, scale = (max - min) / (2^bits - 1) and the zero point at min, i.e. LMDeploy's
+    zp = (min + max) / 2 written as the integer code of 0; symmetric (--kv-sym), scale = absmax /
+    (2^(bits-1) - 1) with zero 2^(bits-1). lo, hi: [...] -> scale [...] float16, zero [...] uint8."""
+    top = 2 ** bits - 1
+    if symmetric:
+        scale = round_up_half((torch.maximum(lo.abs(), hi.abs()) / (2 ** (bits - 1) - 1)).clamp(min=1e-6))
+        return scale, torch.full_like(lo, 2 ** (bits - 1), dtype=torch.uint8)
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)          # 0 is always exact: padded and masked slots hold it
+    scale = round_up_half(((hi - lo) / top).clamp(min=1e-6))
+    return scale, torch.round(-lo / scale.float()).clamp(0, top).to(torch.uint8)
+
+
+def quantize_kv_static(x: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [T, Hkv, D] with static scale, zero: [Hkv, G] -> (codes, scale, zero) as quantize_kv
+    stores them; codes past the calibrated range saturate."""
+    t, _, d = x.shape
+    groups = scale.shape[-1]
+    if rotates(bits, d):
+        x = x @ hadamard(d)
+    xg = x.reshape(t, -1, groups, d // groups)                          # [T, Hkv, G, D/G]
+    q = (torch.round(xg / scale.float().unsqueeze(-1)) + zero.float().unsqueeze(-1)).clamp(0, 2 ** bits - 1)
+    q = q.to(torch.uint8).reshape(x.shape)
+    scale, zero = scale.expand(t, *scale.shape), zero.expand(t, *zero.shape)
+    if groups == 1:
+        scale, zero = scale.squeeze(-1), zero.squeeze(-1)
+    return (pack_int4(q) if bits == 4 else q), scale, zero
+
+
 def dequantize_kv(stored: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     q = unpack_int4(stored) if bits == 4 else stored
     grouped = scale.dim() == q.dim()

@@ -18,6 +18,7 @@ from quantserve.models.families import Family, registry
 from quantserve.models.layers import CausalLM, ModelArgs, QuantizedEmbedding
 from quantserve.models.ops import ops_for
 from quantserve.models.rope import RotaryEmbedding
+from quantserve.models.workspace import SIDE_FILES
 from quantserve.quant.checkpoint import split_quantized
 from quantserve.quant.linear import QuantLinear
 from quantserve.quant.primitives import QuantizedWeight, QuantSpec
@@ -86,7 +87,8 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     if index.is_file():
         files = [model_dir / n for n in shard_names(index)]
     else:
-        files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
+        files = sorted(f for f in model_dir.glob("*.safetensors") if f.name not in SIDE_FILES) or \
+            sorted(model_dir.glob("pytorch_model*.bin"))
     if not files:
         raise ModelLoadError(f"no weights (*.safetensors or pytorch_model*.bin) in {model_dir}")
     for f in files:

@@ -57,7 +57,7 @@ def check_memory(path: Path, config: EngineConfig) -> None:
     weights = weight_bytes(shape.params, dtype, quant.get("bits", 16), quant.get("group_size", 128))
     if quant.get("quant_method") == "gguf":     # mixed widths: the converted file's size is the weights'
         weights = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-    per_token = kv_bytes_per_token(shape, dtype, config.quant_policy) or 0
+    per_token = kv_bytes_per_token(shape, dtype, config.quant_policy or 0) or 0
     free = free_memory(config.device)
     tokens = config.cache_max_tokens or config.session_len or cfg.get("max_position_embeddings", 4096)
     kv = tokens * per_token
