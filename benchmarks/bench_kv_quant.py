@@ -1,6 +1,10 @@
-"""KV cache quantization: quality (perplexity), capacity and speed, float16 KV vs int8 vs int4.
+"""KV cache quantization: quality (perplexity), capacity and speed, float16 KV vs int8 vs int4,
+online (per token) and static (`lite calibrate` + `lite kv_qparams`, per layer and head).
 
     python benchmarks/bench_kv_quant.py [--windows 20]
+
+Static parameters are calibrated on PTB (128 windows of 512 tokens), not on the WikiText-2 text
+that is scored.
 
 Perplexity: WikiText-2 test through the engine's paged cache with 64-token prefill chunks, so
 most attention reads the (quantized) cache; the first --windows windows of 2048 tokens
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,7 +32,8 @@ from quantserve.kvcache.paged import PagedKVCache  # noqa: E402
 from quantserve.models.resolve import resolve_model  # noqa: E402
 from quantserve.text import Tokenizer  # noqa: E402
 
-POLICIES = {0: "float16", 8: "int8", 4: "int4"}
+SETTINGS = {"float16": (0, False), "int8": (8, False), "int8 static": (8, True), "int4": (4, False),
+            "int4 static": (4, True)}
 SHAPES = {"SmolLM2-135M (30 layers, 3 KV heads, D=64)": (30, 3, 64),
           "InternLM2.5-1.8B (24 layers, 8 KV heads, D=128)": (24, 8, 128)}
 
@@ -49,10 +55,25 @@ def capacity_rows() -> list[str]:
     return rows
 
 
-def measure(model_dir: Path, policy: int, windows: int, tokenizer) -> dict:
-    log(f"{POLICIES[policy]}: perplexity over {windows} windows ...")
+def static_copy(model_dir: Path, root: Path) -> Path:
+    """The model's files linked into `root`, with kv_qparams calibrated on PTB beside them."""
+    from quantserve.lite import calibrate, kv_qparams
+
+    copy = root / "model"
+    copy.mkdir()
+    for f in model_dir.iterdir():
+        (copy / f.name).symlink_to(f.resolve())
+    log("static parameters: lite calibrate (PTB, 128 x 512 tokens) + lite kv_qparams ...")
+    calibrate(str(copy), str(root / "stats"), "ptb", 128, 512, 4, progress=False)
+    kv_qparams(str(root / "stats"), str(copy))
+    return copy
+
+
+def measure(model_dir: Path, policy: int, windows: int, tokenizer, label: str) -> dict:
+    log(f"{label}: perplexity over {windows} windows ...")
     engine = Engine(model_dir, EngineConfig(quant_policy=policy, max_prefill_token_num=64, session_len=2049,
                                             max_batch_size=16), progress=False)
+    assert engine.kv_cache_dtype.endswith("static") == label.endswith("static")
     result = perplexity(engine, dataset_text("wikitext2"), tokenizer, 2048, windows)
     speeds = {}
     for n in (1, 16):
@@ -61,7 +82,7 @@ def measure(model_dir: Path, policy: int, windows: int, tokenizer) -> dict:
         engine.scheduler.token_budget = 8192
         _, t = min(run_requests(engine, prompts, 128) for _ in range(2))
         speeds[n] = n * 127 / t
-    log(f"{POLICIES[policy]}: ppl {result.ppl:.4f}, decode {speeds}")
+    log(f"{label}: ppl {result.ppl:.4f}, decode {speeds}")
     return {"ppl": result.ppl, "tokens": result.tokens, "decode_b1": speeds[1], "decode_b16": speeds[16]}
 
 
@@ -72,7 +93,10 @@ def main() -> None:
     args = p.parse_args()
     model_dir = resolve_model(args.model)
     tokenizer = Tokenizer(model_dir).hf
-    results = {POLICIES[q]: measure(model_dir, q, args.windows, tokenizer) for q in POLICIES}
+    with tempfile.TemporaryDirectory() as tmp:
+        static_dir = static_copy(model_dir, Path(tmp))
+        results = {label: measure(static_dir if static else model_dir, q, args.windows, tokenizer, label)
+                   for label, (q, static) in SETTINGS.items()}
     base = results["float16"]
     rows = ["| KV cache | WikiText-2 ppl | vs float16 | decode b=1 | decode 16 seqs |", "|---|---:|---:|---:|---:|"]
     for name, r in results.items():

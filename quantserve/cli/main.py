@@ -9,7 +9,8 @@ from quantserve.cli.args import FlexibleParser
 COMMANDS = {
     "chat": ("quantserve.cli.chat", "interactive chat in the terminal (one turn per line when piped)"),
     "serve": ("quantserve.cli.serve", "serve a model: OpenAI-compatible api_server, and api_client"),
-    "lite": ("quantserve.cli.lite", "quantize weights: auto_awq, auto_gptq, rtn"),
+    "lite": ("quantserve.cli.lite", "quantize weights (auto_awq, auto_gptq, rtn); static KV (calibrate, kv_qparams)"),
+    "convert": ("quantserve.cli.convert", "a deployment workspace: the weights prepacked as the kernels run them"),
     "eval": ("quantserve.cli.eval", "evaluate a model: perplexity on WikiText-2 or PTB through the engine"),
     "bench": ("quantserve.cli.bench", "benchmark: engine throughput and latency, or any OpenAI-compatible server"),
     "mem": ("quantserve.cli.mem", "memory calculator: weights, KV cache, other; inference and training"),

@@ -20,7 +20,7 @@ from quantserve.kvcache.budget import CachePlan, free_memory, plan_cache
 from quantserve.kvcache.paged import PagedKVCache
 from quantserve.models.loader import (load_model, load_time_spec, model_args, model_config, require_supported,
                                       torch_dtype)
-from quantserve.models.workspace import load_static_kv, saved_settings
+from quantserve.models.workspace import load_static_kv, model_dir_of, saved_settings
 
 logger = logging.getLogger("quantserve")
 
@@ -50,7 +50,8 @@ class Engine:
         self.config = config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        cfg = model_config(Path(model_path), config.model_overrides())
+        model_path = model_dir_of(Path(model_path))     # a workspace: its triton_models/weights
+        cfg = model_config(model_path, config.model_overrides())
         require_supported(cfg, config.model_format, config.quantization)
         self.args = model_args(cfg)
         saved = saved_settings(Path(model_path))      # a workspace's config.ini: defaults below the flags

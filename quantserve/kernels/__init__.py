@@ -173,9 +173,34 @@ def pack_quantized(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
     return panels.contiguous(), by_panel(scale), by_panel(offset)
 
 
+def unpack_quantized(panels: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int, n: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pack_quantized's inverse: -> codes [n, K] uint8, scales and mins [n, G] float32."""
+    p, kb = panels.shape[:2]
+    if bits == 4:
+        c = torch.stack([panels & 0x0F, panels >> 4], dim=3)                             # [P, K/8, 8, 2, 4]
+        codes = c.permute(0, 2, 1, 3, 4).reshape(p * QPANEL, kb * 8)
+    else:
+        codes = (panels.permute(0, 2, 1, 3).reshape(p * QPANEL, kb * 4).short() + 128).to(torch.uint8)
+
+    def by_row(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(-1, t.shape[1]).float()[:n]                       # [n, G]
+
+    scale, offset = by_row(scales), by_row(mins)
+    return codes[:n].contiguous(), scale, offset - 128 * scale if bits == 8 else offset
+
+
+def unpack_weight(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """pack_weight's inverse (and bf16.pack_pairs', given its [P, K/2, 16, 2]): -> [n, K]."""
+    if packed.dim() == 4:
+        packed = packed.reshape(packed.shape[0], -1, PANEL, 2).transpose(2, 3).reshape(packed.shape[0], -1, PANEL)
+    return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:n].contiguous()
+
+
 class QuantCache(ctypes.Structure):
     _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
-                ("bits", ctypes.c_int), ("groups", ctypes.c_int)]
+                ("bits", ctypes.c_int), ("groups", ctypes.c_int), ("fixed_scale", ctypes.c_void_p),
+                ("fixed_zero", ctypes.c_void_p), ("hkv", ctypes.c_int)]       # fixed: written only by kv_write
 
 
 def param_groups(data: torch.Tensor, scale: torch.Tensor) -> int:

@@ -18,7 +18,7 @@ from quantserve.models.families import Family, registry
 from quantserve.models.layers import CausalLM, ModelArgs, QuantizedEmbedding
 from quantserve.models.ops import ops_for
 from quantserve.models.rope import RotaryEmbedding
-from quantserve.models.workspace import SIDE_FILES
+from quantserve.models.workspace import SIDE_FILES, has_runtime, load_runtime
 from quantserve.quant.checkpoint import split_quantized
 from quantserve.quant.linear import QuantLinear
 from quantserve.quant.primitives import QuantizedWeight, QuantSpec
@@ -139,6 +139,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
     cfg = cfg or read_config(model_dir)
     family = family_for(cfg)
     args = family.model_args(cfg)
+    if has_runtime(model_dir):          # a workspace: the weights as the kernels run them
+        return prepacked_model(model_dir, args, device, max_positions, dtype, head_bits)
     raw = read_checkpoint(checkpoint_files(model_dir), progress)
     quantized = {}
     if cfg.get("quantization_config"):
@@ -146,13 +148,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
     elif quantize is not None:
         raw, quantized = rounded_at_load(raw, cfg, family, quantize, progress)
     weights = family.convert_weights(raw, args)
-    rope = RotaryEmbedding(args.rotary_dim, args.rope_theta, args.rope_scaling,
-                           args.max_position_embeddings, max_positions)
-    ops = ops_for(device, args.hidden_size, args.intermediate_size, args.head_dim, args.num_heads, args.num_kv_heads,
-                  args.rotary_dim, args.attn_softcap)
-    rope_local = local_rope(args, max_positions)
-    with torch.device("meta"):
-        model = CausalLM(args, rope, ops, rope_local)
+    model = skeleton(args, device, max_positions)
     compute = torch.float32 if device == "cpu" else dtype
     weights = {k: v.to(compute if "norm" in k else dtype) for k, v in weights.items()}
     codes = fused_quantized(family, quantized, args)
@@ -176,6 +172,26 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, max_positions: 
     model = model.to(device).eval()
     model.finalize(compute, head_bits)
     return model
+
+
+def skeleton(args: ModelArgs, device: str, max_positions: int) -> CausalLM:
+    """The model on the meta device, with its ops (decided here, once) and rotary tables."""
+    rope = RotaryEmbedding(args.rotary_dim, args.rope_theta, args.rope_scaling,
+                           args.max_position_embeddings, max_positions)
+    ops = ops_for(device, args.hidden_size, args.intermediate_size, args.head_dim, args.num_heads, args.num_kv_heads,
+                  args.rotary_dim, args.attn_softcap)
+    with torch.device("meta"):
+        return CausalLM(args, rope, ops, local_rope(args, max_positions))
+
+
+def prepacked_model(model_dir: Path, args: ModelArgs, device: str, max_positions: int, dtype: torch.dtype,
+                    head_bits: int) -> CausalLM:
+    """A workspace's runtime.pt, memory-mapped (models/workspace.py)."""
+    model = skeleton(args, device, max_positions)
+    notice = load_runtime(model, model_dir, torch.float32 if device == "cpu" else dtype, head_bits)
+    if notice:
+        print(f"quantserve: {notice}", file=sys.stderr)
+    return model.eval()
 
 
 def rounded_at_load(raw: dict[str, torch.Tensor], cfg: dict, family: Family, spec: QuantSpec, progress: bool

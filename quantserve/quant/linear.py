@@ -65,6 +65,17 @@ class PanelLinear(nn.Module):
         self.register_buffer("packed", packed)          # [N/16, K, 16], or bf16 pairs [N/16, K/2, 16, 2]
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data.float(), requires_grad=False)
 
+    @classmethod
+    def prepacked(cls, ops, packed: torch.Tensor, wtype: int, in_features: int, out_features: int,
+                  bias: torch.Tensor | None) -> PanelLinear:
+        """Panels `quantserve convert` saved, taken as they are (memory-mapped, never copied)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.ops, self.in_features, self.out_features, self.wtype = ops, in_features, out_features, wtype
+        self.register_buffer("packed", packed)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        return self
+
     def load_weight(self, w: torch.Tensor) -> None:
         self.packed, self.wtype = self.ops.pack_float(w.to(self.packed.dtype))
 
@@ -85,6 +96,18 @@ class IntPanelLinear(nn.Module):
         self.register_buffer("qscales", scales)         # [P, G, 8] float16
         self.register_buffer("qmins", mins)             # [P, G, 8] float16
         self.bias = linear.bias
+
+    @classmethod
+    def prepacked(cls, ops, panels: tuple[torch.Tensor, torch.Tensor, torch.Tensor], spec: QuantSpec,
+                  in_features: int, out_features: int, bias: torch.Tensor | None) -> IntPanelLinear:
+        """VNNI panels `quantserve convert` saved, taken as they are (memory-mapped, never copied)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.ops, self.in_features, self.out_features, self.spec = ops, in_features, out_features, spec
+        for name, t in zip(("qcodes", "qscales", "qmins"), panels):
+            self.register_buffer(name, t)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        return self
 
     @property
     def group(self) -> int:
