@@ -31,7 +31,9 @@ WEIGHTS = Path("triton_models") / "weights"
 TOKENIZER = Path("triton_models") / "tokenizer"
 ENGINE_INI = "config.ini"
 KV_QPARAMS = "kv_qparams.safetensors"
-SIDE_FILES = (KV_QPARAMS,)         # safetensors beside the weights that are not checkpoint shards
+CALIBRATION_FILES = ("calibration.json", "inputs_stats.safetensors", "key_stats.safetensors",
+                     "value_stats.safetensors")          # `lite calibrate`'s work dir (quant/statistics.py)
+SIDE_FILES = (KV_QPARAMS, *CALIBRATION_FILES)   # files beside the weights that are not checkpoint shards
 SECTION = "llama"                  # LMDeploy's section name, whatever the architecture
 SETTINGS = {"quant_policy": int, "session_len": int}
 

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
+from quantserve.models.workspace import CALIBRATION_FILES
 from quantserve.quant.formats import pack_awq, pack_gptq, unpack_awq, unpack_gptq
 from quantserve.quant.primitives import QuantError, QuantizedWeight, QuantSpec
 
 COPIED = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
           "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
-OUTPUT_FILES = {"config.json", "model.safetensors", *COPIED}
+OUTPUT_FILES = {"config.json", "model.safetensors", *COPIED, *CALIBRATION_FILES}
 
 
 def quantization_config(method: str, spec: QuantSpec, desc_act: bool = False) -> dict:
@@ -59,6 +60,9 @@ def write_checkpoint(src_dir: Path, out_dir: Path, config: dict, tensors: dict[s
             for name in COPIED:
                 if (Path(src_dir) / name).is_file():
                     shutil.copy2(Path(src_dir) / name, tmp / name)
+            for name in CALIBRATION_FILES:      # `lite calibrate` ran into this work dir first (seed 001)
+                if (out_dir / name).is_file():
+                    shutil.copy2(out_dir / name, tmp / name)
     except OSError as e:
         raise QuantError(f"--work-dir {out_dir}: cannot write there ({e.strerror or e})") from None
 

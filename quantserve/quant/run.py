@@ -22,6 +22,7 @@ from tqdm import tqdm
 from quantserve.quant.arch import arch_for, num_experts, quantized_linears
 from quantserve.quant.calib import MIN_EXPERT_ROWS
 from quantserve.quant.checkpoint import check_replaceable, save_float, save_quantized
+from quantserve.models.workspace import SIDE_FILES
 from quantserve.quant.primitives import QuantError, QuantSpec, check_spec, quantize
 
 
@@ -153,7 +154,7 @@ def summary(job: LiteJob, start: float, float_bytes: int, src: Path, data_free: 
     out = Path(job.work_dir)
     disk_before = sum(f.stat().st_size for f in src.iterdir() if f.is_file())
     disk_after = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    quant_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    quant_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors") if f.name not in SIDE_FILES)
     return (f"quantized {src.name} with {job.method.upper()} W{job.spec.bits} g{job.spec.group_size} "
             f"in {time.monotonic() - start:.1f} s -> {out}\n"
             f"on disk:   {disk_before / 1e6:,.1f} MB -> {disk_after / 1e6:,.1f} MB\n"

@@ -25,10 +25,11 @@ import torch
 from tqdm import tqdm
 
 from quantserve.kvcache.quant import groups_for, hadamard, rotates, static_qparams
-from quantserve.models.workspace import KV_QPARAMS
+from quantserve.models.workspace import CALIBRATION_FILES, KV_QPARAMS
 from quantserve.quant.primitives import QuantError
 
-STAT_FILES = {"k": "key_stats.safetensors", "v": "value_stats.safetensors"}
+ABOUT, INPUT_STATS, KEY_STATS, VALUE_STATS = CALIBRATION_FILES
+STAT_FILES = {"k": KEY_STATS, "v": VALUE_STATS}
 
 
 class ChannelStats:
@@ -114,10 +115,10 @@ def calibrate(model_dir: Path, windows: list[list[int]], batch_size: int, work_d
     for which, name in STAT_FILES.items():
         save_file(_contiguous(recorder.tensors(which)), str(work_dir / name))
     save_file(_contiguous({f"{n}.{k}": t for n, s in inputs.items() for k, t in s.all().items()}),
-              str(work_dir / "inputs_stats.safetensors"))
+              str(work_dir / INPUT_STATS))
     about = {**about, "tokens": seqlen * len(windows), "layers": engine.args.num_layers,
              "kv_heads": engine.args.num_kv_heads, "head_dim": engine.args.head_dim}
-    (work_dir / "calibration.json").write_text(json.dumps(about, indent=2) + "\n")
+    (work_dir / ABOUT).write_text(json.dumps(about, indent=2) + "\n")
     return (f"calibrated on {about['tokens']} tokens of {about['dataset']}: K/V ranges of {about['layers']} layers, "
             f"inputs of {len(inputs)} linears -> {work_dir}")
 
@@ -138,10 +139,10 @@ def kv_qparams(work_dir: Path, target: Path, symmetric: bool) -> str:
     """Static K / V parameters for 8 and 4 bits from `calibrate`'s statistics -> target/kv_qparams.safetensors."""
     from safetensors.torch import load_file, save_file
 
-    missing = [n for n in (*STAT_FILES.values(), "calibration.json") if not (work_dir / n).is_file()]
+    missing = [n for n in (*STAT_FILES.values(), ABOUT) if not (work_dir / n).is_file()]
     if missing:
         raise QuantError(f"--work-dir {work_dir}: no {missing[0]}; run `quantserve lite calibrate` into it first")
-    about = json.loads((work_dir / "calibration.json").read_text())
+    about = json.loads((work_dir / ABOUT).read_text())
     out = {}
     for which, name in STAT_FILES.items():
         stats = load_file(str(work_dir / name))
