@@ -13,7 +13,7 @@ SUPPORTED_DEVICES = ("cpu", "cuda")
 SUPPORTED_MODEL_FORMATS = (None, "hf", "gguf", "awq", "gptq")
 # vLLM's --quantization: a checked claim about the checkpoint, or (w8a8, w4a16) a data-free
 # round-to-nearest of a float one at load
-SUPPORTED_QUANTIZATION = (None, "none", "awq", "gptq", "gguf", "w8a8", "w4a16")
+SUPPORTED_QUANTIZATION = (None, "none", "awq", "gptq", "gguf", "smooth_quant", "w8a8", "w4a16")
 GPU_ONLY_QUANTIZATION = ("fp8", "fbgemm_fp8", "marlin", "gptq_marlin", "gptq_marlin_24", "awq_marlin", "bitsandbytes",
                          "aqlm", "deepspeedfp", "tpu_int8", "modelopt", "compressed-tensors", "experts_int8", "qqq",
                          "neuron_quant")
@@ -95,7 +95,8 @@ class EngineConfig:
                f"quantization {self.quantization} runs on GPUs only; on a CPU quantserve runs awq, gptq, gguf, "
                "w8a8 and w4a16 (the last two quantize a float model at load)")
         _check(self.quantization in SUPPORTED_QUANTIZATION,
-               f"quantization {self.quantization!r} is not supported; supported: awq, gptq, gguf, w8a8, w4a16, none")
+               f"quantization {self.quantization!r} is not supported; supported: awq, gptq, gguf, smooth_quant, w8a8, "
+               "w4a16, none")
 
 
 @dataclass

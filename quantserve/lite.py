@@ -3,7 +3,7 @@
     from quantserve import lite
     lite.auto_gptq("path/to/float-model", "path/to/out", w_bits=4, w_group_size=128,
                    calib_dataset="wikitext2", calib_samples=256, calib_seqlen=1024)
-    lite.auto_awq(...); lite.rtn(...)
+    lite.auto_awq(...); lite.rtn(...); lite.smooth_quant(...)
     lite.calibrate("path/to/float-model", "stats/"); lite.kv_qparams("stats/", "path/to/model-or-workspace")
 
 Each quantizer writes a checkpoint that `pipeline()`, `LLM()` and `serve api_server` load, and returns the
@@ -30,6 +30,15 @@ def auto_gptq(model: str, work_dir: str, w_bits: int = 4, w_group_size: int = 12
                     batch_size, progress, damp_percent=damp_percent, desc_act=desc_act)
 
 
+def smooth_quant(model: str, work_dir: str, calib_dataset: str = "ptb", calib_samples: int = 128,
+                 calib_seqlen: int = 2048, batch_size: int = 1, smooth_alpha: float = 0.5, progress: bool = True) -> str:
+    """SmoothQuant W8A8: outliers migrated from activations into weights, int8 per output channel."""
+    from quantserve.quant.smooth import SPEC
+
+    return quantize(model, work_dir, "smooth_quant", SPEC.bits, SPEC.group_size, SPEC.symmetric, calib_dataset,
+                    calib_samples, calib_seqlen, batch_size, progress, smooth_alpha=smooth_alpha)
+
+
 def rtn(model: str, work_dir: str, w_bits: int = 4, w_group_size: int = 128, w_sym: bool = False,
         progress: bool = True) -> str:
     """Round-to-nearest, data-free."""
@@ -38,7 +47,7 @@ def rtn(model: str, work_dir: str, w_bits: int = 4, w_group_size: int = 128, w_s
 
 def quantize(model: str, work_dir: str, method: str, bits: int, group: int, sym: bool, dataset: str, samples: int,
              seqlen: int, batch_size: int, progress: bool, **options) -> str:
-    """Any method (rtn, awq, gptq); options: LiteJob's fields (search_scale, clip, damp_percent, …)."""
+    """Any method (rtn, awq, gptq, smooth_quant); options: LiteJob's fields (search_scale, clip, …)."""
     from quantserve.quant.calib import check_dataset
     from quantserve.quant.primitives import QuantSpec
     from quantserve.quant.run import LiteJob, run

@@ -34,7 +34,7 @@ def quantserve(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("family, dtype", [("llama", "float16"), ("llama3", "bfloat16"), ("qwen3_moe", "float32"),
-                                           ("gemma2", "float32")])
+                                           ("gemma3", "float32"), ("gemma2", "float32")])
 def test_a_workspace_runs_the_same_tokens_from_memory_mapped_runtime_tensors(tiny_dirs, tmp_path, family, dtype):
     workspace = tmp_path / "workspace"
     summary = convert("internlm-chat-7b", str(tiny_dirs[family]), str(workspace), progress=False)

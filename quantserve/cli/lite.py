@@ -8,24 +8,29 @@ import sys
 
 from quantserve.cli.args import boolean
 
-METHODS = {"auto_awq": "awq", "auto_gptq": "gptq", "rtn": "rtn"}
+METHODS = {"auto_awq": "awq", "auto_gptq": "gptq", "rtn": "rtn", "smooth_quant": "smooth_quant"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="lite_command", required=True,
-                           metavar="{auto_awq,auto_gptq,rtn,calibrate,kv_qparams}")
+                           metavar="{auto_awq,auto_gptq,rtn,smooth_quant,calibrate,kv_qparams}")
     helps = {"auto_awq": "AWQ: activation-aware scales and clipping, then 4-bit group quantization",
              "auto_gptq": "GPTQ: Hessian-based error compensation, layer by layer",
-             "rtn": "round-to-nearest, data-free"}
+             "rtn": "round-to-nearest, data-free",
+             "smooth_quant": "SmoothQuant W8A8: activation outliers migrated into the weights, int8 per channel"}
     for name, text in helps.items():
         q = sub.add_parser(name, help=text, description=text)
         q.add_argument("model_path", nargs="?", default=None,
                        help="a float Hugging Face model directory, or a .gguf file")
         q.add_argument("--model", dest="model_flag", default=None, help="the model, as LMDeploy's older --model")
         q.add_argument("--work-dir", default="./work_dir", help="where the quantized model is written")
-        q.add_argument("--w-bits", type=int, default=4, help="weight bits: 4 or 8")
-        q.add_argument("--w-group-size", type=int, default=128, help="input channels per group: 32, 64, 128, -1")
-        q.add_argument("--w-sym", action="store_true", help="symmetric quantization (no zero point)")
+        smooth = name == "smooth_quant"
+        q.add_argument("--w-bits", type=int, default=8 if smooth else 4, help="weight bits: 4 or 8 (smooth_quant: 8)")
+        q.add_argument("--w-group-size", type=int, default=-1 if smooth else 128,
+                       help="input channels per group: 32, 64, 128, -1 (smooth_quant: -1, per channel)")
+        q.add_argument("--w-sym", action="store_true", default=smooth, help="symmetric quantization (no zero point)")
+        q.add_argument("--smooth-alpha", "--migration-strength", type=float, default=0.5,
+                       help="smooth_quant: how much of the activations' range moves into the weights")
         q.add_argument("--calib-dataset", default="ptb", help="ptb, wikitext2, c4, pileval, or a .txt/.jsonl path")
         q.add_argument("--calib-samples", type=int, default=128, help="0 = data-free (round-to-nearest)")
         q.add_argument("--calib-seqlen", type=int, default=2048)
@@ -90,7 +95,8 @@ def run(ns) -> int:
     samples = 0 if ns.lite_command == "rtn" else ns.calib_samples
     print(quantize(model_of(ns), ns.work_dir, METHODS[ns.lite_command], ns.w_bits, ns.w_group_size, ns.w_sym,
                    ns.calib_dataset, samples, ns.calib_seqlen, ns.batch_size, True, search_scale=ns.search_scale,
-                   clip=not ns.no_clip, damp_percent=ns.damp_percent, desc_act=ns.desc_act, fake_quant=ns.fake_quant))
+                   clip=not ns.no_clip, damp_percent=ns.damp_percent, desc_act=ns.desc_act, fake_quant=ns.fake_quant,
+                   smooth_alpha=ns.smooth_alpha))
     return 0
 
 

@@ -180,8 +180,9 @@ def skeleton(args: ModelArgs, device: str, max_positions: int) -> CausalLM:
                            args.max_position_embeddings, max_positions)
     ops = ops_for(device, args.hidden_size, args.intermediate_size, args.head_dim, args.num_heads, args.num_kv_heads,
                   args.rotary_dim, args.attn_softcap)
+    rope_local = local_rope(args, max_positions)
     with torch.device("meta"):
-        return CausalLM(args, rope, ops, local_rope(args, max_positions))
+        return CausalLM(args, rope, ops, rope_local)
 
 
 def prepacked_model(model_dir: Path, args: ModelArgs, device: str, max_positions: int, dtype: torch.dtype,
@@ -272,13 +273,15 @@ def require_supported(cfg: dict, model_format: str | None = None, quantization: 
     family_for(cfg)
     q = cfg.get("quantization_config")
     method = q.get("quant_method") if q else None
-    if q and method not in ("awq", "gptq", "gguf"):
-        raise ConfigError(f"quantized checkpoints ({method}) are not supported; awq, gptq and converted GGUF are")
+    if q and method not in ("awq", "gptq", "gguf", "smooth_quant"):
+        raise ConfigError(f"quantized checkpoints ({method}) are not supported; awq, gptq, smooth_quant and "
+                          "converted GGUF are")
     for flag, claim in (("model_format", model_format), ("quantization", quantization)):
-        if claim in ("awq", "gptq", "gguf") and method != claim:
-            how = "pass the .gguf file" if claim == "gguf" else f"make one with `quantserve lite auto_{claim}`"
+        if claim in ("awq", "gptq", "gguf", "smooth_quant") and method != claim:
+            how = "pass the .gguf file" if claim == "gguf" else \
+                f"make one with `quantserve lite {claim if claim == 'smooth_quant' else 'auto_' + claim}`"
             raise ConfigError(f"the model is {method or 'not quantized (hf)'}, not {claim}; {how}", field=flag)
-    if quantization == "w8a8" and method:
+    if quantization == "w8a8" and method not in (None, "smooth_quant"):
         raise ConfigError(f"w8a8 quantizes a float model at load; this one is already {method}", field="quantization")
 
 

@@ -75,17 +75,24 @@ def apply_scale_group(weights: dict, arch: Arch, layer: int, group: ScaleGroup, 
         output = mlp_output(weights[f"{group.mlp_down}.weight"].float())
     alpha = best_alpha(w, mean_abs, x.rows_sample(), spec, output) if search else 0.5
     s = scales_for(mean_abs, alpha)
-    for c in consumers:
+    fold(weights, arch, group, s)
+    return s
+
+
+def fold(weights: dict, arch: Arch, group: ScaleGroup, s: torch.Tensor) -> None:
+    """The consumers' input columns times s, the producer's output divided by s: the float model
+    computes the same function (AWQ's and SmoothQuant's migration)."""
+    for c in group.consumers:
         weights[f"{c}.weight"] = (weights[f"{c}.weight"].float() * s).to(weights[f"{c}.weight"].dtype)
+    prod_w = weights[f"{group.producer}.weight"]
     if prod_w.dim() == 1:                               # a norm: its output is divided by s
         off = arch.norm_offset                          # Gemma's (1 + w): (1 + w') = (1 + w) / s
-        weights[f"{producer}.weight"] = ((prod_w.float() + off) / s - off).to(prod_w.dtype)
+        weights[f"{group.producer}.weight"] = ((prod_w.float() + off) / s - off).to(prod_w.dtype)
     else:                                               # a linear: its output rows
-        weights[f"{producer}.weight"] = (prod_w.float() / s.unsqueeze(1)).to(prod_w.dtype)
-        bias = weights.get(f"{producer}.bias")
+        weights[f"{group.producer}.weight"] = (prod_w.float() / s.unsqueeze(1)).to(prod_w.dtype)
+        bias = weights.get(f"{group.producer}.bias")
         if bias is not None:
-            weights[f"{producer}.bias"] = (bias.float() / s).to(bias.dtype)
-    return s
+            weights[f"{group.producer}.bias"] = (bias.float() / s).to(bias.dtype)
 
 
 def scales_for(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:

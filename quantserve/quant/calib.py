@@ -78,6 +78,7 @@ class InputStats:
     with_hessian: bool = False
     hessian_share: float = 1.0
     abs_sum: torch.Tensor | None = None
+    abs_max: torch.Tensor | None = None          # per channel (SmoothQuant)
     xtx: torch.Tensor | None = None
     rows: int = 0
     hessian_rows: int = 0
@@ -87,6 +88,8 @@ class InputStats:
     def add(self, x: torch.Tensor) -> None:                     # x: [T, K]
         x = x.float()
         self.abs_sum = x.abs().sum(0) if self.abs_sum is None else self.abs_sum + x.abs().sum(0)
+        top = x.abs().amax(0)
+        self.abs_max = top if self.abs_max is None else torch.maximum(self.abs_max, top)
         if self.with_hessian:
             self._add_hessian(x)
         self.rows += x.shape[0]

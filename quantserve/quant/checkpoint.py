@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from quantserve.models.workspace import CALIBRATION_FILES
+from quantserve.quant import smooth
 from quantserve.quant.formats import pack_awq, pack_gptq, unpack_awq, unpack_gptq
 from quantserve.quant.primitives import QuantError, QuantizedWeight, QuantSpec
 
@@ -26,6 +27,8 @@ OUTPUT_FILES = {"config.json", "model.safetensors", *COPIED, *CALIBRATION_FILES}
 
 
 def quantization_config(method: str, spec: QuantSpec, desc_act: bool = False) -> dict:
+    if method == "smooth_quant":
+        return dict(smooth.QUANTIZATION_CONFIG)
     if method == "awq":
         return {"quant_method": "awq", "version": "gemm", "bits": spec.bits, "group_size": spec.group_size,
                 "zero_point": not spec.symmetric}
@@ -38,7 +41,7 @@ def save_quantized(src_dir: Path, out_dir: Path, config: dict, floats: dict[str,
     """floats: every tensor kept in floating point (HF names; float32 is stored as float16, as
     AutoAWQ does); quantized: linear name -> codes."""
     tensors = {k: (v.half() if v.dtype == torch.float32 else v).contiguous() for k, v in floats.items()}
-    pack = pack_awq if method == "awq" else pack_gptq
+    pack = {"awq": pack_awq, "gptq": pack_gptq, "smooth_quant": smooth.pack}[method]
     for name, qw in quantized.items():
         tensors.update({f"{name}.{k}": v for k, v in pack(qw).items()})
     write_checkpoint(src_dir, out_dir, {**config, "quantization_config": quantization_config(method, spec)}, tensors)
@@ -138,8 +141,10 @@ def split_quantized(weights: dict[str, torch.Tensor], qcfg: dict
     bits, group = int(qcfg.get("bits", 4)), int(qcfg.get("group_size", 128))
     if method == "gguf":
         return split_gguf(weights, group)
+    if method == "smooth_quant":
+        return split_smooth(weights)
     if method not in ("awq", "gptq"):
-        raise QuantError(f"quantization method {method!r} is not supported (awq, gptq and gguf are)")
+        raise QuantError(f"quantization method {method!r} is not supported (awq, gptq, smooth_quant and gguf are)")
     if method == "awq" and str(qcfg.get("version", "gemm")).lower() != "gemm":
         raise QuantError(f"AWQ version {qcfg.get('version')!r} is not supported (gemm is)")
     bases = sorted(n[: -len(".qweight")] for n in weights if n.endswith(".qweight"))
@@ -156,6 +161,14 @@ def split_quantized(weights: dict[str, torch.Tensor], qcfg: dict
                                  "supported; quantize with --desc-act False, or with static groups")
             quantized[base] = qw
     return weights, quantized
+
+
+def split_smooth(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight]]:
+    """A SmoothQuant checkpoint: every linear with an int8 `weight` and a per-channel `scale`."""
+    bases = sorted(n.removesuffix(".scale") for n in weights
+                   if n.endswith(".scale") and weights.get(n.removesuffix(".scale") + ".weight") is not None
+                   and weights[n.removesuffix(".scale") + ".weight"].dtype == torch.int8)
+    return weights, {b: smooth.unpack(weights.pop(f"{b}.weight"), weights.pop(f"{b}.scale")) for b in bases}
 
 
 def split_gguf(weights: dict[str, torch.Tensor], group: int

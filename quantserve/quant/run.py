@@ -23,6 +23,7 @@ from quantserve.quant.arch import arch_for, num_experts, quantized_linears
 from quantserve.quant.calib import MIN_EXPERT_ROWS
 from quantserve.quant.checkpoint import check_replaceable, save_float, save_quantized
 from quantserve.models.workspace import SIDE_FILES
+from quantserve.quant.smooth import SPEC as SMOOTH_SPEC
 from quantserve.quant.primitives import QuantError, QuantSpec, check_spec, quantize
 
 
@@ -30,7 +31,7 @@ from quantserve.quant.primitives import QuantError, QuantSpec, check_spec, quant
 class LiteJob:
     model: str
     work_dir: str
-    method: str                     # rtn, awq or gptq
+    method: str                     # rtn, awq, gptq or smooth_quant
     spec: QuantSpec
     calib_dataset: str = "ptb"
     calib_samples: int = 128
@@ -42,6 +43,7 @@ class LiteJob:
     desc_act: bool = True           # GPTQ act-order (static groups: free at inference)
     progress: bool = True
     fake_quant: bool = False        # write dequantized float weights (any bits, e.g. W3 for evaluation)
+    smooth_alpha: float = 0.5       # SmoothQuant's migration strength
 
 
 def run(job: LiteJob, start: float | None = None, origin: Path | None = None) -> str:
@@ -55,6 +57,9 @@ def run(job: LiteJob, start: float | None = None, origin: Path | None = None) ->
     if (cfg.get("quantization_config") or {}).get("quant_method") == "gguf":
         with dequantized_copy(src, cfg, job.progress) as float_dir:     # calibration runs the float model
             return run(replace(job, model=str(float_dir)), start, src)
+    if job.method == "smooth_quant" and (job.spec != SMOOTH_SPEC or not job.calib_samples):
+        raise QuantError("smooth_quant needs calibration samples (--calib-samples > 0) and writes int8 weights per "
+                         "output channel (--w-bits 8)")
     if job.spec.bits not in (4, 8) and not job.fake_quant:
         raise QuantError(f"--w-bits {job.spec.bits}: packed checkpoints hold 4 or 8 bits; add --fake-quant to "
                          "write dequantized weights for evaluation")
@@ -74,7 +79,8 @@ def run(job: LiteJob, start: float | None = None, origin: Path | None = None) ->
             weights[f"{name}.weight"] = qw.dequantize().to(weights[f"{name}.weight"].dtype)
         save_float(src, Path(job.work_dir), cfg, weights)
         return summary(job, start, float_bytes, origin or src, data_free)
-    method = "gptq" if job.method == "gptq" or job.spec.bits != 4 else "awq"
+    method = job.method if job.method == "smooth_quant" else "gptq" if job.method == "gptq" or job.spec.bits != 4 \
+        else "awq"
     for name in quantized:
         del weights[f"{name}.weight"]
     save_quantized(src, Path(job.work_dir), cfg, weights, quantized, method, job.spec)
@@ -118,6 +124,11 @@ def quantize_linears(job: LiteJob, cfg: dict, weights: dict[str, torch.Tensor], 
     if job.method == "rtn" or job.calib_samples == 0:
         return {name: rtn(weights[f"{name}.weight"], job.spec, gptq_zeros)
                 for name in tqdm(names, desc="round-to-nearest", disable=not job.progress, file=sys.stderr)}
+    if job.method == "smooth_quant":
+        from quantserve.quant.smooth import smooth_quant
+
+        return smooth_quant(weights, arch_for(cfg["model_type"]), cfg["num_hidden_layers"], calibrate(job),
+                            job.smooth_alpha, job.progress, num_experts(cfg))
     if job.method == "awq":
         from quantserve.quant.awq import awq
 
