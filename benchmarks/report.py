@@ -97,6 +97,48 @@ int4 here is better than LMDeploy's scheme on the same model: with plain per-tok
 head by a Hadamard matrix first brought that to +6.4%, and giving keys (which carry most of the
 error: int4 V alone costs +0.5%, int4 K alone +5.8%) a scale and zero per half of the head to
 the figure above. Capacity counts the 3 bytes of scale and zero per head and group.
+
+The "static" rows are LMDeploy's recipe from seed 001: `lite calibrate` on PTB (128 windows of
+512 tokens) and `lite kv_qparams` give each layer and KV head one scale and zero (per half of the
+head for int4 keys), and every token is stored with them. They cost more than the online (per
+token) parameters at the same bytes: +0.16% against +0.06% at int8, and at int4 +46.6% against
++4.7%: 15 levels spread over the range a head's values take across all tokens are too coarse for
+the tokens whose values are small. Online parameters stay the default; static ones are for the
+tutorial's commands and for comparison. Decode speed is the same for both (the same kernels read
+the same layout). In this run the int8 cache decodes 16 sequences slower than float16 (461 vs 678
+tokens/s): the quantized decode-attention kernel scores one key at a time, where the float one
+scores eight per dot product (the profile section above); it has not had that work yet.
+"""
+
+WORKSPACE = """## Loading a workspace vs the model directory (`benchmarks/bench_workspace.py`)
+
+`quantserve convert` saves the tensors the engine runs (panels, integer codes, the quantized
+output head) and a load maps them (`torch.load(mmap=True)`); from the model directory the engine
+reads the checkpoint, unpacks AWQ codes, packs panels and quantizes the output head every time.
+
+{table}
+A workspace's load maps the file and reads none of it: its pages come in on the first step,
+which is why "load + first token" is the fairer column. A W4 model's directory load repacks every
+layer and quantizes the output head, so it gains most; the default model was already quick to load
+as float16. A workspace is the size of the runtime tensors: for W4 models smaller than the AWQ
+checkpoint (whose int32-packed codes and float16 zero points it replaces with the kernels' layout).
+Measuring this found a second of every load spent outside the weights, in torch importing its
+reference ops to randomly initialise the embedding of the model skeleton on the meta device; the
+skeleton now takes its uninitialised weight, which is why the directory loads here are also
+shorter than before (SmolLM2 float16 1.06 s -> 0.25 s, Llama-3.2-1B W4 18.0 s -> 16.5 s).
+"""
+
+SMOOTH = """## SmoothQuant W8A8 (`benchmarks/bench_smooth_quant.py`)
+
+{table}
+Both int8 rows run on the same integer kernels and hold the same bytes, so their speeds agree
+(and beat float16: a step reads half the bytes). SmoothQuant does not help here, and costs
++0.37% where plain per-channel rounding costs nothing: the kernels quantize activations per row
+in blocks of 32 values, each block with its own scale, so an outlier channel only coarsens the
+31 values that share its block, not the whole token as in the paper's per-token scheme, and
+migrating the outliers into the weights then only makes the per-channel weight grid coarser.
+`lite smooth_quant` is there for LMDeploy's command and checkpoints; `-q w8a8` (or `lite rtn
+--w-bits 8 --w-group-size -1`) is the better W8A8 on these kernels.
 """
 
 WEIGHT_SPEED = """## Integer weights: speed and memory vs bfloat16 (`benchmarks/bench_weight_quant.py`)
@@ -485,7 +527,12 @@ def main() -> None:
     if (RESULTS / "shapes.md").exists():
         parts.append(SHAPES.format(table=table("shapes.md"), **shape_targets()))
     parts += [ENGINE.format(table=table("engine.md")), PROFILE.format(table=table("profile.md")),
-              KV.format(table=table("kv_quant.md")), PREFIX.format(table=table("prefix_cache.md")),
+              KV.format(table=table("kv_quant.md"))]
+    if (RESULTS / "workspace.md").exists():
+        parts.append(WORKSPACE.format(table=table("workspace.md")))
+    if (RESULTS / "smooth_quant.md").exists():
+        parts.append(SMOOTH.format(table=table("smooth_quant.md")))
+    parts += [PREFIX.format(table=table("prefix_cache.md")),
               WEIGHT_SPEED.format(table=table("weight_quant.md"), **weight_ratios()),
               WEIGHT_QUALITY.format(table=table("weight_quality.md"), bars=quality_bars(),
                                     lite_time=table("lite_time.md"))]

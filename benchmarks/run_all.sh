@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 python benchmarks/bench_engine.py
 python benchmarks/profile_decode.py
 python benchmarks/bench_kv_quant.py
+python benchmarks/bench_workspace.py
+python benchmarks/bench_smooth_quant.py
 python benchmarks/bench_prefix_cache.py
 python benchmarks/bench_weight_quant.py
 rm -f benchmarks/results/weight_quality.json     # it resumes from this file; start afresh

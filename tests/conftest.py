@@ -275,8 +275,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc, timeout: float = 180) -> bool:
-    """Poll url/health until 200; False if the process exits or the time runs out first."""
+def wait_healthy(url: str, proc, timeout: float = 180, path: str = "/health") -> bool:
+    """Poll url + path until 200; False if the process exits or the time runs out first."""
     import time
 
     import httpx
@@ -284,7 +284,7 @@ def wait_healthy(url: str, proc, timeout: float = 180) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(url + "/health").status_code == 200:
+            if httpx.get(url + path).status_code == 200:
                 return True
         except httpx.TransportError:
             pass

@@ -35,29 +35,12 @@ class Server:
         self.health = health
 
     def __enter__(self) -> Server:
-        if self.health == "/health":
-            assert wait_healthy(self.url, self.proc), self.proc.stderr.read()
-        else:
-            assert wait_for_page(self.url, self.proc), self.proc.stderr.read()
+        assert wait_healthy(self.url, self.proc, path=self.health), self.proc.stderr.read()
         return self
 
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
         self.proc.wait(30)
-
-
-def wait_for_page(url: str, proc, timeout: float = 180) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/").status_code == 200:
-                return True
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    return False
 
 
 def seed_002_script(url: str) -> str:

@@ -258,7 +258,9 @@ class CausalLM(nn.Module):
     def __init__(self, args: ModelArgs, rope: RotaryEmbedding, ops, rope_local: RotaryEmbedding | None = None):
         super().__init__()
         self.args, self.ops = args, ops
-        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        # given its (uninitialised) weight: a random init on the meta device costs a second of torch imports
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size,
+                                  _weight=torch.empty(args.vocab_size, args.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(args, i, ops) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
         self.lm_head = None if args.tie_word_embeddings else make_linear(args.hidden_size, args.vocab_size, bias=False)

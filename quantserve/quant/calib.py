@@ -132,21 +132,23 @@ def calibration_dtype() -> str:
     return "bfloat16" if bf16.available(cpu()) and envs.bf16_dot() else "float32"
 
 
-@torch.inference_mode()
-def collect_stats(model_dir: Path, windows: list[list[int]], batch_size: int, keep: int = 2048,
-                  progress: bool = True, hessian: bool = False) -> dict[str, InputStats]:
-    """Run the float model over the windows; internal projection name -> InputStats."""
-    from quantserve.config import EngineConfig, SamplingParams
+def calibration_engine(model_dir: Path, seqlen: int, batch_size: int):
+    """An engine sized for batches of calibration windows (prefill only, float KV cache)."""
+    from quantserve.config import EngineConfig
     from quantserve.engine.engine import Engine
 
-    seqlen = len(windows[0])
-    engine = Engine(model_dir, EngineConfig(dtype=calibration_dtype(), session_len=seqlen + 1,
-                                            max_batch_size=batch_size, cache_max_tokens=(seqlen + 64) * batch_size,
-                                            max_prefill_token_num=min(8192, seqlen * batch_size)), progress=False)
-    share = min(1.0, HESSIAN_ROWS / (seqlen * len(windows)))
-    stats = {f"layers.{p}": InputStats(keep, hessian, share) for p in projections(engine.model.layers)}
-    hooks = [engine.model.get_submodule(name).register_forward_pre_hook(
-        lambda _m, args, s=s: s.add(args[0])) for name, s in stats.items()]
+    return Engine(model_dir, EngineConfig(dtype=calibration_dtype(), session_len=seqlen + 1, max_batch_size=batch_size,
+                                          cache_max_tokens=(seqlen + 64) * batch_size, quant_policy=0,
+                                          max_prefill_token_num=min(8192, seqlen * batch_size)), progress=False)
+
+
+@torch.inference_mode()
+def run_windows(engine, windows: list[list[int]], batch_size: int, inputs: dict, progress: bool = True) -> None:
+    """Every window through the engine once; each projection's input rows go to inputs[name].add."""
+    from quantserve.config import SamplingParams
+
+    hooks = [engine.model.get_submodule(name).register_forward_pre_hook(lambda _m, args, s=s: s.add(args[0]))
+             for name, s in inputs.items()]
     try:
         for start in tqdm(range(0, len(windows), batch_size), desc="calibration", unit="batch",
                           disable=not progress, file=sys.stderr):
@@ -157,4 +159,13 @@ def collect_stats(model_dir: Path, windows: list[list[int]], batch_size: int, ke
     finally:
         for h in hooks:
             h.remove()
+
+
+def collect_stats(model_dir: Path, windows: list[list[int]], batch_size: int, keep: int = 2048,
+                  progress: bool = True, hessian: bool = False) -> dict[str, InputStats]:
+    """Run the float model over the windows; internal projection name -> InputStats."""
+    engine = calibration_engine(model_dir, len(windows[0]), batch_size)
+    share = min(1.0, HESSIAN_ROWS / (len(windows[0]) * len(windows)))
+    stats = {f"layers.{p}": InputStats(keep, hessian, share) for p in projections(engine.model.layers)}
+    run_windows(engine, windows, batch_size, stats, progress)
     return stats

@@ -18,11 +18,9 @@ workspace directory.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from quantserve.kvcache.quant import groups_for, hadamard, rotates, static_qparams
 from quantserve.models.workspace import CALIBRATION_FILES, KV_QPARAMS
@@ -82,35 +80,23 @@ class KVRecorder:
         return out
 
 
-@torch.inference_mode()
 def calibrate(model_dir: Path, windows: list[list[int]], batch_size: int, work_dir: Path, about: dict,
               progress: bool = True) -> str:
     """Run the windows through the float model, save the statistics; a one-line summary."""
     from safetensors.torch import save_file
 
-    from quantserve.config import SamplingParams
-    from quantserve.engine.engine import Engine
-    from quantserve.quant.calib import calibration_dtype, projections
+    from quantserve.quant.calib import calibration_engine, projections, run_windows
 
     seqlen = len(windows[0])
-    engine = Engine(model_dir, _calibration_config(seqlen, batch_size, calibration_dtype()), progress=False)
+    engine = calibration_engine(model_dir, seqlen, batch_size)
     ops = engine.model.layers[0].attn.ops
     recorder = KVRecorder(ops, engine.args.num_layers, engine.args.head_dim)
     inputs = {f"layers.{p}": ChannelStats() for p in projections(engine.model.layers)}
-    hooks = [engine.model.get_submodule(name).register_forward_pre_hook(lambda _m, args, s=s: s.add(args[0]))
-             for name, s in inputs.items()]
     ops.kv_write = recorder
     try:
-        for start in tqdm(range(0, len(windows), batch_size), desc="calibration", unit="batch",
-                          disable=not progress, file=sys.stderr):
-            for j, ids in enumerate(windows[start:start + batch_size]):
-                engine.add_request(f"c{start + j}", ids, SamplingParams(max_new_tokens=1))
-            while engine.has_work:
-                engine.step()
+        run_windows(engine, windows, batch_size, inputs, progress)
     finally:
         del ops.kv_write
-        for h in hooks:
-            h.remove()
     work_dir.mkdir(parents=True, exist_ok=True)
     for which, name in STAT_FILES.items():
         save_file(_contiguous(recorder.tensors(which)), str(work_dir / name))
@@ -121,14 +107,6 @@ def calibrate(model_dir: Path, windows: list[list[int]], batch_size: int, work_d
     (work_dir / ABOUT).write_text(json.dumps(about, indent=2) + "\n")
     return (f"calibrated on {about['tokens']} tokens of {about['dataset']}: K/V ranges of {about['layers']} layers, "
             f"inputs of {len(inputs)} linears -> {work_dir}")
-
-
-def _calibration_config(seqlen: int, batch_size: int, dtype: str):
-    from quantserve.config import EngineConfig
-
-    return EngineConfig(dtype=dtype, session_len=seqlen + 1, max_batch_size=batch_size, quant_policy=0,
-                        cache_max_tokens=(seqlen + 64) * batch_size,
-                        max_prefill_token_num=min(8192, seqlen * batch_size))
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
