@@ -70,6 +70,15 @@ def w4_model() -> Path:
     return out
 
 
+def free_port() -> int:
+    """A port the OS says is free now (one derived from the pid collided with a client's in CI)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_server(args, model: Path, port: int) -> subprocess.Popen:
     log = open(args.results / "server-soak.log", "w")
     cmd = ["quantserve", "serve", "api_server", str(model), "--quant-policy", args.quant_policy,
@@ -302,7 +311,7 @@ def main() -> int:
     if args.url:
         url, pid = args.url.rstrip("/"), args.pid
     else:
-        port = 20000 + os.getpid() % 20000
+        port = free_port()
         server = start_server(args, Path(args.model) if args.model else w4_model(), port)
         url, pid = f"http://127.0.0.1:{port}", server.pid
     try:

@@ -20,6 +20,7 @@ def test_the_soak_harness_runs_every_scenario_and_checks_the_engine(tiny_server_
            "--warmup", "5", "--interval", "5", "--clients", "6", "--label", "t", "--max-words", "60", "--results", str(tmp_path),
            "--server-args", "--dtype float32 --cache-max-tokens 8192 --session-len 2048 --num-threads 1"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert (tmp_path / "soak-t.json").is_file(), f"soak.py exited {done.returncode}: {done.stderr[-3000:]}"
     result = json.loads((tmp_path / "soak-t.json").read_text())
     assert result["outcomes"].get("unexpected error", 0) == 0, result["errors"]
     for name in SCENARIOS:

@@ -100,7 +100,11 @@ def test_another_kernel_layout_is_repacked_at_load_with_a_notice(tiny_dirs, tmp_
 
 def test_seed_001_flow_workspace_commands_and_static_kv(tiny_chat_model, tmp_path):
     workspace = tmp_path / "workspace"
+    from quantserve.models.resolve import resolve_model
+    from quantserve.text import BUILTIN_TEMPLATES, Tokenizer
+
     assert quantserve("convert", "internlm-chat-7b", str(tiny_chat_model), "--dst-path", str(workspace)).returncode == 0
+    assert Tokenizer(resolve_model(str(workspace))).chat_template == BUILTIN_TEMPLATES["internlm"]   # the name's
     chat = quantserve("chat", "turbomind", str(workspace), "--max-new-tokens", "4")
     assert chat.returncode == 0 and "LMDeploy backend" in chat.stderr
     stats = tmp_path / "quant_output"
