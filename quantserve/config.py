@@ -6,6 +6,7 @@ one request: token ids only, no text.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields, replace
 
 SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -32,9 +33,19 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message, field=message.split(" ", 1)[0].split("=", 1)[0])
 
 
-def _is_fraction_or_size(value) -> bool:
-    from quantserve.bench.memory import parse_size
+SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
+
+def parse_size(text: str) -> float:
+    """'24GB' -> 24e9, '2GiB' -> 2 * 2**30, '512M' -> 512e6 bytes."""
+    m = SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"not a size: {text!r} (examples: 24GB, 2GiB, 512MB)")
+    power = " kmgt".index(m.group(2).lower() or " ")
+    return float(m.group(1)) * (1024 if m.group(3) else 1000) ** power
+
+
+def _is_fraction_or_size(value) -> bool:
     if isinstance(value, (int, float)):
         return 0 < value <= 1
     try:

@@ -12,17 +12,7 @@ from dataclasses import asdict, dataclass
 
 GB = 1e9
 BYTES = {"float32": 4.0, "fp32": 4.0, "float16": 2.0, "fp16": 2.0, "bfloat16": 2.0, "bf16": 2.0}
-SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 COUNT_RE = re.compile(r"^\s*([0-9.]+)\s*([kmbt]?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> float:
-    """'24GB' -> 24e9, '2GiB' -> 2 * 2**30, '512M' -> 512e6 bytes."""
-    m = SIZE_RE.match(str(text))
-    if not m:
-        raise ValueError(f"not a size: {text!r} (examples: 24GB, 2GiB, 512MB)")
-    power = " kmgt".index(m.group(2).lower() or " ")
-    return float(m.group(1)) * (1024 if m.group(3) else 1000) ** power
 
 
 def parse_count(text: str) -> float:

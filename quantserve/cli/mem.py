@@ -51,7 +51,8 @@ def shape(ns):
 
 
 def estimate(ns) -> dict:
-    from quantserve.bench.memory import inference_memory, parse_count, parse_size, training_memory
+    from quantserve.bench.memory import inference_memory, parse_count, training_memory
+    from quantserve.config import parse_size
     from quantserve.kvcache.budget import free_memory
 
     s = shape(ns)
