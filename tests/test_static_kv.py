@@ -133,6 +133,10 @@ def test_kv_qparams_errors_are_one_line(calibrated, tmp_path):
                        (["--work_dir", str(stats), "--turbomind_dir", str(tmp_path)], "no config.json")):
         out = quantserve("lite", "kv_qparams", *args)
         assert out.returncode == 1 and says in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    damaged = shutil.copytree(stats, tmp_path / "damaged")
+    (damaged / "key_stats.safetensors").write_bytes(b"\x10" * 50)
+    out = quantserve("lite", "kv_qparams", "--work_dir", str(damaged), "--turbomind_dir", str(model))
+    assert out.returncode == 1 and "run `quantserve lite calibrate` again" in out.stderr
     from safetensors.torch import save_file
 
     from quantserve.engine.engine import Engine
@@ -142,4 +146,7 @@ def test_kv_qparams_errors_are_one_line(calibrated, tmp_path):
     params = load_file(str(model / "kv_qparams.safetensors"))
     save_file({k: torch.cat([t, t]) for k, t in params.items()}, str(other / "kv_qparams.safetensors"))  # 2x layers
     with pytest.raises(WorkspaceError, match="run `quantserve lite kv_qparams` for it"):
+        Engine(other, EngineConfig(cache_max_tokens=256, session_len=256), progress=False)
+    (other / "kv_qparams.safetensors").write_bytes(b"\x10" * 50)                              # damaged
+    with pytest.raises(WorkspaceError, match="run `quantserve lite kv_qparams` again"):
         Engine(other, EngineConfig(cache_max_tokens=256, session_len=256), progress=False)

@@ -126,3 +126,20 @@ def test_convert_errors_are_one_line(tiny_chat_model, tmp_path):
         out = quantserve("convert", "internlm-chat-7b", str(tiny_chat_model), *args)
         assert out.returncode == 1 and says in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_a_damaged_workspace_is_a_one_line_error(tiny_chat_model, tmp_path):
+    import shutil
+
+    convert("llama2", str(tiny_chat_model), str(tmp_path / "ws"), progress=False)
+    weights = tmp_path / "ws" / WEIGHTS
+    cases = (("runtime.pt", lambda f: f.write_bytes(f.read_bytes()[:1000]), "runtime.pt: cannot be read"),
+             ("layout.json", lambda f: f.write_text('{"modules": {'), "layout.json: not valid JSON"),
+             ("config.ini", lambda f: f.write_text("[llama]\nquant_policy = 5\n"), "quant_policy = 5 (allowed"))
+    for name, damage, says in cases:
+        broken = tmp_path / f"broken-{name}"
+        shutil.copytree(tmp_path / "ws", broken)
+        damage(broken / WEIGHTS / name)
+        out = quantserve("chat", str(broken))
+        assert out.returncode == 1 and says in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert weights.is_dir()

@@ -36,6 +36,7 @@ CALIBRATION_FILES = ("calibration.json", "inputs_stats.safetensors", "key_stats.
 SIDE_FILES = (KV_QPARAMS, *CALIBRATION_FILES)   # files beside the weights that are not checkpoint shards
 SECTION = "llama"                  # LMDeploy's section name, whatever the architecture
 SETTINGS = {"quant_policy": int, "session_len": int}
+VALID = {"quant_policy": (lambda v: v in (0, 4, 8), "0, 4 or 8"), "session_len": (lambda v: v > 0, "> 0")}
 
 
 class WorkspaceError(ValueError):
@@ -66,6 +67,9 @@ def saved_settings(model_dir: Path) -> dict:
                 out[key] = kind(section[key])
             except ValueError:
                 raise WorkspaceError(f"{path}: {key} = {section[key]!r} is not a number") from None
+            valid, allowed = VALID[key]
+            if not valid(out[key]):
+                raise WorkspaceError(f"{path}: {key} = {out[key]} (allowed: {allowed})")
     return out
 
 
@@ -86,13 +90,18 @@ def write_settings(model_dir: Path, values: dict) -> None:
 def load_static_kv(model_dir: Path, bits: int, layers: int, kv_heads: int) -> dict[str, torch.Tensor] | None:
     """kv_qparams.safetensors at `bits` ([L, Hkv, groups] scale / zero for K and V), checked
     against the model; None when the cache is float or the directory has none."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = model_dir / KV_QPARAMS
     if not bits or not path.is_file():
         return None
-    saved = load_file(str(path))
-    params = {name: saved[f"{name}.{bits}"] for name in ("k_scale", "k_zero", "v_scale", "v_zero")}
+    try:
+        saved = load_file(str(path))
+        params = {name: saved[f"{name}.{bits}"] for name in ("k_scale", "k_zero", "v_scale", "v_zero")}
+    except (SafetensorError, KeyError) as e:
+        raise WorkspaceError(f"{path}: not kv_qparams' parameters ({e}); run `quantserve lite kv_qparams` "
+                             "again") from None
     if any(tuple(t.shape[:2]) != (layers, kv_heads) for t in params.values()):
         raise WorkspaceError(f"{path} holds parameters for {tuple(params['k_scale'].shape[:2])} layers x KV heads; "
                              f"the model has ({layers}, {kv_heads}): run `quantserve lite kv_qparams` for it")
@@ -152,11 +161,18 @@ def load_runtime(model, directory: Path, compute: torch.dtype, head_bits: int) -
     are when the kernel layout matches, else unpacked and packed again for these ops (the
     notice returned says so)."""
 
-    layout = json.loads((directory / LAYOUT).read_text())
+    try:
+        layout = json.loads((directory / LAYOUT).read_text())
+    except json.JSONDecodeError as e:
+        raise WorkspaceError(f"{directory / LAYOUT}: not valid JSON ({e}); run `quantserve convert` again") from None
     if layout.get("kernel_layout", {}).get("format") != LAYOUT_FORMAT:
         raise WorkspaceError(f"{directory / LAYOUT}: written by another quantserve version; run `quantserve convert` "
                              "again")
-    state = torch.load(directory / RUNTIME, mmap=True, weights_only=True)
+    try:
+        state = torch.load(directory / RUNTIME, mmap=True, weights_only=True)
+    except (RuntimeError, OSError, EOFError) as e:      # a truncated or foreign file
+        raise WorkspaceError(f"{directory / RUNTIME}: cannot be read ({str(e).split('. ')[0]}); run "
+                             "`quantserve convert` again") from None
     same = layout["kernel_layout"] == kernel_layout(model.ops)
     if layout["embed"] == "own_codes":          # a GGUF's quantized token table: placed below as embed.table
         model.embed = QuantizedEmbedding(torch.nn.Identity())

@@ -115,18 +115,26 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def kv_qparams(work_dir: Path, target: Path, symmetric: bool) -> str:
     """Static K / V parameters for 8 and 4 bits from `calibrate`'s statistics -> target/kv_qparams.safetensors."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     missing = [n for n in (*STAT_FILES.values(), ABOUT) if not (work_dir / n).is_file()]
     if missing:
         raise QuantError(f"--work-dir {work_dir}: no {missing[0]}; run `quantserve lite calibrate` into it first")
-    about = json.loads((work_dir / ABOUT).read_text())
+    try:
+        about = json.loads((work_dir / ABOUT).read_text())
+    except json.JSONDecodeError as e:
+        raise QuantError(f"{work_dir / ABOUT}: not valid JSON ({e})") from None
     out = {}
     for which, name in STAT_FILES.items():
-        stats = load_file(str(work_dir / name))
-        for bits in (8, 4):
-            scale, zero = zip(*(_layer_params(stats, i, which, bits, symmetric) for i in range(about["layers"])))
-            out[f"{which}_scale.{bits}"], out[f"{which}_zero.{bits}"] = torch.stack(scale), torch.stack(zero)
+        try:
+            stats = load_file(str(work_dir / name))
+            for bits in (8, 4):
+                scale, zero = zip(*(_layer_params(stats, i, which, bits, symmetric) for i in range(about["layers"])))
+                out[f"{which}_scale.{bits}"], out[f"{which}_zero.{bits}"] = torch.stack(scale), torch.stack(zero)
+        except (SafetensorError, KeyError) as e:       # a damaged file, or one of another model
+            raise QuantError(f"{work_dir / name}: not `lite calibrate`'s statistics for this work dir ({e}); run "
+                             "`quantserve lite calibrate` again") from None
     target.mkdir(parents=True, exist_ok=True)
     save_file(_contiguous(out), str(target / KV_QPARAMS), metadata={"symmetric": str(symmetric),
                                                                     "model": str(about.get("model"))})
