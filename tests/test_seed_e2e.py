@@ -19,9 +19,9 @@ QUESTION = "What is the capital of France?\n"
 NAME = "SmolLM2-135M-Instruct"      # the seed's model name (internlm-chat-7b) for the model run here
 
 
-def quantserve(*args: str, stdin: str = "", timeout: float = 900) -> subprocess.CompletedProcess:
+def quantserve(*args: str, stdin: str = "", timeout: float = 900, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "quantserve.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout, input=stdin)
+                          timeout=timeout, input=stdin, cwd=cwd)
 
 
 class Server:
@@ -102,7 +102,7 @@ def test_seed_001_static_kv_then_awq_then_its_workspace(seed001):
     assert awq.returncode == 0, awq.stderr
     for dst in ([], ["--dst_path", str(cwd / "workspace_quant")]):
         out = quantserve("convert", NAME, str(cwd / "quant_output"), "--model-format", "awq",
-                         "--group-size", "64", *dst)
+                         "--group-size", "64", *dst, cwd=cwd)          # no --dst_path: ./workspace, here
         assert out.returncode == 0, out.stderr
     reply = quantserve("chat", str(cwd / "workspace_quant"), "--temperature", "0",
                        "--max-new-tokens", "12", stdin=QUESTION)
