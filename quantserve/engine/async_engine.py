@@ -46,10 +46,12 @@ class AsyncEngine:
         self.running = True
         self.worker.start()
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
-        """Stream the request's tokens; RequestError if the engine rejects it."""
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       pin_owner: str | None = None) -> AsyncIterator[TokenEvent]:
+        """Stream the request's tokens; RequestError if the engine rejects it. With `pin_owner`
+        its KV blocks stay pinned for that owner when it ends, until unpin(owner)."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self.commands.put(("add", request_id, prompt_ids, params, stream))
+        self.commands.put(("add", request_id, prompt_ids, params, stream, pin_owner))
         finished = False
         try:
             while not finished:
@@ -64,6 +66,10 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self.commands.put(("abort", request_id))
+
+    def unpin(self, owner: str) -> None:
+        """Release the owner's pinned blocks, after every command sent before (an abort's pin too)."""
+        self.commands.put(("unpin", owner))
 
     def stats(self) -> EngineStats:
         """A snapshot of the engine's counters (read from the worker's state without locking)."""
@@ -97,9 +103,9 @@ class AsyncEngine:
 
     def _apply(self, command: tuple) -> None:
         if command[0] == "add":
-            _, rid, ids, params, stream = command
+            _, rid, ids, params, stream, pin_owner = command
             try:
-                self.engine.add_request(rid, ids, params)
+                self.engine.add_request(rid, ids, params, pin_owner)
                 self.streams[rid] = stream
             except RequestError as e:
                 self._fail(stream, e)
@@ -109,6 +115,8 @@ class AsyncEngine:
             stream = self.streams.pop(rid, None)
             if stream is not None:
                 self._send(stream, TokenEvent([], 0, 0, 0, FinishReason.ABORT.value))
+        elif command[0] == "unpin":
+            self.engine.unpin(command[1])
 
     def _step(self) -> None:
         try:

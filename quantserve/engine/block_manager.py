@@ -8,18 +8,25 @@ never written again (a request only writes into its own last, partial block). A 
 count drops to 0 goes back to the free pool but keeps its contents and key; it is reused as
 a cache hit until allocation needs it, least recently freed first (LRU eviction). A block in
 use (count > 0) is never evicted.
+
+Pins: an owner (a WebSocket session) may keep one reference on the cached blocks of a prefix
+(its conversation so far) after its request ends, so the next turn finds them however much other
+traffic passes meanwhile. Pinned blocks are in use: not free, counted in the KV usage. Pins
+together hold at most `max_pinned_blocks` (room for one whole session is always left to running
+requests); a pin that would pass that limit first unpins the least recently pinned owners.
 """
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from quantserve.engine.request import Request
 
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
-                 cache_tag: str = ""):
+                 cache_tag: str = "", max_pinned_blocks: int = 0):
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.caching = enable_prefix_caching
@@ -28,6 +35,8 @@ class BlockManager:
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU first
         self.block_key: dict[int, bytes] = {}          # block -> key, for full cached blocks
         self.cached: dict[bytes, int] = {}             # key -> block
+        self.max_pinned_blocks = max_pinned_blocks
+        self.pins: OrderedDict[str, list[int]] = OrderedDict()     # owner -> its pinned blocks, oldest first
         self.queried_tokens = 0
         self.hit_tokens = 0
 
@@ -54,14 +63,17 @@ class BlockManager:
             request.block_ids.append(block)
 
     def free(self, request: Request) -> None:
-        for block in reversed(request.block_ids):      # the prefix's head is evicted last
+        self._unref(request.block_ids)
+        request.block_ids = []
+        request.block_keys = []
+
+    def _unref(self, blocks: list[int]) -> None:
+        for block in reversed(blocks):                   # the prefix's head is evicted last
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free_blocks[block] = None
                 if block not in self.block_key:          # nothing cached in it: reuse it first
                     self.free_blocks.move_to_end(block, last=False)
-        request.block_ids = []
-        request.block_keys = []
 
     # ---- prefix caching ------------------------------------------------------------------
 
@@ -108,6 +120,33 @@ class BlockManager:
             if key not in self.cached and block not in self.block_key:
                 self.cached[key] = block
                 self.block_key[block] = key
+
+    # ---- pins ----------------------------------------------------------------------------
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return sum(len(blocks) for blocks in self.pins.values())
+
+    def pin(self, owner: str, keys: Sequence[bytes]) -> None:
+        """Pin the cached blocks of the prefix `keys` name (up to the first one not cached) for
+        `owner`, in place of its earlier pin."""
+        blocks = []
+        for key in keys[:self.max_pinned_blocks]:
+            block = self.cached.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        for block in blocks:              # referenced before the old pin goes, so none is freed between
+            self.free_blocks.pop(block, None)
+            self.ref_counts[block] += 1
+        self.unpin(owner)
+        while self.pins and self.num_pinned_blocks + len(blocks) > self.max_pinned_blocks:
+            self.unpin(next(iter(self.pins)))
+        self.pins[owner] = blocks
+
+    def unpin(self, owner: str) -> None:
+        """The owner's blocks become ordinary cached blocks again (evictable once unused)."""
+        self._unref(self.pins.pop(owner, []))
 
     def _key(self, prev: bytes, tokens: list[int]) -> bytes:
         h = hashlib.sha256(prev + self.cache_tag)

@@ -35,6 +35,7 @@ class EngineStats:
     num_free_blocks: int              # includes free blocks still holding cached prefixes
     prefix_queried_tokens: int
     prefix_hit_tokens: int
+    num_pinned_blocks: int = 0        # held by open sessions between their turns
 
     @property
     def kv_usage(self) -> float:
@@ -69,8 +70,10 @@ class Engine:
         static = load_static_kv(Path(model_path), self.kv_bits, self.args.num_layers, self.args.num_kv_heads)
         if static is not None:                  # lite kv_qparams wrote calibrated parameters here
             self.cache.set_static(static)
+        session_blocks = -(-self.session_len // self.plan.block_size)    # pins always leave room for one
         blocks = BlockManager(self.plan.num_blocks, self.plan.block_size, config.enable_prefix_caching,
-                              cache_tag=f"{self.dtype}/{self.kv_bits}/{'static' if static else 'online'}")
+                              cache_tag=f"{self.dtype}/{self.kv_bits}/{'static' if static else 'online'}",
+                              max_pinned_blocks=max(0, self.plan.num_blocks - session_blocks))
         self.scheduler = Scheduler(blocks, self.max_batch_size, config.max_prefill_token_num)
         self.runner = ModelRunner(self.model, self.cache, config.device)
         self.requests: dict[str, Request] = {}
@@ -140,13 +143,16 @@ class Engine:
         return {"weights_gb": self.weights_bytes / 1e9, "kv_cache_gb": self.cache.nbytes / 1e9,
                 "kv_tokens": self.plan.num_tokens, "rss_gb": kib("VmRSS"), "peak_rss_gb": kib("VmHWM")}
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    pin_owner: str | None = None) -> Request:
+        """`pin_owner`: keep the request's full KV blocks pinned for that owner after it ends
+        (a session's next turn starts from them), until `unpin(owner)`."""
         self._validate(request_id, prompt_token_ids)
         if any(not 0 <= t < self.args.vocab_size for t in (*params.stop_token_ids, *params.eos_token_ids)):
             raise RequestError(f"stop token ids must be in [0, {self.args.vocab_size})")
         if any(not 0 <= t < self.args.vocab_size for t, _ in params.logit_bias):
             raise RequestError(f"logit_bias token ids must be in [0, {self.args.vocab_size})")
-        request = Request(request_id, list(prompt_token_ids), params, self.session_len)
+        request = Request(request_id, list(prompt_token_ids), params, self.session_len, pin_owner=pin_owner)
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request
@@ -167,10 +173,14 @@ class Engine:
         if request is not None and not request.is_finished:
             self.scheduler.finish(request, FinishReason.ABORT)
 
+    def unpin(self, owner: str) -> None:
+        self.scheduler.blocks.unpin(owner)
+
     def stats(self) -> EngineStats:
         blocks = self.scheduler.blocks
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), blocks.num_blocks,
-                           blocks.num_free_blocks, blocks.queried_tokens, blocks.hit_tokens)
+                           blocks.num_free_blocks, blocks.queried_tokens, blocks.hit_tokens,
+                           blocks.num_pinned_blocks)
 
     @property
     def has_work(self) -> bool:

@@ -65,6 +65,7 @@ class Request:
     guide: Guide | None = None                                            # constrained decoding state
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
+    pin_owner: str | None = None                 # a session that keeps this request's full blocks when it ends
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

@@ -5,7 +5,8 @@ token budget (max_prefill_token_num) so that the first catches up with the secon
 requests are served first (decodes cost 1 token), then waiting ones join in arrival order.
 Prefill, chunked prefill and decode are all partial budgets of this one rule. When blocks run
 out, the most recently admitted running request is preempted: its blocks are freed and it
-waits to be recomputed from scratch.
+waits to be recomputed from scratch. A request with a `pin_owner` leaves its full blocks pinned
+for that owner when it finishes (block_manager.py), before its own references go.
 
 Data flow: schedule() -> SchedulerOutput -> ModelRunner -> sampled token ids -> update().
 """
@@ -144,6 +145,8 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        if request.pin_owner and request.block_keys:     # a session keeps its conversation's blocks
+            self.blocks.pin(request.pin_owner, request.block_keys)
         self.blocks.free(request)
         request.status = Status.FINISHED
         request.finish_reason = reason

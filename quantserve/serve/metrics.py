@@ -28,7 +28,8 @@ class EngineCollector:
                   ("vllm:kv_cache_usage_perc", "KV cache usage (1 = full)", "kv_usage"),
                   ("vllm:gpu_cache_usage_perc", "KV cache usage (1 = full; vLLM's older name)", "kv_usage"),
                   ("quantserve:kv_cache_blocks_total", "KV cache blocks", "num_blocks"),
-                  ("quantserve:kv_cache_blocks_free", "Free KV cache blocks", "num_free_blocks")]
+                  ("quantserve:kv_cache_blocks_free", "Free KV cache blocks", "num_free_blocks"),
+                  ("quantserve:kv_cache_blocks_pinned", "KV cache blocks pinned by open sessions", "num_pinned_blocks")]
         for name, doc, attr in gauges:
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             for model, s in snapshots:

@@ -1,7 +1,7 @@
 """ASGI middleware: request body size and time limits (413, 408) and API-key authentication (401).
 
 All answer in OpenAI's error shape. Keys are compared in constant time against every
-configured key; /health, /metrics and the docs stay open.
+configured key; /health, /metrics and the docs stay open. `client_key` is what rate limits count by.
 """
 from __future__ import annotations
 
@@ -98,6 +98,15 @@ class APIKeyAuth:
 
     def valid(self, header: bytes) -> bool:
         return bearer_matches(header, self.keys)
+
+
+def client_key(state, conn) -> str:
+    """Rate limits count per API key when keys are configured (APIKeyAuth checked it), otherwise
+    per client address (of an HTTP request or a WebSocket): a made-up header must not buy a fresh
+    budget."""
+    if state.config.api_keys:
+        return conn.headers.get("authorization", "")
+    return conn.client.host if conn.client else "unknown"
 
 
 def bearer_matches(header: bytes, keys: list[bytes]) -> bool:

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from quantserve.serve.errors import APIError, error_body, install_error_handlers, validation_message
 from quantserve.serve.metrics import ServerMetrics
-from quantserve.serve.middleware import APIKeyAuth, BodyLimit
+from quantserve.serve.middleware import APIKeyAuth, BodyLimit, client_key
 from quantserve.serve.model_admin import add_model_admin_routes
 from quantserve.serve.plan import Limits, Plan, chat_plan, completion_plans, encode_chat
 from quantserve.serve.registry import ModelRegistry
@@ -31,6 +31,7 @@ from quantserve.serve.responses import (ChoiceResult, UsageCounter, chat_chunk, 
                                         completion_response)
 from quantserve.serve.service import ChoiceDelta, Service
 from quantserve.serve.transport import ConnectionLimits
+from quantserve.serve.ws_session import add_session_route
 
 logger = logging.getLogger("quantserve.serve")
 
@@ -93,6 +94,7 @@ def build_app(state: ServerState, ui=None) -> FastAPI:
     add_generation_routes(app, state)
     add_model_admin_routes(app, state)
     add_websocket_route(app, state)
+    add_session_route(app, state)
     drop_422_from_openapi(app)
     if ui is not None:
         import gradio as gr
@@ -149,14 +151,6 @@ def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", "tokens", "invalid_value")
         return {"prompt": await asyncio.to_thread(service.model.tokenizer.hf.decode, body.tokens)}
-
-
-def client_key(state: ServerState, conn: Request | WebSocket) -> str:
-    """Rate limits count per API key when keys are configured (the middleware checked it),
-    otherwise per client address: a made-up header must not buy a fresh budget."""
-    if state.config.api_keys:
-        return conn.headers.get("authorization", "")
-    return conn.client.host if conn.client else "unknown"
 
 
 def add_generation_routes(app: FastAPI, state: ServerState) -> None:

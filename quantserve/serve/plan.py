@@ -40,6 +40,7 @@ class Plan:
     forced_tools: bool = False              # required / named: output is a JSON list of calls
     echo: str = ""                          # completions: prompt text put before the output
     first_index: int = 0                    # choice indices start here (completions with many prompts)
+    pin_owner: str | None = None            # a session keeping the request's KV blocks for its next turn
 
 
 @dataclass

@@ -112,7 +112,7 @@ class Service:
                           params.eos_token_ids + params.stop_token_ids)
         tools = ToolStream(plan.tool_parser) if plan.tool_parser else None
         timer = _Timer(self.metrics)
-        generator = self.engine.generate(f"{request_id}-{j}", plan.prompt_ids, params)
+        generator = self.engine.generate(f"{request_id}-{j}", plan.prompt_ids, params, plan.pin_owner)
         try:
             async for ev in generator:
                 timer.tick(ev.token_ids, ev.queue_time)
