@@ -66,3 +66,38 @@ def test_eviction_under_pressure_keeps_outputs(tiny_llama):
     blocks = small.scheduler.blocks
     assert blocks.hit_tokens > 0 and blocks.num_free_blocks == blocks.num_blocks
     assert len(blocks.cached) <= blocks.num_blocks
+
+
+def test_a_pinned_prefix_survives_other_traffic_until_unpinned(tiny_llama):
+    """A session's conversation (pinned when its request ends) is found again after traffic that
+    evicts every unpinned cached block; without the pin the same traffic evicts it."""
+    fillers = [[(i * 31 + j * 7) % 300 + 3 for j in range(200)] for i in range(4)]     # 13 blocks each
+    found = {}
+    for owner in ("session", None):
+        engine = make(tiny_llama, enable_prefix_caching=True, cache_max_tokens=512)   # 32 blocks, 16 pinnable
+        first = engine.add_request("turn1", SHARED[:100], SamplingParams(max_new_tokens=12), pin_owner=owner)
+        while engine.has_work:
+            engine.step()
+        blocks = engine.scheduler.blocks
+        assert blocks.num_pinned_blocks == (6 if owner else 0)        # (100 + 12 - 1) // 16 full blocks
+        for filler in fillers:
+            generate(engine, [filler], new=4)
+        _, (second,) = generate(engine, [first.all_token_ids + [5, 6]], new=2)
+        found[owner] = second.num_cached_tokens
+        engine.unpin("session")
+        assert blocks.num_pinned_blocks == 0 and blocks.num_free_blocks == blocks.num_blocks
+    assert found == {"session": 96, None: 0}
+
+
+def test_pins_give_way_oldest_first_and_leave_room_for_a_session(tiny_llama):
+    engine = make(tiny_llama, enable_prefix_caching=True, cache_max_tokens=512)
+    blocks = engine.scheduler.blocks
+    assert blocks.max_pinned_blocks == 16                             # 32 blocks less one 256-token session
+    for k, owner in enumerate(("a", "b", "c")):
+        prompt = [(k * 53 + j * 11) % 300 + 3 for j in range(100)]
+        engine.add_request(owner, prompt, SamplingParams(max_new_tokens=12), pin_owner=owner)
+        while engine.has_work:
+            engine.step()
+    assert list(blocks.pins) == ["b", "c"] and blocks.num_pinned_blocks == 12
+    out, (r,) = generate(engine, [[7] * 250], new=6)                   # a whole session still fits
+    assert len(out[0]) == 6 and r.num_preemptions == 0

@@ -210,7 +210,8 @@ class Session:
                     async for d in deltas:
                         turn.add(d)
                         event = delta_event(turn, d, tok)
-                        if event is not None and not await self.send(event):
+                        # shielded: a cancel never cuts a delta that the turn's text already counts
+                        if event is not None and not await asyncio.shield(self.send(event)):
                             return                      # the client is gone: closing the stream aborts
                         if d.finish_reason:
                             reason = d.finish_reason
