@@ -139,12 +139,18 @@ def test_cancel_keeps_the_partial_reply_and_the_session_goes_on(tiny_server):
         assert event["type"] == "done" and event["finish_reason"] == "cancelled" and event["turn"] == 1
         assert 0 < event["usage"]["completion_tokens"] < 1500
         s.send(type="cancel")                             # nothing in flight: nothing happens
-        text, done = s.turn("And of Germany?", max_tokens=6)
+        _, done = s.turn("And of Germany?", max_tokens=6)
         assert done["type"] == "done" and done["turn"] == 2 and done["finish_reason"] in ("stop", "length")
         history = [{"role": "user", "content": "The capital of France is"},
                    {"role": "assistant", "content": partial}, {"role": "user", "content": "And of Germany?"}]
         tokens = httpx.post(tiny_server.url + "/v1/tokenize", json={"messages": history}).json()["count"]
         assert done["usage"]["prompt_tokens"] == tokens                   # the partial reply is history
+        s.send(type="request", content="Hi", max_tokens=1500, ignore_eos=True)
+        s.send(type="cancel")                             # right behind: maybe before the turn's first step
+        while (event := s.recv())["type"] == "delta":
+            pass
+        assert event["finish_reason"] == "cancelled" and event["turn"] == 3
+    assert wait_for(lambda: tiny_server.state.service.active == 0)        # every admission ticket is back
 
 
 def test_bad_messages_get_error_events_and_the_session_goes_on(tiny_server):

@@ -35,7 +35,7 @@ from quantserve.serve.middleware import client_key
 from quantserve.serve.plan import chat_plan
 from quantserve.serve.protocol import ChatCompletionRequest
 from quantserve.serve.responses import chat_logprobs, tool_calls_body
-from quantserve.serve.service import ChoiceDelta, Service, Ticket
+from quantserve.serve.service import ChoiceDelta, Service
 
 logger = logging.getLogger("quantserve.serve")
 
@@ -184,7 +184,9 @@ class Session:
         self.turns += 1
         service.metrics.prompt_tokens.inc(len(plan.prompt_ids))
         self.turn = Turn(self.turns, new, len(plan.prompt_ids), req.logprobs, received)
-        self.turn.task = asyncio.create_task(self.generate(self.turn, service, plan, ticket))
+        self.turn.task = asyncio.create_task(self.generate(self.turn, service, plan))
+        # released however the task ends, even cancelled before its first step (a cancel right behind)
+        self.turn.task.add_done_callback(lambda _: ticket.release())
 
     def turn_request(self, new: list[dict], fields: dict) -> ChatCompletionRequest:
         """The chat completion request of the whole history plus `new`, validated as HTTP's body is."""
@@ -201,7 +203,7 @@ class Session:
             raise APIError(400, "a session's turn has one reply: n must be 1", "n", "invalid_value")
         return req
 
-    async def generate(self, turn: Turn, service: Service, plan, ticket: Ticket) -> None:
+    async def generate(self, turn: Turn, service: Service, plan) -> None:
         """Stream the turn's reply; at its end the turn joins the history and `done` is sent."""
         tok, reason = service.model.tokenizer, None
         try:
@@ -222,8 +224,6 @@ class Session:
                 e = APIError(500, f"internal error: {type(e).__name__}: {e}")
             self.turn = None                            # a failed turn leaves the history as it was
             await self.send({"type": "error", "turn": turn.number, "error": e.body()["error"]})
-        finally:
-            ticket.release()
 
     async def finish(self, turn: Turn, finish_reason: str) -> None:
         """Into the history first (no await between), then tell the client."""
