@@ -231,3 +231,34 @@ def test_api_keys_rate_limits_and_metrics_cover_sessions(tiny_server_model):
         assert 'quantserve:requests_rejected_total{model_name="tiny",reason="rate_limit"} 1.0' in metrics
     finally:
         server.close()
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+                                          "required": ["city"], "additionalProperties": False}}}
+
+
+def test_tool_calls_and_results_go_through_the_history(tiny_server):
+    """Tools set at the start; a forced call arrives as a delta and stays in the history with its id;
+    the tool's result is sent as messages; the next turn is the stateless call's."""
+    with session(tiny_server) as s:
+        s.send(type="session.start", model="tiny", tools=[WEATHER], temperature=0, max_tokens=8)
+        s.recv()
+        s.send(type="request", content="Weather in Paris?", tool_choice="required", max_tokens=80,
+               temperature=1.0, seed=5, parallel_tool_calls=False)
+        calls = []
+        while (event := s.recv())["type"] == "delta":
+            calls += event.get("tool_calls", [])
+        assert event["finish_reason"] == "tool_calls" and calls[0]["function"]["name"] == "get_weather"
+        result = {"role": "tool", "tool_call_id": calls[0]["id"], "content": "sunny"}
+        s.send(type="request", messages=[result], logprobs=True)
+        text, logprobs = "", []
+        while (event := s.recv())["type"] == "delta":
+            text, logprobs = text + event["text"], logprobs + event.get("logprobs", [])
+        history = [{"role": "user", "content": "Weather in Paris?"},
+                   {"role": "assistant", "content": None, "tool_calls": calls}, result]
+        full = stateless(tiny_server, "tiny", history, tools=[WEATHER], temperature=0, max_tokens=8, logprobs=True)
+        assert text == full["choices"][0]["message"]["content"]
+        assert event["usage"]["prompt_tokens"] == full["usage"]["prompt_tokens"]
+        assert len(logprobs) == event["usage"]["completion_tokens"] > 0
+        assert [e["token"] for e in logprobs] == [e["token"] for e in full["choices"][0]["logprobs"]["content"]]
