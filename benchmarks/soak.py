@@ -79,10 +79,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, model: Path, port: int) -> subprocess.Popen:
-    log = open(args.results / "server-soak.log", "w")
+def start_server(args, model: Path, port: int, name: str = "soak") -> subprocess.Popen:
+    log = open(args.results / f"server-{name}.log", "w")
     cmd = ["quantserve", "serve", "api_server", str(model), "--quant-policy", args.quant_policy,
-           "--server-name", "127.0.0.1", "--server-port", str(port), "--model-name", "soak", *args.server_args.split()]
+           "--server-name", "127.0.0.1", "--server-port", str(port), "--model-name", name, *args.server_args.split()]
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -90,14 +90,15 @@ def plot_latency(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def plot_curve(rows: list[dict], x: str, ys: list[tuple[str, str]], xlabel: str, title: str, path: str) -> None:
-    """One line per (key, label) against x: throughput vs concurrency, tokens/s vs batch."""
+def plot_curve(rows: list[dict], x: str, ys: list[tuple[str, str]], xlabel: str, title: str, path: str,
+               ylabel: str = "tokens/s") -> None:
+    """One line per (key, label) against x: throughput vs concurrency, tokens/s vs batch, TTFT vs turn."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for key, label in ys:
         ax.plot([r[x] for r in rows], [flatten(r)[key] for r in rows], marker="o", label=label)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("tokens/s")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
