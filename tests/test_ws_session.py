@@ -167,6 +167,7 @@ def test_bad_messages_get_error_events_and_the_session_goes_on(tiny_server):
                ({"type": "request", "content": "hi", "max_tokens": "ten"}, "max_tokens"),
                ({"type": "request"}, "content"), ({"type": "request", "content": "hi", "n": 2}, "n"),
                ({"type": "request", "content": "hi", "model": "other"}, "model"),
+               ({"type": "request", "content": "hi", "system": "Be rude."}, "system"),
                ({"type": "request", "messages": [{"role": "nobody", "content": "x"}]}, "messages.0.role"),
                ({"type": "request", "content": "x " * 3000}, "messages"),
                ({"type": "session.start", "model": "tiny"}, "type")]

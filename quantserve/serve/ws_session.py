@@ -167,6 +167,9 @@ class Session:
         elif "model" in event and event["model"] != self.model:
             raise APIError(400, f"this session serves {self.model!r}; open a new session for another model",
                            "model", "invalid_value")
+        elif "system" in event and event["system"] != self.system:
+            raise APIError(400, "the system prompt is set when the session starts; open a new session to change it",
+                           "system", "invalid_value")
         new = turn_messages(event)
         req = self.turn_request(new, {k: v for k, v in event.items() if k not in SESSION_KEYS})
         service = self.state.ready(self.model)
