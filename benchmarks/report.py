@@ -315,6 +315,20 @@ Two requests sharing a 1,500-token document, each with its own question, on the 
 {table}"""
 
 
+WS_SESSION = """## WebSocket sessions: time to first token per turn (`benchmarks/bench_ws_session.py`)
+
+A 6-turn conversation (a ~420-token document in the system prompt, 6 short questions, greedy,
+32 new tokens a turn) on the default model behind `serve api_server` (`--session-len 2048`, a
+3,072-token KV cache in blocks of 64), run four ways: on one `WS /v1/sessions/ws` session, and as
+stateless streamed `/v1/chat/completions` calls each carrying the whole history; on a quiet
+server, and with other traffic between turns (two unrelated ~1,650-token prompts that pass
+through every unpinned block of the cache). Prefix caching is on in all four. TTFT is measured by
+the client, from sending the turn to its first text; "cached" is the turn's
+`cached_tokens`.
+
+{table}"""
+
+
 ISA = """## Kernel backends on this CPU (`benchmarks/bench_isa.py`)
 
 The same engine and model on each kernel backend the CPU runs, each in its own process
@@ -532,6 +546,8 @@ def main() -> None:
         parts.append(WORKSPACE.format(table=table("workspace.md")))
     if (RESULTS / "smooth_quant.md").exists():
         parts.append(SMOOTH.format(table=table("smooth_quant.md")))
+    if (RESULTS / "ws_session.md").exists():
+        parts.append(WS_SESSION.format(table=table("ws_session.md")))
     parts += [PREFIX.format(table=table("prefix_cache.md")),
               WEIGHT_SPEED.format(table=table("weight_quant.md"), **weight_ratios()),
               WEIGHT_QUALITY.format(table=table("weight_quality.md"), bars=quality_bars(),

@@ -37,6 +37,7 @@ class BlockManager:
         self.cached: dict[bytes, int] = {}             # key -> block
         self.max_pinned_blocks = max_pinned_blocks
         self.pins: OrderedDict[str, list[int]] = OrderedDict()     # owner -> its pinned blocks, oldest first
+        self.num_pinned_blocks = 0          # a plain count: other threads read it while pins change
         self.queried_tokens = 0
         self.hit_tokens = 0
 
@@ -123,10 +124,6 @@ class BlockManager:
 
     # ---- pins ----------------------------------------------------------------------------
 
-    @property
-    def num_pinned_blocks(self) -> int:
-        return sum(len(blocks) for blocks in self.pins.values())
-
     def pin(self, owner: str, keys: Sequence[bytes]) -> None:
         """Pin the cached blocks of the prefix `keys` name (up to the first one not cached) for
         `owner`, in place of its earlier pin."""
@@ -143,10 +140,13 @@ class BlockManager:
         while self.pins and self.num_pinned_blocks + len(blocks) > self.max_pinned_blocks:
             self.unpin(next(iter(self.pins)))
         self.pins[owner] = blocks
+        self.num_pinned_blocks += len(blocks)
 
     def unpin(self, owner: str) -> None:
         """The owner's blocks become ordinary cached blocks again (evictable once unused)."""
-        self._unref(self.pins.pop(owner, []))
+        blocks = self.pins.pop(owner, [])
+        self.num_pinned_blocks -= len(blocks)
+        self._unref(blocks)
 
     def _key(self, prev: bytes, tokens: list[int]) -> bytes:
         h = hashlib.sha256(prev + self.cache_tag)
