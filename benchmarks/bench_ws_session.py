@@ -1,13 +1,13 @@
 """Time to first token per turn: a 6-turn conversation on one WebSocket session vs stateless requests.
 
-    python benchmarks/bench_ws_session.py                # about 2 minutes on 2 cores
+    python benchmarks/bench_ws_session.py                # about a minute on 2 quiet cores
 
-Starts `quantserve serve api_server` on the default model (--session-len 2048, a 3,072-token KV
-cache: 48 blocks of 64, of which 16 may be pinned by sessions). The conversation: a system
-prompt holding a ~400-token document, then 6 questions, greedy, 32 new tokens each. It runs
+Starts `quantserve serve api_server` on the default model (--session-len 1024, a 1,536-token KV
+cache: 24 blocks of 64, of which 8 may be pinned by sessions). The conversation: a system
+prompt holding a ~200-token document, then 6 questions, greedy, 24 new tokens each. It runs
 four ways: on one session (`WS /v1/sessions/ws`), and as stateless streamed
 `/v1/chat/completions` calls each carrying the whole history (the replies the calls gave),
-first on a quiet server, then with other traffic between turns: two unrelated 1,650-word
+first on a quiet server, then with other traffic between turns: two unrelated 800-word
 prompts that between them pass through every unpinned block of the cache. The prefix cache is
 on throughout, so a quiet server serves the stateless calls' history from cached blocks too;
 traffic evicts those, not the session's pinned ones. Before each run the same traffic empties
@@ -35,11 +35,11 @@ from quantserve.bench.results import plot_curve, try_plot  # noqa: E402
 from quantserve.models.resolve import resolve_model  # noqa: E402
 
 RESULTS = Path(__file__).with_name("results")
-SERVER_ARGS = "--session-len 2048 --cache-max-tokens 3072"
-SYSTEM = "Answer in one short sentence, from this document.\n\n" + TEXT * 8
+SERVER_ARGS = "--session-len 1024 --cache-max-tokens 1536"
+SYSTEM = "Answer in one short sentence, from this document.\n\n" + TEXT * 4
 QUESTIONS = ["Where did the city begin?", "What did the traders exchange?", "What did it grow into?",
              "What drew the students?", "Which workshops are named?", "Summarise the document in five words."]
-MAX_TOKENS = 32
+MAX_TOKENS = 24
 MODES = ("session, quiet", "stateless, quiet", "session, busy", "stateless, busy")
 
 
@@ -54,7 +54,7 @@ class Client:
         for _ in range(2):
             self.traffic += 1
             rng = random.Random(self.traffic)
-            prompt = f"Note {self.traffic}: " + " ".join(rng.choice(WORDS) for _ in range(1650))
+            prompt = f"Note {self.traffic}: " + " ".join(rng.choice(WORDS) for _ in range(800))
             r = self.http.post("/v1/completions", json={"model": self.model, "prompt": prompt, "max_tokens": 1})
             r.raise_for_status()
 
@@ -105,11 +105,16 @@ def turn_row(start: float, first: float | None, prompt: int, cached: int) -> dic
     return {"ttft_ms": ((first or time.perf_counter()) - start) * 1e3, "prompt_tokens": prompt, "cached_tokens": cached}
 
 
+def log(msg: str) -> None:
+    print(f"[ws_session] {msg}", file=sys.stderr, flush=True)
+
+
 def measure(client: Client, repeats: int) -> dict[str, list[dict]]:
     """Every mode `repeats` times, each from an emptied cache; per turn, the run with the best TTFT."""
     best: dict[str, list[dict]] = {}
-    for _ in range(repeats):
+    for rep in range(repeats):
         for mode in MODES:
+            log(f"run {rep + 1}/{repeats}: {mode}")
             client.other_traffic()
             runs = (client.session if mode.startswith("session") else client.stateless)(mode.endswith("busy"))
             best[mode] = [min(pair, key=lambda t: t["ttft_ms"]) for pair in zip(best.get(mode, runs), runs)]

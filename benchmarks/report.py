@@ -317,12 +317,12 @@ Two requests sharing a 1,500-token document, each with its own question, on the 
 
 WS_SESSION = """## WebSocket sessions: time to first token per turn (`benchmarks/bench_ws_session.py`)
 
-A 6-turn conversation (a ~420-token document in the system prompt, 6 short questions, greedy,
-32 new tokens a turn) on the default model behind `serve api_server` (`--session-len 2048`, a
-3,072-token KV cache in blocks of 64), run four ways: on one `WS /v1/sessions/ws` session, and as
-stateless streamed `/v1/chat/completions` calls each carrying the whole history; on a quiet
-server, and with other traffic between turns (two unrelated ~1,650-token prompts that pass
-through every unpinned block of the cache). Prefix caching is on in all four. TTFT is measured by
+A 6-turn conversation (a ~210-token document in the system prompt, 6 short questions, greedy,
+24 new tokens a turn) on the default model behind `serve api_server` (`--session-len 1024`, a
+1,536-token KV cache in blocks of 64, 8 of which sessions may pin), run four ways: on one
+`WS /v1/sessions/ws` session, and as stateless streamed `/v1/chat/completions` calls each
+carrying the whole history; on a quiet server, and with other traffic between turns (two
+unrelated ~800-token prompts that pass through every unpinned block of the cache). Prefix caching is on in all four. TTFT is measured by
 the client, from sending the turn to its first text; "cached" is the turn's
 `cached_tokens`.
 
