@@ -322,11 +322,22 @@ A 6-turn conversation (a ~210-token document in the system prompt, 6 short quest
 1,536-token KV cache in blocks of 64, 8 of which sessions may pin), run four ways: on one
 `WS /v1/sessions/ws` session, and as stateless streamed `/v1/chat/completions` calls each
 carrying the whole history; on a quiet server, and with other traffic between turns (two
-unrelated ~800-token prompts that pass through every unpinned block of the cache). Prefix caching is on in all four. TTFT is measured by
-the client, from sending the turn to its first text; "cached" is the turn's
-`cached_tokens`.
+unrelated ~800-token prompts that pass through every unpinned block of the cache). Prefix
+caching is on in all four. TTFT is measured by the client, from sending the turn to its first
+text; "cached" is the turn's `cached_tokens`.
 
-{table}"""
+![TTFT per turn](benchmarks/results/ws_session.png)
+
+{table}
+On a quiet server the stateless calls reuse the history as well as the session does: the prefix
+cache holds the previous turn's blocks, so both prefill only the new tokens plus the last partial
+block (a session saves no prefill there, only the resending of the history). With other traffic
+between turns the stateless history is evicted and every turn prefills it whole (TTFT growing
+with the history, 0 cached), while the session's pinned blocks survive and its TTFT stays that of
+the quiet runs. Each turn's cached tokens are the previous turn's prompt and reply rounded down to
+a whole block of 64: SmolLM2's replies tokenize back to the ids it generated, so reuse stops only
+at the block holding the reply's end. Turn 1 is the same cold prefill everywhere.
+"""
 
 
 ISA = """## Kernel backends on this CPU (`benchmarks/bench_isa.py`)
