@@ -1,6 +1,6 @@
 """Time to first token per turn: a 6-turn conversation on one WebSocket session vs stateless requests.
 
-    python benchmarks/bench_ws_session.py                # about a minute on 2 quiet cores
+    python benchmarks/bench_ws_session.py                # about 1.5 minutes on 2 quiet cores
 
 Starts `quantserve serve api_server` on the default model (--session-len 1024, a 1,536-token KV
 cache: 24 blocks of 64, of which 8 may be pinned by sessions). The conversation: a system
