@@ -132,6 +132,10 @@ def test_forced_function_call_then_its_output_continues(client, tiny_server):
     assert answer.output_text == chat_text(client, as_chat, 6) and answer.previous_response_id == r.id
     listed = client.responses.input_items.list(answer.id, order="asc")
     assert [i.type for i in listed.data] == ["message", "function_call", "function_call_output"]
+    by_hand = client.responses.create(model="tiny", max_output_tokens=6, temperature=0, input=[    # history sent back
+        {"role": "user", "content": "Weather in Rome?"}, *r.output,
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert by_hand.output_text == answer.output_text and by_hand.usage.input_tokens == answer.usage.input_tokens
 
 
 def test_previous_response_id_carries_the_conversation_but_not_the_instructions(client, tiny_server):
@@ -164,6 +168,8 @@ def test_get_delete_then_not_found(client, tiny_server):
     with pytest.raises(openai.NotFoundError) as e:
         client.responses.create(model="tiny", previous_response_id=r.id, input="hi", max_output_tokens=2)
     assert e.value.body["param"] == "previous_response_id"
+    wrong = httpx.put(f"{tiny_server.url}/v1/responses/{r.id}")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "DELETE, GET"        # both routes of the path
     unstored = client.responses.create(model="tiny", input=PROMPT, max_output_tokens=2, store=False)
     with pytest.raises(openai.NotFoundError):
         client.responses.input_items.list(unstored.id)
@@ -245,16 +251,9 @@ def test_bad_input_items_page_and_unknown_model(client, tiny_server):
 
 
 def test_error_midstream_is_an_error_event_then_response_failed(client, tiny_server, monkeypatch):
-    runner = tiny_server.engine.engine.runner
-    real, calls = runner.execute, {"n": 0}
+    from conftest import fail_engine_step
 
-    def fail_third_step(out):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected fault")
-        return real(out)
-
-    monkeypatch.setattr(runner, "execute", fail_third_step)
+    fail_engine_step(monkeypatch, tiny_server)
     events = list(client.responses.create(model="tiny", input=PROMPT, max_output_tokens=20, stream=True))
     assert [e.type for e in events[-2:]] == ["error", "response.failed"]
     assert "injected fault" in events[-2].message and events[-1].response.status == "failed"
