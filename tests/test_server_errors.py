@@ -156,17 +156,9 @@ def test_chunked_oversized_body_is_413(tiny_server):
 
 
 def test_error_mid_stream_is_an_event_then_done(tiny_server, monkeypatch):
-    runner = tiny_server.engine.engine.runner
-    real = runner.execute
-    calls = {"n": 0}
+    from conftest import fail_engine_step
 
-    def fail_third_step(out):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected fault")
-        return real(out)
-
-    monkeypatch.setattr(runner, "execute", fail_third_step)
+    fail_engine_step(monkeypatch, tiny_server)
     with httpx.stream("POST", tiny_server.url + CHAT, json=chat(max_tokens=20, stream=True)) as r:
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"

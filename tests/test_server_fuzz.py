@@ -25,7 +25,7 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_its_schema(case):
     body = case.body if isinstance(case.body, dict) else {}
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         if type(body.get(key)) is int and body[key] > 4:
             body[key] = 4                                   # keep generation short; validity unchanged
     # Rules across fields (a tool message needs content, prompt + max_tokens within the context)

@@ -96,6 +96,8 @@ def add_server_args(p: argparse.ArgumentParser, port: int = 23333) -> None:
     g.add_argument("--default-max-tokens", type=int, default=1024,
                    help="output tokens when a request sets no max_tokens (capped by the context)")
     g.add_argument("--max-n", type=int, default=16, help="largest n per request")
+    g.add_argument("--max-stored-responses", type=int, default=1024,
+                   help="/v1/responses answers kept in memory for previous_response_id (least recently used out)")
     g.add_argument("--tool-call-parser", default=None, choices=["hermes", "qwen", "qwen2_5", "internlm", "internlm2", "llama3"],
                    help="tool-call format (default: detected from the chat template)")
     g.add_argument("--pooling", choices=["last", "mean", "cls"], default=None,
@@ -209,7 +211,8 @@ def server_fields(ns) -> dict:
     return dict(api_keys=ns.api_keys or [], allow_origins=ns.allow_origins, allow_credentials=ns.allow_credentials,
                 allow_methods=ns.allow_methods, allow_headers=ns.allow_headers, disable_docs=ns.disable_fastapi_docs,
                 default_max_tokens=ns.default_max_tokens, admin_api_keys=getattr(ns, "admin_api_keys", None) or [],
-                models_dir=getattr(ns, "models_dir", None), pooling=getattr(ns, "pooling", None))
+                models_dir=getattr(ns, "models_dir", None), pooling=getattr(ns, "pooling", None),
+                max_stored_responses=ns.max_stored_responses)
 
 
 def run_ray(ns) -> int:
@@ -255,7 +258,7 @@ def check_server_flags(ns) -> None:
     from quantserve.config import ConfigError
 
     require_positive(ns, "max_concurrent_requests", "max_queued_requests", "max_body_size", "max_n", "server_port",
-                     "default_max_tokens")
+                     "default_max_tokens", "max_stored_responses")
     if ns.rate_limit is not None and ns.rate_limit <= 0:
         raise ConfigError("must be > 0", field="rate_limit")
     if ns.ssl and not (ns.ssl_certfile and ns.ssl_keyfile):

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 logger = logging.getLogger("quantserve.serve")
 
@@ -58,6 +59,16 @@ def _union_tag(part) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "float", "bool") or any(c in part for c in "[(-"))
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method served at this path: Starlette's 405 names only the first matching route's,
+    wrong where one path has several routes (GET and DELETE /v1/responses/{id})."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
@@ -69,8 +80,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, message, param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), None, None, getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
+        return error_response(exc.status_code, str(exc.detail), None, None, headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

@@ -9,9 +9,10 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.middleware.cors import CORSMiddleware
@@ -54,6 +55,7 @@ class ServerConfig:
     models_dir: str | None = None                               # where /v1/models/load finds models by name
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)   # what a slow or idle client may hold
     pooling: str | None = None          # how a decoder embeds (last | mean | cls); None: as its files say, or not
+    max_stored_responses: int = 1024                            # /v1/responses kept for previous_response_id (LRU)
 
 
 class ServerState:
@@ -94,6 +96,9 @@ def build_app(state: ServerState, ui=None) -> FastAPI:
     add_info_routes(app, state, root_redirect=ui is None)
     add_generation_routes(app, state)
     add_embedding_routes(app, state)
+    from quantserve.serve.responses_api import add_responses_routes     # here: that module builds on this one
+
+    add_responses_routes(app, state)
     add_model_admin_routes(app, state)
     add_websocket_route(app, state)
     drop_422_from_openapi(app)
@@ -190,7 +195,7 @@ async def respond(service: Service, request: Request, body, chat: bool) -> Respo
         if body.stream:
             streaming = TicketStream(sse(service, chunks), ticket)     # releases the ticket itself
             return streaming
-        return await collect_unless_gone(service, chunks, request)
+        return await collect_unless_gone(collect(service, chunks), request)
     finally:
         if streaming is None:
             ticket.release()
@@ -211,9 +216,9 @@ class TicketStream(StreamingResponse):
             self.ticket.release()
 
 
-async def collect_unless_gone(service: Service, chunks: Chunker, request: Request) -> Response:
+async def collect_unless_gone(work: Coroutine[Any, Any, dict], request: Request) -> Response:
     """The whole answer; if the client disconnects first, stop generating (its KV is freed)."""
-    task = asyncio.create_task(collect(service, chunks))
+    task = asyncio.create_task(work)
     while not task.done():
         await asyncio.wait({task}, timeout=0.25)
         if not task.done() and await request.is_disconnected():
