@@ -23,29 +23,34 @@ class TextBlock(Strict):
     text: str
 
 
-class ToolUseBlock(Strict):
-    type: Literal["tool_use"]
-    id: str = Field(min_length=1)
-    name: str = Field(pattern=TOOL_NAME)
-    input: dict[str, Any]
+class ContentBlock(Strict):
+    """A block of a message: which fields it needs depends on its type (one class rather than a
+    tagged union, so a bad block's error names the block's own field)."""
 
-
-class ToolResultBlock(Strict):
-    type: Literal["tool_result"]
-    tool_use_id: str = Field(min_length=1)
+    type: Literal["text", "tool_use", "tool_result"]
+    text: str | None = None                                   # text
+    id: str | None = Field(None, min_length=1)                # tool_use: the call
+    name: str | None = Field(None, pattern=TOOL_NAME)
+    input: dict[str, Any] | None = None
+    tool_use_id: str | None = Field(None, min_length=1)       # tool_result: the call it answers
     content: str | list[TextBlock] = ""
     is_error: bool = False
 
-    def text(self) -> str:
+    @model_validator(mode="after")
+    def _fields_of_its_type(self) -> ContentBlock:
+        needs = {"text": ("text",), "tool_use": ("id", "name", "input"), "tool_result": ("tool_use_id",)}[self.type]
+        missing = [f for f in needs if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"a {self.type} block needs '{missing[0]}'")
+        return self
+
+    def result_text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
-
-
-Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock, Field(discriminator="type")]
 
 
 class InputMessage(Strict):
     role: Literal["user", "assistant"]
-    content: str | Annotated[list[Block], Field(min_length=1)]
+    content: str | Annotated[list[ContentBlock], Field(min_length=1)]
 
     @model_validator(mode="after")
     def _blocks_fit_the_role(self) -> InputMessage:
@@ -70,7 +75,7 @@ class InputMessage(Strict):
                      for b in self.content if b.type == "tool_use"]
             return [ChatMessage(role="assistant", content=self.texts() or (None if calls else ""),
                                 tool_calls=calls or None)]
-        results = [ChatMessage(role="tool", tool_call_id=b.tool_use_id, content=b.text())
+        results = [ChatMessage(role="tool", tool_call_id=b.tool_use_id, content=b.result_text())
                    for b in self.content if b.type == "tool_result"]
         texts = [b for b in self.content if b.type == "text"]
         return results + ([ChatMessage(role="user", content=self.texts())] if texts else [])
