@@ -342,6 +342,20 @@ class RunningServer:
                 slot.service.engine.shutdown()
 
 
+def fail_engine_step(monkeypatch, server: RunningServer, step: int) -> None:
+    """The server's engine raises RuntimeError("injected fault") at its `step`-th step from now, once."""
+    runner = server.engine.engine.runner
+    real, calls = runner.execute, {"n": 0}
+
+    def execute(out):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise RuntimeError("injected fault")
+        return real(out)
+
+    monkeypatch.setattr(runner, "execute", execute)
+
+
 @pytest.fixture(scope="session")
 def tiny_server_model(tmp_path_factory) -> Path:
     """The tiny chat model with a 2048-token context (prompts with tool descriptions are long)."""

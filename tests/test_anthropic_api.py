@@ -193,6 +193,10 @@ def test_a_final_assistant_message_is_continued(claude, tiny_server):
     continued = tiny_server.client().completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
     assert text_of(m) == continued.choices[0].text
     assert m.usage.input_tokens + m.usage.cache_read_input_tokens == len(ids)
+    chat = tiny_server.client().chat.completions.create(
+        model="tiny", max_tokens=8, temperature=0, extra_body={"continue_final_message": True},
+        messages=[*MSG, {"role": "assistant", "content": "Paris, the city of"}])
+    assert chat.choices[0].message.content == text_of(m)
 
 
 OK_BODY = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
@@ -271,16 +275,9 @@ def test_other_failures_keep_anthropics_shape(claude, tiny_server):
 
 
 def test_a_stream_that_fails_midway_ends_with_an_error_event(claude, tiny_server, monkeypatch):
-    runner = tiny_server.engine.engine.runner
-    real, calls = runner.execute, {"n": 0}
+    from conftest import fail_engine_step
 
-    def fail_third_step(out):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected fault")
-        return real(out)
-
-    monkeypatch.setattr(runner, "execute", fail_third_step)
+    fail_engine_step(monkeypatch, tiny_server, step=3)
     kinds = []
     with pytest.raises(anthropic.APIStatusError) as e:
         for event in claude.messages.create(**{**OK_BODY, "max_tokens": 20}, stream=True):
