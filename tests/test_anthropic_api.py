@@ -148,6 +148,24 @@ def test_named_tool_gives_a_valid_tool_use_and_its_result_continues(claude, open
     assert without_result.input_tokens < same.usage.prompt_tokens          # the result is in the prompt
 
 
+def test_tool_results_are_tool_messages_and_a_failed_one_says_so(claude, tiny_server):
+    call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris", "days": 1}}
+    counts = []
+    for is_error in (False, True):
+        result = {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": is_error,
+                  "content": [{"type": "text", "text": "sun"}, {"type": "text", "text": "ny"}]}
+        counts.append(claude.messages.count_tokens(model="tiny", messages=[
+            *MSG, {"role": "assistant", "content": [{"type": "text", "text": "Let me look."}, call]},
+            {"role": "user", "content": [result]}]).input_tokens)
+    for count, content in zip(counts, ("sunny", "Error: sunny")):
+        ids = httpx.post(tiny_server.url + "/v1/tokenize", json={"messages": [
+            *MSG, {"role": "assistant", "content": "Let me look.", "tool_calls": [{"id": "toolu_1", "type": "function",
+                   "function": {"name": "get_weather", "arguments": json.dumps(call["input"])}}]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": content}]}).json()["tokens"]
+        assert count == len(ids)
+    assert counts[1] > counts[0]
+
+
 def test_any_tool_and_streamed_tool_use_as_input_json_delta(claude):
     kw = dict(model="tiny", max_tokens=300, messages=MSG, tools=[WEATHER, TIME],
               tool_choice={"type": "any", "disable_parallel_tool_use": True}, extra_body=GREEDY)

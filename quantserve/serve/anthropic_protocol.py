@@ -34,7 +34,7 @@ class ContentBlock(Strict):
     input: dict[str, Any] | None = None
     tool_use_id: str | None = Field(None, min_length=1)       # tool_result: the call it answers
     content: str | list[TextBlock] = ""
-    is_error: bool = False
+    is_error: bool = False                                    # tool_result: the call failed
 
     @model_validator(mode="after")
     def _fields_of_its_type(self) -> ContentBlock:
@@ -45,7 +45,9 @@ class ContentBlock(Strict):
         return self
 
     def result_text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
+        """A tool result for the chat template, which has no field for failure: said in the text."""
+        text = self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
+        return f"Error: {text}" if self.is_error else text
 
 
 class InputMessage(Strict):
