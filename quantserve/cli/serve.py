@@ -98,6 +98,9 @@ def add_server_args(p: argparse.ArgumentParser, port: int = 23333) -> None:
     g.add_argument("--max-n", type=int, default=16, help="largest n per request")
     g.add_argument("--tool-call-parser", default=None, choices=["hermes", "qwen", "qwen2_5", "internlm", "internlm2", "llama3"],
                    help="tool-call format (default: detected from the chat template)")
+    g.add_argument("--pooling", choices=["last", "mean", "cls"], default=None,
+                   help="serve /v1/embeddings from a decoder, pooling its final hidden states this way "
+                        "(default: as the model's sentence-transformers files say; encoders always embed)")
     g.add_argument("--ssl", action="store_true", help="serve HTTPS with --ssl-certfile / --ssl-keyfile "
                    "(default: the SSL_CERTFILE / SSL_KEYFILE environment variables, as LMDeploy)")
     g.add_argument("--ssl-certfile", default=os.environ.get("SSL_CERTFILE"))
@@ -206,7 +209,7 @@ def server_fields(ns) -> dict:
     return dict(api_keys=ns.api_keys or [], allow_origins=ns.allow_origins, allow_credentials=ns.allow_credentials,
                 allow_methods=ns.allow_methods, allow_headers=ns.allow_headers, disable_docs=ns.disable_fastapi_docs,
                 default_max_tokens=ns.default_max_tokens, admin_api_keys=getattr(ns, "admin_api_keys", None) or [],
-                models_dir=getattr(ns, "models_dir", None))
+                models_dir=getattr(ns, "models_dir", None), pooling=getattr(ns, "pooling", None))
 
 
 def run_ray(ns) -> int:

@@ -14,7 +14,7 @@ import torch
 from quantserve.config import ConfigError, EngineConfig, SamplingParams
 from quantserve.engine.block_manager import BlockManager
 from quantserve.engine.model_runner import ModelRunner
-from quantserve.engine.request import FinishReason, Request
+from quantserve.engine.request import FinishReason, Pooling, Request
 from quantserve.engine.scheduler import Scheduler
 from quantserve.kvcache.budget import CachePlan, free_memory, plan_cache
 from quantserve.kvcache.paged import PagedKVCache
@@ -140,13 +140,18 @@ class Engine:
         return {"weights_gb": self.weights_bytes / 1e9, "kv_cache_gb": self.cache.nbytes / 1e9,
                 "kv_tokens": self.plan.num_tokens, "rss_gb": kib("VmRSS"), "peak_rss_gb": kib("VmHWM")}
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    pooling: Pooling | None = None) -> Request:
+        """A request to continue `prompt_token_ids`, or with `pooling` only to read them (an
+        embedding or a score, ready once its prompt has been computed)."""
         self._validate(request_id, prompt_token_ids)
+        if pooling is not None and any(not 0 <= t < self.args.vocab_size for t in pooling.score_tokens):
+            raise RequestError(f"score token ids must be in [0, {self.args.vocab_size})")
         if any(not 0 <= t < self.args.vocab_size for t in (*params.stop_token_ids, *params.eos_token_ids)):
             raise RequestError(f"stop token ids must be in [0, {self.args.vocab_size})")
         if any(not 0 <= t < self.args.vocab_size for t, _ in params.logit_bias):
             raise RequestError(f"logit_bias token ids must be in [0, {self.args.vocab_size})")
-        request = Request(request_id, list(prompt_token_ids), params, self.session_len)
+        request = Request(request_id, list(prompt_token_ids), params, self.session_len, pooling=pooling)
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request

@@ -18,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from quantserve.serve.embeddings import add_embedding_routes
 from quantserve.serve.errors import APIError, error_body, install_error_handlers, validation_message
 from quantserve.serve.metrics import ServerMetrics
 from quantserve.serve.middleware import APIKeyAuth, BodyLimit
@@ -52,6 +53,7 @@ class ServerConfig:
     admin_api_keys: list[str] = field(default_factory=list)    # may load, unload and reload models
     models_dir: str | None = None                               # where /v1/models/load finds models by name
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)   # what a slow or idle client may hold
+    pooling: str | None = None          # how a decoder embeds (last | mean | cls); None: as its files say, or not
 
 
 class ServerState:
@@ -91,6 +93,7 @@ def build_app(state: ServerState, ui=None) -> FastAPI:
                        allow_methods=cfg.allow_methods, allow_headers=cfg.allow_headers)
     add_info_routes(app, state, root_redirect=ui is None)
     add_generation_routes(app, state)
+    add_embedding_routes(app, state)
     from quantserve.serve.anthropic_api import add_anthropic_routes     # here: it builds on respond() below
 
     add_anthropic_routes(app, state)

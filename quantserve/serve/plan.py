@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from quantserve.config import GenerationConfig, SamplingParams
+from quantserve.engine.request import Pooling
 from quantserve.guided import Grammar, GrammarError, json_schema_grammar, tool_calls_schema
 from quantserve.serve.errors import APIError
 from quantserve.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
@@ -50,9 +51,28 @@ class ModelInfo:
     defaults: GenerationConfig             # the model's generation_config.json sampling defaults
     tool_parser: ToolParser
     default_max_tokens: int = 1024         # when a request sets no max_tokens (capped by the context)
+    generates: bool = True                 # False: an encoder, which only embeds or scores
+    pooling: Pooling | None = None         # how /v1/embeddings pools it; None: it does not embed
+    truncate: bool = False                 # long embedding inputs are cut to session_len (sentence-transformers)
+    matryoshka_dimensions: list[int] | bool | None = None   # the `dimensions` it was trained to be cut to
+    cross_encoder: bool = False            # scores (query, document) pairs with its classifier
+    score_tokens: tuple[int, int] | None = None   # a decoder's single-token "yes" and "no", for rerank
+
+    @property
+    def capabilities(self) -> list[str]:
+        """What /v1/models says this model can do."""
+        return ((["chat", "completions"] if self.generates else []) + (["embeddings"] if self.pooling else [])
+                + (["rerank", "score"] if self.cross_encoder or self.score_tokens else []))
+
+
+def check_generates(model: ModelInfo) -> None:
+    if not model.generates:
+        raise APIError(400, "this model only embeds and scores: use /v1/embeddings, /v1/rerank or /v1/score",
+                       "model", "model_not_supported")
 
 
 def chat_plan(req: ChatCompletionRequest, model: ModelInfo, limits: Limits) -> Plan:
+    check_generates(model)
     check_common(req, model, limits)
     tools = chat_tools(req)
     use_tools = bool(tools)
@@ -67,6 +87,7 @@ def chat_plan(req: ChatCompletionRequest, model: ModelInfo, limits: Limits) -> P
 
 
 def completion_plans(req: CompletionRequest, model: ModelInfo, limits: Limits) -> list[Plan]:
+    check_generates(model)
     check_common(req, model, limits)
     if req.echo and req.logprobs is not None:
         raise APIError(400, "echo with logprobs is not supported", "echo", "unsupported")

@@ -227,6 +227,8 @@ class ModelCard(BaseModel):
     owned_by: str = "quantserve"
     root: str
     max_model_len: int
+    capabilities: list[str] = Field(default_factory=lambda: ["chat", "completions"],
+                                    description="what it serves: chat, completions, embeddings, rerank, score")
 
 
 class ModelList(BaseModel):
