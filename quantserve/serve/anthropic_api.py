@@ -19,7 +19,7 @@ from quantserve.serve.anthropic_protocol import (AnthropicErrorResponse, CountTo
                                                  MessagesRequest, TokenCount)
 from quantserve.serve.errors import APIError
 from quantserve.serve.openai_app import SSE, Chunker, ServerState, Wire, client_key, respond
-from quantserve.serve.plan import chat_prompt_ids
+from quantserve.serve.plan import chat_prompt_ids, check_generates
 from quantserve.serve.service import ChoiceDelta, Service
 from quantserve.serve.tools import ParsedCall
 
@@ -39,6 +39,7 @@ def add_anthropic_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/messages/count_tokens", response_model=TokenCount, responses=ERRORS)
     async def count_tokens(body: CountTokensRequest):
         service = state.ready(body.model)
+        check_generates(service.model)
         ids = await asyncio.to_thread(chat_prompt_ids, body.chat_request(), service.model)
         return {"input_tokens": len(ids)}
 
