@@ -74,9 +74,9 @@ def check_generates(model: ModelInfo) -> None:
 def chat_plan(req: ChatCompletionRequest, model: ModelInfo, limits: Limits) -> Plan:
     check_generates(model)
     check_common(req, model, limits)
-    tools = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
-    use_tools = bool(tools) and req.tool_choice != "none"
-    prompt_ids = encode_chat(req.messages, model, tools if use_tools else [], req.do_preprocess, req.chat_template_kwargs)
+    tools = chat_tools(req)
+    use_tools = bool(tools)
+    prompt_ids = chat_prompt_ids(req, model)
     forced = use_tools and req.tool_choice not in (None, "auto")
     grammar = chat_grammar(req, model, tools) if (forced or req.response_format) else None
     parser = model.tool_parser if use_tools and not forced else None
@@ -119,8 +119,20 @@ def check_common(req: SamplingFields, model: ModelInfo, limits: Limits) -> None:
                        "logit_bias", "invalid_value")
 
 
+def chat_tools(req: ChatCompletionRequest) -> list[dict]:
+    """The request's functions, as the template and the grammar take them; none with tool_choice "none"."""
+    if req.tool_choice == "none":
+        return []
+    return [t.function.model_dump(exclude_none=True) for t in req.tools or []]
+
+
+def chat_prompt_ids(req: ChatCompletionRequest, model: ModelInfo) -> list[int]:
+    return encode_chat(req.messages, model, chat_tools(req), req.do_preprocess, req.chat_template_kwargs,
+                       req.continue_final_message)
+
+
 def encode_chat(messages: list[ChatMessage], model: ModelInfo, tools: list[dict], do_preprocess: bool = True,
-                template_kwargs: dict | None = None) -> list[int]:
+                template_kwargs: dict | None = None, continue_final: bool = False) -> list[int]:
     tok = model.tokenizer
     if not do_preprocess:
         return tok.hf.encode("".join(m.text() for m in messages), add_special_tokens=True)
@@ -131,9 +143,11 @@ def encode_chat(messages: list[ChatMessage], model: ModelInfo, tools: list[dict]
     kwargs = dict(template_kwargs or {})
     if tools and native:
         kwargs["tools"] = [{"type": "function", "function": t} for t in tools]
+    # continuing: the text ends inside the final assistant message instead of opening a new one
+    ending = {"continue_final_message": True} if continue_final else {"add_generation_prompt": True}
     try:
-        text = tok.hf.apply_chat_template(messages, chat_template=tok.chat_template, add_generation_prompt=True,
-                                          tokenize=False, **kwargs)
+        text = tok.hf.apply_chat_template(messages, chat_template=tok.chat_template, tokenize=False, **ending,
+                                          **kwargs)
     except Exception as e:            # the template's own checks (role order, missing fields), or its errors
         raise APIError(400, f"the chat template refused these messages: {e}", "messages", "invalid_value") from None
     return tok.hf.encode(text, add_special_tokens=False)

@@ -147,9 +147,12 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool = True
     do_preprocess: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    continue_final_message: bool = False          # vLLM's: the reply continues the final assistant message
 
     @model_validator(mode="after")
     def _coherent(self) -> ChatCompletionRequest:
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs an assistant message last")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:

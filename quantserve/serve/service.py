@@ -38,6 +38,7 @@ class ChoiceDelta:
     tool_calls: list[ParsedCall] = field(default_factory=list)
     completion_tokens: int = 0
     cached_tokens: int = 0
+    stop_word: str | None = None        # the stop string that ended the choice, if one did
 
 
 class Service:
@@ -120,7 +121,7 @@ class Service:
                                     ev.token_ids, ev.logprobs or [], ev.finish_reason,
                                     completion_tokens=ev.num_output_tokens, cached_tokens=ev.num_cached_tokens)
                 if text.stopped:
-                    delta.finish_reason = "stop"
+                    delta.finish_reason, delta.stop_word = "stop", text.stop_word
                 if tools is not None:
                     finish_tools(delta, tools)
                 elif plan.forced_tools:
