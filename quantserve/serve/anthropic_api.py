@@ -58,6 +58,8 @@ class MessageBuilder:
 
     def add(self, d: ChoiceDelta) -> list[Event]:
         events = self.begin()
+        if d.reasoning:
+            events += self.thinking(d.reasoning)
         if d.text:
             events += self.text(d.text)
         for call in d.tool_calls:
@@ -78,6 +80,15 @@ class MessageBuilder:
         events = [] if self.open and self.content[-1]["type"] == "text" else self.close() + self.start("text", text="")
         self.content[-1]["text"] += text
         return events + [self.delta({"type": "text_delta", "text": text})]
+
+    def thinking(self, text: str) -> list[Event]:
+        """--reasoning-parser: the model's <think> part as a thinking block (no signature: it is
+        not Anthropic's to verify)."""
+        kind = "thinking"
+        events = [] if self.open and self.content[-1]["type"] == kind else self.close() + self.start(
+            kind, thinking="", signature="")
+        self.content[-1]["thinking"] += text
+        return events + [self.delta({"type": "thinking_delta", "thinking": text})]
 
     def tool_use(self, call: ParsedCall) -> list[Event]:
         """One whole block per call: the calls are known once the output is complete."""

@@ -27,8 +27,11 @@ class ContentBlock(Strict):
     """A block of a message: which fields it needs depends on its type (one class rather than a
     tagged union, so a bad block's error names the block's own field)."""
 
-    type: Literal["text", "tool_use", "tool_result"]
+    type: Literal["text", "tool_use", "tool_result", "thinking", "redacted_thinking"]
     text: str | None = None                                   # text
+    thinking: str | None = None                               # thinking: an earlier reply's, not replayed
+    signature: str | None = None
+    data: str | None = None                                   # redacted_thinking
     id: str | None = Field(None, min_length=1)                # tool_use: the call
     name: str | None = Field(None, pattern=TOOL_NAME)
     input: dict[str, Any] | None = None
@@ -38,7 +41,8 @@ class ContentBlock(Strict):
 
     @model_validator(mode="after")
     def _fields_of_its_type(self) -> ContentBlock:
-        needs = {"text": ("text",), "tool_use": ("id", "name", "input"), "tool_result": ("tool_use_id",)}[self.type]
+        needs = {"text": ("text",), "tool_use": ("id", "name", "input"), "tool_result": ("tool_use_id",),
+                 "thinking": ("thinking",), "redacted_thinking": ("data",)}[self.type]
         missing = [f for f in needs if getattr(self, f) is None]
         if missing:
             raise ValueError(f"a {self.type} block needs '{missing[0]}'")
@@ -61,6 +65,8 @@ class InputMessage(Strict):
             raise ValueError("tool_use blocks belong in assistant messages")
         if self.role == "assistant" and "tool_result" in kinds:
             raise ValueError("tool_result blocks belong in user messages")
+        if self.role == "user" and kinds & {"thinking", "redacted_thinking"}:
+            raise ValueError("thinking blocks belong in assistant messages")
         return self
 
     def texts(self) -> str:
@@ -112,6 +118,12 @@ class Metadata(Strict):
     user_id: str | None = Field(None, max_length=256)
 
 
+class ThinkingConfig(Strict):
+    """Extended thinking: for a thinking model, the chat template's enable_thinking switch."""
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = Field(None, ge=1)
+
+
 class MessagesInput(Strict):
     """What count_tokens and messages share: the conversation and its tools."""
 
@@ -120,6 +132,7 @@ class MessagesInput(Strict):
     system: str | list[TextBlock] | None = None
     tools: list[AnthropicTool] | None = None
     tool_choice: ToolChoice | None = None
+    thinking: ThinkingConfig | None = None
 
     @model_validator(mode="after")
     def _tools_coherent(self) -> MessagesInput:
@@ -146,7 +159,8 @@ class MessagesInput(Strict):
         return ChatCompletionRequest(
             model=self.model, messages=messages, tools=tools or None, tool_choice=choice and choice.openai(),
             parallel_tool_calls=not (choice and choice.disable_parallel_tool_use),
-            continue_final_message=prefilled, **fields)
+            continue_final_message=prefilled, **fields,
+            chat_template_kwargs={"enable_thinking": self.thinking.type != "disabled"} if self.thinking else None)
 
 
 class MessagesRequest(MessagesInput):

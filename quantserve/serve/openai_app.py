@@ -54,6 +54,7 @@ class ServerConfig:
     models_dir: str | None = None                               # where /v1/models/load finds models by name
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)   # what a slow or idle client may hold
     pooling: str | None = None          # how a decoder embeds (last | mean | cls); None: as its files say, or not
+    reasoning_parser: str | None = None     # split <think> reasoning from the answer (serve/reasoning.py)
     max_stored_responses: int = 1024                            # /v1/responses kept for previous_response_id (LRU)
 
 
@@ -146,7 +147,7 @@ def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True
         service = state.ready(body.model)
         model = service.model
         if body.messages is not None:
-            ids = await asyncio.to_thread(encode_chat, body.messages, model, [])
+            ids = await asyncio.to_thread(encode_chat, body.messages, model, [], True, body.chat_template_kwargs)
         else:
             ids = await asyncio.to_thread(model.tokenizer.hf.encode, body.prompt,
                                           add_special_tokens=body.add_special_tokens)

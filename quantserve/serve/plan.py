@@ -11,6 +11,7 @@ from quantserve.config import GenerationConfig, SamplingParams
 from quantserve.engine.request import Pooling
 from quantserve.guided import Grammar, GrammarError, json_schema_grammar, tool_calls_schema
 from quantserve.serve.errors import APIError
+from quantserve.serve.reasoning import starts_inside
 from quantserve.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from quantserve.serve.tools import ToolParser, template_supports_tools, tools_system_prompt
 from quantserve.text import Tokenizer
@@ -41,6 +42,7 @@ class Plan:
     forced_tools: bool = False              # required / named: output is a JSON list of calls
     echo: str = ""                          # completions: prompt text put before the output
     first_index: int = 0                    # choice indices start here (completions with many prompts)
+    reasoning: bool | None = None           # --reasoning-parser: None off; True the reply starts inside <think>
 
 
 @dataclass
@@ -57,6 +59,7 @@ class ModelInfo:
     matryoshka_dimensions: list[int] | bool | None = None   # the `dimensions` it was trained to be cut to
     cross_encoder: bool = False            # scores (query, document) pairs with its classifier
     score_tokens: tuple[int, int] | None = None   # a decoder's single-token "yes" and "no", for rerank
+    reasoning_parser: str | None = None    # split <think> reasoning into reasoning_content
 
     @property
     def capabilities(self) -> list[str]:
@@ -83,7 +86,8 @@ def chat_plan(req: ChatCompletionRequest, model: ModelInfo, limits: Limits) -> P
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, model, len(prompt_ids), logprobs, grammar)
     skip = req.skip_special_tokens and not (parser and parser.keeps_special_tokens)
-    return Plan(prompt_ids, params, req.stop or [], skip, parser, forced)
+    reasoning = starts_inside(model.tokenizer.hf.decode(prompt_ids[-64:])) if model.reasoning_parser else None
+    return Plan(prompt_ids, params, req.stop or [], skip, parser, forced, reasoning=reasoning)
 
 
 def completion_plans(req: CompletionRequest, model: ModelInfo, limits: Limits) -> list[Plan]:

@@ -194,6 +194,7 @@ class TokenizeRequest(Strict):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None      # as on chat: e.g. enable_thinking
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
@@ -265,6 +266,7 @@ class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ToolCall] = Field(default_factory=list)
+    reasoning_content: str | None = Field(None, description="with --reasoning-parser: the model's <think> part")
 
 
 class ChatChoice(BaseModel):
