@@ -1,4 +1,4 @@
-"""Constrained decoding: grammars (JSON schema, Lark) -> per-request token masks.
+"""Constrained decoding: grammars (JSON schema, regex, choice, Lark / GBNF) -> per-request token masks.
 
 llguidance does the grammar work (an Earley parser over the tokenizer's byte trie, ~1 ms a
 mask). A `Grammar` is compiled once per request body and validated before the request reaches
@@ -74,6 +74,47 @@ def json_schema_grammar(schema: dict | None) -> str:
         return LLMatcher.grammar_from_json_schema(json.dumps(closed), defaults=JSON_STYLE)
     except ValueError as e:
         raise GrammarError(str(e)) from None
+
+
+def regex_grammar(pattern: str) -> str:
+    """Grammar for text that fully matches `pattern` (Rust's regex syntax: no look-around, no
+    backreferences; an invalid one fails in Grammar)."""
+    from llguidance import LLMatcher
+
+    return LLMatcher.grammar_from_regex(pattern)
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """Grammar for exactly one of `choices`: a Lark alternation of their literals (JSON string
+    escapes are Lark's)."""
+    from llguidance import LLMatcher
+
+    return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
+
+
+def lark_grammar(text: str) -> str:
+    """Grammar from a Lark grammar (llguidance's dialect: one with a `start:` rule) or a GBNF one
+    (llama.cpp's `root ::= ...`, converted to Lark)."""
+    from llguidance import LLMatcher
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        return LLMatcher.grammar_from_lark(any_to_lark(text))
+    except Exception as e:          # the converter is a hand-written parser: any failure is the grammar's
+        raise GrammarError(f"not a Lark or GBNF grammar: {e}") from None
+
+
+def constraint_grammar(kind: str, value) -> str:
+    """The grammar of one output constraint, by vLLM's names: json (a schema, or its JSON text),
+    json_object, regex, choice, grammar (Lark or GBNF)."""
+    if kind == "json" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise GrammarError(f"the schema is not JSON: {e}") from None
+    builders = {"json": json_schema_grammar, "json_object": lambda _: json_schema_grammar(None),
+                "regex": regex_grammar, "choice": choice_grammar, "grammar": lark_grammar}
+    return builders[kind](value)
 
 
 # keywords whose values are schemas that describe the value itself (not `not` / `if`, where a
