@@ -8,6 +8,7 @@ says which tokens may come next and consumes the one that was sampled.
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 
 import numpy as np
@@ -92,16 +93,23 @@ def choice_grammar(choices: list[str]) -> str:
     return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
 
 
-def lark_grammar(text: str) -> str:
-    """Grammar from a Lark grammar (llguidance's dialect: one with a `start:` rule) or a GBNF one
-    (llama.cpp's `root ::= ...`, converted to Lark)."""
-    from llguidance import LLMatcher
-    from llguidance.gbnf_to_lark import any_to_lark
+# a GBNF rule (`name ::= ...`); Lark writes `name:` (llguidance's any_to_lark looks for `start:`,
+# and so takes a Lark `?start:` for GBNF)
+GBNF_RULE = re.compile(r"(?m)^\s*[A-Za-z0-9_-]+\s*::=")
 
-    try:
-        return LLMatcher.grammar_from_lark(any_to_lark(text))
-    except Exception as e:          # the converter is a hand-written parser: any failure is the grammar's
-        raise GrammarError(f"not a Lark or GBNF grammar: {e}") from None
+
+def lark_grammar(text: str) -> str:
+    """Grammar from a Lark grammar (llguidance's dialect) or a GBNF one (llama.cpp's
+    `root ::= ...`, converted to Lark); an invalid Lark grammar fails in Grammar."""
+    from llguidance import LLMatcher
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+
+    if GBNF_RULE.search(text):
+        try:
+            text = gbnf_to_lark(text)
+        except Exception as e:      # the converter is a hand-written parser: any failure is the grammar's
+            raise GrammarError(f"not a GBNF grammar: {e}") from None
+    return LLMatcher.grammar_from_lark(text)
 
 
 def constraint_grammar(kind: str, value) -> str:
