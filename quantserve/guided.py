@@ -40,12 +40,16 @@ class Grammar:
         error = LLMatcher.validate_grammar(grammar, self.ll)
         if error and not error.startswith("WARNING"):
             raise GrammarError(error)
-        self.grammar = grammar
+        # the first mask builds the lexer (seconds for a regex like (a{1000}){1000}): built here, off
+        # the engine's thread, where a grammar that fails its limits is still a refusal; each
+        # request gets a copy with it built
+        self.first = LLMatcher(self.ll, grammar, log_level=0)
+        self.first.compute_bitmask()
+        if self.first.is_error():
+            raise GrammarError(self.first.get_error().split("\n")[0])
 
     def start(self) -> GrammarGuide:
-        from llguidance import LLMatcher
-
-        return GrammarGuide(LLMatcher(self.ll, self.grammar, log_level=0))
+        return GrammarGuide(self.first.deep_copy())
 
 
 class GrammarGuide:
