@@ -143,7 +143,9 @@ class GenerationConfig:
         _check(-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         _check(self.min_new_tokens is None or self.min_new_tokens >= 0, "min_new_tokens must be >= 0")
 
-    def to_sampling_params(self, eos_token_ids: list[int]) -> SamplingParams:
+    def to_sampling_params(self, eos_token_ids: list[int], **engine_fields) -> SamplingParams:
+        """What the engine runs; `engine_fields` are SamplingParams' own (logit_bias, logprobs,
+        guide, seed) that have no GenerationConfig name."""
         greedy = not self.do_sample or self.temperature == 0 or self.top_k == 1
         return SamplingParams(
             max_new_tokens=self.max_new_tokens,
@@ -158,6 +160,7 @@ class GenerationConfig:
             stop_token_ids=tuple(self.stop_token_ids or ()),
             eos_token_ids=() if self.ignore_eos else tuple(eos_token_ids),
             min_new_tokens=self.min_new_tokens or 0,
+            **engine_fields,
         )
 
     @classmethod
@@ -175,8 +178,14 @@ class GenerationConfig:
         return cls(**(found if "temperature" in found or "do_sample" in found else fallback))
 
     def updated(self, **changes) -> GenerationConfig:
+        """The one rule for defaults and what a request (or a CLI flag) sets: every field given
+        (not None) replaces the default, and a temperature given decides greedy (0) or sampled,
+        whatever the model's do_sample says."""
         known = {f.name for f in fields(self)}
-        return replace(self, **{k: v for k, v in changes.items() if k in known and v is not None})
+        chosen = {k: v for k, v in changes.items() if k in known and v is not None}
+        if "temperature" in chosen and "do_sample" not in chosen:
+            chosen["do_sample"] = chosen["temperature"] > 0
+        return replace(self, **chosen)
 
 
 @dataclass(frozen=True)

@@ -138,8 +138,6 @@ def engine_config(ns: argparse.Namespace) -> EngineConfig:
 
 def generation_config(ns: argparse.Namespace, defaults: GenerationConfig) -> GenerationConfig:
     """Explicit sampling flags over the model's defaults."""
-    flags = dict(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, min_p=ns.min_p,
-                 repetition_penalty=ns.repetition_penalty, max_new_tokens=ns.max_new_tokens, random_seed=ns.seed)
-    if ns.temperature is not None:
-        flags["do_sample"] = ns.temperature > 0
-    return defaults.updated(**flags)
+    return defaults.updated(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, min_p=ns.min_p,
+                            repetition_penalty=ns.repetition_penalty, max_new_tokens=ns.max_new_tokens,
+                            random_seed=ns.seed)

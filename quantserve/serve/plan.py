@@ -261,20 +261,14 @@ def sampling_params(req: SamplingFields, model: ModelInfo, prompt_len: int, logp
         raise APIError(400, f"This model's maximum context length is {model.session_len} tokens; the prompt has "
                        f"{prompt_len} tokens and {req.max_new_tokens or 1} were requested for the output",
                        "messages" if isinstance(req, ChatCompletionRequest) else "prompt", "context_length_exceeded")
-    d = model.defaults
-    temperature = d.temperature if req.temperature is None else req.temperature
-    if req.temperature is None and not d.do_sample:
-        temperature = 0.0
-    top_k = d.top_k if req.top_k is None else max(req.top_k, 0)
-    base = dict(
-        max_new_tokens=req.max_new_tokens or min(room, model.default_max_tokens), temperature=temperature,
-        top_p=d.top_p if req.top_p is None else req.top_p, top_k=top_k,
-        min_p=d.min_p if req.min_p is None else req.min_p,
-        repetition_penalty=d.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
-        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        eos_token_ids=() if req.ignore_eos else tuple(model.tokenizer.eos_token_ids),
-        min_new_tokens=req.min_new_tokens or 0,
-        logit_bias=tuple((int(k), v) for k, v in (req.logit_bias or {}).items()),
-        logprobs=logprobs, guide=grammar)
+    top_k = None if req.top_k is None else max(req.top_k, 0)            # vLLM's -1: off
+    generation = model.defaults.updated(
+        max_new_tokens=req.max_new_tokens or min(room, model.default_max_tokens), temperature=req.temperature,
+        top_p=req.top_p, top_k=top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, ignore_eos=req.ignore_eos,
+        min_new_tokens=req.min_new_tokens)
+    extra = dict(logit_bias=tuple((int(k), v) for k, v in (req.logit_bias or {}).items()), logprobs=logprobs,
+                 guide=grammar)
     seeds = [None] * req.n if req.seed is None else [(req.seed + i) % 2**64 for i in range(req.n)]
-    return [SamplingParams(**base, seed=s) for s in seeds]
+    eos = model.tokenizer.eos_token_ids
+    return [generation.updated(random_seed=s).to_sampling_params(eos, **extra) for s in seeds]
