@@ -152,9 +152,8 @@ class QuantserveServicer:
             self.authorize(context)
             yield
         except APIError as e:
-            if e.headers and "Retry-After" in e.headers:
-                context.set_trailing_metadata((("retry-after", e.headers["Retry-After"]),))
-            await context.abort(status_code(e), e.message)
+            retry = (e.headers or {}).get("Retry-After")          # 429s say when to come back, as over HTTP
+            await context.abort(status_code(e), e.message, (("retry-after", retry),) if retry else ())
         except ValidationError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, validation_message(e)[0])
         except Exception as e:
