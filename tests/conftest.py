@@ -361,18 +361,18 @@ class RunningServer:
                 slot.service.engine.shutdown()
 
 
-def fail_engine_step(monkeypatch, server, step: int = 3) -> None:
-    """Make the server's engine step number `step` (from now) raise "injected fault"."""
+def fail_engine_step(monkeypatch, server: RunningServer, step: int = 3) -> None:
+    """The server's engine raises RuntimeError("injected fault") at its `step`-th step from now, once."""
     runner = server.engine.engine.runner
     real, calls = runner.execute, {"n": 0}
 
-    def failing(out):
+    def execute(out):
         calls["n"] += 1
         if calls["n"] == step:
             raise RuntimeError("injected fault")
         return real(out)
 
-    monkeypatch.setattr(runner, "execute", failing)
+    monkeypatch.setattr(runner, "execute", execute)
 
 
 @pytest.fixture(scope="session")

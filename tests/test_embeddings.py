@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import anthropic
 import httpx
 import numpy as np
 import openai
@@ -82,6 +83,12 @@ def test_models_card_says_what_it_can_do_and_chat_is_refused(minilm_server):
         client.completions.create(model="minilm", prompt="hi", stream=True)
     with pytest.raises(openai.BadRequestError, match="cannot score"):
         client.post("/rerank", body={"query": "q", "documents": ["a"]}, cast_to=object)
+    claude = anthropic.Anthropic(base_url=minilm_server.url, api_key="none", max_retries=0)
+    hi = [{"role": "user", "content": "hi"}]
+    with pytest.raises(anthropic.BadRequestError, match="only embeds"):
+        claude.messages.create(model="minilm", max_tokens=4, messages=hi)
+    with pytest.raises(anthropic.BadRequestError, match="only embeds"):
+        claude.messages.count_tokens(model="minilm", messages=hi)
 
 
 @pytest.mark.parametrize("body, param", [

@@ -216,7 +216,7 @@ BAD = [
     ("unknown role", dict(input=[{"role": "wizard", "content": "hi"}]), "input.0.role"),
     ("image part", dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
      "input.0.content.0.type"),
-    ("unknown item", dict(input=[{"type": "reasoning", "summary": []}]), "input.0"),
+    ("unknown item", dict(input=[{"type": "web_search_call", "id": "ws_1"}]), "input.0"),
     ("arguments not an object", dict(input=[{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}]),
      "input.0.arguments"),
     ("empty input", dict(input=""), "input"),

@@ -147,16 +147,9 @@ def test_rate_limit_per_key(tiny_server_model):
 
 
 def test_a_failing_step_fails_only_its_requests(tiny_server, monkeypatch):
-    runner = tiny_server.engine.engine.runner
-    real, state = runner.execute, {"armed": True}
+    from conftest import fail_engine_step
 
-    def fail_once(out):
-        if state["armed"]:
-            state["armed"] = False
-            raise RuntimeError("injected fault")
-        return real(out)
-
-    monkeypatch.setattr(runner, "execute", fail_once)
+    fail_engine_step(monkeypatch, tiny_server, step=1)
     r = httpx.post(tiny_server.url + CHAT, json=body(), timeout=30)
     assert r.status_code == 500
     assert r.json()["error"]["type"] == "internal_error" and "injected fault" in r.json()["error"]["message"]

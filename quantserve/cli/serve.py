@@ -107,6 +107,9 @@ def add_server_args(p: argparse.ArgumentParser, port: int = 23333) -> None:
     g.add_argument("--pooling", choices=["last", "mean", "cls"], default=None,
                    help="serve /v1/embeddings from a decoder, pooling its final hidden states this way "
                         "(default: as the model's sentence-transformers files say; encoders always embed)")
+    g.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1", "deepseek-r1", "qwen-qwq"], default=None,
+                   help="split a thinking model's <think> ... </think> into reasoning_content (chat), reasoning "
+                        "items (Responses) and thinking blocks (Messages)")
     g.add_argument("--ssl", action="store_true", help="serve HTTPS with --ssl-certfile / --ssl-keyfile "
                    "(default: the SSL_CERTFILE / SSL_KEYFILE environment variables, as LMDeploy)")
     g.add_argument("--ssl-certfile", default=os.environ.get("SSL_CERTFILE"))
@@ -216,6 +219,7 @@ def server_fields(ns) -> dict:
                 allow_methods=ns.allow_methods, allow_headers=ns.allow_headers, disable_docs=ns.disable_fastapi_docs,
                 default_max_tokens=ns.default_max_tokens, admin_api_keys=getattr(ns, "admin_api_keys", None) or [],
                 models_dir=getattr(ns, "models_dir", None), pooling=getattr(ns, "pooling", None),
+                reasoning_parser=getattr(ns, "reasoning_parser", None),
                 max_stored_responses=ns.max_stored_responses, grpc_port=getattr(ns, "grpc_port", None),
                 grpc_host=ns.server_name)
 

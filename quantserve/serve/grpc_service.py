@@ -91,7 +91,7 @@ class QuantserveServicer:
             body, chat = generation_body(request, model)
             ticket = service.reserve()
             try:
-                chunks = await plan_chunks(service, body, chat)
+                chunks = await plan_chunks(service, body, chat, "generate-")
                 # a cancelled call raises CancelledError here, which aborts the engine request
                 async with service.admitted(), aclosing(chunks.deltas()) as deltas:
                     async for d in deltas:

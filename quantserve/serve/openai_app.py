@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server (FastAPI).
+"""The OpenAI-compatible HTTP server (FastAPI), with Anthropic's Messages API beside it (anthropic_api.py).
 
 Routes parse a body (protocol.py), plan it (plan.py), run it (service.py) and shape the answer
 (responses.py). /health is 503 until the model is loaded and whenever the engine thread is gone.
@@ -9,10 +9,9 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.middleware.cors import CORSMiddleware
@@ -55,6 +54,7 @@ class ServerConfig:
     models_dir: str | None = None                               # where /v1/models/load finds models by name
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)   # what a slow or idle client may hold
     pooling: str | None = None          # how a decoder embeds (last | mean | cls); None: as its files say, or not
+    reasoning_parser: str | None = None     # split <think> reasoning from the answer (serve/reasoning.py)
     max_stored_responses: int = 1024                            # /v1/responses kept for previous_response_id (LRU)
     grpc_port: int | None = None        # also serve the gRPC API (grpc_service.py) on this port, in the same loop
     grpc_host: str = "0.0.0.0"
@@ -103,9 +103,12 @@ def build_app(state: ServerState, ui=None) -> FastAPI:
     add_info_routes(app, state, root_redirect=ui is None)
     add_generation_routes(app, state)
     add_embedding_routes(app, state)
-    from quantserve.serve.responses_api import add_responses_routes     # here: that module builds on this one
+    # imported here: both modules build on respond() and the helpers below
+    from quantserve.serve.anthropic_api import add_anthropic_routes
+    from quantserve.serve.responses_api import add_responses_routes
 
     add_responses_routes(app, state)
+    add_anthropic_routes(app, state)
     add_model_admin_routes(app, state)
     add_websocket_route(app, state)
     drop_422_from_openapi(app)
@@ -151,7 +154,7 @@ def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True
         service = state.ready(body.model)
         model = service.model
         if body.messages is not None:
-            ids = await asyncio.to_thread(encode_chat, body.messages, model, [])
+            ids = await asyncio.to_thread(encode_chat, body.messages, model, [], True, body.chat_template_kwargs)
         else:
             ids = await asyncio.to_thread(model.tokenizer.hf.encode, body.prompt,
                                           add_special_tokens=body.add_special_tokens)
@@ -170,7 +173,7 @@ def client_key(state: ServerState, conn: Request | WebSocket) -> str:
     """Rate limits count per API key when keys are configured (the middleware checked it),
     otherwise per client address: a made-up header must not buy a fresh budget."""
     if state.config.api_keys:
-        return conn.headers.get("authorization", "")
+        return conn.scope.get("state", {}).get("api_key", "")     # the key APIKeyAuth accepted
     return conn.client.host if conn.client else "unknown"
 
 
@@ -188,27 +191,37 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
         return await respond(service, request, body, chat=False)
 
 
-async def respond(service: Service, request: Request, body, chat: bool) -> Response:
-    """Plan, then stream (SSE) or collect; the admission ticket is released however this ends."""
+@dataclass(frozen=True)
+class Wire:
+    """How one API shapes an answer from a Chunker: its id prefix, its SSE stream and its whole body."""
+    id_prefix: str
+    stream: Callable[[Service, Chunker], AsyncIterator[str]]
+    whole: Callable[[Service, Chunker], Awaitable[dict]]
+
+
+async def respond(service: Service, request: Request, body, chat: bool, wire: Wire | None = None) -> Response:
+    """Plan, then stream (SSE) or collect, in OpenAI's shapes unless `wire` says otherwise; the
+    admission ticket is released however this ends."""
     ticket, streaming = service.reserve(), None
+    wire = wire or Wire("chatcmpl-" if chat else "cmpl-", sse, collect)
     try:
-        chunks = await plan_chunks(service, body, chat)
+        chunks = await plan_chunks(service, body, chat, wire.id_prefix)
         if body.stream:
-            streaming = TicketStream(sse(service, chunks), ticket)     # releases the ticket itself
+            streaming = TicketStream(wire.stream(service, chunks), ticket)     # releases the ticket itself
             return streaming
-        return await collect_unless_gone(collect(service, chunks), request)
+        return await collect_unless_gone(wire.whole(service, chunks), request)
     finally:
         if streaming is None:
             ticket.release()
 
 
-async def plan_chunks(service: Service, body, chat: bool) -> Chunker:
+async def plan_chunks(service: Service, body, chat: bool, id_prefix: str) -> Chunker:
     """Plan a chat or completions body (refusing what cannot run) and count its prompt tokens."""
     if chat:
         plans = [await asyncio.to_thread(chat_plan, body, service.model, service.limits)]
     else:
         plans = await asyncio.to_thread(completion_plans, body, service.model, service.limits)
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    rid = f"{id_prefix}{uuid.uuid4().hex}"
     service.metrics.prompt_tokens.inc(sum(len(p.prompt_ids) for p in plans))
     return Chunker(service, rid, body, plans, chat)
 
@@ -228,9 +241,9 @@ class TicketStream(StreamingResponse):
             self.ticket.release()
 
 
-async def collect_unless_gone(work: Coroutine[Any, Any, dict], request: Request) -> Response:
+async def collect_unless_gone(whole: Awaitable[dict], request: Request) -> Response:
     """The whole answer; if the client disconnects first, stop generating (its KV is freed)."""
-    task = asyncio.create_task(work)
+    task = asyncio.create_task(whole)
     while not task.done():
         await asyncio.wait({task}, timeout=0.25)
         if not task.done() and await request.is_disconnected():

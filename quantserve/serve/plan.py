@@ -11,6 +11,7 @@ from quantserve.config import GenerationConfig, SamplingParams
 from quantserve.engine.request import Pooling
 from quantserve.guided import Grammar, GrammarError, json_schema_grammar, tool_calls_schema
 from quantserve.serve.errors import APIError
+from quantserve.serve.reasoning import starts_inside
 from quantserve.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from quantserve.serve.tools import ToolParser, template_supports_tools, tools_system_prompt
 from quantserve.text import Tokenizer
@@ -41,6 +42,7 @@ class Plan:
     forced_tools: bool = False              # required / named: output is a JSON list of calls
     echo: str = ""                          # completions: prompt text put before the output
     first_index: int = 0                    # choice indices start here (completions with many prompts)
+    reasoning: bool | None = None           # --reasoning-parser: None off; True the reply starts inside <think>
 
 
 @dataclass
@@ -57,6 +59,7 @@ class ModelInfo:
     matryoshka_dimensions: list[int] | bool | None = None   # the `dimensions` it was trained to be cut to
     cross_encoder: bool = False            # scores (query, document) pairs with its classifier
     score_tokens: tuple[int, int] | None = None   # a decoder's single-token "yes" and "no", for rerank
+    reasoning_parser: str | None = None    # split <think> reasoning into reasoning_content
 
     @property
     def capabilities(self) -> list[str]:
@@ -74,16 +77,17 @@ def check_generates(model: ModelInfo) -> None:
 def chat_plan(req: ChatCompletionRequest, model: ModelInfo, limits: Limits) -> Plan:
     check_generates(model)
     check_common(req, model, limits)
-    tools = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
-    use_tools = bool(tools) and req.tool_choice != "none"
-    prompt_ids = encode_chat(req.messages, model, tools if use_tools else [], req.do_preprocess, req.chat_template_kwargs)
+    tools = chat_tools(req)
+    use_tools = bool(tools)
+    prompt_ids = chat_prompt_ids(req, model)
     forced = use_tools and req.tool_choice not in (None, "auto")
     grammar = chat_grammar(req, model, tools) if (forced or req.response_format) else None
     parser = model.tool_parser if use_tools and not forced else None
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, model, len(prompt_ids), logprobs, grammar)
     skip = req.skip_special_tokens and not (parser and parser.keeps_special_tokens)
-    return Plan(prompt_ids, params, req.stop or [], skip, parser, forced)
+    reasoning = starts_inside(model.tokenizer.hf.decode(prompt_ids[-64:])) if model.reasoning_parser else None
+    return Plan(prompt_ids, params, req.stop or [], skip, parser, forced, reasoning=reasoning)
 
 
 def completion_plans(req: CompletionRequest, model: ModelInfo, limits: Limits) -> list[Plan]:
@@ -119,8 +123,20 @@ def check_common(req: SamplingFields, model: ModelInfo, limits: Limits) -> None:
                        "logit_bias", "invalid_value")
 
 
+def chat_tools(req: ChatCompletionRequest) -> list[dict]:
+    """The request's functions, as the template and the grammar take them; none with tool_choice "none"."""
+    if req.tool_choice == "none":
+        return []
+    return [t.function.model_dump(exclude_none=True) for t in req.tools or []]
+
+
+def chat_prompt_ids(req: ChatCompletionRequest, model: ModelInfo) -> list[int]:
+    return encode_chat(req.messages, model, chat_tools(req), req.do_preprocess, req.chat_template_kwargs,
+                       req.continue_final_message)
+
+
 def encode_chat(messages: list[ChatMessage], model: ModelInfo, tools: list[dict], do_preprocess: bool = True,
-                template_kwargs: dict | None = None) -> list[int]:
+                template_kwargs: dict | None = None, continue_final: bool = False) -> list[int]:
     tok = model.tokenizer
     if not do_preprocess:
         return tok.hf.encode("".join(m.text() for m in messages), add_special_tokens=True)
@@ -131,9 +147,11 @@ def encode_chat(messages: list[ChatMessage], model: ModelInfo, tools: list[dict]
     kwargs = dict(template_kwargs or {})
     if tools and native:
         kwargs["tools"] = [{"type": "function", "function": t} for t in tools]
+    # continuing: the text ends inside the final assistant message instead of opening a new one
+    ending = {"continue_final_message": True} if continue_final else {"add_generation_prompt": True}
     try:
-        text = tok.hf.apply_chat_template(messages, chat_template=tok.chat_template, add_generation_prompt=True,
-                                          tokenize=False, **kwargs)
+        text = tok.hf.apply_chat_template(messages, chat_template=tok.chat_template, tokenize=False, **ending,
+                                          **kwargs)
     except Exception as e:            # the template's own checks (role order, missing fields), or its errors
         raise APIError(400, f"the chat template refused these messages: {e}", "messages", "invalid_value") from None
     return tok.hf.encode(text, add_special_tokens=False)

@@ -147,9 +147,12 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool = True
     do_preprocess: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    continue_final_message: bool = False          # vLLM's: the reply continues the final assistant message
 
     @model_validator(mode="after")
     def _coherent(self) -> ChatCompletionRequest:
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs an assistant message last")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
@@ -191,6 +194,7 @@ class TokenizeRequest(Strict):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None      # as on chat: e.g. enable_thinking
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
@@ -262,6 +266,7 @@ class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ToolCall] = Field(default_factory=list)
+    reasoning_content: str | None = Field(None, description="with --reasoning-parser: the model's <think> part")
 
 
 class ChatChoice(BaseModel):

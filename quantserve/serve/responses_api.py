@@ -30,6 +30,7 @@ from quantserve.serve.protocol import (ChatCompletionRequest, ChatMessage, Funct
                                        ToolCall)
 from quantserve.serve.responses import UsageCounter, now
 from quantserve.serve.responses_protocol import (DeletedResponse, FunctionCallItem, InputItemList, MessageItem,
+                                                 ReasoningItem,
                                                  ResponseObject, ResponsesRequest, joined)
 from quantserve.serve.service import ChoiceDelta, Service
 from quantserve.serve.tools import ParsedCall
@@ -80,6 +81,8 @@ def item_dict(item) -> dict:
         part = {"type": "output_text", "text": joined(item.content), "annotations": []} if item.role == "assistant" \
             else {"type": "input_text", "text": joined(item.content)}
         return {"type": "message", "id": new_id("msg"), "role": item.role, "status": "completed", "content": [part]}
+    if isinstance(item, ReasoningItem):
+        return {**item.model_dump(exclude_none=True), "id": item.id or new_id("rs")}
     if isinstance(item, FunctionCallItem):
         return {"type": "function_call", "id": new_id("fc"), "call_id": item.call_id, "name": item.name,
                 "arguments": item.arguments, "status": "completed"}
@@ -111,7 +114,7 @@ def chat_messages(items: list[dict]) -> list[ChatMessage]:
                 messages[-1].tool_calls = [*(messages[-1].tool_calls or []), call]
             else:
                 messages.append(ChatMessage(role="assistant", tool_calls=[call]))
-        else:
+        elif item["type"] == "function_call_output":
             messages.append(ChatMessage(role="tool", tool_call_id=item["call_id"], content=item["output"]))
     return messages
 
@@ -128,7 +131,12 @@ def chat_request(body: ResponsesRequest, items: list[dict]) -> ChatCompletionReq
     return ChatCompletionRequest(model=body.model, messages=messages, max_tokens=body.max_output_tokens,
                                  temperature=body.temperature, top_p=body.top_p, stream=body.stream, user=body.user,
                                  tools=tools, tool_choice=choice, parallel_tool_calls=body.parallel_tool_calls,
-                                 response_format=response_format(body))
+                                 response_format=response_format(body), chat_template_kwargs=thinking_switch(body))
+
+
+def thinking_switch(body: ResponsesRequest) -> dict | None:
+    effort = body.reasoning.effort if body.reasoning else None
+    return None if effort is None else {"enable_thinking": effort not in ("none", "minimal")}
 
 
 def response_format(body: ResponsesRequest) -> ResponseFormat | None:
@@ -158,6 +166,7 @@ class Turn:
     def __init__(self):
         self.items: list[dict] = []
         self.message: dict | None = None          # the message item while its text streams
+        self.thought: dict | None = None          # the reasoning item while its text streams
         self.finish_reason: str | None = None
 
     @property
@@ -165,8 +174,10 @@ class Turn:
         return "incomplete" if self.finish_reason == "length" else "completed"
 
     def add(self, d: ChoiceDelta) -> list[dict]:
-        events = []
-        if d.text or (d.finish_reason and not d.tool_calls and not self.items):
+        events = self.reason(d.reasoning) if d.reasoning else []
+        if d.text or d.finish_reason:
+            events += self.close_reasoning()
+        if d.text or (d.finish_reason and not d.tool_calls and not self.message_seen):
             events += self.text(d.text)            # without calls there is always a message, if empty
         if d.finish_reason:
             self.finish_reason = d.finish_reason
@@ -174,6 +185,32 @@ class Turn:
             for call in d.tool_calls:
                 events += self.function_call(call)
         return events
+
+    @property
+    def message_seen(self) -> bool:
+        return any(item["type"] == "message" for item in self.items)
+
+    def reason(self, text: str) -> list[dict]:
+        """--reasoning-parser: the <think> part as a reasoning item, before the message."""
+        events = []
+        if self.thought is None:
+            self.thought = {"type": "reasoning", "id": new_id("rs"), "summary": [], "status": "in_progress",
+                            "content": [{"type": "reasoning_text", "text": ""}]}
+            events.append(self.open(self.thought)[1])
+        self.thought["content"][0]["text"] += text
+        events.append({**self.at(self.thought), "type": "response.reasoning_text.delta", "delta": text})
+        return events
+
+    def close_reasoning(self) -> list[dict]:
+        if self.thought is None:
+            return []
+        item, self.thought = self.thought, None
+        item["status"] = "completed"
+        return [{**self.at(item), "type": "response.reasoning_text.done", "text": item["content"][0]["text"]},
+                self.done(item)]
+
+    def at(self, item: dict) -> dict:
+        return {"item_id": item["id"], "output_index": self.items.index(item), "content_index": 0}
 
     def open(self, item: dict) -> tuple[int, dict]:
         self.items.append(item)
@@ -199,7 +236,7 @@ class Turn:
         return events
 
     def where(self) -> dict:
-        return {"item_id": self.message["id"], "output_index": self.items.index(self.message), "content_index": 0}
+        return self.at(self.message)
 
     def close_message(self) -> list[dict]:
         if self.message is None:
@@ -224,10 +261,10 @@ class Turn:
                 self.done(item)]
 
 
-def usage_body(usage: UsageCounter) -> dict:
+def usage_body(usage: UsageCounter, reasoning_tokens: int = 0) -> dict:
     u = usage.body()
     return {"input_tokens": u["prompt_tokens"], "input_tokens_details": u["prompt_tokens_details"],
-            "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": u["total_tokens"]}
 
 
@@ -248,7 +285,7 @@ class ResponseRun:
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status, "error": error,
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "model": r.model, "output": copy.deepcopy(self.turn.items),
-                "usage": usage_body(self.chunks.usage) if done else None,
+                "usage": usage_body(self.chunks.usage, self.reasoning_tokens()) if done else None,
                 "instructions": r.instructions, "previous_response_id": r.previous_response_id,
                 "max_output_tokens": r.max_output_tokens, "temperature": self.params.temperature,
                 "top_p": self.params.top_p, "tools": [t.model_dump() for t in r.tools or []],
@@ -257,6 +294,11 @@ class ResponseRun:
                 "text": {"format": r.text.format.model_dump(by_alias=True, exclude_none=True)} if r.text
                 else {"format": {"type": "text"}},
                 "store": r.store, "metadata": r.metadata or {}}
+
+    def reasoning_tokens(self) -> int:
+        """The reply's thinking, counted in the model's tokens."""
+        text = "".join(i["content"][0]["text"] for i in self.turn.items if i["type"] == "reasoning")
+        return len(self.service.model.tokenizer.hf.encode(text, add_special_tokens=False)) if text else 0
 
     def finish(self) -> dict:
         body = self.body(self.turn.status)

@@ -64,8 +64,24 @@ class FunctionCallOutputItem(Strict):
     output: _text_or(TextPart)
 
 
+class ReasoningText(Strict):
+    type: Literal["reasoning_text", "summary_text"]
+    text: str
+
+
+class ReasoningItem(Strict):
+    """A reasoning item sent back by a client that keeps its own context; not replayed to the
+    model (chat templates drop earlier turns' thinking)."""
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[ReasoningText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
+    status: str | None = None
+    encrypted_content: str | None = None
+
+
 ITEM_TAGS = {"message": "message-item", "function_call": "function-call-item",
-             "function_call_output": "function-call-output-item"}
+             "function_call_output": "function-call-output-item", "reasoning": "reasoning-item"}
 
 
 def _item_type(v: Any) -> str | None:
@@ -76,10 +92,11 @@ def _item_type(v: Any) -> str | None:
 
 InputItem = Annotated[Union[Annotated[MessageItem, Tag("message-item")],
                             Annotated[FunctionCallItem, Tag("function-call-item")],
-                            Annotated[FunctionCallOutputItem, Tag("function-call-output-item")]],
+                            Annotated[FunctionCallOutputItem, Tag("function-call-output-item")],
+                            Annotated[ReasoningItem, Tag("reasoning-item")]],
                       Discriminator(_item_type, custom_error_type="invalid_item",
-                                    custom_error_message="an input item is a message, a function_call or a "
-                                                         "function_call_output")]
+                                    custom_error_message="an input item is a message, a function_call, a "
+                                                         "function_call_output or a reasoning item")]
 
 
 class FunctionTool(Strict):
@@ -113,6 +130,13 @@ class TextConfig(Strict):
     format: TextFormat = Field(default_factory=lambda: TextFormat(type="text"))
 
 
+class ReasoningConfig(Strict):
+    """For a thinking model: effort none / minimal switch the chat template's thinking off."""
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+
+
 class ResponsesRequest(Strict):
     model: str
     input: _text_or(InputItem, min_length=1)
@@ -127,6 +151,7 @@ class ResponsesRequest(Strict):
     text: TextConfig | None = None
     previous_response_id: str | None = None
     store: bool = True
+    reasoning: ReasoningConfig | None = None
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
     user: str | None = None
 
@@ -163,6 +188,14 @@ class OutputMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     status: Literal["in_progress", "completed", "incomplete"]
     content: list[OutputText]
+
+
+class OutputReasoning(BaseModel):
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[dict[str, Any]]
+    content: list[dict[str, Any]]
+    status: Literal["in_progress", "completed", "incomplete"]
 
 
 class OutputFunctionCall(BaseModel):
@@ -202,7 +235,7 @@ class ResponseObject(BaseModel):
     error: dict[str, Any] | None = None
     incomplete_details: IncompleteDetails | None = None
     model: str
-    output: list[Union[OutputMessage, OutputFunctionCall]]
+    output: list[Union[OutputReasoning, OutputMessage, OutputFunctionCall]]
     usage: ResponseUsage | None = None
     instructions: str | None = None
     previous_response_id: str | None = None

@@ -40,7 +40,7 @@ def load_service(name: str, model_path: str | None, engine_config: EngineConfig,
         defaults = GenerationConfig.from_model(path, do_sample=True, temperature=1.0)
         model = ModelInfo(tokenizer, engine.session_len, engine.args.vocab_size, defaults,
                           parser_for(tokenizer.chat_template, tool_call_parser), server.default_max_tokens,
-                          **decoder_pooling(path, tokenizer, server.pooling))
+                          reasoning_parser=server.reasoning_parser, **decoder_pooling(path, tokenizer, server.pooling))
         async_engine = AsyncEngine(engine)
     card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "quantserve",
             "root": str(path), "max_model_len": model.session_len, "capabilities": model.capabilities}

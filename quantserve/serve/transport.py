@@ -62,7 +62,7 @@ async def over_capacity(scope, receive, send) -> None:
     from quantserve.serve.middleware import send_error
 
     await send_error(send, 503, "the server has too many open connections; retry shortly", "too_many_connections",
-                     {"Connection": "close", "Retry-After": "1"})
+                     {"Connection": "close", "Retry-After": "1"}, scope.get("path"))
 
 
 class GuardedH11Protocol(H11Protocol):
