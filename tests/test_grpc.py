@@ -2,6 +2,7 @@
 the same text, vectors, errors, limits and metrics as the HTTP API."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -144,6 +145,7 @@ def test_generate_counts_in_the_http_metrics(server, stub):
     (dict(messages=[pb.ChatMessage(role="robot", content="hi")]), grpc.StatusCode.INVALID_ARGUMENT, "role"),
     (dict(prompt="hi", max_tokens=5000), grpc.StatusCode.INVALID_ARGUMENT, "maximum context length"),
     (dict(prompt="hi", stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop strings must not be empty"),
+    (dict(prompt="hi", enable_thinking=False), grpc.StatusCode.INVALID_ARGUMENT, "enable_thinking goes with messages"),
     (dict(prompt="hi", model="nope"), grpc.StatusCode.NOT_FOUND, "'nope' does not exist"),
 ])
 def test_bad_generate_requests_get_their_code_and_the_server_goes_on(server, stub, fields, code, words):
@@ -164,6 +166,29 @@ def test_cancelling_a_stream_aborts_its_engine_request(server, stub):
     assert server.engine.stats().num_running == server.engine.stats().num_waiting == 0
     assert metric(server, "quantserve:requests_aborted_total", model_name="tiny") == aborted + 1
     assert server.state.service.active == 0                # its admission ticket was given back
+
+
+def test_reasoning_comes_apart_from_the_text_as_on_chat(tiny_chat_model, tmp_path):
+    from test_reasoning import TEMPLATE            # a template that opens a think block, as DeepSeek-R1's
+
+    shutil.copytree(tiny_chat_model, tmp_path / "m")
+    (tmp_path / "m" / "chat_template.jinja").write_text(TEMPLATE)
+    server = RunningServer(tmp_path / "m", reasoning_parser="deepseek_r1", grpc_port=free_port())
+    ask = [{"role": "user", "content": "Why is the sky blue?"}]
+    try:
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            stub = services.QuantserveStub(channel)
+            for thinking in (True, False):
+                kwargs = {"chat_template_kwargs": {"enable_thinking": thinking}}
+                chat = server.client().chat.completions.create(model="tiny", messages=ask, max_tokens=12,
+                                                               temperature=0, extra_body=kwargs).choices[0].message
+                got = generate(stub, messages=[pb.ChatMessage(**m) for m in ask], max_tokens=12, temperature=0,
+                               enable_thinking=thinking)
+                assert "".join(m.reasoning for m in got) == (getattr(chat, "reasoning_content", None) or "")
+                assert joined(got)[0] == (chat.content or "")
+                assert bool("".join(m.reasoning for m in got)) == thinking
+    finally:
+        server.close()
 
 
 def test_models_lists_capabilities(server, stub, minilm):

@@ -71,7 +71,12 @@ def generation_body(request, model: str) -> tuple[ChatCompletionRequest | Comple
     fields |= {name: getattr(request, name) for name in SAMPLING if request.HasField(name)}
     if request.messages:
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        if request.HasField("enable_thinking"):
+            fields["chat_template_kwargs"] = {"enable_thinking": request.enable_thinking}
         return ChatCompletionRequest.model_validate({**fields, "messages": messages}), True
+    if request.HasField("enable_thinking"):
+        raise APIError(400, "enable_thinking goes with messages (the chat template reads it)", "enable_thinking",
+                       "invalid_value")
     prompt = request.prompt if request.HasField("prompt") else list(request.token_ids)
     return CompletionRequest.model_validate({**fields, "prompt": prompt}), False
 
@@ -121,7 +126,8 @@ class QuantserveServicer:
                                                   for c in cards])
 
     def response(self, d: ChoiceDelta, usage: UsageCounter):
-        message = self.pb.GenerateResponse(text=d.text, token_ids=d.token_ids, finish_reason=d.finish_reason or "")
+        message = self.pb.GenerateResponse(text=d.text, token_ids=d.token_ids, finish_reason=d.finish_reason or "",
+                                           reasoning=d.reasoning)
         if d.finish_reason:            # the counter has already added this last delta
             message.usage.CopyFrom(self.pb.Usage(prompt_tokens=usage.prompt, cached_tokens=usage.cached,
                                                  completion_tokens=sum(usage.completion.values())))
