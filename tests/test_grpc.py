@@ -292,6 +292,14 @@ def test_rate_limit_is_resource_exhausted_per_key(keyed):
     assert generate(stub, [("x-api-key", "k1")], prompt="hi", max_tokens=2)[-1].finish_reason   # k1 has its own
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")    # uvicorn's exit(3)
+def test_a_grpc_port_already_taken_fails_the_start_up(tiny_server_model, server, stub):
+    port = int(server.grpc_target.rpartition(":")[2])
+    with pytest.raises(RuntimeError, match="did not start"):
+        RunningServer(tiny_server_model, grpc_port=port)
+    assert generate(stub, prompt="hi", max_tokens=2, ignore_eos=True)[-1].finish_reason == "length"   # still serves
+
+
 def test_cli_serves_grpc_next_to_http(tiny_server_model, tmp_path):
     port, grpc_port = free_port(), free_port()
     with open(tmp_path / "log", "w") as log:

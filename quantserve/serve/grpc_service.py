@@ -213,8 +213,10 @@ def grpc_lifespan(state: ServerState):
 def build_server(state: ServerState) -> tuple[grpc.aio.Server, Health]:
     cfg = state.config
     protos, services = load_protos()
-    limit = cfg.limits.max_body_bytes            # the HTTP body limit, for gRPC messages
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
+    # the HTTP body limit for messages; no SO_REUSEPORT, so a port already taken fails the start-up
+    # rather than sharing its calls with another server
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", cfg.limits.max_body_bytes),
+                                      ("grpc.so_reuseport", 0)])
     services.add_QuantserveServicer_to_server(QuantserveServicer(state, protos), server)
     health = Health(state)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
