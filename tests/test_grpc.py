@@ -220,6 +220,7 @@ def test_embed_gives_the_vectors_of_v1_embeddings(minilm):
     (dict(texts=["a"], token_ids=[pb.TokenIds(ids=[1])]), "texts or token_ids, not both"),
     (dict(texts=["a"], dimensions=0), "dimensions"),
     (dict(texts=["a"], dimensions=100), "dimensions must be"),
+    (dict(token_ids=[pb.TokenIds(ids=[101, 10 ** 6])]), "token ids must be in"),
 ])
 def test_bad_embed_requests_are_invalid_argument(minilm, fields, words):
     _, stub = minilm
