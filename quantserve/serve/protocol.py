@@ -94,6 +94,36 @@ class ResponseFormat(Strict):
         return self
 
 
+class StructuredOutputs(Strict):
+    """vLLM's `structured_outputs`: exactly one constraint on the output."""
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: Any = None
+
+    @field_validator("structural_tag")
+    @classmethod
+    def _no_structural_tag(cls, v):
+        if v is not None:
+            raise ValueError("structural_tag is not supported; use json, regex, choice or grammar")
+        return v
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        if len(self.given()) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object; got "
+                             + (", ".join(self.given()) or "none"))
+        return self
+
+    def given(self) -> dict[str, Any]:
+        """The constraints set, by vLLM's names (json_object: false sets none)."""
+        values = {"json": self.json_, "regex": self.regex, "choice": self.choice, "grammar": self.grammar,
+                  "json_object": self.json_object or None}
+        return {kind: v for kind, v in values.items() if v is not None}
+
+
 class SamplingFields(Strict):
     """Fields shared by chat and completions."""
 
@@ -116,6 +146,13 @@ class SamplingFields(Strict):
     skip_special_tokens: bool = True
     min_new_tokens: int | None = Field(None, ge=0)
     user: str | None = None
+    # output constraints (at most one; plan.output_constraint checks): OpenAI's, vLLM's, vLLM's before 0.11
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -141,7 +178,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True

@@ -131,7 +131,8 @@ def chat_request(body: ResponsesRequest, items: list[dict]) -> ChatCompletionReq
     return ChatCompletionRequest(model=body.model, messages=messages, max_tokens=body.max_output_tokens,
                                  temperature=body.temperature, top_p=body.top_p, stream=body.stream, user=body.user,
                                  tools=tools, tool_choice=choice, parallel_tool_calls=body.parallel_tool_calls,
-                                 response_format=response_format(body), chat_template_kwargs=thinking_switch(body))
+                                 response_format=response_format(body), structured_outputs=body.structured_outputs,
+                                 chat_template_kwargs=thinking_switch(body))
 
 
 def thinking_switch(body: ResponsesRequest) -> dict | None:

@@ -2,7 +2,8 @@
 response objects it returns.
 
 As in protocol.py every field is checked here, so a bad request is a 400 naming the field. Only
-what this server can honour is accepted: text input, function tools, text / JSON output formats.
+what this server can honour is accepted: text input, function tools, text / JSON output formats
+(and vLLM's `structured_outputs`: regex, choice, grammar).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Discriminator, Field, Tag, field_validator, model_validator
 
-from quantserve.serve.protocol import Strict
+from quantserve.serve.protocol import Strict, StructuredOutputs
 
 TOOL_NAME = r"^[A-Za-z0-9_.\-]+$"
 
@@ -149,6 +150,7 @@ class ResponsesRequest(Strict):
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
     parallel_tool_calls: bool = True
     text: TextConfig | None = None
+    structured_outputs: StructuredOutputs | None = None       # vLLM's: regex, choice, grammar, json
     previous_response_id: str | None = None
     store: bool = True
     reasoning: ReasoningConfig | None = None
