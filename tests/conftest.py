@@ -293,10 +293,11 @@ def wait_healthy(url: str, proc, timeout: float = 180, path: str = "/health") ->
 
 
 class RunningServer:
-    """An api_server on a free local port, in this process (uvicorn in a thread)."""
+    """An api_server on a free local port, in this process (uvicorn in a thread); with grpc_port,
+    its gRPC API too, on that port (grpc_target)."""
 
     def __init__(self, model_dir: Path, engine_config=None, uvicorn_options: dict | None = None, with_ui: bool = False,
-                 port: int | None = None, **server_options):
+                 port: int | None = None, grpc_port: int | None = None, **server_options):
         import threading
 
         import uvicorn
@@ -306,7 +307,9 @@ class RunningServer:
         from quantserve.serve.server import build_self_ui, make_loader
         from quantserve.serve.transport import uvicorn_options as transport_options
 
-        self.config = ServerConfig(server_options.pop("model_name", "tiny"), **server_options)
+        self.config = ServerConfig(server_options.pop("model_name", "tiny"), grpc_port=grpc_port, grpc_host="127.0.0.1",
+                                   **server_options)
+        self.grpc_target = f"127.0.0.1:{grpc_port}" if grpc_port else None
         self.state = ServerState(self.config)
         engine_config = engine_config or EngineConfig(dtype="float32", enable_prefix_caching=True,
                                                       cache_max_tokens=4096, max_batch_size=16)
@@ -322,8 +325,11 @@ class RunningServer:
                                                     log_level="warning", timeout_graceful_shutdown=1, **options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        while not self.server.started:
+        while not self.server.started and self.thread.is_alive():
             self.thread.join(0.05)
+        if not self.server.started:            # its start-up failed (a port taken): uvicorn logged why
+            self.close()
+            raise RuntimeError("the server did not start")
 
     @property
     def engine(self):

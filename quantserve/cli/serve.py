@@ -24,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--models-dir", default=None,
                    help="directory whose subdirectories /v1/models/load finds by name")
     g.add_argument("--proxy-url", default=None, help="register with this `serve proxy` once loaded")
+    server.add_argument_group("grpc").add_argument(
+        "--grpc-port", type=int, default=None,
+        help="also serve the gRPC API (quantserve.proto: Generate, Embed, Models; grpc.health.v1) on this port, "
+             "plaintext, same models and keys (default: no gRPC)")
     ui = sub.add_parser("gradio", help="chat page: for a running api_server (URL), or with the model in-process")
     ui.add_argument("model_path", nargs="?", default=None, metavar="URL_OR_MODEL",
                     help="http(s)://host:port of an api_server, or a model (nothing: the default model)")
@@ -216,7 +220,8 @@ def server_fields(ns) -> dict:
                 default_max_tokens=ns.default_max_tokens, admin_api_keys=getattr(ns, "admin_api_keys", None) or [],
                 models_dir=getattr(ns, "models_dir", None), pooling=getattr(ns, "pooling", None),
                 reasoning_parser=getattr(ns, "reasoning_parser", None),
-                max_stored_responses=ns.max_stored_responses)
+                max_stored_responses=ns.max_stored_responses, grpc_port=getattr(ns, "grpc_port", None),
+                grpc_host=ns.server_name)
 
 
 def run_ray(ns) -> int:
@@ -270,6 +275,10 @@ def check_server_flags(ns) -> None:
     models_dir = getattr(ns, "models_dir", None)
     if models_dir and not os.path.isdir(models_dir):
         raise ConfigError(f"{models_dir} is not a directory", field="models_dir")
+    grpc_port = getattr(ns, "grpc_port", None)
+    if grpc_port is not None and not (0 < grpc_port < 65536 and grpc_port != ns.server_port):
+        raise ConfigError(f"must be a free port in 1..65535 other than --server-port, got {grpc_port}",
+                          field="grpc_port")
 
 
 def served_models(ns) -> list[tuple[str, str | None]]:

@@ -66,13 +66,11 @@ def add_embedding_routes(app: FastAPI, state) -> None:
     @app.post("/v1/embeddings", responses=ERRORS)
     async def embeddings(body: EmbeddingRequest, request: Request):
         service = ready(state, body.model, request, client_key)
-        inputs = await asyncio.to_thread(embedding_inputs, body, service)
-        vectors = await run_all(service, [(ids, None) for ids in inputs], embed_pooling(service))
+        vectors, tokens = await embed_body(service, body)
         return {"object": "list", "model": body.model or state.models.default,
-                "data": [{"object": "embedding", "index": i, "embedding": encode(shape(v, body.dimensions, service),
-                                                                                 body.encoding_format)}
+                "data": [{"object": "embedding", "index": i, "embedding": encode(v, body.encoding_format)}
                          for i, v in enumerate(vectors)],
-                "usage": {"prompt_tokens": sum(map(len, inputs)), "total_tokens": sum(map(len, inputs))}}
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     @app.post("/v1/rerank", responses=ERRORS)
     @app.post("/v2/rerank", include_in_schema=False)
@@ -109,6 +107,13 @@ def embed_pooling(service: Service) -> Pooling:
         raise APIError(400, "this model does not embed: serve an embedding model, or a decoder with --pooling "
                        "last|mean|cls", "model", "model_not_supported")
     return pooling
+
+
+async def embed_body(service: Service, body: EmbeddingRequest) -> tuple[list[list[float]], int]:
+    """The body's vectors (cut to its `dimensions`) and the tokens read (HTTP and gRPC)."""
+    inputs = await asyncio.to_thread(embedding_inputs, body, service)
+    vectors = await run_all(service, [(ids, None) for ids in inputs], embed_pooling(service))
+    return [shape(v, body.dimensions, service) for v in vectors], sum(map(len, inputs))
 
 
 def embedding_inputs(body: EmbeddingRequest, service: Service) -> list[list[int]]:

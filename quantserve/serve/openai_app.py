@@ -56,6 +56,8 @@ class ServerConfig:
     pooling: str | None = None          # how a decoder embeds (last | mean | cls); None: as its files say, or not
     reasoning_parser: str | None = None     # split <think> reasoning from the answer (serve/reasoning.py)
     max_stored_responses: int = 1024                            # /v1/responses kept for previous_response_id (LRU)
+    grpc_port: int | None = None        # also serve the gRPC API (grpc_service.py) on this port, in the same loop
+    grpc_host: str = "0.0.0.0"
 
 
 class ServerState:
@@ -86,8 +88,13 @@ def build_app(state: ServerState, ui=None) -> FastAPI:
     """The API; with `ui` (a Gradio Blocks) the chat page is served at `/` next to it."""
     cfg = state.config
     docs = {} if not cfg.disable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    lifespan = None
+    if cfg.grpc_port is not None:         # started and stopped with the app, so it shares uvicorn's event loop
+        from quantserve.serve.grpc_service import grpc_lifespan
+
+        lifespan = grpc_lifespan(state)
     app = FastAPI(title="quantserve", description="OpenAI-compatible API for quantized LLMs", version="0.1.0",
-                  **docs)
+                  lifespan=lifespan, **docs)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=cfg.limits.max_body_bytes, timeout=cfg.connections.timeout_request_read)
     app.add_middleware(APIKeyAuth, api_keys=cfg.api_keys, admin_keys=cfg.admin_api_keys)
@@ -198,13 +205,7 @@ async def respond(service: Service, request: Request, body, chat: bool, wire: Wi
     ticket, streaming = service.reserve(), None
     wire = wire or Wire("chatcmpl-" if chat else "cmpl-", sse, collect)
     try:
-        if chat:
-            plans = [await asyncio.to_thread(chat_plan, body, service.model, service.limits)]
-        else:
-            plans = await asyncio.to_thread(completion_plans, body, service.model, service.limits)
-        rid = f"{wire.id_prefix}{uuid.uuid4().hex}"
-        service.metrics.prompt_tokens.inc(sum(len(p.prompt_ids) for p in plans))
-        chunks = Chunker(service, rid, body, plans, chat)
+        chunks = await plan_chunks(service, body, chat, wire.id_prefix)
         if body.stream:
             streaming = TicketStream(wire.stream(service, chunks), ticket)     # releases the ticket itself
             return streaming
@@ -212,6 +213,17 @@ async def respond(service: Service, request: Request, body, chat: bool, wire: Wi
     finally:
         if streaming is None:
             ticket.release()
+
+
+async def plan_chunks(service: Service, body, chat: bool, id_prefix: str) -> Chunker:
+    """Plan a chat or completions body (refusing what cannot run) and count its prompt tokens."""
+    if chat:
+        plans = [await asyncio.to_thread(chat_plan, body, service.model, service.limits)]
+    else:
+        plans = await asyncio.to_thread(completion_plans, body, service.model, service.limits)
+    rid = f"{id_prefix}{uuid.uuid4().hex}"
+    service.metrics.prompt_tokens.inc(sum(len(p.prompt_ids) for p in plans))
+    return Chunker(service, rid, body, plans, chat)
 
 
 class TicketStream(StreamingResponse):

@@ -136,8 +136,9 @@ def run_server(models: list[tuple[str, str | None]], engine_config: EngineConfig
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     page = f"chat page: {scheme}://{shown}:{port}/; " if with_ui else ""
     names = ", ".join(f"'{name}'" for name, _ in models)
+    grpc_note = f"; gRPC (plaintext) at {shown}:{server.grpc_port}" if server.grpc_port else ""
     print(f"quantserve: serving {names} at {scheme}://{shown}:{port}/v1 "
-          f"({page}API docs: {scheme}://{shown}:{port}/docs; /health is 503 until the models are loaded)",
+          f"({page}API docs: {scheme}://{shown}:{port}/docs; /health is 503 until the models are loaded{grpc_note})",
           file=sys.stderr, flush=True)
     if proxy_url:
         register_with_proxy(proxy_url, f"{scheme}://{reachable_host(host)}:{port}", loading)
