@@ -303,7 +303,8 @@ class RunningServer:
         import uvicorn
 
         from quantserve.config import EngineConfig
-        from quantserve.serve.openai_app import ServerConfig, ServerState, build_app
+        from quantserve.config import ServerConfig
+        from quantserve.serve.openai_app import ServerState, build_app
         from quantserve.serve.server import build_self_ui, make_loader
         from quantserve.serve.transport import uvicorn_options as transport_options
 

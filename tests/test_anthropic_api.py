@@ -310,7 +310,7 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event(claude, tiny_server
 def guarded(tiny_server_model):
     """Keys, a rate limit of 4 a minute per key, and room for one request at a time (no queue)."""
     from conftest import RunningServer
-    from quantserve.serve.plan import Limits
+    from quantserve.config import Limits
 
     server = RunningServer(tiny_server_model, api_keys=["k1", "k2", "k3"],
                            limits=Limits(rate_limit=4, max_concurrent_requests=1, max_queued_requests=0))

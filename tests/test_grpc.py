@@ -47,7 +47,7 @@ def minilm(minilm_dir):
 @pytest.fixture(scope="module")
 def keyed(tiny_server_model):
     """A server that wants API keys and allows 2 generations a minute per key."""
-    from quantserve.serve.plan import Limits
+    from quantserve.config import Limits
 
     server = RunningServer(tiny_server_model, grpc_port=free_port(), api_keys=["k1", "k2"], limits=Limits(rate_limit=2))
     with grpc.insecure_channel(server.grpc_target) as channel:

@@ -11,19 +11,20 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from quantserve.config import ServerConfig
 from quantserve.serve.embeddings import add_embedding_routes
 from quantserve.serve.errors import APIError, error_body, install_error_handlers, validation_message
 from quantserve.serve.metrics import ServerMetrics
 from quantserve.serve.middleware import APIKeyAuth, BodyLimit
 from quantserve.serve.model_admin import add_model_admin_routes
-from quantserve.serve.plan import Limits, Plan, chat_plan, completion_plans, encode_chat
+from quantserve.serve.plan import Plan, chat_plan, completion_plans, encode_chat
 from quantserve.serve.registry import ModelRegistry
 from quantserve.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                        CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
@@ -31,33 +32,11 @@ from quantserve.serve.protocol import (ChatCompletionRequest, ChatCompletionResp
 from quantserve.serve.responses import (ChoiceResult, UsageCounter, chat_chunk, chat_response, completion_chunk,
                                         completion_response)
 from quantserve.serve.service import ChoiceDelta, Service
-from quantserve.serve.transport import ConnectionLimits
 
 logger = logging.getLogger("quantserve.serve")
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 429, 500, 503)}
 SSE = {200: {"content": {"text/event-stream": {}}}}
-
-
-@dataclass
-class ServerConfig:
-    model_name: str
-    api_keys: list[str] = field(default_factory=list)
-    allow_origins: list[str] = field(default_factory=lambda: ["*"])
-    allow_credentials: bool = False
-    allow_methods: list[str] = field(default_factory=lambda: ["*"])
-    allow_headers: list[str] = field(default_factory=lambda: ["*"])
-    limits: Limits = field(default_factory=Limits)
-    disable_docs: bool = False
-    default_max_tokens: int = 1024
-    admin_api_keys: list[str] = field(default_factory=list)    # may load, unload and reload models
-    models_dir: str | None = None                               # where /v1/models/load finds models by name
-    connections: ConnectionLimits = field(default_factory=ConnectionLimits)   # what a slow or idle client may hold
-    pooling: str | None = None          # how a decoder embeds (last | mean | cls); None: as its files say, or not
-    reasoning_parser: str | None = None     # split <think> reasoning from the answer (serve/reasoning.py)
-    max_stored_responses: int = 1024                            # /v1/responses kept for previous_response_id (LRU)
-    grpc_port: int | None = None        # also serve the gRPC API (grpc_service.py) on this port, in the same loop
-    grpc_host: str = "0.0.0.0"
 
 
 class ServerState:

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from quantserve.config import GenerationConfig, SamplingParams
+from quantserve.config import GenerationConfig, Limits, SamplingParams
 from quantserve.engine.request import Pooling
 from quantserve.guided import Grammar, GrammarError, constraint_grammar, tool_calls_schema
 from quantserve.serve.errors import APIError
@@ -19,18 +19,6 @@ from quantserve.text import Tokenizer
 
 FIM_MARKERS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
                ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
-
-
-@dataclass
-class Limits:
-    max_n: int = 16
-    max_sequences: int = 64                # prompts x n in one completions request
-    max_stops: int = 16
-    max_stop_len: int = 256
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_concurrent_requests: int = 64
-    max_queued_requests: int = 256
-    rate_limit: int | None = None          # requests per minute per API key (or client address)
 
 
 @dataclass

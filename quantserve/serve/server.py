@@ -10,7 +10,8 @@ from pathlib import Path
 
 from quantserve.config import EngineConfig, GenerationConfig
 from quantserve.serve.metrics import ServerMetrics
-from quantserve.serve.openai_app import ServerConfig, ServerState, build_app
+from quantserve.config import ServerConfig
+from quantserve.serve.openai_app import ServerState, build_app
 from quantserve.serve.plan import ModelInfo
 from quantserve.serve.registry import Loader
 from quantserve.serve.service import Service

@@ -23,7 +23,8 @@ from quantserve.engine.engine import RequestError
 from quantserve.engine.request import TokenLogprobs
 from quantserve.serve.errors import APIError
 from quantserve.serve.metrics import Metrics
-from quantserve.serve.plan import Limits, ModelInfo, Plan
+from quantserve.config import Limits
+from quantserve.serve.plan import ModelInfo, Plan
 from quantserve.serve.reasoning import ReasoningStream
 from quantserve.serve.tools import ParsedCall, ToolStream, parse_forced
 from quantserve.text import TextStream
