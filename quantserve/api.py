@@ -14,9 +14,10 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from quantserve.config import EngineConfig, GenerationConfig
+from quantserve.config import EngineConfig, GenerationConfig, SamplingParams
+from quantserve.engine.encoder import Encoder, is_encoder
 from quantserve.engine.engine import Engine, RequestError
-from quantserve.engine.request import Request
+from quantserve.engine.request import Pooling, Request
 from quantserve.models.loader import family_for, read_config
 from quantserve.models.resolve import resolve_model
 from quantserve.text import TextStream, Tokenizer, load_chat_template
@@ -48,9 +49,35 @@ class Pipeline:
                  chat_template: str | None = None, progress: bool = True):
         path = resolve_model(model_path, progress=progress)
         self.model_path = path
-        family_for(read_config(path))  # a broken or foreign config.json is named as such, before the tokenizer
+        self.encoder = Encoder(path) if is_encoder(path) else None      # an embedding model or cross-encoder
+        if self.encoder is None:
+            family_for(read_config(path))  # a broken or foreign config.json is named as such, before the tokenizer
         self.tokenizer = Tokenizer(path, load_chat_template(chat_template))  # before the weights: fails fast
-        self.engine = Engine(path, backend_config or EngineConfig(), progress=progress)
+        self.engine = Engine(path, backend_config or EngineConfig(), progress=progress) if self.encoder is None else None
+
+    def embed(self, texts: str | Sequence[str], pooling: str | None = None, normalize: bool = True,
+              batch_size: int = 64) -> list[float] | list[list[float]]:
+        """Embedding vectors: an encoder pools as its sentence-transformers files say; a decoder pools
+        its final hidden states by `pooling` (last | mean | cls, default last), batched in the engine."""
+        single = isinstance(texts, str)
+        batch = [texts] if single else list(texts)
+        if self.encoder is not None:
+            declared = self.encoder.pooling
+            mode = Pooling(pooling or declared.kind or "cls", normalize and (declared.normalize or not declared.kind))
+            ids = [self.tokenizer.hf.encode(t, truncation=True, max_length=self.encoder.session_len) for t in batch]
+            vectors = [v for i in range(0, len(ids), batch_size)
+                       for v in self.encoder.run(ids[i:i + batch_size], [None] * len(ids[i:i + batch_size]), mode)]
+        else:
+            vectors = self._embed_in_engine([self.tokenizer.hf.encode(t) for t in batch],
+                                            Pooling(pooling or "last", normalize))
+        return vectors[0] if single else vectors
+
+    def _embed_in_engine(self, ids: list[list[int]], pooling: Pooling) -> list[list[float]]:
+        requests = [self.engine.add_request(f"embed-{next(_ids)}", x, SamplingParams(max_new_tokens=1), pooling)
+                    for x in ids]
+        while self.engine.has_work:
+            self.engine.step()
+        return [r.embedding for r in requests]
 
     def __call__(self, prompts: Prompt | Sequence[Prompt], gen_config=None,
                  do_preprocess: bool = True) -> Response | list[Response]:
@@ -80,6 +107,8 @@ class Pipeline:
                 self.engine.abort(job.request.request_id)
 
     def _submit(self, batch: list[Prompt], configs: list[GenerationConfig], do_preprocess: bool) -> dict:
+        if self.engine is None:
+            raise RequestError(f"{self.model_path.name} is an encoder: it only embeds, with pipe.embed(texts)")
         jobs: dict[str, _Job] = {}
         try:
             for i, (prompt, cfg) in enumerate(zip(batch, configs)):

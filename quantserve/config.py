@@ -1,8 +1,10 @@
-"""Configuration objects, each validating itself.
+"""Configuration objects, each validating itself, and the one place their flags are declared.
 
 `EngineConfig` and `GenerationConfig` are the public, LMDeploy-shaped objects (field names match
 LMDeploy's so code written for it runs unchanged). `SamplingParams` is what the engine sees for
-one request: token ids only, no text.
+one request: token ids only, no text. `ServerConfig`, `Limits` and `ConnectionLimits` configure the
+server. A field declared with `metadata=flag(help, ...)` is a command-line flag: cli/args.py makes
+the flag from the field (name, default, help, type), so each is written once, here.
 """
 from __future__ import annotations
 
@@ -33,6 +35,12 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message, field=message.split(" ", 1)[0].split("=", 1)[0])
 
 
+def flag(help: str, *names: str, **argparse_options) -> dict:
+    """A field's command-line flag: its help, and argparse options beyond the field's own name
+    (--field-name), default and type."""
+    return {"flag": {"help": help, "names": names, **argparse_options}}
+
+
 SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -43,6 +51,32 @@ def parse_size(text: str) -> float:
         raise ValueError(f"not a size: {text!r} (examples: 24GB, 2GiB, 512MB)")
     power = " kmgt".index(m.group(2).lower() or " ")
     return float(m.group(1)) * (1024 if m.group(3) else 1000) ** power
+
+
+def fraction_or_size(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object")
+    return value
+
+
+def quant_policy(text: str) -> int:
+    names = {"none": 0, "int8": 8, "int4": 4, "0": 0, "8": 8, "4": 4}
+    if text.lower() not in names:
+        raise ValueError(f"choose from 0/none, 8/int8, 4/int4 (got {text!r})")
+    return names[text.lower()]
 
 
 def _is_fraction_or_size(value) -> bool:
@@ -58,24 +92,40 @@ def _is_fraction_or_size(value) -> bool:
 class EngineConfig:
     """How the engine runs a model (LMDeploy's PytorchEngineConfig names)."""
 
-    dtype: str = "auto"
-    tp: int = 1
-    session_len: int | None = None
-    max_batch_size: int | None = None
-    cache_max_entry_count: float | str = 0.8      # fraction of free memory, or a size: "2GiB"
-    cache_max_tokens: int | None = None
-    cache_block_seq_len: int = 64
-    max_prefill_token_num: int = 8192
-    quant_policy: int | None = None               # None: the model directory's config.ini, else 0
-    device: str = "cpu"
-    enable_prefix_caching: bool = False
-    model_format: str | None = None
-    trust_remote_code: bool = False
-    num_threads: int | None = None
-    rope_scaling_factor: float = 0.0              # > 0: dynamic NTK RoPE scaling by this factor
-    hf_overrides: dict | None = None              # merged into the model's config.json
-    head_bits: int = 8                            # output head of weight-quantized models: 8 or 4 bits
-    quantization: str | None = None               # SUPPORTED_QUANTIZATION
+    dtype: str = field(default="auto", metadata=flag("weights' compute type", choices=SUPPORTED_DTYPES))
+    tp: int = field(default=1, metadata=flag("tensor parallelism (only 1 in this build)", type=int))
+    session_len: int | None = field(default=None, metadata=flag(
+        "max tokens of one conversation (default: the model's context)", type=int))
+    max_batch_size: int | None = field(default=None, metadata=flag("max running sequences (default 16 on CPU)",
+                                                                    type=int))
+    cache_max_entry_count: float | str = field(default=0.8, metadata=flag(   # fraction of free memory, or "2GiB"
+        "KV cache budget: a fraction of the memory free after loading the weights, or a size (2GiB)",
+        type=fraction_or_size))
+    cache_max_tokens: int | None = field(default=None, metadata=flag(
+        "KV cache size in tokens (replaces --cache-max-entry-count)", type=int))
+    cache_block_seq_len: int = field(default=64, metadata=flag("tokens per KV cache block", type=int))
+    max_prefill_token_num: int = field(default=8192, metadata=flag("tokens per step (chunked prefill)", type=int))
+    quant_policy: int | None = field(default=None, metadata=flag(   # None: the directory's config.ini, else 0
+        "KV cache quantization: 0/none, 8/int8, 4/int4 (per head, per token, asymmetric; static with a "
+        "directory's kv_qparams.safetensors). Default: the directory's config.ini, else 0", type=quant_policy))
+    device: str = field(default="cpu", metadata=flag("where the model runs", choices=SUPPORTED_DEVICES))
+    enable_prefix_caching: bool = field(default=False, metadata=flag(
+        "reuse the KV blocks of prompts' shared prefixes", action="store_true"))
+    model_format: str | None = field(default=None, metadata=flag("hf or gguf (detected when omitted)"))
+    trust_remote_code: bool = field(default=False, metadata=flag("accepted: local tokenizer code is trusted",
+                                                                 action="store_true"))
+    num_threads: int | None = field(default=None, metadata=flag("CPU threads (default: all cores)", type=int))
+    rope_scaling_factor: float = field(default=0.0, metadata=flag(   # > 0: dynamic NTK RoPE scaling by this factor
+        "dynamic NTK RoPE scaling factor, so --session-len can exceed the model's context", type=float))
+    hf_overrides: dict | None = field(default=None, metadata=flag(   # merged into the model's config.json
+        'JSON merged into config.json, e.g. \'{"rope_scaling": {"rope_type": "yarn", "factor": 4}}\'',
+        type=json_object))
+    head_bits: int = field(default=8, metadata=flag(   # output head of weight-quantized models: 8 or 4 bits
+        "bits of the output head of weight-quantized models (4 reads half the bytes per step)", type=int,
+        choices=[4, 8]))
+    quantization: str | None = field(default=None, metadata=flag(   # SUPPORTED_QUANTIZATION
+        "awq, gptq, gguf: checked against the checkpoint; w8a8, w4a16: round a float model to 8 or 4 bits at "
+        "load (data-free); none: as the checkpoint says", "--quantization", "-q", type=str.lower))
 
     def model_overrides(self) -> dict:
         """Config entries to override: --hf-overrides, and --rope-scaling-factor as dynamic NTK."""
@@ -143,7 +193,9 @@ class GenerationConfig:
         _check(-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         _check(self.min_new_tokens is None or self.min_new_tokens >= 0, "min_new_tokens must be >= 0")
 
-    def to_sampling_params(self, eos_token_ids: list[int]) -> SamplingParams:
+    def to_sampling_params(self, eos_token_ids: list[int], **engine_fields) -> SamplingParams:
+        """What the engine runs; `engine_fields` are SamplingParams' own (logit_bias, logprobs,
+        guide, seed) that have no GenerationConfig name."""
         greedy = not self.do_sample or self.temperature == 0 or self.top_k == 1
         return SamplingParams(
             max_new_tokens=self.max_new_tokens,
@@ -158,6 +210,7 @@ class GenerationConfig:
             stop_token_ids=tuple(self.stop_token_ids or ()),
             eos_token_ids=() if self.ignore_eos else tuple(eos_token_ids),
             min_new_tokens=self.min_new_tokens or 0,
+            **engine_fields,
         )
 
     @classmethod
@@ -175,8 +228,14 @@ class GenerationConfig:
         return cls(**(found if "temperature" in found or "do_sample" in found else fallback))
 
     def updated(self, **changes) -> GenerationConfig:
+        """The one rule for defaults and what a request (or a CLI flag) sets: every field given
+        (not None) replaces the default, and a temperature given decides greedy (0) or sampled,
+        whatever the model's do_sample says."""
         known = {f.name for f in fields(self)}
-        return replace(self, **{k: v for k, v in changes.items() if k in known and v is not None})
+        chosen = {k: v for k, v in changes.items() if k in known and v is not None}
+        if "temperature" in chosen and "do_sample" not in chosen:
+            chosen["do_sample"] = chosen["temperature"] > 0
+        return replace(self, **chosen)
 
 
 @dataclass(frozen=True)
@@ -207,3 +266,93 @@ class SamplingParams:
     @property
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass
+class Limits:
+    """What one request, and all of them together, may ask of a served model."""
+
+    max_n: int = field(default=16, metadata=flag("largest n per request", type=int))
+    max_sequences: int = 64                # prompts x n in one completions request
+    max_stops: int = 16
+    max_stop_len: int = 256
+    max_body_bytes: int = field(default=8 * 1024 * 1024, metadata=flag(
+        "largest request body in bytes (413 past it)", "--max-body-size", type=int))
+    max_concurrent_requests: int = field(default=64, metadata=flag("requests generating at once", type=int))
+    max_queued_requests: int = field(default=256, metadata=flag(
+        "requests waiting for a slot; past this a request gets 429 with Retry-After", type=int))
+    rate_limit: int | None = field(default=None, metadata=flag(
+        "requests per minute per API key (or client address)", type=int))
+
+    def __post_init__(self) -> None:
+        for name in ("max_n", "max_body_bytes", "max_concurrent_requests"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        _check(self.max_queued_requests >= 0, f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        _check(self.rate_limit is None or self.rate_limit > 0, f"rate_limit must be > 0, got {self.rate_limit}")
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one client's connection may hold (uvicorn's names where it has them)."""
+
+    timeout_keep_alive: float = field(default=5.0, metadata=flag(   # uvicorn's default
+        "an idle connection (before its first request or between two) is closed after this (default: %(default)g)",
+        type=float, metavar="SECONDS"))
+    timeout_request_read: float = field(default=30.0, metadata=flag(
+        "a request's headers, and then its body, must each arrive within this; 408 past it (default: %(default)g)",
+        type=float, metavar="SECONDS"))
+    max_header_size: int = field(default=16 * 1024, metadata=flag(   # h11's default
+        "largest request line + headers; 431 past it (default: %(default)d)", type=int, metavar="BYTES"))
+    # open connections: 64 running + 256 queued requests (the default admission limits) and room
+    # for idle keep-alive sockets; each costs a few KB, and the idle ones close after 5 s
+    limit_concurrency: int = field(default=512, metadata=flag(
+        "open connections at most; a request on one more gets 503 and is closed (default: %(default)d)",
+        type=int, metavar="N"))
+
+    def __post_init__(self) -> None:
+        _check(self.timeout_keep_alive > 0, f"timeout_keep_alive must be > 0, got {self.timeout_keep_alive}")
+        _check(self.timeout_request_read > 0, f"timeout_request_read must be > 0, got {self.timeout_request_read}")
+        _check(self.max_header_size >= 1024, f"max_header_size must be >= 1024, got {self.max_header_size}")
+        _check(self.limit_concurrency > 0, f"limit_concurrency must be > 0, got {self.limit_concurrency}")
+
+
+REASONING_PARSERS = ("qwen3", "deepseek_r1", "deepseek-r1", "qwen-qwq")   # LMDeploy's and vLLM's names
+
+
+@dataclass
+class ServerConfig:
+    """What the API server does around its models."""
+
+    model_name: str
+    api_keys: list[str] = field(default_factory=list, metadata=flag(
+        "accepted Bearer (or x-api-key) keys (default: no authentication)", nargs="*"))
+    allow_origins: list[str] = field(default_factory=lambda: ["*"], metadata=flag("CORS origins", nargs="*"))
+    allow_credentials: bool = field(default=False, metadata=flag("CORS: allow credentials", action="store_true"))
+    allow_methods: list[str] = field(default_factory=lambda: ["*"], metadata=flag("CORS methods", nargs="*"))
+    allow_headers: list[str] = field(default_factory=lambda: ["*"], metadata=flag("CORS headers", nargs="*"))
+    limits: Limits = field(default_factory=Limits)
+    disable_docs: bool = field(default=False, metadata=flag("no /docs, /redoc or /openapi.json",
+                                                            "--disable-fastapi-docs", action="store_true"))
+    default_max_tokens: int = field(default=1024, metadata=flag(
+        "output tokens when a request sets no max_tokens (capped by the context)", type=int))
+    admin_api_keys: list[str] = field(default_factory=list, metadata=flag(
+        "Bearer keys that may load, unload and reload models at run time (default: nobody)", nargs="*"))
+    models_dir: str | None = field(default=None, metadata=flag(
+        "directory whose subdirectories /v1/models/load finds by name"))
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)   # what a slow or idle client may hold
+    pooling: str | None = field(default=None, metadata=flag(
+        "serve /v1/embeddings from a decoder, pooling its final hidden states this way (default: as the model's "
+        "sentence-transformers files say; encoders always embed)", choices=["last", "mean", "cls"]))
+    reasoning_parser: str | None = field(default=None, metadata=flag(
+        "split a thinking model's <think> ... </think> into reasoning_content (chat), reasoning items "
+        "(Responses) and thinking blocks (Messages)", choices=REASONING_PARSERS))
+    max_stored_responses: int = field(default=1024, metadata=flag(
+        "/v1/responses answers kept in memory for previous_response_id (least recently used out)", type=int))
+    grpc_port: int | None = field(default=None, metadata=flag(
+        "also serve the gRPC API (quantserve.proto: Generate, Embed, Models; grpc.health.v1) on this port, "
+        "plaintext, same models and keys (default: no gRPC)", type=int))
+    grpc_host: str = "0.0.0.0"
+
+    def __post_init__(self) -> None:
+        _check(self.default_max_tokens > 0, f"default_max_tokens must be > 0, got {self.default_max_tokens}")
+        _check(self.max_stored_responses > 0, f"max_stored_responses must be > 0, got {self.max_stored_responses}")

@@ -1,4 +1,4 @@
-"""Constrained decoding: grammars (JSON schema, Lark) -> per-request token masks.
+"""Constrained decoding: grammars (JSON schema, regex, choice, Lark / GBNF) -> per-request token masks.
 
 llguidance does the grammar work (an Earley parser over the tokenizer's byte trie, ~1 ms a
 mask). A `Grammar` is compiled once per request body and validated before the request reaches
@@ -8,6 +8,7 @@ says which tokens may come next and consumes the one that was sampled.
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 
 import numpy as np
@@ -39,12 +40,16 @@ class Grammar:
         error = LLMatcher.validate_grammar(grammar, self.ll)
         if error and not error.startswith("WARNING"):
             raise GrammarError(error)
-        self.grammar = grammar
+        # the first mask builds the lexer (seconds for a regex like (a{1000}){1000}): built here, off
+        # the engine's thread, where a grammar that fails its limits is still a refusal; each
+        # request gets a copy with it built
+        self.first = LLMatcher(self.ll, grammar, log_level=0)
+        self.first.compute_bitmask()
+        if self.first.is_error():
+            raise GrammarError(self.first.get_error().split("\n")[0])
 
     def start(self) -> GrammarGuide:
-        from llguidance import LLMatcher
-
-        return GrammarGuide(LLMatcher(self.ll, self.grammar, log_level=0))
+        return GrammarGuide(self.first.deep_copy())
 
 
 class GrammarGuide:
@@ -74,6 +79,54 @@ def json_schema_grammar(schema: dict | None) -> str:
         return LLMatcher.grammar_from_json_schema(json.dumps(closed), defaults=JSON_STYLE)
     except ValueError as e:
         raise GrammarError(str(e)) from None
+
+
+def regex_grammar(pattern: str) -> str:
+    """Grammar for text that fully matches `pattern` (Rust's regex syntax: no look-around, no
+    backreferences; an invalid one fails in Grammar)."""
+    from llguidance import LLMatcher
+
+    return LLMatcher.grammar_from_regex(pattern)
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """Grammar for exactly one of `choices`: a Lark alternation of their literals (JSON string
+    escapes are Lark's)."""
+    from llguidance import LLMatcher
+
+    return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
+
+
+# a GBNF rule (`name ::= ...`); Lark writes `name:` (llguidance's any_to_lark looks for `start:`,
+# and so takes a Lark `?start:` for GBNF)
+GBNF_RULE = re.compile(r"(?m)^\s*[A-Za-z0-9_-]+\s*::=")
+
+
+def lark_grammar(text: str) -> str:
+    """Grammar from a Lark grammar (llguidance's dialect) or a GBNF one (llama.cpp's
+    `root ::= ...`, converted to Lark); an invalid Lark grammar fails in Grammar."""
+    from llguidance import LLMatcher
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+
+    if GBNF_RULE.search(text):
+        try:
+            text = gbnf_to_lark(text)
+        except Exception as e:      # the converter is a hand-written parser: any failure is the grammar's
+            raise GrammarError(f"not a GBNF grammar: {e}") from None
+    return LLMatcher.grammar_from_lark(text)
+
+
+def constraint_grammar(kind: str, value) -> str:
+    """The grammar of one output constraint, by vLLM's names: json (a schema, or its JSON text),
+    json_object, regex, choice, grammar (Lark or GBNF)."""
+    if kind == "json" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise GrammarError(f"the schema is not JSON: {e}") from None
+    builders = {"json": json_schema_grammar, "json_object": lambda _: json_schema_grammar(None),
+                "regex": regex_grammar, "choice": choice_grammar, "grammar": lark_grammar}
+    return builders[kind](value)
 
 
 # keywords whose values are schemas that describe the value itself (not `not` / `if`, where a

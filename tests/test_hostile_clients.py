@@ -324,7 +324,7 @@ def test_header_floods_get_431(server, client):
 
 def test_connections_past_the_limit_get_503_in_the_api_shape(tiny_server_model):
     """RunningServer applies the same limits as the CLI (one uvicorn_options)."""
-    from quantserve.serve.transport import ConnectionLimits
+    from quantserve.config import ConnectionLimits
 
     server = RunningServer(tiny_server_model, connections=ConnectionLimits(limit_concurrency=20))
     held = [socket.create_connection((HOST, server.port)) for _ in range(25)]
@@ -348,7 +348,8 @@ def test_connection_flags_reach_the_server_config():
     from quantserve.cli.main import build_parser
     from quantserve.cli.serve import connections_from
     from quantserve.config import ConfigError
-    from quantserve.serve.transport import ConnectionLimits, uvicorn_options
+    from quantserve.config import ConnectionLimits
+    from quantserve.serve.transport import uvicorn_options
 
     ns = build_parser().parse_args(["serve", "api_server", "/m", "--timeout-keep-alive", "2", "--timeout-request-read",
                                     "7.5", "--max-header-size", "4096", "--limit-concurrency", "99"])

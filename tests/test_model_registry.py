@@ -52,7 +52,8 @@ def server(two_models):
 
 
 def test_two_models_at_once_each_answers_under_its_own_name(two_models):
-    from quantserve.serve.openai_app import ServerConfig, ServerState, build_app
+    from quantserve.config import ServerConfig
+    from quantserve.serve.openai_app import ServerState, build_app
     from quantserve.serve.server import make_loader
     from fastapi.testclient import TestClient
     from quantserve.config import EngineConfig

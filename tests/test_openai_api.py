@@ -304,7 +304,8 @@ def test_health_is_503_while_loading_after_a_failed_load_and_when_the_engine_sto
     from fastapi.testclient import TestClient
 
     from conftest import RunningServer
-    from quantserve.serve.openai_app import ServerConfig, ServerState, build_app
+    from quantserve.config import ServerConfig
+    from quantserve.serve.openai_app import ServerState, build_app
     from quantserve.serve.registry import ModelRegistry
 
     gate = threading.Event()
@@ -376,7 +377,7 @@ def test_websocket_refuses_binary_garbage_and_counts_against_the_rate_limit(tiny
     from websockets.sync.client import connect
 
     from conftest import RunningServer
-    from quantserve.serve.plan import Limits
+    from quantserve.config import Limits
 
     server = RunningServer(tiny_server_model, limits=Limits(rate_limit=2))
     ws_url = server.url.replace("http", "ws") + "/v1/chat/completions/ws"

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from quantserve.cli.args import engine_config
 from quantserve.cli.main import build_parser

@@ -78,6 +78,7 @@ CASES = [
     ("logit_bias huge key", CHAT, chat(logit_bias={"9" * 5000: 5}), {}, 400),
     ("logit_bias value too big", CHAT, chat(logit_bias={"5": 500}), {}, 400),
     ("top_logprobs without logprobs", CHAT, chat(top_logprobs=3), {}, 400),
+    ("continue_final_message with a user message last", CHAT, chat(continue_final_message=True), {}, 400),
     ("top_logprobs too many", CHAT, chat(logprobs=True, top_logprobs=50), {}, 400),
     ("response_format unknown type", CHAT, chat(response_format={"type": "xml"}), {}, 400),
     ("json_schema without schema object", CHAT, chat(response_format={"type": "json_schema"}), {}, 400),
@@ -156,17 +157,9 @@ def test_chunked_oversized_body_is_413(tiny_server):
 
 
 def test_error_mid_stream_is_an_event_then_done(tiny_server, monkeypatch):
-    runner = tiny_server.engine.engine.runner
-    real = runner.execute
-    calls = {"n": 0}
+    from conftest import fail_engine_step
 
-    def fail_third_step(out):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected fault")
-        return real(out)
-
-    monkeypatch.setattr(runner, "execute", fail_third_step)
+    fail_engine_step(monkeypatch, tiny_server, step=3)
     with httpx.stream("POST", tiny_server.url + CHAT, json=chat(max_tokens=20, stream=True)) as r:
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"

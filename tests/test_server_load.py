@@ -103,7 +103,7 @@ def test_batched_requests_equal_solo_requests(tiny_server):
 
 def test_overload_gets_429_with_retry_after_and_accepted_requests_finish(tiny_server_model):
     from conftest import RunningServer
-    from quantserve.serve.plan import Limits
+    from quantserve.config import Limits
 
     server = RunningServer(tiny_server_model, limits=Limits(max_concurrent_requests=2, max_queued_requests=2))
 
@@ -128,7 +128,7 @@ def test_overload_gets_429_with_retry_after_and_accepted_requests_finish(tiny_se
 
 def test_rate_limit_per_key(tiny_server_model):
     from conftest import RunningServer
-    from quantserve.serve.plan import Limits
+    from quantserve.config import Limits
 
     def codes(server, keys):
         return [httpx.post(server.url + CHAT, json=body(max_tokens=1), headers={"Authorization": f"Bearer {k}"})
@@ -147,16 +147,9 @@ def test_rate_limit_per_key(tiny_server_model):
 
 
 def test_a_failing_step_fails_only_its_requests(tiny_server, monkeypatch):
-    runner = tiny_server.engine.engine.runner
-    real, state = runner.execute, {"armed": True}
+    from conftest import fail_engine_step
 
-    def fail_once(out):
-        if state["armed"]:
-            state["armed"] = False
-            raise RuntimeError("injected fault")
-        return real(out)
-
-    monkeypatch.setattr(runner, "execute", fail_once)
+    fail_engine_step(monkeypatch, tiny_server, step=1)
     r = httpx.post(tiny_server.url + CHAT, json=body(), timeout=30)
     assert r.status_code == 500
     assert r.json()["error"]["type"] == "internal_error" and "injected fault" in r.json()["error"]["message"]

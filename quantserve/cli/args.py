@@ -3,6 +3,7 @@ conversion to EngineConfig / GenerationConfig. Nothing below the CLI sees argpar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 
 from quantserve.config import EngineConfig, GenerationConfig
@@ -48,69 +49,54 @@ def boolean(text: str) -> bool:
     return value in ("true", "1", "yes")
 
 
-def fraction_or_size(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def json_dict(text: str) -> dict:
-    import json
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
-
-
-def quant_policy(text: str) -> int:
-    names = {"none": 0, "int8": 8, "int4": 4, "0": 0, "8": 8, "4": 4}
-    if text.lower() not in names:
-        raise argparse.ArgumentTypeError(f"choose from 0/none, 8/int8, 4/int4 (got {text!r})")
-    return names[text.lower()]
-
-
 def add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_path", nargs="?", default=None,
                    help="model directory, .gguf file, or nothing for the default model (SmolLM2-135M-Instruct)")
+
+
+def add_config_args(g, cls, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = ()) -> None:
+    """A flag for each field of the config dataclass `cls` declared with config.flag(): its name,
+    default, help and type come from the field, so they are written once, in config.py."""
+    for f in dataclasses.fields(cls):
+        spec = dict(f.metadata.get("flag") or {})
+        if not spec or (only is not None and f.name not in only) or f.name in skip:
+            continue
+        names = spec.pop("names") or (f"--{f.name.replace('_', '-')}",)
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if spec.get("type") not in (None, int, float, str):
+            spec["type"] = argparse_type(spec["type"])
+        g.add_argument(*names, dest=dest_of(f), default=default, **spec)
+
+
+def dest_of(f: dataclasses.Field) -> str:
+    """The namespace attribute of a field's flag: named after the flag, so errors name the flag."""
+    names = f.metadata["flag"]["names"]
+    return names[0].lstrip("-").replace("-", "_") if names else f.name
+
+
+def config_values(ns: argparse.Namespace, cls) -> dict:
+    """The flagged fields of `cls` that this subcommand's flags set."""
+    flagged = [f for f in dataclasses.fields(cls) if "flag" in f.metadata]
+    return {f.name: getattr(ns, dest_of(f)) for f in flagged if hasattr(ns, dest_of(f))}
+
+
+def argparse_type(parse):
+    """A config parser (raising ValueError) as an argparse type whose message is shown."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--backend", default="pytorch", choices=["pytorch", "turbomind"],
                    help="accepted for LMDeploy compatibility; both run quantserve's engine")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--tp", type=int, default=1, help="tensor parallelism (only 1 in this build)")
-    g.add_argument("--session-len", type=int, default=None, help="max tokens of one conversation (default: the model's context)")
-    g.add_argument("--max-batch-size", type=int, default=None, help="max running sequences (default 16 on CPU)")
-    g.add_argument("--cache-max-entry-count", type=fraction_or_size, default=0.8,
-                   help="KV cache budget: a fraction of the memory free after loading the weights, or a size (2GiB)")
-    g.add_argument("--cache-max-tokens", type=int, default=None,
-                   help="KV cache size in tokens (replaces --cache-max-entry-count)")
-    g.add_argument("--cache-block-seq-len", type=int, default=64, help="tokens per KV cache block")
-    g.add_argument("--max-prefill-token-num", type=int, default=8192, help="tokens per step (chunked prefill)")
-    g.add_argument("--quant-policy", type=quant_policy, default=None,
-                   help="KV cache quantization: 0/none, 8/int8, 4/int4 (per head, per token, asymmetric; static with a "
-                        "directory's kv_qparams.safetensors). Default: the directory's config.ini, else 0")
-    g.add_argument("--enable-prefix-caching", action="store_true")
-    g.add_argument("--model-format", default=None, help="hf or gguf (detected when omitted)")
-    g.add_argument("--quantization", "-q", default=None, type=str.lower,
-                   help="awq, gptq, gguf: checked against the checkpoint; w8a8, w4a16: round a float model to 8 or "
-                        "4 bits at load (data-free); none: as the checkpoint says")
-    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_config_args(g, EngineConfig)
     g.add_argument("--chat-template", default=None, help="built-in name (chatml, internlm2, base) or a Jinja/JSON file")
-    g.add_argument("--trust-remote-code", action="store_true")
-    g.add_argument("--rope-scaling-factor", type=float, default=0.0,
-                   help="dynamic NTK RoPE scaling factor, so --session-len can exceed the model's context")
-    g.add_argument("--hf-overrides", type=json_dict, default=None,
-                   help='JSON merged into config.json, e.g. \'{"rope_scaling": {"rope_type": "yarn", "factor": 4}}\'')
-    g.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: all cores)")
-    g.add_argument("--head-bits", type=int, default=8, choices=[4, 8],
-                   help="bits of the output head of weight-quantized models (4 reads half the bytes per step)")
     g.add_argument("--log-level", default="WARNING")
 
 
@@ -126,20 +112,12 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
 
 
-ENGINE_FIELDS = ("dtype", "tp", "session_len", "max_batch_size", "cache_max_entry_count", "cache_max_tokens",
-                 "cache_block_seq_len", "max_prefill_token_num", "quant_policy", "device",
-                 "enable_prefix_caching", "model_format", "trust_remote_code", "num_threads",
-                 "rope_scaling_factor", "hf_overrides", "head_bits", "quantization")
-
-
 def engine_config(ns: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(**{f: getattr(ns, f) for f in ENGINE_FIELDS})
+    return EngineConfig(**config_values(ns, EngineConfig))
 
 
 def generation_config(ns: argparse.Namespace, defaults: GenerationConfig) -> GenerationConfig:
     """Explicit sampling flags over the model's defaults."""
-    flags = dict(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, min_p=ns.min_p,
-                 repetition_penalty=ns.repetition_penalty, max_new_tokens=ns.max_new_tokens, random_seed=ns.seed)
-    if ns.temperature is not None:
-        flags["do_sample"] = ns.temperature > 0
-    return defaults.updated(**flags)
+    return defaults.updated(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, min_p=ns.min_p,
+                            repetition_penalty=ns.repetition_penalty, max_new_tokens=ns.max_new_tokens,
+                            random_seed=ns.seed)

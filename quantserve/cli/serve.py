@@ -6,10 +6,12 @@ import logging
 import os
 import sys
 
-from quantserve.cli.args import add_engine_args, boolean, engine_config
+from quantserve.cli.args import add_config_args, add_engine_args, boolean, config_values, engine_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from quantserve.config import ServerConfig
+
     sub = p.add_subparsers(dest="serve_command", required=True, metavar="{api_server,api_client,gradio,proxy,ray}")
     server = sub.add_parser("api_server", help="OpenAI-compatible HTTP server (one model or several)")
     server.add_argument("model_path", nargs="*", default=[],
@@ -19,11 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_server_args(server)
     add_connection_args(server)
     g = server.add_argument_group("models")
-    g.add_argument("--admin-api-keys", nargs="*", default=None,
-                   help="Bearer keys that may load, unload and reload models at run time (default: nobody)")
-    g.add_argument("--models-dir", default=None,
-                   help="directory whose subdirectories /v1/models/load finds by name")
+    add_config_args(g, ServerConfig, only=("admin_api_keys", "models_dir"))
     g.add_argument("--proxy-url", default=None, help="register with this `serve proxy` once loaded")
+    add_config_args(server.add_argument_group("grpc"), ServerConfig, only=("grpc_port",))
     ui = sub.add_parser("gradio", help="chat page: for a running api_server (URL), or with the model in-process")
     ui.add_argument("model_path", nargs="?", default=None, metavar="URL_OR_MODEL",
                     help="http(s)://host:port of an api_server, or a model (nothing: the default model)")
@@ -78,31 +78,21 @@ def add_proxy_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_server_args(p: argparse.ArgumentParser, port: int = 23333) -> None:
+    from quantserve.config import Limits, ServerConfig
+
     g = p.add_argument_group("server")
     g.add_argument("--server-name", default="0.0.0.0", help="address to listen on")
     g.add_argument("--server-port", type=int, default=port)
     g.add_argument("--model-name", nargs="+", default=None,
                    help="name served in /v1/models, one per model (default: the model directory's name)")
-    g.add_argument("--api-keys", nargs="*", default=None, help="accepted Bearer keys (default: no authentication)")
-    g.add_argument("--allow-origins", nargs="*", default=["*"], help="CORS origins")
-    g.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
-    g.add_argument("--allow-methods", nargs="*", default=["*"], help="CORS methods")
-    g.add_argument("--allow-headers", nargs="*", default=["*"], help="CORS headers")
-    g.add_argument("--max-concurrent-requests", type=int, default=64, help="requests generating at once")
-    g.add_argument("--max-queued-requests", type=int, default=256,
-                   help="requests waiting for a slot; past this a request gets 429 with Retry-After")
-    g.add_argument("--rate-limit", type=int, default=None, help="requests per minute per API key (or client address)")
-    g.add_argument("--max-body-size", type=int, default=8 * 1024 * 1024, help="largest request body in bytes (413 past it)")
-    g.add_argument("--default-max-tokens", type=int, default=1024,
-                   help="output tokens when a request sets no max_tokens (capped by the context)")
-    g.add_argument("--max-n", type=int, default=16, help="largest n per request")
+    add_config_args(g, ServerConfig, skip=API_SERVER_ONLY)
+    add_config_args(g, Limits)
     g.add_argument("--tool-call-parser", default=None, choices=["hermes", "qwen", "qwen2_5", "internlm", "internlm2", "llama3"],
                    help="tool-call format (default: detected from the chat template)")
     g.add_argument("--ssl", action="store_true", help="serve HTTPS with --ssl-certfile / --ssl-keyfile "
                    "(default: the SSL_CERTFILE / SSL_KEYFILE environment variables, as LMDeploy)")
     g.add_argument("--ssl-certfile", default=os.environ.get("SSL_CERTFILE"))
     g.add_argument("--ssl-keyfile", default=os.environ.get("SSL_KEYFILE"))
-    g.add_argument("--disable-fastapi-docs", action="store_true")
     g.add_argument("--disable-prefix-caching", action="store_true",
                    help="prefix caching is on by default when serving (n > 1 and repeated prompts share KV blocks)")
     g.add_argument("--instance-num", dest="max_batch_size", type=int,
@@ -110,29 +100,20 @@ def add_server_args(p: argparse.ArgumentParser, port: int = 23333) -> None:
     g.add_argument("--max-log-len", type=int, default=None, help="accepted for LMDeploy compatibility")
 
 
-def add_connection_args(p: argparse.ArgumentParser) -> None:
-    """What one client's connection may hold (uvicorn's names where it has them)."""
-    from quantserve.serve.transport import ConnectionLimits
+# ServerConfig's flags that only `serve api_server` has: run-time model admin and gRPC
+API_SERVER_ONLY = ("admin_api_keys", "models_dir", "grpc_port")
 
-    d = ConnectionLimits()
-    g = p.add_argument_group("connections")
-    g.add_argument("--timeout-keep-alive", type=float, default=d.timeout_keep_alive, metavar="SECONDS",
-                   help="an idle connection (before its first request or between two) is closed after this "
-                        "(default: %(default)g)")
-    g.add_argument("--timeout-request-read", type=float, default=d.timeout_request_read, metavar="SECONDS",
-                   help="a request's headers, and then its body, must each arrive within this; 408 past it "
-                        "(default: %(default)g)")
-    g.add_argument("--max-header-size", type=int, default=d.max_header_size, metavar="BYTES",
-                   help="largest request line + headers; 431 past it (default: %(default)d)")
-    g.add_argument("--limit-concurrency", type=int, default=d.limit_concurrency, metavar="N",
-                   help="open connections at most; a request on one more gets 503 and is closed "
-                        "(default: %(default)d)")
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    from quantserve.config import ConnectionLimits
+
+    add_config_args(p.add_argument_group("connections"), ConnectionLimits)
 
 
 def connections_from(ns):
-    from quantserve.serve.transport import ConnectionLimits
+    from quantserve.config import ConnectionLimits
 
-    return ConnectionLimits(ns.timeout_keep_alive, ns.timeout_request_read, ns.max_header_size, ns.limit_concurrency)
+    return ConnectionLimits(**config_values(ns, ConnectionLimits))
 
 
 def run(ns) -> int:
@@ -187,7 +168,7 @@ def is_url(text: str | None) -> bool:
 
 
 def run_api_server(ns, with_ui: bool = False) -> int:
-    from quantserve.serve.openai_app import ServerConfig
+    from quantserve.config import ServerConfig
     from quantserve.serve.server import run_server
 
     setup_logging(ns)
@@ -203,10 +184,9 @@ def run_api_server(ns, with_ui: bool = False) -> int:
 
 def server_fields(ns) -> dict:
     """ServerConfig's fields from the server flags (all but the model's name and the limits)."""
-    return dict(api_keys=ns.api_keys or [], allow_origins=ns.allow_origins, allow_credentials=ns.allow_credentials,
-                allow_methods=ns.allow_methods, allow_headers=ns.allow_headers, disable_docs=ns.disable_fastapi_docs,
-                default_max_tokens=ns.default_max_tokens, admin_api_keys=getattr(ns, "admin_api_keys", None) or [],
-                models_dir=getattr(ns, "models_dir", None))
+    from quantserve.config import ServerConfig
+
+    return {**config_values(ns, ServerConfig), "grpc_host": ns.server_name}
 
 
 def run_ray(ns) -> int:
@@ -242,17 +222,16 @@ def run_ray(ns) -> int:
 
 
 def limits_from(ns):
-    from quantserve.serve.plan import Limits
+    from quantserve.config import Limits
 
-    return Limits(max_n=ns.max_n, max_body_bytes=ns.max_body_size, max_concurrent_requests=ns.max_concurrent_requests,
-                  max_queued_requests=ns.max_queued_requests, rate_limit=ns.rate_limit)
+    return Limits(**config_values(ns, Limits))
 
 
 def check_server_flags(ns) -> None:
     from quantserve.config import ConfigError
 
     require_positive(ns, "max_concurrent_requests", "max_queued_requests", "max_body_size", "max_n", "server_port",
-                     "default_max_tokens")
+                     "default_max_tokens", "max_stored_responses")
     if ns.rate_limit is not None and ns.rate_limit <= 0:
         raise ConfigError("must be > 0", field="rate_limit")
     if ns.ssl and not (ns.ssl_certfile and ns.ssl_keyfile):
@@ -260,6 +239,10 @@ def check_server_flags(ns) -> None:
     models_dir = getattr(ns, "models_dir", None)
     if models_dir and not os.path.isdir(models_dir):
         raise ConfigError(f"{models_dir} is not a directory", field="models_dir")
+    grpc_port = getattr(ns, "grpc_port", None)
+    if grpc_port is not None and not (0 < grpc_port < 65536 and grpc_port != ns.server_port):
+        raise ConfigError(f"must be a free port in 1..65535 other than --server-port, got {grpc_port}",
+                          field="grpc_port")
 
 
 def served_models(ns) -> list[tuple[str, str | None]]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from quantserve.config import SamplingParams
 from quantserve.engine.engine import Engine, EngineStats, RequestError
-from quantserve.engine.request import FinishReason, Request, TokenLogprobs
+from quantserve.engine.request import FinishReason, Pooling, Request, TokenLogprobs
 
 
 @dataclass
@@ -28,6 +28,7 @@ class TokenEvent:
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None    # one per new token, when the request asked
     queue_time: float | None = None                # seconds from arrival to first schedule (first event)
+    embedding: list[float] | None = None           # a pooling request's vector (or [score]), when finished
 
 
 @dataclass
@@ -51,7 +52,7 @@ class AsyncEngine:
         """Stream the request's tokens; RequestError if the engine rejects it. With `pin_owner`
         its KV blocks stay pinned for that owner when it ends, until unpin(owner)."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self.commands.put(("add", request_id, prompt_ids, params, stream, pin_owner))
+        self.commands.put(("add", request_id, prompt_ids, params, stream, None, pin_owner))
         finished = False
         try:
             while not finished:
@@ -63,6 +64,20 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    async def embed(self, request_id: str, prompt_ids: list[int], pooling: Pooling) -> TokenEvent:
+        """Read the prompt through the model, batched with whatever else runs; the finished
+        event carries the pooled vector. RequestError if the engine rejects it."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self.commands.put(("add", request_id, prompt_ids, SamplingParams(max_new_tokens=1), stream, pooling, None))
+        try:
+            event = await stream.events.get()
+        except BaseException:
+            self.abort(request_id)
+            raise
+        if isinstance(event, BaseException):
+            raise event
+        return event
 
     def abort(self, request_id: str) -> None:
         self.commands.put(("abort", request_id))
@@ -103,9 +118,9 @@ class AsyncEngine:
 
     def _apply(self, command: tuple) -> None:
         if command[0] == "add":
-            _, rid, ids, params, stream, pin_owner = command
+            _, rid, ids, params, stream, pooling, pin_owner = command
             try:
-                self.engine.add_request(rid, ids, params, pin_owner)
+                self.engine.add_request(rid, ids, params, pooling, pin_owner)
                 self.streams[rid] = stream
             except RequestError as e:
                 self._fail(stream, e)
@@ -137,7 +152,8 @@ class AsyncEngine:
         logprobs = r.output_logprobs[first:stream.sent] if r.params.logprobs is not None else None
         queued = r.first_scheduled_time - r.arrival_time if first == 0 and r.first_scheduled_time else None
         self._send(stream, TokenEvent(r.output_token_ids[first:stream.sent], len(r.prompt_token_ids),
-                                      len(r.output_token_ids), r.num_cached_tokens, reason, logprobs, queued))
+                                      len(r.output_token_ids), r.num_cached_tokens, reason, logprobs, queued,
+                                      r.embedding))
 
     def _fail_running(self, error: Exception) -> None:
         """Fail the step's requests: the running ones, and any that finished inside the failed

@@ -81,7 +81,7 @@ class BlockManager:
     def cached_prefix(self, request: Request) -> list[int]:
         """Cached blocks holding a prefix of the request's tokens (a preempted request finds its
         generated tokens too); at least one token is left to compute, so it still gets logits."""
-        if not self.caching or request.block_ids:
+        if not self.caching or request.block_ids or (request.pooling and request.pooling.reads_every_token):
             return []
         tokens = request.all_token_ids
         blocks, key = [], b""

@@ -14,7 +14,7 @@ import torch
 from quantserve.config import ConfigError, EngineConfig, SamplingParams
 from quantserve.engine.block_manager import BlockManager
 from quantserve.engine.model_runner import ModelRunner
-from quantserve.engine.request import FinishReason, Request
+from quantserve.engine.request import FinishReason, Pooling, Request
 from quantserve.engine.scheduler import Scheduler
 from quantserve.kvcache.budget import CachePlan, free_memory, plan_cache
 from quantserve.kvcache.paged import PagedKVCache
@@ -144,15 +144,20 @@ class Engine:
                 "kv_tokens": self.plan.num_tokens, "rss_gb": kib("VmRSS"), "peak_rss_gb": kib("VmHWM")}
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    pin_owner: str | None = None) -> Request:
-        """`pin_owner`: keep the request's full KV blocks pinned for that owner after it ends
-        (a session's next turn starts from them), until `unpin(owner)`."""
+                    pooling: Pooling | None = None, pin_owner: str | None = None) -> Request:
+        """A request to continue `prompt_token_ids`, or with `pooling` only to read them (an
+        embedding or a score, ready once its prompt has been computed). `pin_owner`: keep the
+        request's full KV blocks pinned for that owner after it ends (a session's next turn starts
+        from them), until `unpin(owner)`."""
         self._validate(request_id, prompt_token_ids)
+        if pooling is not None and any(not 0 <= t < self.args.vocab_size for t in pooling.score_tokens):
+            raise RequestError(f"score token ids must be in [0, {self.args.vocab_size})")
         if any(not 0 <= t < self.args.vocab_size for t in (*params.stop_token_ids, *params.eos_token_ids)):
             raise RequestError(f"stop token ids must be in [0, {self.args.vocab_size})")
         if any(not 0 <= t < self.args.vocab_size for t, _ in params.logit_bias):
             raise RequestError(f"logit_bias token ids must be in [0, {self.args.vocab_size})")
-        request = Request(request_id, list(prompt_token_ids), params, self.session_len, pin_owner=pin_owner)
+        request = Request(request_id, list(prompt_token_ids), params, self.session_len, pooling=pooling,
+                          pin_owner=pin_owner)
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request

@@ -23,6 +23,7 @@ class BatchInputs:
     meta: AttentionMetadata
     sample_rows: list[int]        # indices into T of the tokens whose logits are sampled
     sample_from: list[ScheduledRequest]
+    pooled: list[tuple[ScheduledRequest, int]]   # embedding / score requests and their first row in T
 
 
 class ModelRunner:
@@ -51,6 +52,8 @@ class ModelRunner:
     def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list]:
         """Run the batch; logits [N, V] (float32, on CPU) of the N requests that sample."""
         hidden, batch = self.hidden_states(out)
+        for s, row0 in batch.pooled:
+            self.pool(s, hidden[row0:row0 + s.num_new_tokens])
         requests = [s.request for s in batch.sample_from]
         if not requests:
             return hidden.new_empty(0), []
@@ -65,6 +68,7 @@ class ModelRunner:
         decode_lens: list[int] = []
         sample_rows: list[int] = []
         sample_from: list[ScheduledRequest] = []
+        pooled: list[tuple[ScheduledRequest, int]] = []
         for s in scheduled:
             r = s.request
             start, stop = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
@@ -79,7 +83,9 @@ class ModelRunner:
                 nblk = -(-stop // self.block_size)
                 prefills.append(PrefillChunk(row0, s.num_new_tokens, stop,
                                              torch.tensor(r.block_ids[:nblk], device=self.device)))
-            if s.samples:
+            if r.pooling is not None:
+                pooled.append((s, row0))
+            elif s.samples:
                 sample_rows.append(len(ids) - 1)
                 sample_from.append(s)
         meta = AttentionMetadata(
@@ -92,7 +98,28 @@ class ModelRunner:
         )
         return BatchInputs(torch.tensor(ids, device=self.device),
                            torch.tensor(positions, device=self.device),
-                           meta, sample_rows, sample_from)
+                           meta, sample_rows, sample_from, pooled)
+
+    def pool(self, s: ScheduledRequest, hidden: torch.Tensor) -> None:
+        """Fold this step's rows of a pooling request ([n, H], positions num_computed_tokens
+        onwards) into its vector; on its last chunk, the finished embedding or score."""
+        r, h = s.request, hidden.float()
+        kind = r.pooling.kind
+        if r.num_computed_tokens == 0:            # first chunk, or recomputed after a preemption
+            r.pooled = None
+        if kind == "mean":
+            r.pooled = h.sum(0) if r.pooled is None else r.pooled + h.sum(0)
+        elif kind == "cls" and r.num_computed_tokens == 0:
+            r.pooled = h[0]
+        if not s.samples:
+            return
+        if kind == "score":
+            r.embedding = [score_yes(self.model.compute_logits(h[-1:])[0], r.pooling.score_tokens)]
+            return
+        vec = h[-1] if kind == "last" else r.pooled / len(r.prompt_token_ids) if kind == "mean" else r.pooled
+        if r.pooling.normalize:
+            vec = torch.nn.functional.normalize(vec, dim=0)
+        r.embedding = vec.cpu().tolist()
 
     def _slot(self, block_ids: list[int], position: int) -> int:
         return block_ids[position // self.block_size] * self.block_size + position % self.block_size
@@ -108,3 +135,10 @@ class ModelRunner:
         pos = torch.arange(width, device=self.device)
         lens_t = torch.tensor(lens, device=self.device).unsqueeze(1)
         return (pos.unsqueeze(0) < lens_t).view(len(lens), 1, 1, width)
+
+
+def score_yes(logits: torch.Tensor, tokens: tuple[int, int]) -> float:
+    """P(yes) between the two answers a reranker was asked to choose from: softmax over
+    [logit(yes), logit(no)] (Qwen3-Reranker's recipe)."""
+    pair = torch.stack([logits[tokens[0]], logits[tokens[1]]])
+    return float(torch.softmax(pair, dim=0)[0])

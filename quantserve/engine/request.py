@@ -33,6 +33,23 @@ class TokenLogprobs:
     top: list[tuple[int, float]]                # the k most likely (token id, logprob), best first
 
 
+@dataclass(frozen=True)
+class Pooling:
+    """A request that is only read, never continued: its prompt's final hidden states pooled
+    into one vector (an embedding), or its last token's yes/no logits turned into a score."""
+
+    kind: str                                   # last | mean | cls | score
+    normalize: bool = True                      # L2-normalize the embedding
+    score_tokens: tuple[int, int] = (0, 0)      # kind "score": (yes, no) token ids
+
+    KINDS = ("last", "mean", "cls", "score")
+
+    @property
+    def reads_every_token(self) -> bool:
+        """Mean and first-token pooling need every prompt token's hidden state: no cached prefix."""
+        return self.kind in ("mean", "cls")
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -65,7 +82,10 @@ class Request:
     guide: Guide | None = None                                            # constrained decoding state
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
-    pin_owner: str | None = None                 # a session that keeps this request's full blocks when it ends
+    pooling: Pooling | None = None                       # set for embedding / score requests
+    pooled: torch.Tensor | None = None                   # [H] float32: the running sum (mean) or the vector
+    embedding: list[float] | None = None                 # the result, once finished
+    pin_owner: str | None = None                         # a session that keeps its full blocks when it ends
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

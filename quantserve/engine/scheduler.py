@@ -131,9 +131,13 @@ class Scheduler:
             r = s.request
             if r.status is not Status.RUNNING:   # aborted during the step
                 continue
+            read_to_end = s.samples
             r.num_computed_tokens += s.num_new_tokens
             self.blocks.register_full_blocks(r)
-            if r.request_id in sampled:
+            if r.pooling is not None and read_to_end:    # its vector is ready
+                changed.append(r)
+                self.finish(r, FinishReason.STOP)
+            elif r.request_id in sampled:
                 r.append_token(sampled[r.request_id])
                 changed.append(r)
                 if r.is_finished:

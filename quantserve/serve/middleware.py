@@ -1,7 +1,9 @@
 """ASGI middleware: request body size and time limits (413, 408) and API-key authentication (401).
 
-All answer in OpenAI's error shape. Keys are compared in constant time against every
-configured key; /health, /metrics and the docs stay open. `client_key` is what rate limits count by.
+All answer in the error shape of the API the path belongs to (OpenAI's, or Anthropic's on
+/v1/messages). A key comes as `Authorization: Bearer <key>` or, as Anthropic's clients send it,
+`x-api-key: <key>`; keys are compared in constant time against every configured key; /health,
+/metrics and the docs stay open.
 """
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ CLOSE = {"Connection": "close"}     # the client may still be sending: do not wa
 OPEN_PATHS = {"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/"}
 
 
-async def send_error(send, status: int, message: str, code: str, headers: dict | None = None) -> None:
-    from quantserve.serve.errors import error_body
+async def send_error(send, status: int, message: str, code: str, headers: dict | None = None,
+                     path: str | None = None) -> None:
+    from quantserve.serve.errors import shaped_error_body
 
-    body = json.dumps(error_body(status, message, None, code)).encode()
+    status, shaped = shaped_error_body(path, status, message, None, code)
+    body = json.dumps(shaped).encode()
     extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -42,16 +46,16 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self.too_large(send)
+            return await self.too_large(send, scope["path"])
         if length is not None and self.timeout is None:
             return await self.app(scope, receive, send)
         try:
             messages = await self.read_body(receive)
         except BodyTooLarge:
-            return await self.too_large(send)
+            return await self.too_large(send, scope["path"])
         except asyncio.TimeoutError:
             return await send_error(send, 408, f"the request body did not arrive within {self.timeout:g} s",
-                                    "request_timeout", CLOSE)
+                                    "request_timeout", CLOSE, scope["path"])
 
         async def replay():
             return messages.pop(0) if messages else await receive()
@@ -73,8 +77,9 @@ class BodyLimit:
             if message["type"] != "http.request" or not message.get("more_body"):
                 return messages
 
-    async def too_large(self, send) -> None:
-        await send_error(send, 413, f"the request body is larger than {self.max_bytes} bytes", "body_too_large", CLOSE)
+    async def too_large(self, send, path: str) -> None:
+        await send_error(send, 413, f"the request body is larger than {self.max_bytes} bytes", "body_too_large", CLOSE,
+                         path)
 
 
 class APIKeyAuth:
@@ -89,24 +94,23 @@ class APIKeyAuth:
             return await self.app(scope, receive, send)
         if scope["type"] == "http" and scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
-        if self.valid(dict(scope["headers"]).get(b"authorization", b"")):
+        key = self.matching_key(dict(scope["headers"]))
+        if key is not None:
+            scope.setdefault("state", {})["api_key"] = key      # the rate limit counts per key
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008, "reason": "invalid API key"})
-        await send_error(send, 401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                         "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        await send_error(send, 401, "invalid or missing API key (send 'Authorization: Bearer <key>' or "
+                         "'x-api-key: <key>')", "invalid_api_key", {"WWW-Authenticate": "Bearer"}, scope["path"])
 
-    def valid(self, header: bytes) -> bool:
-        return bearer_matches(header, self.keys)
-
-
-def client_key(state, conn) -> str:
-    """Rate limits count per API key when keys are configured (APIKeyAuth checked it), otherwise
-    per client address (of an HTTP request or a WebSocket): a made-up header must not buy a fresh
-    budget."""
-    if state.config.api_keys:
-        return conn.headers.get("authorization", "")
-    return conn.client.host if conn.client else "unknown"
+    def matching_key(self, headers: dict[bytes, bytes]) -> str | None:
+        """The configured key the request carries (either header), or None."""
+        bearer, api_key = headers.get(b"authorization", b""), headers.get(b"x-api-key")
+        if bearer_matches(bearer, self.keys):
+            return bearer.partition(b" ")[2].strip().decode()
+        if api_key is not None and bearer_matches(b"Bearer " + api_key, self.keys):
+            return api_key.strip().decode()
+        return None
 
 
 def bearer_matches(header: bytes, keys: list[bytes]) -> bool:

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server (FastAPI).
+"""The OpenAI-compatible HTTP server (FastAPI), with Anthropic's Messages API beside it (anthropic_api.py).
 
 Routes parse a body (protocol.py), plan it (plan.py), run it (service.py) and shape the answer
 (responses.py). /health is 503 until the model is loaded and whenever the engine thread is gone.
@@ -9,20 +9,22 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from quantserve.config import ServerConfig
+from quantserve.serve.embeddings import add_embedding_routes
 from quantserve.serve.errors import APIError, error_body, install_error_handlers, validation_message
 from quantserve.serve.metrics import ServerMetrics
-from quantserve.serve.middleware import APIKeyAuth, BodyLimit, client_key
+from quantserve.serve.middleware import APIKeyAuth, BodyLimit
 from quantserve.serve.model_admin import add_model_admin_routes
-from quantserve.serve.plan import Limits, Plan, chat_plan, completion_plans, encode_chat
+from quantserve.serve.plan import Plan, chat_plan, completion_plans, encode_chat
 from quantserve.serve.registry import ModelRegistry
 from quantserve.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                        CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
@@ -30,29 +32,11 @@ from quantserve.serve.protocol import (ChatCompletionRequest, ChatCompletionResp
 from quantserve.serve.responses import (ChoiceResult, UsageCounter, chat_chunk, chat_response, completion_chunk,
                                         completion_response)
 from quantserve.serve.service import ChoiceDelta, Service
-from quantserve.serve.transport import ConnectionLimits
-from quantserve.serve.ws_session import add_session_route
 
 logger = logging.getLogger("quantserve.serve")
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 429, 500, 503)}
 SSE = {200: {"content": {"text/event-stream": {}}}}
-
-
-@dataclass
-class ServerConfig:
-    model_name: str
-    api_keys: list[str] = field(default_factory=list)
-    allow_origins: list[str] = field(default_factory=lambda: ["*"])
-    allow_credentials: bool = False
-    allow_methods: list[str] = field(default_factory=lambda: ["*"])
-    allow_headers: list[str] = field(default_factory=lambda: ["*"])
-    limits: Limits = field(default_factory=Limits)
-    disable_docs: bool = False
-    default_max_tokens: int = 1024
-    admin_api_keys: list[str] = field(default_factory=list)    # may load, unload and reload models
-    models_dir: str | None = None                               # where /v1/models/load finds models by name
-    connections: ConnectionLimits = field(default_factory=ConnectionLimits)   # what a slow or idle client may hold
 
 
 class ServerState:
@@ -83,8 +67,13 @@ def build_app(state: ServerState, ui=None) -> FastAPI:
     """The API; with `ui` (a Gradio Blocks) the chat page is served at `/` next to it."""
     cfg = state.config
     docs = {} if not cfg.disable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    lifespan = None
+    if cfg.grpc_port is not None:         # started and stopped with the app, so it shares uvicorn's event loop
+        from quantserve.serve.grpc_service import grpc_lifespan
+
+        lifespan = grpc_lifespan(state)
     app = FastAPI(title="quantserve", description="OpenAI-compatible API for quantized LLMs", version="0.1.0",
-                  **docs)
+                  lifespan=lifespan, **docs)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=cfg.limits.max_body_bytes, timeout=cfg.connections.timeout_request_read)
     app.add_middleware(APIKeyAuth, api_keys=cfg.api_keys, admin_keys=cfg.admin_api_keys)
@@ -92,6 +81,14 @@ def build_app(state: ServerState, ui=None) -> FastAPI:
                        allow_methods=cfg.allow_methods, allow_headers=cfg.allow_headers)
     add_info_routes(app, state, root_redirect=ui is None)
     add_generation_routes(app, state)
+    add_embedding_routes(app, state)
+    # imported here: these modules build on respond() and the helpers below
+    from quantserve.serve.anthropic_api import add_anthropic_routes
+    from quantserve.serve.responses_api import add_responses_routes
+    from quantserve.serve.ws_session import add_session_route
+
+    add_responses_routes(app, state)
+    add_anthropic_routes(app, state)
     add_model_admin_routes(app, state)
     add_websocket_route(app, state)
     add_session_route(app, state)
@@ -138,7 +135,7 @@ def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True
         service = state.ready(body.model)
         model = service.model
         if body.messages is not None:
-            ids = await asyncio.to_thread(encode_chat, body.messages, model, [])
+            ids = await asyncio.to_thread(encode_chat, body.messages, model, [], True, body.chat_template_kwargs)
         else:
             ids = await asyncio.to_thread(model.tokenizer.hf.encode, body.prompt,
                                           add_special_tokens=body.add_special_tokens)
@@ -151,6 +148,14 @@ def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", "tokens", "invalid_value")
         return {"prompt": await asyncio.to_thread(service.model.tokenizer.hf.decode, body.tokens)}
+
+
+def client_key(state: ServerState, conn: Request | WebSocket) -> str:
+    """Rate limits count per API key when keys are configured (the middleware checked it),
+    otherwise per client address: a made-up header must not buy a fresh budget."""
+    if state.config.api_keys:
+        return conn.scope.get("state", {}).get("api_key", "")     # the key APIKeyAuth accepted
+    return conn.client.host if conn.client else "unknown"
 
 
 def add_generation_routes(app: FastAPI, state: ServerState) -> None:
@@ -167,24 +172,39 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
         return await respond(service, request, body, chat=False)
 
 
-async def respond(service: Service, request: Request, body, chat: bool) -> Response:
-    """Plan, then stream (SSE) or collect; the admission ticket is released however this ends."""
+@dataclass(frozen=True)
+class Wire:
+    """How one API shapes an answer from a Chunker: its id prefix, its SSE stream and its whole body."""
+    id_prefix: str
+    stream: Callable[[Service, Chunker], AsyncIterator[str]]
+    whole: Callable[[Service, Chunker], Awaitable[dict]]
+
+
+async def respond(service: Service, request: Request, body, chat: bool, wire: Wire | None = None) -> Response:
+    """Plan, then stream (SSE) or collect, in OpenAI's shapes unless `wire` says otherwise; the
+    admission ticket is released however this ends."""
     ticket, streaming = service.reserve(), None
+    wire = wire or Wire("chatcmpl-" if chat else "cmpl-", sse, collect)
     try:
-        if chat:
-            plans = [await asyncio.to_thread(chat_plan, body, service.model, service.limits)]
-        else:
-            plans = await asyncio.to_thread(completion_plans, body, service.model, service.limits)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        service.metrics.prompt_tokens.inc(sum(len(p.prompt_ids) for p in plans))
-        chunks = Chunker(service, rid, body, plans, chat)
+        chunks = await plan_chunks(service, body, chat, wire.id_prefix)
         if body.stream:
-            streaming = TicketStream(sse(service, chunks), ticket)     # releases the ticket itself
+            streaming = TicketStream(wire.stream(service, chunks), ticket)     # releases the ticket itself
             return streaming
-        return await collect_unless_gone(service, chunks, request)
+        return await collect_unless_gone(wire.whole(service, chunks), request)
     finally:
         if streaming is None:
             ticket.release()
+
+
+async def plan_chunks(service: Service, body, chat: bool, id_prefix: str) -> Chunker:
+    """Plan a chat or completions body (refusing what cannot run) and count its prompt tokens."""
+    if chat:
+        plans = [await asyncio.to_thread(chat_plan, body, service.model, service.limits)]
+    else:
+        plans = await asyncio.to_thread(completion_plans, body, service.model, service.limits)
+    rid = f"{id_prefix}{uuid.uuid4().hex}"
+    service.metrics.prompt_tokens.inc(sum(len(p.prompt_ids) for p in plans))
+    return Chunker(service, rid, body, plans, chat)
 
 
 class TicketStream(StreamingResponse):
@@ -202,9 +222,9 @@ class TicketStream(StreamingResponse):
             self.ticket.release()
 
 
-async def collect_unless_gone(service: Service, chunks: Chunker, request: Request) -> Response:
+async def collect_unless_gone(whole: Awaitable[dict], request: Request) -> Response:
     """The whole answer; if the client disconnects first, stop generating (its KV is freed)."""
-    task = asyncio.create_task(collect(service, chunks))
+    task = asyncio.create_task(whole)
     while not task.done():
         await asyncio.wait({task}, timeout=0.25)
         if not task.done() and await request.is_disconnected():

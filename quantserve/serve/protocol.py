@@ -94,6 +94,36 @@ class ResponseFormat(Strict):
         return self
 
 
+class StructuredOutputs(Strict):
+    """vLLM's `structured_outputs`: exactly one constraint on the output."""
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: Any = None
+
+    @field_validator("structural_tag")
+    @classmethod
+    def _no_structural_tag(cls, v):
+        if v is not None:
+            raise ValueError("structural_tag is not supported; use json, regex, choice or grammar")
+        return v
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        if len(self.given()) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object; got "
+                             + (", ".join(self.given()) or "none"))
+        return self
+
+    def given(self) -> dict[str, Any]:
+        """The constraints set, by vLLM's names (json_object: false sets none)."""
+        values = {"json": self.json_, "regex": self.regex, "choice": self.choice, "grammar": self.grammar,
+                  "json_object": self.json_object or None}
+        return {kind: v for kind, v in values.items() if v is not None}
+
+
 class SamplingFields(Strict):
     """Fields shared by chat and completions."""
 
@@ -116,6 +146,13 @@ class SamplingFields(Strict):
     skip_special_tokens: bool = True
     min_new_tokens: int | None = Field(None, ge=0)
     user: str | None = None
+    # output constraints (at most one; plan.output_constraint checks): OpenAI's, vLLM's, vLLM's before 0.11
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -141,15 +178,17 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     do_preprocess: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    continue_final_message: bool = False          # vLLM's: the reply continues the final assistant message
 
     @model_validator(mode="after")
     def _coherent(self) -> ChatCompletionRequest:
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs an assistant message last")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
@@ -191,6 +230,7 @@ class TokenizeRequest(Strict):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None      # as on chat: e.g. enable_thinking
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
@@ -224,6 +264,8 @@ class ModelCard(BaseModel):
     owned_by: str = "quantserve"
     root: str
     max_model_len: int
+    capabilities: list[str] = Field(default_factory=lambda: ["chat", "completions"],
+                                    description="what it serves: chat, completions, embeddings, rerank, score")
 
 
 class ModelList(BaseModel):
@@ -260,6 +302,7 @@ class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ToolCall] = Field(default_factory=list)
+    reasoning_content: str | None = Field(None, description="with --reasoning-parser: the model's <think> part")
 
 
 class ChatChoice(BaseModel):

@@ -47,8 +47,9 @@ class ReplicaSpec:
 class EngineReplica:
     def __init__(self, spec: ReplicaSpec):
         from quantserve.config import EngineConfig
-        from quantserve.serve.openai_app import ServerConfig, ServerState, build_app
-        from quantserve.serve.plan import Limits
+        from quantserve.config import ServerConfig
+        from quantserve.serve.openai_app import ServerState, build_app
+        from quantserve.config import Limits
         from quantserve.serve.server import make_loader
 
         config = ServerConfig(spec.model_name, limits=Limits(**spec.limits), **spec.server)

@@ -17,9 +17,11 @@ class ChoiceResult:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     tool_calls: list = field(default_factory=list)
+    reasoning: str = ""
 
     def add(self, d: ChoiceDelta) -> None:
         self.text += d.text
+        self.reasoning += d.reasoning
         self.token_ids += d.token_ids
         self.logprobs += d.logprobs
         self.tool_calls += d.tool_calls
@@ -77,6 +79,8 @@ def chat_response(rid: str, model: str, results: dict[int, ChoiceResult], usage:
     choices = []
     for i, r in sorted(results.items()):
         message = {"role": "assistant", "content": r.text if (r.text or not r.tool_calls) else None}
+        if r.reasoning:
+            message["reasoning_content"] = r.reasoning
         if r.tool_calls:
             message["tool_calls"] = tool_calls_body(r.tool_calls)
         choices.append({"index": i, "message": message, "finish_reason": r.finish_reason,
@@ -94,6 +98,8 @@ def chat_chunk(rid: str, model: str, d: ChoiceDelta | None, tok: Tokenizer, logp
     delta: dict = {"role": "assistant", "content": ""} if first else {}
     if d.text:
         delta["content"] = d.text
+    if d.reasoning:
+        delta["reasoning_content"] = d.reasoning
     if d.tool_calls:
         delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(tool_calls_body(d.tool_calls))]
     choice = {"index": d.index, "delta": delta, "finish_reason": d.finish_reason,

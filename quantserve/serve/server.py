@@ -10,7 +10,8 @@ from pathlib import Path
 
 from quantserve.config import EngineConfig, GenerationConfig
 from quantserve.serve.metrics import ServerMetrics
-from quantserve.serve.openai_app import ServerConfig, ServerState, build_app
+from quantserve.config import ServerConfig
+from quantserve.serve.openai_app import ServerState, build_app
 from quantserve.serve.plan import ModelInfo
 from quantserve.serve.registry import Loader
 from quantserve.serve.service import Service
@@ -24,23 +25,65 @@ def load_service(name: str, model_path: str | None, engine_config: EngineConfig,
                  progress: bool = True) -> tuple[Service, dict]:
     """Model -> Engine -> AsyncEngine -> Service, and the /v1/models card."""
     from quantserve.engine.async_engine import AsyncEngine
+    from quantserve.engine.encoder import is_encoder
     from quantserve.engine.engine import Engine
     from quantserve.models.resolve import resolve_model
     from quantserve.serve.tools import parser_for
     from quantserve.text import Tokenizer, load_chat_template
 
     path = resolve_model(model_path, progress=progress)
-    check_memory(path, engine_config)
-    engine = Engine(path, engine_config, progress=progress)
-    tokenizer = Tokenizer(path, load_chat_template(chat_template))
-    defaults = GenerationConfig.from_model(path, do_sample=True, temperature=1.0)
-    model = ModelInfo(tokenizer, engine.session_len, engine.args.vocab_size, defaults,
-                      parser_for(tokenizer.chat_template, tool_call_parser), server.default_max_tokens)
-    async_engine = AsyncEngine(engine)
+    if is_encoder(path):
+        async_engine, model = load_encoder(path, engine_config, server)
+    else:
+        check_memory(path, engine_config)
+        engine = Engine(path, engine_config, progress=progress)
+        tokenizer = Tokenizer(path, load_chat_template(chat_template))
+        defaults = GenerationConfig.from_model(path, do_sample=True, temperature=1.0)
+        model = ModelInfo(tokenizer, engine.session_len, engine.args.vocab_size, defaults,
+                          parser_for(tokenizer.chat_template, tool_call_parser), server.default_max_tokens,
+                          reasoning_parser=server.reasoning_parser, **decoder_pooling(path, tokenizer, server.pooling))
+        async_engine = AsyncEngine(engine)
     card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "quantserve",
-            "root": str(path), "max_model_len": engine.session_len}
-    print(f"quantserve: '{name}' from {path}\n{engine.memory_summary()}", file=sys.stderr, flush=True)
+            "root": str(path), "max_model_len": model.session_len, "capabilities": model.capabilities}
+    print(f"quantserve: '{name}' from {path}\n{async_engine.engine.memory_summary()}", file=sys.stderr, flush=True)
     return Service(async_engine, model, server.limits, hub.for_model(name, async_engine.stats)), card
+
+
+def load_encoder(path: Path, config: EngineConfig, server: ServerConfig):
+    """An embedding model or a cross-encoder: the encoder engine, and what it can do."""
+    from quantserve.engine.encoder import AsyncEncoder, Encoder
+    from quantserve.engine.request import Pooling
+    from quantserve.text import Tokenizer
+
+    encoder = Encoder(path, max_batch_size=config.max_batch_size or 64, num_threads=config.num_threads or 0)
+    pooled = encoder.pooling
+    kind = server.pooling or pooled.kind or "cls"
+    pooling = None if encoder.args.num_labels else Pooling(kind, normalize=pooled.normalize or not pooled.kind)
+    model = ModelInfo(Tokenizer(path), encoder.session_len, encoder.vocab_size, GenerationConfig(), None,
+                      generates=False, pooling=pooling, truncate=True, cross_encoder=bool(encoder.args.num_labels),
+                      matryoshka_dimensions=matryoshka(path))
+    return AsyncEncoder(encoder), model
+
+
+def decoder_pooling(path: Path, tokenizer, asked: str | None) -> dict:
+    """A decoder embeds with --pooling (or the pooling its sentence-transformers files declare),
+    normalized; it scores as a yes/no reranker when "yes" and "no" are single tokens."""
+    from quantserve.engine.request import Pooling
+    from quantserve.models.pooling import sentence_config
+
+    declared = sentence_config(path)
+    kind = asked or declared.kind
+    yes, no = (tokenizer.hf.encode(w, add_special_tokens=False) for w in ("yes", "no"))
+    return {"pooling": Pooling(kind) if kind else None, "matryoshka_dimensions": matryoshka(path),
+            "score_tokens": (yes[0], no[0]) if len(yes) == len(no) == 1 else None}
+
+
+def matryoshka(path: Path) -> list[int] | bool | None:
+    """The embedding sizes a model was trained to be cut to, as its config.json declares them."""
+    from quantserve.models.loader import read_config
+
+    cfg = read_config(path)
+    return cfg.get("matryoshka_dimensions") or cfg.get("is_matryoshka") or None
 
 
 def check_memory(path: Path, config: EngineConfig) -> None:
@@ -94,8 +137,9 @@ def run_server(models: list[tuple[str, str | None]], engine_config: EngineConfig
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     page = f"chat page: {scheme}://{shown}:{port}/; " if with_ui else ""
     names = ", ".join(f"'{name}'" for name, _ in models)
+    grpc_note = f"; gRPC (plaintext) at {shown}:{server.grpc_port}" if server.grpc_port else ""
     print(f"quantserve: serving {names} at {scheme}://{shown}:{port}/v1 "
-          f"({page}API docs: {scheme}://{shown}:{port}/docs; /health is 503 until the models are loaded)",
+          f"({page}API docs: {scheme}://{shown}:{port}/docs; /health is 503 until the models are loaded{grpc_note})",
           file=sys.stderr, flush=True)
     if proxy_url:
         register_with_proxy(proxy_url, f"{scheme}://{reachable_host(host)}:{port}", loading)

@@ -23,7 +23,9 @@ from quantserve.engine.engine import RequestError
 from quantserve.engine.request import TokenLogprobs
 from quantserve.serve.errors import APIError
 from quantserve.serve.metrics import Metrics
-from quantserve.serve.plan import Limits, ModelInfo, Plan
+from quantserve.config import Limits
+from quantserve.serve.plan import ModelInfo, Plan
+from quantserve.serve.reasoning import ReasoningStream
 from quantserve.serve.tools import ParsedCall, ToolStream, parse_forced
 from quantserve.text import TextStream
 
@@ -38,6 +40,8 @@ class ChoiceDelta:
     tool_calls: list[ParsedCall] = field(default_factory=list)
     completion_tokens: int = 0
     cached_tokens: int = 0
+    reasoning: str = ""                     # with --reasoning-parser: the <think> part of this delta
+    stop_word: str | None = None        # the stop string that ended the choice, if one did
 
 
 class Service:
@@ -111,6 +115,7 @@ class Service:
         text = TextStream(self.model.tokenizer, plan.prompt_ids, plan.stop_words, plan.skip_special_tokens,
                           params.eos_token_ids + params.stop_token_ids)
         tools = ToolStream(plan.tool_parser) if plan.tool_parser else None
+        reasoner = ReasoningStream(plan.reasoning) if plan.reasoning is not None else None
         timer = _Timer(self.metrics)
         generator = self.engine.generate(f"{request_id}-{j}", plan.prompt_ids, params, plan.pin_owner)
         try:
@@ -120,7 +125,9 @@ class Service:
                                     ev.token_ids, ev.logprobs or [], ev.finish_reason,
                                     completion_tokens=ev.num_output_tokens, cached_tokens=ev.num_cached_tokens)
                 if text.stopped:
-                    delta.finish_reason = "stop"
+                    delta.finish_reason, delta.stop_word = "stop", text.stop_word
+                if reasoner is not None:        # before the tool parser: calls are in the answer
+                    split_reasoning(delta, reasoner)
                 if tools is not None:
                     finish_tools(delta, tools)
                 elif plan.forced_tools:
@@ -146,6 +153,14 @@ class Ticket:
         if self.held:
             self.held = False
             self.service.active -= 1
+
+
+def split_reasoning(delta: ChoiceDelta, reasoner: ReasoningStream) -> None:
+    part = reasoner.add(delta.text)
+    if delta.finish_reason:
+        rest = reasoner.finish()
+        part.reasoning, part.content = part.reasoning + rest.reasoning, part.content + rest.content
+    delta.reasoning, delta.text = part.reasoning, part.content
 
 
 def finish_tools(delta: ChoiceDelta, tools: ToolStream) -> None:

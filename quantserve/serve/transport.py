@@ -17,28 +17,11 @@ from __future__ import annotations
 import functools
 import http
 import json
-from dataclasses import dataclass
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from quantserve.config import _check
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    timeout_keep_alive: float = 5.0       # seconds an idle connection stays open (uvicorn's default)
-    timeout_request_read: float = 30.0    # seconds for a request's head, then for its body, to arrive
-    max_header_size: int = 16 * 1024      # bytes of request line + headers (h11's default)
-    # open connections: 64 running + 256 queued requests (the default admission limits) and room
-    # for idle keep-alive sockets; each costs a few KB, and the idle ones close after 5 s
-    limit_concurrency: int = 512
-
-    def __post_init__(self) -> None:
-        _check(self.timeout_keep_alive > 0, f"timeout_keep_alive must be > 0, got {self.timeout_keep_alive}")
-        _check(self.timeout_request_read > 0, f"timeout_request_read must be > 0, got {self.timeout_request_read}")
-        _check(self.max_header_size >= 1024, f"max_header_size must be >= 1024, got {self.max_header_size}")
-        _check(self.limit_concurrency > 0, f"limit_concurrency must be > 0, got {self.limit_concurrency}")
+from quantserve.config import ConnectionLimits
 
 
 def uvicorn_options(limits: ConnectionLimits) -> dict:
@@ -62,7 +45,7 @@ async def over_capacity(scope, receive, send) -> None:
     from quantserve.serve.middleware import send_error
 
     await send_error(send, 503, "the server has too many open connections; retry shortly", "too_many_connections",
-                     {"Connection": "close", "Retry-After": "1"})
+                     {"Connection": "close", "Retry-After": "1"}, scope.get("path"))
 
 
 class GuardedH11Protocol(H11Protocol):

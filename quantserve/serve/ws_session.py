@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from pydantic_core import from_json
 
 from quantserve.serve.errors import APIError, validation_message
-from quantserve.serve.middleware import client_key
+from quantserve.serve.openai_app import client_key
 from quantserve.serve.plan import chat_plan
 from quantserve.serve.protocol import ChatCompletionRequest
 from quantserve.serve.responses import chat_logprobs, tool_calls_body
