@@ -11,8 +11,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from conftest import RunningServer
-from quantserve.config import EngineConfig
-from quantserve.serve.plan import Limits
+from quantserve.config import EngineConfig, Limits
 
 SYSTEM = "You are a helpful assistant."
 
