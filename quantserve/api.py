@@ -49,11 +49,12 @@ class Pipeline:
                  chat_template: str | None = None, progress: bool = True):
         path = resolve_model(model_path, progress=progress)
         self.model_path = path
-        self.encoder = Encoder(path) if is_encoder(path) else None      # an embedding model or cross-encoder
+        config = backend_config or EngineConfig()
+        self.encoder = Encoder(path, dtype=config.dtype) if is_encoder(path) else None   # an embedder or cross-encoder
         if self.encoder is None:
             family_for(read_config(path))  # a broken or foreign config.json is named as such, before the tokenizer
         self.tokenizer = Tokenizer(path, load_chat_template(chat_template))  # before the weights: fails fast
-        self.engine = Engine(path, backend_config or EngineConfig(), progress=progress) if self.encoder is None else None
+        self.engine = Engine(path, config, progress=progress) if self.encoder is None else None
 
     def embed(self, texts: str | Sequence[str], pooling: str | None = None, normalize: bool = True,
               batch_size: int = 64) -> list[float] | list[list[float]]:

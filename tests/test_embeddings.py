@@ -247,9 +247,14 @@ def test_pipeline_embed_for_an_encoder_and_a_decoder(minilm_dir, tiny_chat_model
     from quantserve import pipeline
     from quantserve.engine.engine import RequestError
 
+    from quantserve.config import EngineConfig
+
     pipe = pipeline(str(minilm_dir), progress=False)
     ours = np.array(pipe.embed(SENTENCES[:8]))
-    assert cosines(ours, reference_embeddings(minilm_dir, SENTENCES[:8])).min() >= 0.9999
+    ref = reference_embeddings(minilm_dir, SENTENCES[:8])
+    assert cosines(ours, ref).min() >= 0.9999
+    exact = np.array(pipeline(str(minilm_dir), EngineConfig(dtype="float32"), progress=False).embed(SENTENCES[:8]))
+    assert cosines(exact, ref).min() >= 0.999999                 # float32 matmuls: the same numbers
     assert np.allclose(pipe.embed(SENTENCES[0]), ours[0], atol=1e-6)
     with pytest.raises(RequestError, match="only embeds"):
         pipe("hi")

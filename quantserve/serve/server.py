@@ -55,7 +55,8 @@ def load_encoder(path: Path, config: EngineConfig, server: ServerConfig):
     from quantserve.engine.request import Pooling
     from quantserve.text import Tokenizer
 
-    encoder = Encoder(path, max_batch_size=config.max_batch_size or 64, num_threads=config.num_threads or 0)
+    encoder = Encoder(path, max_batch_size=config.max_batch_size or 64, num_threads=config.num_threads or 0,
+                      dtype=config.dtype)
     pooled = encoder.pooling
     kind = server.pooling or pooled.kind or "cls"
     pooling = None if encoder.args.num_labels else Pooling(kind, normalize=pooled.normalize or not pooled.kind)
