@@ -20,6 +20,7 @@ SUPPORTED_QUANTIZATION = (None, "none", "awq", "gptq", "gguf", "smooth_quant", "
 GPU_ONLY_QUANTIZATION = ("fp8", "fbgemm_fp8", "marlin", "gptq_marlin", "gptq_marlin_24", "awq_marlin", "bitsandbytes",
                          "aqlm", "deepspeedfp", "tpu_int8", "modelopt", "compressed-tensors", "experts_int8", "qqq",
                          "neuron_quant")
+SUPPORTED_SPECULATIVE = (None, "ngram")
 
 
 class ConfigError(ValueError):
@@ -126,6 +127,14 @@ class EngineConfig:
     quantization: str | None = field(default=None, metadata=flag(   # SUPPORTED_QUANTIZATION
         "awq, gptq, gguf: checked against the checkpoint; w8a8, w4a16: round a float model to 8 or 4 bits at "
         "load (data-free); none: as the checkpoint says", "--quantization", "-q", type=str.lower))
+    speculative: str | None = field(default=None, metadata=flag(   # SUPPORTED_SPECULATIVE
+        "speculative decoding: ngram drafts a request's next tokens from its own prompt and output (prompt "
+        "lookup), verified in one step, outputs unchanged (default: off)", choices=["ngram"]))
+    num_speculative_tokens: int = field(default=4, metadata=flag("tokens drafted per step (K)", type=int))
+    prompt_lookup_max: int = field(default=4, metadata=flag("longest n-gram searched for a draft", type=int))
+    prompt_lookup_min: int = field(default=1, metadata=flag("shortest n-gram searched for a draft", type=int))
+    speculative_disable_by_batch_size: int = field(default=4, metadata=flag(
+        "no drafts in a step with more decoding requests than this (a full batch gains nothing)", type=int))
 
     def model_overrides(self) -> dict:
         """Config entries to override: --hf-overrides, and --rope-scaling-factor as dynamic NTK."""
@@ -158,6 +167,12 @@ class EngineConfig:
         _check(self.quantization in SUPPORTED_QUANTIZATION,
                f"quantization {self.quantization!r} is not supported; supported: awq, gptq, gguf, smooth_quant, w8a8, "
                "w4a16, none")
+        _check(self.speculative in SUPPORTED_SPECULATIVE,
+               f"speculative must be one of {SUPPORTED_SPECULATIVE[1:]}, got {self.speculative!r}")
+        _check(self.num_speculative_tokens > 0, "num_speculative_tokens must be > 0")
+        _check(0 < self.prompt_lookup_min <= self.prompt_lookup_max,
+               "prompt_lookup_min must be > 0 and <= prompt_lookup_max")
+        _check(self.speculative_disable_by_batch_size >= 0, "speculative_disable_by_batch_size must be >= 0")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from quantserve.engine.block_manager import BlockManager
 from quantserve.engine.model_runner import ModelRunner
 from quantserve.engine.request import FinishReason, Pooling, Request
 from quantserve.engine.scheduler import Scheduler
+from quantserve.engine.speculative import NgramProposer
 from quantserve.kvcache.budget import CachePlan, free_memory, plan_cache
 from quantserve.kvcache.paged import PagedKVCache
 from quantserve.models.loader import (load_model, load_time_spec, model_args, model_config, require_supported,
@@ -36,6 +37,9 @@ class EngineStats:
     prefix_queried_tokens: int
     prefix_hit_tokens: int
     num_pinned_blocks: int = 0        # held by open sessions between their turns
+    spec_num_drafts: int = 0          # speculative verify rows run
+    spec_num_draft_tokens: int = 0    # tokens they proposed
+    spec_num_accepted_tokens: int = 0  # of those, accepted
 
     @property
     def kv_usage(self) -> float:
@@ -74,7 +78,9 @@ class Engine:
         blocks = BlockManager(self.plan.num_blocks, self.plan.block_size, config.enable_prefix_caching,
                               cache_tag=f"{self.dtype}/{self.kv_bits}/{'static' if static else 'online'}",
                               max_pinned_blocks=max(0, self.plan.num_blocks - session_blocks))
-        self.scheduler = Scheduler(blocks, self.max_batch_size, config.max_prefill_token_num)
+        proposer = (NgramProposer(config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min,
+                                  config.speculative_disable_by_batch_size) if config.speculative == "ngram" else None)
+        self.scheduler = Scheduler(blocks, self.max_batch_size, config.max_prefill_token_num, proposer)
         self.runner = ModelRunner(self.model, self.cache, config.device)
         self.requests: dict[str, Request] = {}
         logger.info(self.memory_summary())
@@ -182,10 +188,11 @@ class Engine:
         self.scheduler.blocks.unpin(owner)
 
     def stats(self) -> EngineStats:
-        blocks = self.scheduler.blocks
+        blocks, spec = self.scheduler.blocks, self.scheduler.proposer
+        drafts = (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens) if spec else (0, 0, 0)
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), blocks.num_blocks,
                            blocks.num_free_blocks, blocks.queried_tokens, blocks.hit_tokens,
-                           blocks.num_pinned_blocks)
+                           blocks.num_pinned_blocks, *drafts)
 
     @property
     def has_work(self) -> bool:

@@ -2,7 +2,8 @@
 
 Builds the flat batch (input ids, positions, cache slots) and the AttentionMetadata from each
 scheduled request's counters and block table, runs the model, takes the logits of the last
-token of every request that completes this step, and samples.
+token of every request that completes this step, and samples. A request with a speculative
+draft is a prefill chunk of its last token + the draft, verified from the logits at all of them.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantserve.engine import sampler
+from quantserve.engine import sampler, speculative
 from quantserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from quantserve.kvcache.paged import AttentionMetadata, PagedKVCache, PrefillChunk
 from quantserve.models.layers import CausalLM
@@ -24,6 +25,7 @@ class BatchInputs:
     sample_rows: list[int]        # indices into T of the tokens whose logits are sampled
     sample_from: list[ScheduledRequest]
     pooled: list[tuple[ScheduledRequest, int]]   # embedding / score requests and their first row in T
+    verify: list[tuple[ScheduledRequest, int]]   # requests with a draft and their first row in T
 
 
 class ModelRunner:
@@ -34,13 +36,20 @@ class ModelRunner:
         self.block_size = cache.block_size
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
-        logits, requests = self.compute_logits(out)
-        if not requests:
-            return {}
-        tokens = sampler.sample(logits, requests)
-        sampler.record_logprobs(logits, tokens, requests)
-        return {r.request_id: t for r, t in zip(requests, tokens)}
+    def execute(self, out: SchedulerOutput) -> dict[str, int | list[int]]:
+        """Each sampling request's next token; a verify row's accepted drafted tokens + one."""
+        logits, batch = self._logits(out)
+        requests = [s.request for s in batch.sample_from]
+        result: dict[str, int | list[int]] = {}
+        if requests:
+            tokens = sampler.sample(logits[:len(requests)], requests)
+            sampler.record_logprobs(logits[:len(requests)], tokens, requests)
+            result = {r.request_id: t for r, t in zip(requests, tokens)}
+        row = len(requests)
+        for s, _ in batch.verify:
+            result[s.request.request_id] = speculative.verify(logits[row:row + s.row_len], s.request, s.draft)
+            row += s.row_len
+        return result
 
     @torch.inference_mode()
     def hidden_states(self, out: SchedulerOutput) -> tuple[torch.Tensor, BatchInputs]:
@@ -51,13 +60,20 @@ class ModelRunner:
     @torch.inference_mode()
     def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list]:
         """Run the batch; logits [N, V] (float32, on CPU) of the N requests that sample."""
+        logits, batch = self._logits(out)
+        requests = [s.request for s in batch.sample_from]
+        return logits[:len(requests)], requests
+
+    def _logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, BatchInputs]:
+        """Run the batch, pool the pooling requests; logits of the sampling rows, then of every
+        row of each verify row, in batch order."""
         hidden, batch = self.hidden_states(out)
         for s, row0 in batch.pooled:
             self.pool(s, hidden[row0:row0 + s.num_new_tokens])
-        requests = [s.request for s in batch.sample_from]
-        if not requests:
-            return hidden.new_empty(0), []
-        return self.model.compute_logits(hidden[batch.sample_rows]).cpu(), requests
+        rows = batch.sample_rows + [i for s, row0 in batch.verify for i in range(row0, row0 + s.row_len)]
+        if not rows:
+            return hidden.new_empty(0), batch
+        return self.model.compute_logits(hidden[rows]).cpu(), batch
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> BatchInputs:
         ids: list[int] = []
@@ -69,22 +85,25 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_from: list[ScheduledRequest] = []
         pooled: list[tuple[ScheduledRequest, int]] = []
+        verify: list[tuple[ScheduledRequest, int]] = []
         for s in scheduled:
             r = s.request
-            start, stop = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
+            start, stop = r.num_computed_tokens, r.num_computed_tokens + s.row_len
             row0 = len(ids)
-            ids.extend(r.all_token_ids[start:stop])
+            ids.extend(r.all_token_ids[start:stop - len(s.draft)] + s.draft)
             positions.extend(range(start, stop))
             slots.extend(self._slot(r.block_ids, p) for p in range(start, stop))
-            if s.num_new_tokens == 1:
+            if s.row_len == 1:
                 decode_tables.append(r.block_ids)
                 decode_lens.append(stop)
             else:
                 nblk = -(-stop // self.block_size)
-                prefills.append(PrefillChunk(row0, s.num_new_tokens, stop,
+                prefills.append(PrefillChunk(row0, s.row_len, stop,
                                              torch.tensor(r.block_ids[:nblk], device=self.device)))
             if r.pooling is not None:
                 pooled.append((s, row0))
+            elif s.draft:
+                verify.append((s, row0))
             elif s.samples:
                 sample_rows.append(len(ids) - 1)
                 sample_from.append(s)
@@ -98,7 +117,7 @@ class ModelRunner:
         )
         return BatchInputs(torch.tensor(ids, device=self.device),
                            torch.tensor(positions, device=self.device),
-                           meta, sample_rows, sample_from, pooled)
+                           meta, sample_rows, sample_from, pooled, verify)
 
     def pool(self, s: ScheduledRequest, hidden: torch.Tensor) -> None:
         """Fold this step's rows of a pooling request ([n, H], positions num_computed_tokens

@@ -14,16 +14,23 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from quantserve.engine.block_manager import BlockManager
 from quantserve.engine.request import FinishReason, Request, Status
+from quantserve.engine.speculative import NgramProposer
 
 
 @dataclass
 class ScheduledRequest:
     request: Request
     num_new_tokens: int          # tokens computed for it this step
+    draft: list[int] = field(default_factory=list)   # speculative tokens verified after them
+
+    @property
+    def row_len(self) -> int:
+        """Tokens of the flat batch this request takes: its new tokens and its draft."""
+        return self.num_new_tokens + len(self.draft)
 
     @property
     def samples(self) -> bool:
@@ -43,8 +50,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch_size: int, token_budget: int):
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, token_budget: int,
+                 proposer: NgramProposer | None = None):
         self.blocks = block_manager
+        self.proposer = proposer
         self.max_batch_size = max_batch_size
         self.token_budget = token_budget
         self.waiting: deque[Request] = deque()
@@ -61,18 +70,37 @@ class Scheduler:
         budget = self.token_budget
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
+        speculate = self._speculating()
         for request in list(self.running):
             if request not in self.running:       # preempted while making room
                 continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if n <= 0 or not self._make_room(request, n, preempted):
                 continue
-            scheduled.append(ScheduledRequest(request, n))
-            budget -= n
+            draft = self._draft(request, budget - n) if speculate and n == 1 else []
+            scheduled.append(ScheduledRequest(request, n, draft))
+            budget -= n + len(draft)
         if not preempted:
             budget = self._admit_waiting(scheduled, budget)
-        scheduled.sort(key=lambda s: s.num_new_tokens > 1)  # stable: decodes first
+        scheduled.sort(key=lambda s: s.row_len > 1)  # stable: decodes first, then chunks and verify rows
         return SchedulerOutput(scheduled, preempted)
+
+    def _speculating(self) -> bool:
+        """Drafts this step: on, and few enough decoding requests that a longer row still pays."""
+        if self.proposer is None:
+            return False
+        decoding = sum(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+        return decoding <= self.proposer.max_decoding_rows
+
+    def _draft(self, request: Request, budget: int) -> list[int]:
+        """A draft for a decoding request, with blocks for its row; [] when it has none or the
+        blocks are short (a draft never preempts: one free block per running request stays)."""
+        draft = self.proposer.propose(request, budget)
+        target = request.num_tokens + len(draft)
+        if not draft or self.blocks.blocks_needed(request, target) + len(self.running) > self.blocks.num_free_blocks:
+            return []
+        self.blocks.allocate(request, target)
+        return draft
 
     def _make_room(self, request: Request, n: int, preempted: list[Request]) -> bool:
         """Allocate blocks for n more tokens, preempting later arrivals if needed."""
@@ -124,21 +152,32 @@ class Scheduler:
         request.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance counters, append sampled tokens; return the requests that changed."""
+    def update(self, out: SchedulerOutput, sampled: dict[str, int | list[int]]) -> list[Request]:
+        """Advance counters, append sampled tokens (a verify row's several, up to the first that
+        stops it); return the requests that changed."""
         changed = []
         for s in out.scheduled:
             r = s.request
             if r.status is not Status.RUNNING:   # aborted during the step
                 continue
             read_to_end = s.samples
-            r.num_computed_tokens += s.num_new_tokens
+            tokens = sampled.get(r.request_id, [])
+            tokens = [tokens] if isinstance(tokens, int) else tokens
+            if s.draft and tokens:               # a verify row: the accepted drafted tokens, then one more
+                self.proposer.record(len(s.draft), len(tokens) - 1)
+            appended = 0
+            for token in tokens:
+                r.append_token(token)
+                appended += 1
+                if r.is_finished:
+                    break
+            # K/V stays for the new tokens and the drafted ones appended before the last
+            r.num_computed_tokens += s.num_new_tokens + (max(0, appended - 1) if s.draft else 0)
             self.blocks.register_full_blocks(r)
             if r.pooling is not None and read_to_end:    # its vector is ready
                 changed.append(r)
                 self.finish(r, FinishReason.STOP)
-            elif r.request_id in sampled:
-                r.append_token(sampled[r.request_id])
+            elif tokens:
                 changed.append(r)
                 if r.is_finished:
                     self.finish(r, r.finish_reason)

@@ -1,7 +1,8 @@
 """Prometheus metrics under vLLM's names, so existing vLLM dashboards work unchanged.
 
 Latency histograms are observed as requests stream; engine gauges (running, waiting, KV usage)
-and the prefix-cache counters are read from the engine when /metrics is scraped.
+and the prefix-cache and speculative-decoding counters are read from the engine when /metrics is
+scraped.
 """
 from __future__ import annotations
 
@@ -38,7 +39,12 @@ class EngineCollector:
         for name, doc, attr in [("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                  "prefix_queried_tokens"),
                                 ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache",
-                                 "prefix_hit_tokens")]:
+                                 "prefix_hit_tokens"),
+                                ("vllm:spec_decode_num_drafts", "Speculative drafts verified", "spec_num_drafts"),
+                                ("vllm:spec_decode_num_draft_tokens", "Speculative tokens drafted",
+                                 "spec_num_draft_tokens"),
+                                ("vllm:spec_decode_num_accepted_tokens", "Speculative tokens accepted",
+                                 "spec_num_accepted_tokens")]:
             c = CounterMetricFamily(name, doc, labels=["model_name"])
             for model, s in snapshots:
                 c.add_metric([model], getattr(s, attr))
