@@ -329,6 +329,20 @@ its speed. Through the server, 64 concurrent one-input requests are batched by t
 worker; HTTP and JSON cost the rest.
 """
 
+SPECULATIVE = """## Speculative decoding with n-gram drafts (`benchmarks/bench_speculative.py`)
+
+Batch 1, greedy, the default model with default flags, plain decoding against `--speculative ngram
+--num-speculative-tokens 4` (prompt lookup, n-grams of 4 down to 1 token): decode tokens/s after
+the first token, best of 2 runs. The code edit asks to rename a variable in a ~60-line function
+and add a docstring (the answer copies most of the prompt); the summary condenses a ~300-word
+report (it copies names and figures only). "Same tokens": the two outputs agree token for token.
+
+{table}
+A verify step runs the last token and up to 4 drafted ones as one chunk through the layer-by-layer
+path (the fused one-call decode step takes single tokens only), so a step costs more than a plain
+decode step; drafting pays when enough of each draft is accepted.
+"""
+
 WS_SESSION = """## WebSocket sessions: time to first token per turn (`benchmarks/bench_ws_session.py`)
 
 A 6-turn conversation (a ~210-token document in the system prompt, 6 short questions, greedy,
@@ -575,6 +589,8 @@ def main() -> None:
         parts.append(EMBEDDINGS.format(table=table("embeddings.md")))
     if (RESULTS / "ws_session.md").exists():
         parts.append(WS_SESSION.format(table=table("ws_session.md")))
+    if (RESULTS / "speculative.md").exists():
+        parts.append(SPECULATIVE.format(table=table("speculative.md")))
     parts += [PREFIX.format(table=table("prefix_cache.md")),
               WEIGHT_SPEED.format(table=table("weight_quant.md"), **weight_ratios()),
               WEIGHT_QUALITY.format(table=table("weight_quality.md"), bars=quality_bars(),

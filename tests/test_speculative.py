@@ -221,3 +221,14 @@ def test_metrics_count_drafts_through_a_real_server(tiny_server_model):
               if line.startswith("vllm:spec_decode")}
     assert values["vllm:spec_decode_num_drafts_total"] > 0
     assert values["vllm:spec_decode_num_draft_tokens_total"] >= values["vllm:spec_decode_num_accepted_tokens_total"] > 0
+
+
+@pytest.mark.parametrize("dtype, quant_policy", [("float32", 8), ("float32", 4), ("bfloat16", 0)])
+def test_greedy_identical_with_rounded_caches(tiny_llama, dtype, quant_policy):
+    """A verify row reads its context as stored (rounded or quantized), as the decode it replaces
+    does; bfloat16 also runs the fused one-call decode step without drafts."""
+    params = SamplingParams(max_new_tokens=30)
+    plain = make_engine(tiny_llama, dtype=dtype, quant_policy=quant_policy)
+    spec = make_engine(tiny_llama, dtype=dtype, quant_policy=quant_policy, speculative="ngram")
+    assert run(spec, PROMPTS[:4], params) == run(plain, PROMPTS[:4], params)
+    assert spec.stats().spec_num_accepted_tokens > 0
