@@ -256,6 +256,7 @@ class SamplingParams:
     min_new_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
     logprobs: int | None = None                      # None: off; k: the sampled token's + top k
+    priority: int = 0                                # scheduling order: lower first (vLLM's priority)
     guide: object | None = field(default=None, compare=False)   # has start() -> a per-request Guide
     extra: dict = field(default_factory=dict, compare=False)
 
