@@ -284,12 +284,17 @@ class Limits:
         "requests waiting for a slot; past this a request gets 429 with Retry-After", type=int))
     rate_limit: int | None = field(default=None, metadata=flag(
         "requests per minute per API key (or client address)", type=int))
+    request_timeout: float | None = field(default=None, metadata=flag(
+        "seconds a request may take, queued or running, unless it sets `timeout`; past it a 408 "
+        "(default: none)", type=float))
 
     def __post_init__(self) -> None:
         for name in ("max_n", "max_body_bytes", "max_concurrent_requests"):
             _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         _check(self.max_queued_requests >= 0, f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         _check(self.rate_limit is None or self.rate_limit > 0, f"rate_limit must be > 0, got {self.rate_limit}")
+        _check(self.request_timeout is None or self.request_timeout > 0,
+               f"request_timeout must be > 0, got {self.request_timeout}")
 
 
 @dataclass(frozen=True)

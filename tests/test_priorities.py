@@ -2,9 +2,15 @@
 with real steps, then real servers through the official openai client."""
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
 import pytest
 
-from quantserve.config import EngineConfig, SamplingParams
+from conftest import RunningServer
+from quantserve.config import EngineConfig, Limits, SamplingParams
 from quantserve.engine.engine import Engine
 
 
@@ -53,3 +59,110 @@ def test_equal_priorities_preempt_the_latest_arrival(tiny_llama):
     second = small.add_request("second", prompt, SamplingParams(max_new_tokens=100))
     assert finish_order(small) == ["first", "second"]
     assert first.num_preemptions == 0 and second.num_preemptions > 0
+
+
+# ---- the server ------------------------------------------------------------------------------
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.01)
+
+
+def chat(client: openai.OpenAI, max_tokens: int, model: str = "tiny", **fields):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=max_tokens, temperature=0,
+                                          extra_body={"ignore_eos": True, **fields})
+
+
+LONG = 2000            # tokens: seconds of work for the tiny model, so it holds its slot
+
+
+@pytest.fixture(scope="module")
+def one_slot(tiny_server_model):
+    server = RunningServer(tiny_server_model, limits=Limits(max_concurrent_requests=1, max_queued_requests=2))
+    yield server
+    server.close()
+
+
+def engine_idle(server: RunningServer, free_blocks: int) -> bool:
+    stats = server.engine.stats()
+    return stats.num_running == stats.num_waiting == 0 and stats.num_free_blocks == free_blocks
+
+
+def test_queued_high_priority_is_served_before_an_earlier_low_priority(one_slot):
+    client, slots = one_slot.client(), one_slot.state.service.slots
+    finished = []
+
+    def run(name: str, max_tokens: int, priority: int):
+        chat(client, max_tokens, priority=priority)
+        finished.append(name)
+
+    with ThreadPoolExecutor(3) as pool:
+        busy = pool.submit(run, "busy", LONG, 0)
+        wait_until(lambda: one_slot.engine.stats().num_running == 1)
+        low = pool.submit(run, "low", 300, 5)
+        wait_until(lambda: len(slots.waiters) == 1)
+        high = pool.submit(run, "high", 4, -1)
+        wait_until(lambda: len(slots.waiters) == 2)
+        assert not busy.done()                  # both queued while the slot was taken
+        for f in (busy, low, high):
+            f.result()
+    assert finished == ["busy", "high", "low"]
+    metrics = httpx.get(one_slot.url + "/metrics").text
+    assert 'quantserve:admission_wait_seconds_count{model_name="tiny",priority="-1"} 1.0' in metrics
+    assert 'quantserve:request_queue_time_seconds_count{model_name="tiny",priority="5"} 1.0' in metrics
+
+
+def test_timeout_while_generating_is_408_and_frees_the_blocks(one_slot):
+    client = one_slot.client()
+    free = one_slot.engine.stats().num_free_blocks
+    with pytest.raises(openai.APIStatusError) as e:
+        chat(client, LONG, timeout=0.5)
+    assert e.value.status_code == 408
+    assert e.value.body["code"] == "timeout" and "generating" in e.value.body["message"]
+    wait_until(lambda: engine_idle(one_slot, free))
+    assert chat(client, 4).choices[0].finish_reason == "length"      # the server keeps serving
+
+
+def test_timeout_while_streaming_is_an_error_event(one_slot):
+    client = one_slot.client()
+    free = one_slot.engine.stats().num_free_blocks
+    chunks = 0
+    with pytest.raises(openai.APIError) as e:
+        for _ in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=LONG, stream=True,
+                                                extra_body={"ignore_eos": True, "timeout": 0.5}):
+            chunks += 1
+    assert chunks > 1 and "timeout of 0.5 s" in e.value.message
+    wait_until(lambda: engine_idle(one_slot, free))
+
+
+def test_timeout_while_queued_is_408(one_slot):
+    client = one_slot.client()
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(chat, client, LONG)
+        wait_until(lambda: one_slot.engine.stats().num_running == 1)
+        with pytest.raises(openai.APIStatusError) as e:
+            chat(client, 4, timeout=0.5)
+        assert not busy.done()
+        busy.result()
+    assert e.value.status_code == 408 and "queued" in e.value.body["message"]
+    assert not one_slot.state.service.slots.waiters and one_slot.state.service.active == 0
+
+
+def test_request_timeout_applies_by_default(tiny_server_model):
+    server = RunningServer(tiny_server_model, limits=Limits(request_timeout=0.5))
+    try:
+        client = server.client()
+        free = server.engine.stats().num_free_blocks
+        with pytest.raises(openai.APIStatusError) as e:
+            chat(client, LONG)
+        assert e.value.status_code == 408
+        wait_until(lambda: engine_idle(server, free))
+        assert chat(client, 4, timeout=60).choices[0].finish_reason == "length"   # its own timeout wins
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'quantserve:requests_timed_out_total{model_name="tiny"} 1.0' in metrics
+    finally:
+        server.close()

@@ -130,7 +130,7 @@ class MessageBuilder:
 
 
 async def events(service: Service, chunks: Chunker, builder: MessageBuilder) -> AsyncIterator[Event]:
-    async with service.admitted():
+    async with chunks.admitted():
         async for d in chunks.deltas():
             for event in builder.add(d):
                 yield event

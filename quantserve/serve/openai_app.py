@@ -245,17 +245,39 @@ class Chunker:
         self.usage = UsageCounter(prompt=sum(len(p.prompt_ids) for p in plans))
         self.echo = {p.first_index + j: p.echo for p in plans for j in range(len(p.params)) if p.echo}
         self.offsets: dict[int, int] = {}       # choice -> characters sent so far (chunks' text_offset)
+        self.deadline = service.deadline(body.timeout)
+
+    def admitted(self):
+        """A generation slot for this request, by its priority, within its deadline."""
+        return self.service.admitted(self.body.priority, self.deadline)
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         streams = [self.service.stream(p, f"{self.rid}-{k}") for k, p in enumerate(self.plans)]
         firsts = {p.first_index for p in self.plans}
         counted: set[int] = set()
-        async for d in merge(streams):
+        async for d in self.until_deadline(merge(streams)):
             self.usage.add(d)
             if d.index in firsts and d.index not in counted:      # a prompt's cache hits, once
                 counted.add(d.index)
                 self.usage.cached += d.cached_tokens
             yield d
+
+    async def until_deadline(self, items: AsyncIterator) -> AsyncIterator:
+        """The items, or a 408 once the deadline passes: the pending read is cancelled, which
+        closes the streams and aborts their engine requests (their KV blocks are freed)."""
+        if self.deadline is None:
+            async for item in items:
+                yield item
+            return
+        async with aclosing(items):
+            while True:
+                try:
+                    item = await asyncio.wait_for(anext(items), self.deadline.left())
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise self.deadline.expired(self.service.metrics, "generating") from None
+                yield item
 
     def chunk(self, d: ChoiceDelta) -> dict:
         first = d.index not in self.offsets
@@ -311,7 +333,7 @@ async def merge(streams: list[AsyncIterator]) -> AsyncIterator:
 
 async def collect(service: Service, chunks: Chunker) -> dict:
     results: dict[int, ChoiceResult] = {}
-    async with service.admitted():
+    async with chunks.admitted():
         async for d in chunks.deltas():
             results.setdefault(d.index, ChoiceResult()).add(d)
     if chunks.chat:
@@ -329,7 +351,7 @@ async def sse(service: Service, chunks: Chunker) -> AsyncIterator[str]:
 async def stream_chunks(service: Service, chunks: Chunker) -> AsyncIterator[dict]:
     """Chunks, then the usage chunk if asked; an error mid-stream becomes an error object."""
     try:
-        async with service.admitted():
+        async with chunks.admitted():
             async for d in chunks.deltas():
                 yield chunks.chunk(d)
         usage = chunks.usage_chunk()

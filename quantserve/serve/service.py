@@ -7,11 +7,15 @@ that stops iterating (a client that went away) cancels the choices, which aborts
 requests and frees their KV blocks.
 
 Admission: at most `max_concurrent_requests` requests generate at once, `max_queued_requests`
-more wait for a slot, and past that a request gets 429 at once; an optional per-key rate limit.
+more wait for a slot (a freed slot goes to the waiter of lowest priority value, then the earliest),
+and past that a request gets 429 at once; an optional per-key rate limit. A request past its
+deadline, waiting or generating, ends with a 408 and its engine requests are aborted.
 """
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator
@@ -47,7 +51,7 @@ class ChoiceDelta:
 class Service:
     def __init__(self, engine: AsyncEngine, model: ModelInfo, limits: Limits, metrics: Metrics):
         self.engine, self.model, self.limits, self.metrics = engine, model, limits, metrics
-        self.slots = asyncio.Semaphore(limits.max_concurrent_requests)
+        self.slots = Slots(limits.max_concurrent_requests)
         self.active = 0          # admitted requests: generating or queued for a slot
         self.recent: dict[str, deque] = defaultdict(deque)
 
@@ -80,10 +84,24 @@ class Service:
         return Ticket(self)
 
     @asynccontextmanager
-    async def admitted(self):
-        """Hold a generation slot (waiting in the queue for one) while generating."""
-        async with self.slots:
+    async def admitted(self, priority: int = 0, deadline: Deadline | None = None):
+        """Hold a generation slot while generating, waiting in the queue for one by priority;
+        408 if the deadline passes first."""
+        start = time.monotonic()
+        try:
+            await asyncio.wait_for(self.slots.acquire(priority), deadline and deadline.left())
+        except TimeoutError:
+            raise deadline.expired(self.metrics, "queued") from None
+        self.metrics.admission_wait(priority, time.monotonic() - start)
+        try:
             yield
+        finally:
+            self.slots.release()
+
+    def deadline(self, timeout: float | None) -> Deadline | None:
+        """The request's own timeout, else the server's --request-timeout, from now."""
+        timeout = timeout or self.limits.request_timeout
+        return Deadline(timeout) if timeout else None
 
     # ---- generation ----------------------------------------------------------------------------
 
@@ -116,7 +134,7 @@ class Service:
                           params.eos_token_ids + params.stop_token_ids)
         tools = ToolStream(plan.tool_parser) if plan.tool_parser else None
         reasoner = ReasoningStream(plan.reasoning) if plan.reasoning is not None else None
-        timer = _Timer(self.metrics)
+        timer = _Timer(self.metrics, params.priority)
         generator = self.engine.generate(f"{request_id}-{j}", plan.prompt_ids, params, plan.pin_owner)
         try:
             async for ev in generator:
@@ -140,6 +158,54 @@ class Service:
             await queue.put(e)
         finally:
             await generator.aclose()
+
+
+class Slots:
+    """Generation slots; a freed slot goes to the waiter of lowest (priority, arrival)."""
+
+    def __init__(self, n: int):
+        self.free = n
+        self.waiters: list[tuple[int, int, asyncio.Future]] = []     # a heap
+        self.arrivals = itertools.count()
+
+    async def acquire(self, priority: int) -> None:
+        while self.waiters and self.waiters[0][2].done():          # gave up waiting
+            heapq.heappop(self.waiters)
+        if self.free > 0 and not self.waiters:
+            self.free -= 1
+            return
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self.waiters, (priority, next(self.arrivals), future))
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():          # handed a slot as it was cancelled
+                self.release()
+            raise
+
+    def release(self) -> None:
+        while self.waiters:
+            _, _, future = heapq.heappop(self.waiters)
+            if not future.done():
+                future.set_result(None)                            # the slot passes straight to it
+                return
+        self.free += 1
+
+
+class Deadline:
+    """When a request must have finished, on the event loop's clock."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.at = asyncio.get_running_loop().time() + timeout
+
+    def left(self) -> float:
+        return self.at - asyncio.get_running_loop().time()
+
+    def expired(self, metrics: Metrics, where: str) -> APIError:
+        metrics.timed_out.inc()
+        return APIError(408, f"the request did not finish within its timeout of {self.timeout:g} s "
+                             f"({where}); it was cancelled", "timeout", "timeout")
 
 
 class Ticket:
@@ -188,15 +254,15 @@ def finish_forced_tools(delta: ChoiceDelta, full_text: str) -> None:
 class _Timer:
     """Latency metrics of one choice."""
 
-    def __init__(self, metrics: Metrics):
-        self.metrics = metrics
+    def __init__(self, metrics: Metrics, priority: int):
+        self.metrics, self.priority = metrics, priority
         self.start = self.last = time.monotonic()
         self.tokens = 0
 
     def tick(self, token_ids: list[int], queue_time: float | None) -> None:
         now = time.monotonic()
         if queue_time is not None:
-            self.metrics.queue.observe(queue_time)
+            self.metrics.queued(self.priority, queue_time)
         if token_ids and self.tokens == 0:
             self.metrics.ttft.observe(now - self.start)
         elif token_ids:
