@@ -358,6 +358,10 @@ class ServerConfig:
         "also serve the gRPC API (quantserve.proto: Generate, Embed, Models; grpc.health.v1) on this port, "
         "plaintext, same models and keys (default: no gRPC)", type=int))
     grpc_host: str = "0.0.0.0"
+    overflow_model: str | None = field(default=None, metadata=flag(
+        "when a model's queue is full, answer its chat, completions and Messages requests with this model "
+        "(served by the same server; the answer names it and carries x-quantserve-overflow); 429 only when "
+        "it is full too"))
 
     def __post_init__(self) -> None:
         _check(self.default_max_tokens > 0, f"default_max_tokens must be > 0, got {self.default_max_tokens}")

@@ -166,3 +166,48 @@ def test_request_timeout_applies_by_default(tiny_server_model):
         assert 'quantserve:requests_timed_out_total{model_name="tiny"} 1.0' in metrics
     finally:
         server.close()
+
+
+@pytest.fixture
+def two_models(tiny_server_model):
+    """Models a and b (the same weights), one slot each and no queue; b takes a's overflow."""
+    server = RunningServer(tiny_server_model, model_name="a", overflow_model="b",
+                           limits=Limits(max_concurrent_requests=1, max_queued_requests=0))
+    models = server.state.models
+    models.add("b", *models.loader("b", str(tiny_server_model), {}), str(tiny_server_model))
+    yield server
+    server.close()
+
+
+def metric(server: RunningServer, line_start: str) -> str | None:
+    lines = httpx.get(server.url + "/metrics").text.splitlines()
+    return next((line.rsplit(" ", 1)[1] for line in lines if line.startswith(line_start)), None)
+
+
+def test_a_full_model_overflows_to_its_sibling_and_429_when_both_are_full(two_models):
+    client, models = two_models.client(), two_models.state.models
+    engine_a, engine_b = models.get("a").engine, models.get("b").engine
+    with ThreadPoolExecutor(2) as pool:
+        busy_a = pool.submit(chat, client, LONG, "a")
+        wait_until(lambda: engine_a.stats().num_running == 1)
+        raw = client.chat.completions.with_raw_response.create(
+            model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=4, extra_body={"ignore_eos": True})
+        assert raw.headers["x-quantserve-overflow"] == "b"
+        assert raw.parse().model == "b" and raw.parse().usage.completion_tokens == 4
+        assert metric(two_models, 'vllm:generation_tokens_total{model_name="b"}') == "4.0"
+        with client.chat.completions.with_streaming_response.create(
+                model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=LONG, stream=True,
+                extra_body={"ignore_eos": True}) as streamed:
+            assert streamed.headers["x-quantserve-overflow"] == "b"
+            first = next(iter(streamed.parse()))
+            assert first.model == "b" and engine_b.stats().num_running == 1
+            with pytest.raises(openai.RateLimitError):            # a and b both full
+                chat(client, 4, "a")
+        assert not busy_a.done()
+        busy_a.result()
+    assert metric(two_models, 'quantserve:requests_overflowed_total{model_name="a",overflow_model="b"}') == "2.0"
+    wait_until(lambda: engine_b.stats().num_running == 0)
+    for name in ("a", "b"):                     # both keep serving, each under its own name
+        raw = client.chat.completions.with_raw_response.create(
+            model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert raw.parse().model == name and "x-quantserve-overflow" not in raw.headers

@@ -31,12 +31,13 @@ from quantserve.serve.protocol import (ChatCompletionRequest, ChatCompletionResp
                                        ModelList, TokenizeRequest, TokenizeResponse)
 from quantserve.serve.responses import (ChoiceResult, UsageCounter, chat_chunk, chat_response, completion_chunk,
                                         completion_response)
-from quantserve.serve.service import ChoiceDelta, Service
+from quantserve.serve.service import ChoiceDelta, Service, Ticket
 
 logger = logging.getLogger("quantserve.serve")
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 429, 500, 503)}
 SSE = {200: {"content": {"text/event-stream": {}}}}
+OVERFLOW_HEADER = "x-quantserve-overflow"      # names the --overflow-model that answered
 
 
 class ServerState:
@@ -49,6 +50,28 @@ class ServerState:
 
     def ready(self, model: str | None = None) -> Service:
         return self.models.get(model)
+
+    def admit(self, model: str | None) -> tuple[Service, Ticket]:
+        """The named model's Service and an admission ticket; when its queue is full, the
+        --overflow-model's (the ticket says so), and 429 only when that one is full too."""
+        service = self.ready(model)
+        sibling = self.overflow_for(model)
+        if service.full and sibling is not None and not sibling.full:
+            service.metrics.overflowed(self.config.overflow_model)
+            ticket = sibling.reserve()
+            ticket.overflow = self.config.overflow_model
+            return sibling, ticket
+        return service, service.reserve()
+
+    def overflow_for(self, model: str | None) -> Service | None:
+        """The overflow model's Service, unless it is the named one or is not serving now."""
+        sibling = self.config.overflow_model
+        if sibling is None or sibling == (model or self.models.default) or sibling not in self.models.slots:
+            return None
+        try:
+            return self.ready(sibling)
+        except APIError:            # loading, or its engine stopped: no overflow, the 429 stands
+            return None
 
     @property
     def service(self) -> Service:
@@ -161,15 +184,13 @@ def client_key(state: ServerState, conn: Request | WebSocket) -> str:
 def add_generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **SSE})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        service = state.ready(body.model)
-        service.check_rate(client_key(state, request))
-        return await respond(service, request, body, chat=True)
+        state.ready(body.model).check_rate(client_key(state, request))
+        return await respond(*state.admit(body.model), request, body, chat=True)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, **SSE})
     async def completions(body: CompletionRequest, request: Request):
-        service = state.ready(body.model)
-        service.check_rate(client_key(state, request))
-        return await respond(service, request, body, chat=False)
+        state.ready(body.model).check_rate(client_key(state, request))
+        return await respond(*state.admit(body.model), request, body, chat=False)
 
 
 @dataclass(frozen=True)
@@ -180,17 +201,21 @@ class Wire:
     whole: Callable[[Service, Chunker], Awaitable[dict]]
 
 
-async def respond(service: Service, request: Request, body, chat: bool, wire: Wire | None = None) -> Response:
+async def respond(service: Service, ticket: Ticket, request: Request, body, chat: bool,
+                  wire: Wire | None = None) -> Response:
     """Plan, then stream (SSE) or collect, in OpenAI's shapes unless `wire` says otherwise; the
-    admission ticket is released however this ends."""
-    ticket, streaming = service.reserve(), None
+    admission ticket is released however this ends. An overflowed request is planned and answered
+    by the model that took it, under that model's name."""
+    streaming = None
     wire = wire or Wire("chatcmpl-" if chat else "cmpl-", sse, collect)
+    headers = {OVERFLOW_HEADER: ticket.overflow} if ticket.overflow else {}
     try:
         chunks = await plan_chunks(service, body, chat, wire.id_prefix)
+        chunks.model = ticket.overflow or chunks.model
         if body.stream:
-            streaming = TicketStream(wire.stream(service, chunks), ticket)     # releases the ticket itself
+            streaming = TicketStream(wire.stream(service, chunks), ticket, headers)    # releases the ticket itself
             return streaming
-        return await collect_unless_gone(wire.whole(service, chunks), request)
+        return await collect_unless_gone(wire.whole(service, chunks), request, headers)
     finally:
         if streaming is None:
             ticket.release()
@@ -210,9 +235,9 @@ async def plan_chunks(service: Service, body, chat: bool, id_prefix: str) -> Chu
 class TicketStream(StreamingResponse):
     """An SSE response that releases its admission ticket when it ends, however it ends."""
 
-    def __init__(self, content, ticket):
+    def __init__(self, content, ticket, headers: dict[str, str] | None = None):
         super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
         self.ticket = ticket
 
     async def __call__(self, scope, receive, send):
@@ -222,7 +247,8 @@ class TicketStream(StreamingResponse):
             self.ticket.release()
 
 
-async def collect_unless_gone(whole: Awaitable[dict], request: Request) -> Response:
+async def collect_unless_gone(whole: Awaitable[dict], request: Request,
+                              headers: dict[str, str] | None = None) -> Response:
     """The whole answer; if the client disconnects first, stop generating (its KV is freed)."""
     task = asyncio.create_task(whole)
     while not task.done():
@@ -231,7 +257,7 @@ async def collect_unless_gone(whole: Awaitable[dict], request: Request) -> Respo
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             return Response(status_code=499)
-    return JSONResponse(task.result())
+    return JSONResponse(task.result(), headers=headers)
 
 
 class Chunker:

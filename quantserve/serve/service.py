@@ -74,10 +74,15 @@ class Service:
                            None, "rate_limit_exceeded", {"Retry-After": str(retry)})
         window.append(now)
 
+    @property
+    def full(self) -> bool:
+        """Every slot busy and the queue full: reserve() would refuse."""
+        return self.active >= self.limits.max_concurrent_requests + self.limits.max_queued_requests
+
     def reserve(self) -> Ticket:
         """Count the request in at once (no await between check and count); 429 with Retry-After
         when every slot is busy and the queue is full. The caller releases the ticket."""
-        if self.active >= self.limits.max_concurrent_requests + self.limits.max_queued_requests:
+        if self.full:
             self.metrics.rejected("overloaded")
             raise APIError(429, "the server is overloaded; retry shortly", None, "overloaded", {"Retry-After": "1"})
         self.active += 1
@@ -209,11 +214,13 @@ class Deadline:
 
 
 class Ticket:
-    """One admitted request's place in the count; release() is idempotent."""
+    """One admitted request's place in the count; release() is idempotent. `overflow`: the name
+    of the model that took the request because the one it named was full."""
 
     def __init__(self, service: Service):
         self.service = service
         self.held = True
+        self.overflow: str | None = None
 
     def release(self) -> None:
         if self.held:
