@@ -211,3 +211,20 @@ def test_a_full_model_overflows_to_its_sibling_and_429_when_both_are_full(two_mo
         raw = client.chat.completions.with_raw_response.create(
             model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert raw.parse().model == name and "x-quantserve-overflow" not in raw.headers
+
+
+def test_flags_reach_the_server_config_and_a_bad_overflow_model_is_a_cli_error(tiny_server_model):
+    import subprocess
+    import sys
+
+    from quantserve.cli.main import build_parser
+    from quantserve.cli.serve import limits_from, server_fields
+
+    ns = build_parser().parse_args(["serve", "api_server", "x", "y", "--model-name", "a", "b",
+                                    "--overflow-model", "b", "--request-timeout", "2.5"])
+    assert server_fields(ns)["overflow_model"] == "b" and limits_from(ns).request_timeout == 2.5
+    proc = subprocess.run([sys.executable, "-m", "quantserve.cli.main", "serve", "api_server",
+                           str(tiny_server_model), "--model-name", "a", "--overflow-model", "z"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "overflow_model" in proc.stderr.replace("-", "_") and "'z'" in proc.stderr, proc.stderr
