@@ -141,15 +141,23 @@ def test_timeout_while_streaming_is_an_error_event(one_slot):
 
 def test_responses_and_messages_take_the_timeout_too(one_slot):
     client = one_slot.client()
-    with ThreadPoolExecutor(1) as pool:             # neither API has ignore_eos: they wait for the slot
+
+    def responses():
+        with pytest.raises(openai.APIStatusError) as e:
+            client.responses.create(model="tiny", input="hi", extra_body={"timeout": 0.3, "priority": 2})
+        return e.value.status_code
+
+    def messages():
+        return httpx.post(one_slot.url + "/v1/messages", timeout=60,
+                          json={"model": "tiny", "max_tokens": 8, "timeout": 0.3, "priority": -2,
+                                "messages": [{"role": "user", "content": "hi"}]})
+
+    with ThreadPoolExecutor(3) as pool:             # neither API has ignore_eos: they time out queued
         busy = pool.submit(chat, client, LONG)
         wait_until(lambda: one_slot.engine.stats().num_running == 1)
-        with pytest.raises(openai.APIStatusError) as e:
-            client.responses.create(model="tiny", input="hi", extra_body={"timeout": 0.5, "priority": 2})
-        assert e.value.status_code == 408
-        r = httpx.post(one_slot.url + "/v1/messages", timeout=60,
-                       json={"model": "tiny", "max_tokens": 8, "timeout": 0.5, "priority": -2,
-                             "messages": [{"role": "user", "content": "hi"}]})
+        queued = [pool.submit(responses), pool.submit(messages)]
+        assert queued[0].result() == 408
+        r = queued[1].result()
         assert r.status_code == 408 and r.json()["error"]["type"] == "timeout_error"
         assert not busy.done()
         busy.result()
