@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from pydantic import ValidationError
 
 from quantserve.config import ServerConfig
+from quantserve.serve.admission import admit, until
 from quantserve.serve.embeddings import add_embedding_routes
 from quantserve.serve.errors import APIError, error_body, install_error_handlers, validation_message
 from quantserve.serve.metrics import ServerMetrics
@@ -37,7 +38,6 @@ logger = logging.getLogger("quantserve.serve")
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 429, 500, 503)}
 SSE = {200: {"content": {"text/event-stream": {}}}}
-OVERFLOW_HEADER = "x-quantserve-overflow"      # names the --overflow-model that answered
 
 
 class ServerState:
@@ -50,28 +50,6 @@ class ServerState:
 
     def ready(self, model: str | None = None) -> Service:
         return self.models.get(model)
-
-    def admit(self, model: str | None) -> tuple[Service, Ticket]:
-        """The named model's Service and an admission ticket; when its queue is full, the
-        --overflow-model's (the ticket says so), and 429 only when that one is full too."""
-        service = self.ready(model)
-        sibling = self.overflow_for(model)
-        if service.full and sibling is not None and not sibling.full:
-            service.metrics.overflowed(self.config.overflow_model)
-            ticket = sibling.reserve()
-            ticket.overflow = self.config.overflow_model
-            return sibling, ticket
-        return service, service.reserve()
-
-    def overflow_for(self, model: str | None) -> Service | None:
-        """The overflow model's Service, unless it is the named one or is not serving now."""
-        sibling = self.config.overflow_model
-        if sibling is None or sibling == (model or self.models.default) or sibling not in self.models.slots:
-            return None
-        try:
-            return self.ready(sibling)
-        except APIError:            # loading, or its engine stopped: no overflow, the 429 stands
-            return None
 
     @property
     def service(self) -> Service:
@@ -184,13 +162,11 @@ def client_key(state: ServerState, conn: Request | WebSocket) -> str:
 def add_generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **SSE})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        state.ready(body.model).check_rate(client_key(state, request))
-        return await respond(*state.admit(body.model), request, body, chat=True)
+        return await respond(*admit(state, body.model, client_key(state, request)), request, body, chat=True)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, **SSE})
     async def completions(body: CompletionRequest, request: Request):
-        state.ready(body.model).check_rate(client_key(state, request))
-        return await respond(*state.admit(body.model), request, body, chat=False)
+        return await respond(*admit(state, body.model, client_key(state, request)), request, body, chat=False)
 
 
 @dataclass(frozen=True)
@@ -203,19 +179,16 @@ class Wire:
 
 async def respond(service: Service, ticket: Ticket, request: Request, body, chat: bool,
                   wire: Wire | None = None) -> Response:
-    """Plan, then stream (SSE) or collect, in OpenAI's shapes unless `wire` says otherwise; the
-    admission ticket is released however this ends. An overflowed request is planned and answered
-    by the model that took it, under that model's name."""
-    streaming = None
-    wire = wire or Wire("chatcmpl-" if chat else "cmpl-", sse, collect)
-    headers = {OVERFLOW_HEADER: ticket.overflow} if ticket.overflow else {}
+    """Plan, then stream (SSE) or collect, in OpenAI's shapes unless `wire` says otherwise, under the
+    name of the model that took it (an overflow); the admission ticket is released however this ends."""
+    streaming, wire = None, wire or Wire("chatcmpl-" if chat else "cmpl-", sse, collect)
     try:
         chunks = await plan_chunks(service, body, chat, wire.id_prefix)
         chunks.model = ticket.overflow or chunks.model
         if body.stream:
-            streaming = TicketStream(wire.stream(service, chunks), ticket, headers)    # releases the ticket itself
+            streaming = TicketStream(wire.stream(service, chunks), ticket)    # releases the ticket itself
             return streaming
-        return await collect_unless_gone(wire.whole(service, chunks), request, headers)
+        return await collect_unless_gone(wire.whole(service, chunks), request, ticket.headers)
     finally:
         if streaming is None:
             ticket.release()
@@ -235,9 +208,9 @@ async def plan_chunks(service: Service, body, chat: bool, id_prefix: str) -> Chu
 class TicketStream(StreamingResponse):
     """An SSE response that releases its admission ticket when it ends, however it ends."""
 
-    def __init__(self, content, ticket, headers: dict[str, str] | None = None):
+    def __init__(self, content, ticket):
         super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ticket.headers})
         self.ticket = ticket
 
     async def __call__(self, scope, receive, send):
@@ -247,8 +220,7 @@ class TicketStream(StreamingResponse):
             self.ticket.release()
 
 
-async def collect_unless_gone(whole: Awaitable[dict], request: Request,
-                              headers: dict[str, str] | None = None) -> Response:
+async def collect_unless_gone(whole: Awaitable[dict], request: Request, headers: dict | None = None) -> Response:
     """The whole answer; if the client disconnects first, stop generating (its KV is freed)."""
     task = asyncio.create_task(whole)
     while not task.done():
@@ -273,37 +245,19 @@ class Chunker:
         self.offsets: dict[int, int] = {}       # choice -> characters sent so far (chunks' text_offset)
         self.deadline = service.deadline(body.timeout)
 
-    def admitted(self):
-        """A generation slot for this request, by its priority, within its deadline."""
+    def admitted(self):          # a generation slot, by the request's priority, within its deadline
         return self.service.admitted(self.body.priority, self.deadline)
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         streams = [self.service.stream(p, f"{self.rid}-{k}") for k, p in enumerate(self.plans)]
         firsts = {p.first_index for p in self.plans}
         counted: set[int] = set()
-        async for d in self.until_deadline(merge(streams)):
+        async for d in until(self.deadline, merge(streams), self.service.metrics):
             self.usage.add(d)
             if d.index in firsts and d.index not in counted:      # a prompt's cache hits, once
                 counted.add(d.index)
                 self.usage.cached += d.cached_tokens
             yield d
-
-    async def until_deadline(self, items: AsyncIterator) -> AsyncIterator:
-        """The items, or a 408 once the deadline passes: the pending read is cancelled, which
-        closes the streams and aborts their engine requests (their KV blocks are freed)."""
-        if self.deadline is None:
-            async for item in items:
-                yield item
-            return
-        async with aclosing(items):
-            while True:
-                try:
-                    item = await asyncio.wait_for(anext(items), self.deadline.left())
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise self.deadline.expired(self.service.metrics, "generating") from None
-                yield item
 
     def chunk(self, d: ChoiceDelta) -> dict:
         first = d.index not in self.offsets

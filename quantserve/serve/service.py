@@ -14,8 +14,6 @@ deadline, waiting or generating, ends with a 408 and its engine requests are abo
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator
@@ -25,6 +23,7 @@ from dataclasses import dataclass, field
 from quantserve.engine.async_engine import AsyncEngine
 from quantserve.engine.engine import RequestError
 from quantserve.engine.request import TokenLogprobs
+from quantserve.serve.admission import OVERFLOW_HEADER, Deadline, Slots
 from quantserve.serve.errors import APIError
 from quantserve.serve.metrics import Metrics
 from quantserve.config import Limits
@@ -165,54 +164,6 @@ class Service:
             await generator.aclose()
 
 
-class Slots:
-    """Generation slots; a freed slot goes to the waiter of lowest (priority, arrival)."""
-
-    def __init__(self, n: int):
-        self.free = n
-        self.waiters: list[tuple[int, int, asyncio.Future]] = []     # a heap
-        self.arrivals = itertools.count()
-
-    async def acquire(self, priority: int) -> None:
-        while self.waiters and self.waiters[0][2].done():          # gave up waiting
-            heapq.heappop(self.waiters)
-        if self.free > 0 and not self.waiters:
-            self.free -= 1
-            return
-        future = asyncio.get_running_loop().create_future()
-        heapq.heappush(self.waiters, (priority, next(self.arrivals), future))
-        try:
-            await future
-        except BaseException:
-            if future.done() and not future.cancelled():          # handed a slot as it was cancelled
-                self.release()
-            raise
-
-    def release(self) -> None:
-        while self.waiters:
-            _, _, future = heapq.heappop(self.waiters)
-            if not future.done():
-                future.set_result(None)                            # the slot passes straight to it
-                return
-        self.free += 1
-
-
-class Deadline:
-    """When a request must have finished, on the event loop's clock."""
-
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-        self.at = asyncio.get_running_loop().time() + timeout
-
-    def left(self) -> float:
-        return self.at - asyncio.get_running_loop().time()
-
-    def expired(self, metrics: Metrics, where: str) -> APIError:
-        metrics.timed_out.inc()
-        return APIError(408, f"the request did not finish within its timeout of {self.timeout:g} s "
-                             f"({where}); it was cancelled", "timeout", "timeout")
-
-
 class Ticket:
     """One admitted request's place in the count; release() is idempotent. `overflow`: the name
     of the model that took the request because the one it named was full."""
@@ -221,6 +172,11 @@ class Ticket:
         self.service = service
         self.held = True
         self.overflow: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The answer's extra headers: an overflow names the model that took it."""
+        return {OVERFLOW_HEADER: self.overflow} if self.overflow else {}
 
     def release(self) -> None:
         if self.held:
