@@ -113,6 +113,10 @@ def test_queued_high_priority_is_served_before_an_earlier_low_priority(one_slot)
     metrics = httpx.get(one_slot.url + "/metrics").text
     assert 'quantserve:admission_wait_seconds_count{model_name="tiny",priority="-1"} 1.0' in metrics
     assert 'quantserve:request_queue_time_seconds_count{model_name="tiny",priority="5"} 1.0' in metrics
+    chat(client, 1, priority=12345)
+    chat(client, 1, priority=99)            # far priorities share one series
+    metrics = httpx.get(one_slot.url + "/metrics").text
+    assert 'quantserve:admission_wait_seconds_count{model_name="tiny",priority=">=10"} 2.0' in metrics
 
 
 def test_timeout_while_generating_is_408_and_frees_the_blocks(one_slot):

@@ -111,10 +111,15 @@ class Metrics:
     def queued(self, priority: int, seconds: float) -> None:
         """Engine queue time, in vLLM's histogram and in the one by priority."""
         self.queue.observe(seconds)
-        self.hub.queue_by_priority.labels(self.model_name, str(priority)).observe(seconds)
+        self.hub.queue_by_priority.labels(self.model_name, priority_label(priority)).observe(seconds)
 
     def admission_wait(self, priority: int, seconds: float) -> None:
-        self.hub.admission_wait.labels(self.model_name, str(priority)).observe(seconds)
+        self.hub.admission_wait.labels(self.model_name, priority_label(priority)).observe(seconds)
 
     def overflowed(self, to_model: str) -> None:
         self.hub.overflowed.labels(self.model_name, to_model).inc()
+
+
+def priority_label(priority: int) -> str:
+    """Clients choose priorities: beyond +-10 they share a series, so the label set stays small."""
+    return "<=-10" if priority <= -10 else ">=10" if priority >= 10 else str(priority)
