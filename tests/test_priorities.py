@@ -63,6 +63,55 @@ def test_equal_priorities_preempt_the_latest_arrival(tiny_llama):
 
 # ---- the server ------------------------------------------------------------------------------
 
+def test_slots_pass_on_past_cancelled_waiters_and_lose_none():
+    import asyncio
+
+    from quantserve.serve.admission import Slots
+
+    async def scenario():
+        slots, got = Slots(1), []
+        await slots.acquire(0)
+
+        async def wait(name, priority):
+            await slots.acquire(priority)
+            got.append(name)
+
+        tasks = {name: asyncio.create_task(wait(name, p)) for name, p in (("low", 5), ("gone", -3), ("high", 0))}
+        await asyncio.sleep(0)
+        tasks["gone"].cancel()                     # the best waiter gives up
+        await asyncio.sleep(0)
+        slots.release()
+        await asyncio.sleep(0)
+        assert got == ["high"]
+        slots.release()
+        await asyncio.sleep(0)
+        assert got == ["high", "low"]
+        slots.release()
+        return slots.free, slots.waiters
+
+    assert asyncio.run(scenario()) == (1, [])
+
+    async def handed_then_cancelled():
+        slots, got = Slots(1), []
+        await slots.acquire(0)
+
+        async def wait(name):
+            await slots.acquire(0)
+            got.append(name)
+
+        first, second = asyncio.create_task(wait("first")), asyncio.create_task(wait("second"))
+        await asyncio.sleep(0)
+        slots.release()                            # the slot is handed to "first"...
+        first.cancel()                             # ...which is cancelled before it runs: it passes it on
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert got == ["second"] and first.cancelled() and second.done()
+        slots.release()
+        return slots.free
+
+    assert asyncio.run(handed_then_cancelled()) == 1
+
+
 def wait_until(condition, timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
     while not condition():
@@ -177,7 +226,8 @@ def test_timeout_while_queued_is_408(one_slot):
         assert not busy.done()
         busy.result()
     assert e.value.status_code == 408 and "queued" in e.value.body["message"]
-    assert not one_slot.state.service.slots.waiters and one_slot.state.service.active == 0
+    slots = one_slot.state.service.slots
+    assert not slots.waiters and slots.free == 1 and one_slot.state.service.active == 0    # no slot lost
 
 
 def test_request_timeout_applies_by_default(tiny_server_model):
