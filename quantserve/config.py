@@ -285,8 +285,8 @@ class Limits:
     rate_limit: int | None = field(default=None, metadata=flag(
         "requests per minute per API key (or client address)", type=int))
     request_timeout: float | None = field(default=None, metadata=flag(
-        "seconds a request may take, queued or running, unless it sets `timeout`; past it a 408 "
-        "(default: none)", type=float))
+        "seconds a chat, completions, Responses or Messages request may take, queued or generating, unless "
+        "it sets `timeout`; past it a 408 and its generation is aborted (default: none)", type=float))
 
     def __post_init__(self) -> None:
         for name in ("max_n", "max_body_bytes", "max_concurrent_requests"):
