@@ -1,6 +1,6 @@
 """Batch-1 decode rate with and without n-gram speculative decoding (`--speculative ngram`).
 
-    python benchmarks/bench_speculative.py            # default model, about 2 minutes on 2 cores
+    python benchmarks/bench_speculative.py            # default model, 9 minutes on 2 busy cores
 
 Two greedy chat workloads on the default model: a code edit (a ~60-line Python function, asked
 to rename a variable and add a docstring, so the answer copies most of its input) and a
@@ -106,9 +106,9 @@ WORKLOADS = {
 }
 
 
-def decode_run(engine: Engine, prompt: list[int], new: int) -> tuple[float, list[int]]:
-    """(decode tokens/s after the first token, the output)."""
-    request = engine.add_request("bench", prompt, SamplingParams(max_new_tokens=new))
+def decode_run(engine: Engine, prompt: list[int], new: int, eos: tuple[int, ...]) -> tuple[float, list[int]]:
+    """(decode tokens/s after the first token, the output: greedy, to EOS or `new` tokens)."""
+    request = engine.add_request("bench", prompt, SamplingParams(max_new_tokens=new, eos_token_ids=eos))
     while not request.output_token_ids:
         engine.step()
     start = time.perf_counter()
@@ -117,13 +117,13 @@ def decode_run(engine: Engine, prompt: list[int], new: int) -> tuple[float, list
     return (len(request.output_token_ids) - 1) / (time.perf_counter() - start), request.output_token_ids
 
 
-def measure(model_dir: Path, prompts: dict, **spec) -> dict:
+def measure(model_dir: Path, prompts: dict, eos: tuple[int, ...], **spec) -> dict:
     engine = Engine(model_dir, EngineConfig(session_len=2048, **spec), progress=False)
-    decode_run(engine, prompts["summary"][0][:64], 8)                      # warm-up
+    decode_run(engine, prompts["summary"][0][:64], 8, eos)                      # warm-up
     out = {}
     for name, (prompt, new) in prompts.items():
         before = engine.stats()
-        runs = [decode_run(engine, prompt, new) for _ in range(REPEATS)]
+        runs = [decode_run(engine, prompt, new, eos) for _ in range(REPEATS)]
         after = engine.stats()
         drafted = after.spec_num_draft_tokens - before.spec_num_draft_tokens
         accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
@@ -139,10 +139,12 @@ def main() -> None:
 
     model_dir = resolve_model(None)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = {name: (tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True),
-                      new) for name, (text, new) in WORKLOADS.items()}
-    plain = measure(model_dir, prompts)
-    spec = measure(model_dir, prompts, speculative="ngram", num_speculative_tokens=4)
+    chat = lambda text: tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,  # noqa: E731
+                                                tokenize=False)
+    prompts = {name: (tok.encode(chat(text), add_special_tokens=False), new) for name, (text, new) in WORKLOADS.items()}
+    eos = (tok.eos_token_id,)
+    plain = measure(model_dir, prompts, eos)
+    spec = measure(model_dir, prompts, eos, speculative="ngram", num_speculative_tokens=4)
     rows = []
     for name in WORKLOADS:
         p, s = plain[name], spec[name]

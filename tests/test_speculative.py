@@ -10,23 +10,11 @@ from quantserve.config import EngineConfig, SamplingParams
 from quantserve.engine.engine import Engine
 from quantserve.engine.request import Request
 from quantserve.engine.speculative import lookup, verify
+from test_engine import make_engine, run
 
 # prompts that repeat themselves, so a random model's continuations loop and drafts get accepted
 PROMPTS = [list(range(5, 40)) * 3, [7, 8, 9, 10] * 10, list(range(100, 130)) + list(range(100, 120)), [3],
            [50, 51, 52, 53, 54, 60, 61, 50, 51, 52, 53, 54, 60, 61, 50, 51]]
-
-
-def make_engine(model_dir, **kw) -> Engine:
-    cfg = dict(dtype="float32", cache_block_seq_len=16, session_len=256, max_batch_size=8)
-    return Engine(model_dir, EngineConfig(**{**cfg, **kw}), progress=False)
-
-
-def run(engine: Engine, prompts, params) -> list[list[int]]:
-    requests = [engine.add_request(f"r{i}", p, params[i] if isinstance(params, list) else params)
-                for i, p in enumerate(prompts)]
-    while engine.has_work:
-        engine.step()
-    return [r.output_token_ids for r in requests]
 
 
 @pytest.fixture(scope="module")
