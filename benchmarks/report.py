@@ -344,7 +344,8 @@ repeated on a quiet machine). The code edit keeps 85% of its drafted tokens (3.4
 so 4.4 tokens a step) yet gains only 1.49x, just under the 1.5x target: a verify step runs the
 last token and up to 4 drafted ones as one chunk through the layer-by-layer path (the fused
 one-call decode step takes single tokens only) and costs about three plain decode steps here.
-Making that chunk cheaper (a fused multi-token step) is what would lift the code edit further.
+Making that chunk cheaper (a fused multi-token step) is what would lift the code edit further; on
+a quiet machine, where a plain step's fixed costs weigh less, the gain may well be smaller than here.
 """
 
 WS_SESSION = """## WebSocket sessions: time to first token per turn (`benchmarks/bench_ws_session.py`)
