@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
-from pydantic_core import from_json
 
 from quantserve.serve.errors import APIError, validation_message
 from quantserve.serve.openai_app import client_key
@@ -280,7 +279,7 @@ class Session:
 def parse_message(message: dict) -> dict:
     raw = message.get("text") if message.get("text") is not None else message.get("bytes") or b""
     try:
-        event = from_json(raw)
+        event = json.loads(raw)
     except ValueError as e:
         raise APIError(400, f"a message must be a JSON object: {e}", None, "invalid_value") from None
     if not isinstance(event, dict):
