@@ -352,7 +352,11 @@ class ServerConfig:
         "also serve the gRPC API (quantserve.proto: Generate, Embed, Models; grpc.health.v1) on this port, "
         "plaintext, same models and keys (default: no gRPC)", type=int))
     grpc_host: str = "0.0.0.0"
+    step_timeout: float | None = field(default=None, metadata=flag(
+        "restart a model's engine when one of its steps runs longer than this; its requests get a 503 "
+        "(default: off; an engine whose worker dies is restarted regardless)", type=float, metavar="SECONDS"))
 
     def __post_init__(self) -> None:
         _check(self.default_max_tokens > 0, f"default_max_tokens must be > 0, got {self.default_max_tokens}")
         _check(self.max_stored_responses > 0, f"max_stored_responses must be > 0, got {self.max_stored_responses}")
+        _check(self.step_timeout is None or self.step_timeout > 0, f"step_timeout must be > 0, got {self.step_timeout}")

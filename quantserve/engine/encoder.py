@@ -119,6 +119,8 @@ def cross_encoder_scores(logits: torch.Tensor) -> torch.Tensor:
 
 
 class AsyncEncoder:
+    step_started: float | None = None       # AsyncEngine's interface: an encoder's batches are not watched
+
     def __init__(self, encoder: Encoder):
         self.engine = encoder
         self.requests: queue.Queue = queue.Queue()
@@ -141,6 +143,10 @@ class AsyncEncoder:
     async def generate(self, *args, **kwargs):
         raise RequestError("this model only embeds and scores: use /v1/embeddings, /v1/rerank or /v1/score")
         yield  # pragma: no cover  (makes this an async generator, as AsyncEngine.generate)
+
+    @property
+    def alive(self) -> bool:
+        return self.worker.is_alive()
 
     def unpin(self, owner: str) -> None:
         """Nothing to release: an encoder keeps no KV blocks (AsyncEngine's interface)."""

@@ -70,6 +70,8 @@ class ServerMetrics:
                                 registry=r)
         self.aborted = Counter("quantserve:requests_aborted", "Requests aborted (client gone or cancelled)", labels,
                                registry=r)
+        self.engine_restarts = Counter("quantserve:engine_restarts", "Engines restarted after their worker died "
+                                       "or a step hung", labels, registry=r)
 
     def for_model(self, model_name: str, stats: Callable) -> Metrics:
         """The model's view; its engine gauges are read from `stats` (a reload replaces it)."""
@@ -96,3 +98,6 @@ class Metrics:
 
     def rejected(self, reason: str) -> None:
         self.hub.rejected.labels(self.model_name, reason).inc()
+
+    def restarted(self) -> None:
+        self.hub.engine_restarts.labels(self.model_name).inc()

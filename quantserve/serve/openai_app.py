@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server (FastAPI), with Anthropic's Messages API beside it (anthropic_api.py).
 
 Routes parse a body (protocol.py), plan it (plan.py), run it (service.py) and shape the answer
-(responses.py). /health is 503 until the model is loaded and whenever the engine thread is gone.
+(responses.py). /health is 503 until the model is loaded, whenever an engine is dead and while the
+registry's watchdog restarts it.
 """
 from __future__ import annotations
 
@@ -67,13 +68,13 @@ def build_app(state: ServerState, ui=None) -> FastAPI:
     """The API; with `ui` (a Gradio Blocks) the chat page is served at `/` next to it."""
     cfg = state.config
     docs = {} if not cfg.disable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    lifespan = None
+    grpc = None
     if cfg.grpc_port is not None:         # started and stopped with the app, so it shares uvicorn's event loop
         from quantserve.serve.grpc_service import grpc_lifespan
 
-        lifespan = grpc_lifespan(state)
+        grpc = grpc_lifespan(state)
     app = FastAPI(title="quantserve", description="OpenAI-compatible API for quantized LLMs", version="0.1.0",
-                  lifespan=lifespan, **docs)
+                  lifespan=state.models.lifespan(cfg.step_timeout, grpc), **docs)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=cfg.limits.max_body_bytes, timeout=cfg.connections.timeout_request_read)
     app.add_middleware(APIKeyAuth, api_keys=cfg.api_keys, admin_keys=cfg.admin_api_keys)

@@ -4,6 +4,11 @@ A request looks its model up once and keeps that Service to the end. Swapping a 
 Service (hot reload) or dropping the name (unload) therefore never touches a request already
 admitted: the old Service drains (its count of admitted requests reaches zero) before its
 engine stops. New requests see the new Service, or a 404 once the name is gone.
+
+A watchdog (the app's lifespan runs it) restarts a model whose engine died, or whose step ran past
+--step-timeout (that engine is abandoned: see AsyncEngine.abandon), with the same path and
+settings; the requests the engine held have already failed with a 503 that says so, and the
+model is 503 until the new engine serves.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from quantserve.serve.errors import APIError
@@ -30,6 +36,8 @@ class ModelSlot:
     service: Service | None = None     # None while loading, or after a failed start-up load
     card: dict = field(default_factory=dict)
     error: str | None = None
+    overrides: dict = field(default_factory=dict)     # engine settings it was loaded with (restarts reuse them)
+    restarting: bool = False
 
 
 class ModelRegistry:
@@ -38,6 +46,7 @@ class ModelRegistry:
         self.slots: dict[str, ModelSlot] = {}
         self.busy: set[str] = set()          # names with a load, unload or reload under way
         self.drain_timeout = drain_timeout
+        self.restarts: set[asyncio.Task] = set()      # restarts under way (a reference keeps each alive)
 
     # ---- lookup --------------------------------------------------------------------------------
 
@@ -55,10 +64,14 @@ class ModelRegistry:
                 raise APIError(503, "no model is loaded", None, "not_ready")
             raise APIError(404, f"the model '{name}' does not exist; this server serves {served}",
                            "model", "model_not_found")
+        if slot.restarting:
+            raise APIError(503, f"the engine of '{slot.name}' failed and is restarting; retry shortly", None,
+                           "engine_restarting")
         if slot.service is None:
             raise APIError(503, slot.error or f"the model '{slot.name}' is still loading", None, "not_ready")
-        if not slot.service.engine.worker.is_alive():
-            raise APIError(503, f"the engine of '{slot.name}' has stopped", None, "engine_dead")
+        if not slot.service.engine.alive:
+            restart = "; it is being restarted" if self.loader is not None else ""
+            raise APIError(503, f"the engine of '{slot.name}' has stopped{restart}", None, "engine_dead")
         return slot.service
 
     def cards(self) -> list[dict]:
@@ -95,7 +108,7 @@ class ModelRegistry:
         self._claim(name, must_exist=False)
         try:
             service, card = await asyncio.to_thread(self._load, name, path, overrides)
-            self.slots[name] = ModelSlot(name, path, service, card)
+            self.slots[name] = ModelSlot(name, path, service, card, overrides=overrides)
             return card
         finally:
             self.busy.discard(name)
@@ -119,7 +132,7 @@ class ModelRegistry:
             path = path or slot.path
             service, card = await asyncio.to_thread(self._load, name, path, overrides)
             old = slot.service
-            slot.service, slot.card, slot.path, slot.error = service, card, path, None
+            slot.service, slot.card, slot.path, slot.error, slot.overrides = service, card, path, None, overrides
             if old is not None:
                 await self._retire(old)
             return card
@@ -158,3 +171,51 @@ class ModelRegistry:
         await asyncio.to_thread(service.engine.shutdown)
         if service.metrics.model_name not in self.slots:          # unloaded, not replaced
             service.metrics.hub.forget_engine(service.metrics.model_name)
+
+    # ---- self-healing --------------------------------------------------------------------------
+
+    def lifespan(self, step_timeout: float | None, inner=None):
+        """An app lifespan: the watchdog runs from start-up to shutdown, around `inner` (another one)."""
+        @asynccontextmanager
+        async def run(app):
+            watchdog = asyncio.create_task(self.watch(step_timeout))
+            try:
+                async with inner(app) if inner is not None else nullcontext():
+                    yield
+            finally:
+                watchdog.cancel()
+        return run
+
+    async def watch(self, step_timeout: float | None, interval: float = 0.25) -> None:
+        """Restart every model whose engine has died; abandon first one whose step hangs."""
+        while True:
+            await asyncio.sleep(interval)
+            for slot in list(self.slots.values()):
+                if slot.service is None or slot.name in self.busy or self.loader is None:
+                    continue
+                engine = slot.service.engine
+                started = engine.step_started
+                if step_timeout and started is not None and time.monotonic() - started > step_timeout:
+                    engine.abandon(f"an engine step ran longer than the step timeout ({step_timeout:g} s)")
+                if not engine.alive:
+                    slot.restarting = True          # 503 from now, and no second restart
+                    self.busy.add(slot.name)
+                    task = asyncio.create_task(self._restart(slot))
+                    self.restarts.add(task)
+                    task.add_done_callback(self.restarts.discard)
+
+    async def _restart(self, slot: ModelSlot) -> None:
+        """Load the model again as it was loaded; the old engine is dropped, not shut down: its
+        worker is gone, or stuck in a step it will leave only when that step returns."""
+        old = slot.service
+        logger.error("the engine of '%s' failed (%s); restarting it", slot.name, old.engine.failure)
+        old.metrics.restarted()
+        try:
+            slot.service, slot.card = await asyncio.to_thread(self.loader, slot.name, slot.path, slot.overrides)
+            slot.error = None
+        except Exception as e:              # the model stays 503 with the reason
+            slot.service, slot.error = None, f"restarting the model '{slot.name}' failed: {e}"
+            logger.error("%s", slot.error)
+        finally:
+            slot.restarting = False
+            self.busy.discard(slot.name)
