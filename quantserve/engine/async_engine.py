@@ -125,6 +125,8 @@ class AsyncEngine:
         self.running = False
         self.commands.put(("wake",))
         self.worker.join(timeout=10)
+        if not self.worker.is_alive():      # a request sent from now on fails rather than wait for nobody
+            self._die("the engine was shut down")
 
     # ---- worker thread ---------------------------------------------------------------------
 

@@ -45,11 +45,12 @@ class ServerState:
 
     def __init__(self, config: ServerConfig, models: ModelRegistry | None = None):
         self.config = config
-        self.models = models or ModelRegistry()
+        self.models = models or ModelRegistry(keep_alive=config.keep_alive)
         self.metrics = ServerMetrics()
 
-    def ready(self, model: str | None = None) -> Service:
-        return self.models.get(model)
+    async def ready(self, model: str | None = None, keep_alive: float | None = None) -> Service:
+        """The model's Service, loaded again first if it was unloaded for idleness."""
+        return await self.models.acquire(model, keep_alive)
 
     @property
     def service(self) -> Service:
@@ -57,11 +58,12 @@ class ServerState:
         return self.models.get()
 
     def check_health(self) -> None:
-        """503 unless every model is loaded and its engine alive."""
+        """503 unless every model is loaded (or unloaded for idleness) and its engine alive."""
         if not self.models.slots:
             self.models.get()
-        for name in list(self.models.slots):
-            self.models.get(name)
+        for name, slot in list(self.models.slots.items()):
+            if not slot.unloaded:
+                self.models.get(name)
 
 
 def build_app(state: ServerState, ui=None) -> FastAPI:
@@ -122,7 +124,7 @@ def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True
     @app.get("/info", responses=ERRORS)
     async def info(model: str | None = None):
         """A served model's precision, capacity and memory table (shown by the web UI)."""
-        service = state.ready(model)
+        service = await state.ready(model)
         name = model or state.models.default
         return {"model": name, "path": state.models.slots[name].card.get("root"), **service.engine.engine.describe()}
 
@@ -133,7 +135,7 @@ def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True
 
     @app.post("/v1/tokenize", response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize(body: TokenizeRequest):
-        service = state.ready(body.model)
+        service = await state.ready(body.model)
         model = service.model
         if body.messages is not None:
             ids = await asyncio.to_thread(encode_chat, body.messages, model, [], True, body.chat_template_kwargs)
@@ -144,7 +146,7 @@ def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True
 
     @app.post("/v1/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
     async def detokenize(body: DetokenizeRequest):
-        service = state.ready(body.model)
+        service = await state.ready(body.model)
         vocab = service.model.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", "tokens", "invalid_value")
@@ -162,13 +164,13 @@ def client_key(state: ServerState, conn: Request | WebSocket) -> str:
 def add_generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **SSE})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        service = state.ready(body.model)
+        service = await state.ready(body.model, body.keep_alive)
         service.check_rate(client_key(state, request))
         return await respond(service, request, body, chat=True)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, **SSE})
     async def completions(body: CompletionRequest, request: Request):
-        service = state.ready(body.model)
+        service = await state.ready(body.model, body.keep_alive)
         service.check_rate(client_key(state, request))
         return await respond(service, request, body, chat=False)
 
@@ -352,7 +354,7 @@ def add_websocket_route(app: FastAPI, state: ServerState) -> None:
             raw = message.get("text") if message.get("text") is not None else message.get("bytes") or b""
             try:
                 body = ChatCompletionRequest.model_validate_json(raw)
-                service = state.ready(body.model)
+                service = await state.ready(body.model, body.keep_alive)
                 service.check_rate(client_key(state, ws))
                 ticket = service.reserve()
             except ValidationError as e:
