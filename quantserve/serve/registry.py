@@ -265,10 +265,11 @@ class ModelRegistry:
     # ---- keep-alive ----------------------------------------------------------------------------
 
     def _idle(self, slot: ModelSlot) -> bool:
-        """Idle past its keep-alive; a model with requests admitted or in its engine is in use now."""
+        """Idle past its keep-alive; a model with requests admitted or in its engine, or KV blocks
+        pinned by an open session (which also holds its Service), is in use now."""
         service, now = slot.service, time.monotonic()
         stats = service.engine.stats()
-        if service.active or stats.num_running or stats.num_waiting:
+        if service.active or stats.num_running or stats.num_waiting or stats.num_pinned_blocks:
             slot.last_used = now
             return False
         return now - slot.last_used >= (self.keep_alive if slot.keep_alive is None else slot.keep_alive)
