@@ -104,3 +104,19 @@ def test_durations_and_the_flag():
     values = config_values(ns, ServerConfig)
     assert values["keep_alive"] == 300 and values["step_timeout"] == 30
     assert config_values(build_parser().parse_args(["serve", "api_server"]), ServerConfig)["keep_alive"] == float("inf")
+
+
+def test_an_open_session_keeps_its_model_loaded_until_it_closes(server):
+    from test_ws_session import session
+
+    with session(server) as s:
+        s.send(type="session.start", model="tiny")
+        assert s.recv()["type"] == "session.started"
+        text, done = s.turn("the quick brown fox " * 40, max_tokens=4, temperature=0)   # blocks to pin
+        assert done["type"] == "done", done
+        assert server.engine.stats().num_pinned_blocks > 0
+        worker = server.engine.worker
+        time.sleep(3)                        # the server's keep-alive is 1 s: its pinned KV keeps it in use
+        assert status(server) == "loaded" and worker.is_alive()
+    wait_status(server, "unloaded")          # closed: its blocks are unpinned, and the model goes idle
+    assert not worker.is_alive()
