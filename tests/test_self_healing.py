@@ -22,7 +22,7 @@ class WorkerKilled(BaseException):
 
 @pytest.fixture
 def server(tiny_server_model):
-    s = RunningServer(tiny_server_model, step_timeout=1.0)
+    s = RunningServer(tiny_server_model, step_timeout=2.0)
     yield s
     s.close()
 
@@ -141,7 +141,7 @@ def test_a_dead_worker_fails_its_requests_and_the_engine_restarts(server, monkey
 def test_a_hung_step_is_abandoned_and_the_engine_restarts(server, monkeypatch):
     before = complete(server.client())
     old = server.engine
-    armed = arm_fault(monkeypatch, server, lambda: time.sleep(4))      # past the 1 s step timeout
+    armed = arm_fault(monkeypatch, server, lambda: time.sleep(6))      # past the 2 s step timeout
     gate = gate_loader(server)
     outcomes = run_in_flight(server, armed)
     check_failed_and_healed(server, outcomes, gate, "step timeout", before)
