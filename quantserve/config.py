@@ -277,6 +277,7 @@ class SamplingParams:
     min_new_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
     logprobs: int | None = None                      # None: off; k: the sampled token's + top k
+    priority: int = 0                                # scheduling order: lower first (vLLM's priority)
     guide: object | None = field(default=None, compare=False)   # has start() -> a per-request Guide
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -304,12 +305,17 @@ class Limits:
         "requests waiting for a slot; past this a request gets 429 with Retry-After", type=int))
     rate_limit: int | None = field(default=None, metadata=flag(
         "requests per minute per API key (or client address)", type=int))
+    request_timeout: float | None = field(default=None, metadata=flag(
+        "seconds a chat, completions, Responses or Messages request may take, queued or generating, unless "
+        "it sets `timeout`; past it a 408 and its generation is aborted (default: none)", type=float))
 
     def __post_init__(self) -> None:
         for name in ("max_n", "max_body_bytes", "max_concurrent_requests"):
             _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         _check(self.max_queued_requests >= 0, f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         _check(self.rate_limit is None or self.rate_limit > 0, f"rate_limit must be > 0, got {self.rate_limit}")
+        _check(self.request_timeout is None or self.request_timeout > 0,
+               f"request_timeout must be > 0, got {self.request_timeout}")
 
 
 @dataclass(frozen=True)
@@ -373,6 +379,10 @@ class ServerConfig:
         "also serve the gRPC API (quantserve.proto: Generate, Embed, Models; grpc.health.v1) on this port, "
         "plaintext, same models and keys (default: no gRPC)", type=int))
     grpc_host: str = "0.0.0.0"
+    overflow_model: str | None = field(default=None, metadata=flag(
+        "when a model's queue is full, answer its chat, completions and Messages requests with this model "
+        "(served by the same server; the answer names it and carries x-quantserve-overflow); 429 only when "
+        "it is full too"))
     keep_alive: float = field(default=float("inf"), metadata=flag(   # seconds; inf: never
         "unload a model (weights and KV cache) after it has had no request for this long, and load it again on "
         "the next one: 5m, 30s, 1h; 0: right after each request; -1: never (the default). A request's "

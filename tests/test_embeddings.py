@@ -263,3 +263,21 @@ def test_pipeline_embed_for_an_encoder_and_a_decoder(minilm_dir, tiny_chat_model
     batched, alone = decoder.embed(texts, pooling="mean"), [decoder.embed(t, pooling="mean") for t in texts]
     assert np.allclose(batched, alone, atol=1e-5)
     assert np.allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+
+
+def test_dimensions_cut_a_matryoshka_model_and_normalize_again(minilm_dir, tmp_path):
+    path = tmp_path / "mrl"
+    shutil.copytree(minilm_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "matryoshka_dimensions": [128, 256, 384]}))
+    server = RunningServer(path, model_name="mrl")
+    try:
+        client = server.client()
+        full = np.array(client.embeddings.create(model="mrl", input="Paris is lovely.").data[0].embedding)
+        cut = np.array(client.embeddings.create(model="mrl", input="Paris is lovely.", dimensions=128).data[0].embedding)
+        assert cut.shape == (128,) and np.isclose(np.linalg.norm(cut), 1.0, atol=1e-5)
+        assert np.allclose(cut, full[:128] / np.linalg.norm(full[:128]), atol=1e-5)
+        with pytest.raises(openai.BadRequestError, match="one of"):
+            client.embeddings.create(model="mrl", input="x", dimensions=100)
+    finally:
+        server.close()

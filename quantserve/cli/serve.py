@@ -168,7 +168,7 @@ def is_url(text: str | None) -> bool:
 
 
 def run_api_server(ns, with_ui: bool = False) -> int:
-    from quantserve.config import ServerConfig
+    from quantserve.config import ConfigError, ServerConfig
     from quantserve.serve.server import run_server
 
     setup_logging(ns)
@@ -176,6 +176,9 @@ def run_api_server(ns, with_ui: bool = False) -> int:
     models = served_models(ns)
     ns.enable_prefix_caching = ns.enable_prefix_caching or not ns.disable_prefix_caching
     server = ServerConfig(models[0][0], limits=limits_from(ns), connections=connections_from(ns), **server_fields(ns))
+    if server.overflow_model is not None and server.overflow_model not in dict(models):
+        raise ConfigError(f"'{server.overflow_model}' is not one of the models served: "
+                          f"{', '.join(name for name, _ in models)}", field="overflow_model")
     run_server(models, engine_config(ns), server, ns.server_name, ns.server_port, ns.chat_template,
                ns.tool_call_parser, ns.log_level, ns.ssl, ns.ssl_keyfile, ns.ssl_certfile, with_ui,
                getattr(ns, "proxy_url", None))

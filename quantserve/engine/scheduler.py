@@ -2,22 +2,29 @@
 
 Rule: every request carries `num_computed_tokens` and `num_tokens`; each step hands out a
 token budget (max_prefill_token_num) so that the first catches up with the second. Running
-requests are served first (decodes cost 1 token), then waiting ones join in arrival order.
-Prefill, chunked prefill and decode are all partial budgets of this one rule. When blocks run
-out, the most recently admitted running request is preempted: its blocks are freed and it
-waits to be recomputed from scratch. A request with a `pin_owner` leaves its full blocks pinned
+requests are served first (decodes cost 1 token), then waiting ones join; both in order of
+(priority, arrival): lower priority values first, as vLLM, then first come. Prefill, chunked
+prefill and decode are all partial budgets of this one rule. When blocks run out, the running
+request last in that order (the lowest priority, latest arrived) is preempted: its blocks are
+freed and it waits to be recomputed from scratch; a request never loses its blocks to one of
+lower priority. A request with a `pin_owner` leaves its full blocks pinned
 for that owner when it finishes (block_manager.py), before its own references go.
 
 Data flow: schedule() -> SchedulerOutput -> ModelRunner -> sampled token ids -> update().
 """
 from __future__ import annotations
 
+import bisect
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from quantserve.engine.block_manager import BlockManager
 from quantserve.engine.request import FinishReason, Request, Status
+
+
+def order(request: Request) -> tuple[int, int]:
+    """Who goes first: the lower priority value, then the earlier arrival."""
+    return request.params.priority, request.arrival
 
 
 @dataclass
@@ -47,7 +54,7 @@ class Scheduler:
         self.blocks = block_manager
         self.max_batch_size = max_batch_size
         self.token_budget = token_budget
-        self.waiting: deque[Request] = deque()
+        self.waiting: list[Request] = []            # kept in order(): the next to admit first
         self.running: list[Request] = []
 
     @property
@@ -55,13 +62,13 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        bisect.insort(self.waiting, request, key=order)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.token_budget
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
-        for request in list(self.running):
+        for request in sorted(self.running, key=order):
             if request not in self.running:       # preempted while making room
                 continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -75,10 +82,11 @@ class Scheduler:
         return SchedulerOutput(scheduled, preempted)
 
     def _make_room(self, request: Request, n: int, preempted: list[Request]) -> bool:
-        """Allocate blocks for n more tokens, preempting later arrivals if needed."""
+        """Allocate blocks for n more tokens, preempting the last in order() if needed (the
+        request itself when every other running one comes before it)."""
         target = request.num_computed_tokens + n
         while not self.blocks.can_allocate(request, target):
-            victim = self.running[-1]
+            victim = max(self.running, key=order)
             self._preempt(victim)
             preempted.append(victim)
             if victim is request:
@@ -92,7 +100,7 @@ class Scheduler:
             if not self._admit(request, budget):
                 break
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            self.waiting.popleft()
+            self.waiting.pop(0)
             request.status = Status.RUNNING
             self.running.append(request)
             if request.first_scheduled_time is None:
@@ -122,7 +130,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.status = Status.WAITING
         request.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self.add(request)          # its early arrival puts it ahead of later ones of its priority
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance counters, append sampled tokens; return the requests that changed."""

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 
 from quantserve.serve.anthropic_protocol import (AnthropicErrorResponse, CountTokensRequest, MessageResponse,
                                                  MessagesRequest, TokenCount)
+from quantserve.serve.admission import admit
 from quantserve.serve.errors import APIError
 from quantserve.serve.openai_app import SSE, Chunker, ServerState, Wire, client_key, respond
 from quantserve.serve.plan import chat_prompt_ids, check_generates
@@ -32,9 +33,8 @@ Event = tuple[str, dict]         # (SSE event name, its data)
 def add_anthropic_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/messages", response_model=MessageResponse, responses={**ERRORS, **SSE})
     async def messages(body: MessagesRequest, request: Request):
-        service = await state.ready(body.model)
-        service.check_rate(client_key(state, request))
-        return await respond(service, request, body.chat(), chat=True, wire=WIRE)
+        service, ticket = await admit(state, body.model, client_key(state, request))
+        return await respond(service, ticket, request, body.chat(), chat=True, wire=WIRE)
 
     @app.post("/v1/messages/count_tokens", response_model=TokenCount, responses=ERRORS)
     async def count_tokens(body: CountTokensRequest):
@@ -130,7 +130,7 @@ class MessageBuilder:
 
 
 async def events(service: Service, chunks: Chunker, builder: MessageBuilder) -> AsyncIterator[Event]:
-    async with service.admitted():
+    async with chunks.admitted():
         async for d in chunks.deltas():
             for event in builder.add(d):
                 yield event

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from quantserve.serve.protocol import (ChatCompletionRequest, ChatMessage, FunctionCall, FunctionDef, NamedFunction,
-                                       NamedToolChoice, Strict, Tool, ToolCall)
+                                       NamedToolChoice, Scheduling, Strict, Tool, ToolCall)
 
 TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
 
@@ -163,7 +163,7 @@ class MessagesInput(Strict):
             chat_template_kwargs={"enable_thinking": self.thinking.type != "disabled"} if self.thinking else None)
 
 
-class MessagesRequest(MessagesInput):
+class MessagesRequest(MessagesInput, Scheduling):
     max_tokens: int = Field(ge=1)
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(None, ge=0, le=1)
@@ -182,7 +182,8 @@ class MessagesRequest(MessagesInput):
     def chat(self) -> ChatCompletionRequest:
         return self.chat_request(max_tokens=self.max_tokens, stop=self.stop_sequences, temperature=self.temperature,
                                  top_p=self.top_p, top_k=self.top_k, stream=self.stream,
-                                 user=self.metadata and self.metadata.user_id)
+                                 user=self.metadata and self.metadata.user_id, priority=self.priority,
+                                 timeout=self.timeout)
 
 
 class CountTokensRequest(MessagesInput):

@@ -17,7 +17,7 @@ from starlette.routing import Match
 logger = logging.getLogger("quantserve.serve")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error",
                500: "internal_error", 503: "service_unavailable"}
 ANTHROPIC_PATHS = "/v1/messages"        # this prefix answers in Anthropic's shape
 ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

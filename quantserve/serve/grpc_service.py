@@ -98,7 +98,7 @@ class QuantserveServicer:
             try:
                 chunks = await plan_chunks(service, body, chat, "generate-")
                 # a cancelled call raises CancelledError here, which aborts the engine request
-                async with service.admitted(), aclosing(chunks.deltas()) as deltas:
+                async with chunks.admitted(), aclosing(chunks.deltas()) as deltas:
                     async for d in deltas:
                         await context.write(self.response(d, chunks.usage))
             finally:

@@ -62,6 +62,13 @@ class ServerMetrics:
         self.tpot = hist("vllm:time_per_output_token_seconds", "Time per output token (vLLM's older name)")
         self.e2e = hist("vllm:e2e_request_latency_seconds", "End-to-end request latency")
         self.queue = hist("vllm:request_queue_time_seconds", "Time from arrival to first schedule")
+        by_priority = labels + ["priority"]
+        self.queue_by_priority = Histogram("quantserve:request_queue_time_seconds",
+                                           "Time from arrival in the engine to first schedule, by priority",
+                                           by_priority, buckets=LATENCY_BUCKETS, registry=r)
+        self.admission_wait = Histogram("quantserve:admission_wait_seconds",
+                                        "Time waiting for a generation slot (the server's queue), by priority",
+                                        by_priority, buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed", labels, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", labels, registry=r)
         self.success = Counter("vllm:request_success", "Finished requests by reason", labels + ["finished_reason"],
@@ -72,6 +79,10 @@ class ServerMetrics:
                                registry=r)
         self.engine_restarts = Counter("quantserve:engine_restarts", "Engines restarted after their worker died "
                                        "or a step hung", labels, registry=r)
+        self.timed_out = Counter("quantserve:requests_timed_out", "Requests past their deadline (408)", labels,
+                                 registry=r)
+        self.overflowed = Counter("quantserve:requests_overflowed", "Requests answered by the --overflow-model "
+                                  "because this model's queue was full", labels + ["overflow_model"], registry=r)
 
     def for_model(self, model_name: str, stats: Callable) -> Metrics:
         """The model's view; its engine gauges are read from `stats` (a reload replaces it)."""
@@ -90,7 +101,7 @@ class Metrics:
 
     def __init__(self, hub: ServerMetrics, model_name: str):
         self.hub, self.model_name = hub, model_name
-        for name in ("ttft", "itl", "tpot", "e2e", "queue", "prompt_tokens", "generation_tokens", "aborted"):
+        for name in ("ttft", "itl", "tpot", "e2e", "queue", "prompt_tokens", "generation_tokens", "aborted", "timed_out"):
             setattr(self, name, getattr(hub, name).labels(model_name))
 
     def success(self, reason: str) -> None:
@@ -101,3 +112,19 @@ class Metrics:
 
     def restarted(self) -> None:
         self.hub.engine_restarts.labels(self.model_name).inc()
+
+    def queued(self, priority: int, seconds: float) -> None:
+        """Engine queue time, in vLLM's histogram and in the one by priority."""
+        self.queue.observe(seconds)
+        self.hub.queue_by_priority.labels(self.model_name, priority_label(priority)).observe(seconds)
+
+    def admission_wait(self, priority: int, seconds: float) -> None:
+        self.hub.admission_wait.labels(self.model_name, priority_label(priority)).observe(seconds)
+
+    def overflowed(self, to_model: str) -> None:
+        self.hub.overflowed.labels(self.model_name, to_model).inc()
+
+
+def priority_label(priority: int) -> str:
+    """Clients choose priorities: beyond +-10 they share a series, so the label set stays small."""
+    return "<=-10" if priority <= -10 else ">=10" if priority >= 10 else str(priority)

@@ -1,8 +1,7 @@
 """The OpenAI-compatible HTTP server (FastAPI), with Anthropic's Messages API beside it (anthropic_api.py).
 
 Routes parse a body (protocol.py), plan it (plan.py), run it (service.py) and shape the answer
-(responses.py). /health is 503 until the model is loaded, whenever an engine is dead and while the
-registry's watchdog restarts it.
+(responses.py). /health is 503 until the model is loaded, and while an engine is dead or restarting.
 """
 from __future__ import annotations
 
@@ -20,6 +19,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from pydantic import ValidationError
 
 from quantserve.config import ServerConfig
+from quantserve.serve.admission import admit, until
 from quantserve.serve.embeddings import add_embedding_routes
 from quantserve.serve.errors import APIError, error_body, install_error_handlers, validation_message
 from quantserve.serve.metrics import ServerMetrics
@@ -32,7 +32,7 @@ from quantserve.serve.protocol import (ChatCompletionRequest, ChatCompletionResp
                                        ModelList, TokenizeRequest, TokenizeResponse)
 from quantserve.serve.responses import (ChoiceResult, UsageCounter, chat_chunk, chat_response, completion_chunk,
                                         completion_response)
-from quantserve.serve.service import ChoiceDelta, Service
+from quantserve.serve.service import ChoiceDelta, Service, Ticket
 
 logger = logging.getLogger("quantserve.serve")
 
@@ -49,7 +49,6 @@ class ServerState:
         self.metrics = ServerMetrics()
 
     async def ready(self, model: str | None = None, keep_alive: float | None = None) -> Service:
-        """The model's Service, loaded again first if it was unloaded for idleness."""
         return await self.models.acquire(model, keep_alive)
 
     @property
@@ -59,11 +58,7 @@ class ServerState:
 
     def check_health(self) -> None:
         """503 unless every model is loaded (or unloaded for idleness) and its engine alive."""
-        if not self.models.slots:
-            self.models.get()
-        for name, slot in list(self.models.slots.items()):
-            if not slot.unloaded:
-                self.models.get(name)
+        self.models.check()
 
 
 def build_app(state: ServerState, ui=None) -> FastAPI:
@@ -164,15 +159,13 @@ def client_key(state: ServerState, conn: Request | WebSocket) -> str:
 def add_generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **SSE})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        service = await state.ready(body.model, body.keep_alive)
-        service.check_rate(client_key(state, request))
-        return await respond(service, request, body, chat=True)
+        service, ticket = await admit(state, body.model, client_key(state, request), body.keep_alive)
+        return await respond(service, ticket, request, body, chat=True)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, **SSE})
     async def completions(body: CompletionRequest, request: Request):
-        service = await state.ready(body.model, body.keep_alive)
-        service.check_rate(client_key(state, request))
-        return await respond(service, request, body, chat=False)
+        service, ticket = await admit(state, body.model, client_key(state, request), body.keep_alive)
+        return await respond(service, ticket, request, body, chat=False)
 
 
 @dataclass(frozen=True)
@@ -183,17 +176,18 @@ class Wire:
     whole: Callable[[Service, Chunker], Awaitable[dict]]
 
 
-async def respond(service: Service, request: Request, body, chat: bool, wire: Wire | None = None) -> Response:
-    """Plan, then stream (SSE) or collect, in OpenAI's shapes unless `wire` says otherwise; the
-    admission ticket is released however this ends."""
-    ticket, streaming = service.reserve(), None
-    wire = wire or Wire("chatcmpl-" if chat else "cmpl-", sse, collect)
+async def respond(service: Service, ticket: Ticket, request: Request, body, chat: bool,
+                  wire: Wire | None = None) -> Response:
+    """Plan, then stream (SSE) or collect, in OpenAI's shapes unless `wire` says otherwise, under the
+    name of the model that took it (an overflow); the admission ticket is released however this ends."""
+    streaming, wire = None, wire or Wire("chatcmpl-" if chat else "cmpl-", sse, collect)
     try:
         chunks = await plan_chunks(service, body, chat, wire.id_prefix)
+        chunks.model = ticket.overflow or chunks.model
         if body.stream:
-            streaming = TicketStream(wire.stream(service, chunks), ticket)     # releases the ticket itself
+            streaming = TicketStream(wire.stream(service, chunks), ticket)    # releases the ticket itself
             return streaming
-        return await collect_unless_gone(wire.whole(service, chunks), request)
+        return await collect_unless_gone(wire.whole(service, chunks), request, ticket.headers)
     finally:
         if streaming is None:
             ticket.release()
@@ -215,7 +209,7 @@ class TicketStream(StreamingResponse):
 
     def __init__(self, content, ticket):
         super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ticket.headers})
         self.ticket = ticket
 
     async def __call__(self, scope, receive, send):
@@ -225,7 +219,7 @@ class TicketStream(StreamingResponse):
             self.ticket.release()
 
 
-async def collect_unless_gone(whole: Awaitable[dict], request: Request) -> Response:
+async def collect_unless_gone(whole: Awaitable[dict], request: Request, headers: dict | None = None) -> Response:
     """The whole answer; if the client disconnects first, stop generating (its KV is freed)."""
     task = asyncio.create_task(whole)
     while not task.done():
@@ -234,7 +228,7 @@ async def collect_unless_gone(whole: Awaitable[dict], request: Request) -> Respo
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             return Response(status_code=499)
-    return JSONResponse(task.result())
+    return JSONResponse(task.result(), headers=headers)
 
 
 class Chunker:
@@ -248,12 +242,16 @@ class Chunker:
         self.usage = UsageCounter(prompt=sum(len(p.prompt_ids) for p in plans))
         self.echo = {p.first_index + j: p.echo for p in plans for j in range(len(p.params)) if p.echo}
         self.offsets: dict[int, int] = {}       # choice -> characters sent so far (chunks' text_offset)
+        self.deadline = service.deadline(body.timeout)
+
+    def admitted(self):          # a generation slot, by the request's priority, within its deadline
+        return self.service.admitted(self.body.priority, self.deadline)
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         streams = [self.service.stream(p, f"{self.rid}-{k}") for k, p in enumerate(self.plans)]
         firsts = {p.first_index for p in self.plans}
         counted: set[int] = set()
-        async for d in merge(streams):
+        async for d in until(self.deadline, merge(streams), self.service.metrics):
             self.usage.add(d)
             if d.index in firsts and d.index not in counted:      # a prompt's cache hits, once
                 counted.add(d.index)
@@ -314,7 +312,7 @@ async def merge(streams: list[AsyncIterator]) -> AsyncIterator:
 
 async def collect(service: Service, chunks: Chunker) -> dict:
     results: dict[int, ChoiceResult] = {}
-    async with service.admitted():
+    async with chunks.admitted():
         async for d in chunks.deltas():
             results.setdefault(d.index, ChoiceResult()).add(d)
     if chunks.chat:
@@ -332,7 +330,7 @@ async def sse(service: Service, chunks: Chunker) -> AsyncIterator[str]:
 async def stream_chunks(service: Service, chunks: Chunker) -> AsyncIterator[dict]:
     """Chunks, then the usage chunk if asked; an error mid-stream becomes an error object."""
     try:
-        async with service.admitted():
+        async with chunks.admitted():
             async for d in chunks.deltas():
                 yield chunks.chunk(d)
         usage = chunks.usage_chunk()

@@ -257,7 +257,7 @@ def sampling_params(req: SamplingFields, model: ModelInfo, prompt_len: int, logp
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, ignore_eos=req.ignore_eos,
         min_new_tokens=req.min_new_tokens)
     extra = dict(logit_bias=tuple((int(k), v) for k, v in (req.logit_bias or {}).items()), logprobs=logprobs,
-                 guide=grammar)
+                 guide=grammar, priority=req.priority)
     seeds = [None] * req.n if req.seed is None else [(req.seed + i) % 2**64 for i in range(req.n)]
     eos = model.tokenizer.eos_token_ids
     return [generation.updated(random_seed=s).to_sampling_params(eos, **extra) for s in seeds]

@@ -126,7 +126,15 @@ class StructuredOutputs(Strict):
         return {kind: v for kind, v in values.items() if v is not None}
 
 
-class SamplingFields(Strict):
+class Scheduling(Strict):
+    """When a request runs (chat, completions, Responses, Messages): vLLM's priority (lower first)
+    and a deadline in seconds, queue time included (default: --request-timeout)."""
+
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
+    timeout: float | None = Field(None, gt=0)
+
+
+class SamplingFields(Scheduling):
     """Fields shared by chat and completions."""
 
     model: str

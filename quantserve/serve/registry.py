@@ -91,6 +91,13 @@ class ModelRegistry:
             raise APIError(503, f"the engine of '{slot.name}' has stopped", None, "engine_dead")
         return slot.service
 
+    def check(self) -> None:
+        """503 unless every model serves (one unloaded for idleness does: its next request loads it)."""
+        if not self.slots:
+            self.get()
+        for name in [n for n, slot in self.slots.items() if not slot.unloaded]:
+            self.get(name)
+
     async def acquire(self, name: str | None = None, keep_alive: float | None = None) -> Service:
         """get(), once the model is loaded again if it was unloaded for idleness (the request waits);
         the request sets the model's keep-alive (None: the server's) and counts as its use."""

@@ -132,7 +132,8 @@ def chat_request(body: ResponsesRequest, items: list[dict]) -> ChatCompletionReq
                                  temperature=body.temperature, top_p=body.top_p, stream=body.stream, user=body.user,
                                  tools=tools, tool_choice=choice, parallel_tool_calls=body.parallel_tool_calls,
                                  response_format=response_format(body), structured_outputs=body.structured_outputs,
-                                 chat_template_kwargs=thinking_switch(body))
+                                 chat_template_kwargs=thinking_switch(body), priority=body.priority,
+                                 timeout=body.timeout)
 
 
 def thinking_switch(body: ResponsesRequest) -> dict | None:
@@ -308,7 +309,7 @@ class ResponseRun:
         return body
 
     async def collect(self) -> dict:
-        async with self.service.admitted():
+        async with self.chunks.admitted():
             async for d in self.chunks.deltas():
                 self.turn.add(d)
         return self.finish()
@@ -325,7 +326,7 @@ class ResponseRun:
         yield number({"type": "response.created", "response": self.body("in_progress")})
         yield number({"type": "response.in_progress", "response": self.body("in_progress")})
         try:
-            async with self.service.admitted():
+            async with self.chunks.admitted():
                 async for d in self.chunks.deltas():
                     for event in self.turn.add(d):
                         yield number(event)

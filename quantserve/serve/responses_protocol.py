@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Discriminator, Field, Tag, field_validator, model_validator
 
-from quantserve.serve.protocol import Strict, StructuredOutputs
+from quantserve.serve.protocol import Scheduling, Strict, StructuredOutputs
 
 TOOL_NAME = r"^[A-Za-z0-9_.\-]+$"
 
@@ -138,7 +138,7 @@ class ReasoningConfig(Strict):
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
 
 
-class ResponsesRequest(Strict):
+class ResponsesRequest(Scheduling):
     model: str
     input: _text_or(InputItem, min_length=1)
     instructions: str | None = None

@@ -7,7 +7,9 @@ that stops iterating (a client that went away) cancels the choices, which aborts
 requests and frees their KV blocks.
 
 Admission: at most `max_concurrent_requests` requests generate at once, `max_queued_requests`
-more wait for a slot, and past that a request gets 429 at once; an optional per-key rate limit.
+more wait for a slot (a freed slot goes to the waiter of lowest priority value, then the earliest),
+and past that a request gets 429 at once; an optional per-key rate limit. A request past its
+deadline, waiting or generating, ends with a 408 and its engine requests are aborted.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from quantserve.engine.async_engine import AsyncEngine, EngineFailed
 from quantserve.engine.engine import RequestError
 from quantserve.engine.request import TokenLogprobs
+from quantserve.serve.admission import OVERFLOW_HEADER, Deadline, Slots
 from quantserve.serve.errors import APIError
 from quantserve.serve.metrics import Metrics
 from quantserve.config import Limits
@@ -47,7 +50,7 @@ class ChoiceDelta:
 class Service:
     def __init__(self, engine: AsyncEngine, model: ModelInfo, limits: Limits, metrics: Metrics):
         self.engine, self.model, self.limits, self.metrics = engine, model, limits, metrics
-        self.slots = asyncio.Semaphore(limits.max_concurrent_requests)
+        self.slots = Slots(limits.max_concurrent_requests)
         self.active = 0          # admitted requests: generating or queued for a slot
         self.recent: dict[str, deque] = defaultdict(deque)
 
@@ -70,20 +73,39 @@ class Service:
                            None, "rate_limit_exceeded", {"Retry-After": str(retry)})
         window.append(now)
 
+    @property
+    def full(self) -> bool:
+        """Every slot busy and the queue full: reserve() would refuse."""
+        return self.active >= self.limits.max_concurrent_requests + self.limits.max_queued_requests
+
     def reserve(self) -> Ticket:
         """Count the request in at once (no await between check and count); 429 with Retry-After
         when every slot is busy and the queue is full. The caller releases the ticket."""
-        if self.active >= self.limits.max_concurrent_requests + self.limits.max_queued_requests:
+        if self.full:
             self.metrics.rejected("overloaded")
             raise APIError(429, "the server is overloaded; retry shortly", None, "overloaded", {"Retry-After": "1"})
         self.active += 1
         return Ticket(self)
 
     @asynccontextmanager
-    async def admitted(self):
-        """Hold a generation slot (waiting in the queue for one) while generating."""
-        async with self.slots:
+    async def admitted(self, priority: int = 0, deadline: Deadline | None = None):
+        """Hold a generation slot while generating, waiting in the queue for one by priority;
+        408 if the deadline passes first."""
+        start = time.monotonic()
+        try:
+            await asyncio.wait_for(self.slots.acquire(priority), deadline and deadline.left())
+        except TimeoutError:
+            raise deadline.expired(self.metrics, "queued") from None
+        self.metrics.admission_wait(priority, time.monotonic() - start)
+        try:
             yield
+        finally:
+            self.slots.release()
+
+    def deadline(self, timeout: float | None) -> Deadline | None:
+        """The request's own timeout, else the server's --request-timeout, from now."""
+        timeout = timeout or self.limits.request_timeout
+        return Deadline(timeout) if timeout else None
 
     # ---- generation ----------------------------------------------------------------------------
 
@@ -116,7 +138,7 @@ class Service:
                           params.eos_token_ids + params.stop_token_ids)
         tools = ToolStream(plan.tool_parser) if plan.tool_parser else None
         reasoner = ReasoningStream(plan.reasoning) if plan.reasoning is not None else None
-        timer = _Timer(self.metrics)
+        timer = _Timer(self.metrics, params.priority)
         generator = self.engine.generate(f"{request_id}-{j}", plan.prompt_ids, params, plan.pin_owner)
         try:
             async for ev in generator:
@@ -143,11 +165,18 @@ class Service:
 
 
 class Ticket:
-    """One admitted request's place in the count; release() is idempotent."""
+    """One admitted request's place in the count; release() is idempotent. `overflow`: the name
+    of the model that took the request because the one it named was full."""
 
     def __init__(self, service: Service):
         self.service = service
         self.held = True
+        self.overflow: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The answer's extra headers: an overflow names the model that took it."""
+        return {OVERFLOW_HEADER: self.overflow} if self.overflow else {}
 
     def release(self) -> None:
         if self.held:
@@ -188,15 +217,15 @@ def finish_forced_tools(delta: ChoiceDelta, full_text: str) -> None:
 class _Timer:
     """Latency metrics of one choice."""
 
-    def __init__(self, metrics: Metrics):
-        self.metrics = metrics
+    def __init__(self, metrics: Metrics, priority: int):
+        self.metrics, self.priority = metrics, priority
         self.start = self.last = time.monotonic()
         self.tokens = 0
 
     def tick(self, token_ids: list[int], queue_time: float | None) -> None:
         now = time.monotonic()
         if queue_time is not None:
-            self.metrics.queue.observe(queue_time)
+            self.metrics.queued(self.priority, queue_time)
         if token_ids and self.tokens == 0:
             self.metrics.ttft.observe(now - self.start)
         elif token_ids:
