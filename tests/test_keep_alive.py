@@ -120,3 +120,39 @@ def test_an_open_session_keeps_its_model_loaded_until_it_closes(server):
         assert status(server) == "loaded" and worker.is_alive()
     wait_status(server, "unloaded")          # closed: its blocks are unpinned, and the model goes idle
     assert not worker.is_alive()
+
+
+def test_requests_to_an_unloaded_model_share_one_load(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = chat(server.client())
+    real, loads = server.state.models.loader, []
+
+    def load(*args):
+        loads.append(args[0])
+        return real(*args)
+
+    server.state.models.loader = load
+    wait_status(server, "unloaded")
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda _: chat(server.client(), keep_alive="1h"), range(4)))
+    assert texts == [before] * 4 and loads == ["tiny"]
+
+
+def test_an_embedding_model_unloads_and_loads_again(minilm_dir):
+    server = RunningServer(minilm_dir, model_name="minilm", keep_alive=1.0)
+    try:
+        client = server.client()
+        before = client.embeddings.create(model="minilm", input=["a sentence to embed"]).data[0].embedding
+        worker = server.engine.worker
+        (card,) = client.models.list().data
+        deadline = time.monotonic() + 30
+        while card.status != "unloaded":
+            assert time.monotonic() < deadline, "the encoder never unloaded"
+            time.sleep(0.05)
+            (card,) = client.models.list().data
+        assert not worker.is_alive()
+        after = client.embeddings.create(model="minilm", input=["a sentence to embed"]).data[0].embedding
+        assert after == pytest.approx(before, abs=1e-6)
+    finally:
+        server.close()

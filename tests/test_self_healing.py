@@ -114,6 +114,10 @@ def check_failed_and_healed(server: RunningServer, outcomes: list, gate: threadi
         assert cause in outcome.message and "restarted" in outcome.message
     assert all(o.status_code == 503 for o in outcomes if isinstance(o, openai.APIStatusError))
     wait_status(server.url, 503)             # the restart is held at its load
+    deadline = time.monotonic() + 30         # the watchdog's next round marks it
+    while [m.status for m in server.client().models.list().data] != ["restarting"]:
+        assert time.monotonic() < deadline, "/v1/models never showed the model restarting"
+        time.sleep(0.05)
     with pytest.raises(openai.APIStatusError) as during:
         complete(server.client())
     assert during.value.status_code == 503 and "restarting" in during.value.message
