@@ -54,6 +54,27 @@ def parse_size(text: str) -> float:
     return float(m.group(1)) * (1024 if m.group(3) else 1000) ** power
 
 
+DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(value: str | float) -> float:
+    """Ollama's keep_alive, in seconds: '5m', '30s', '1h30m', '500ms' or a number of seconds;
+    0: none; negative ('-1'): forever (inf)."""
+    text = str(value).strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        body = text.removeprefix("-")
+        parts = DURATION_RE.findall(body)
+        if not parts or "".join(n + u for n, u in parts) != body:
+            raise ValueError(f"not a duration: {value!r} (examples: 5m, 30s, 1h, 0, -1)") from None
+        seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts) * (-1 if text.startswith("-") else 1)
+    if seconds != seconds:
+        raise ValueError(f"not a duration: {value!r}")
+    return float("inf") if seconds < 0 else seconds
+
+
 def fraction_or_size(text: str) -> float | str:
     try:
         return float(text)
@@ -377,7 +398,16 @@ class ServerConfig:
         "when a model's queue is full, answer its chat, completions and Messages requests with this model "
         "(served by the same server; the answer names it and carries x-quantserve-overflow); 429 only when "
         "it is full too"))
+    keep_alive: float = field(default=float("inf"), metadata=flag(   # seconds; inf: never
+        "unload a model (weights and KV cache) after it has had no request for this long, and load it again on "
+        "the next one: 5m, 30s, 1h; 0: right after each request; -1: never (the default). A request's "
+        "keep_alive sets it from then on", type=parse_duration, metavar="DURATION"))
+    step_timeout: float | None = field(default=None, metadata=flag(
+        "restart a model's engine when one of its steps runs longer than this; its requests get a 503 "
+        "(default: off; an engine whose worker dies is restarted regardless)", type=float, metavar="SECONDS"))
 
     def __post_init__(self) -> None:
         _check(self.default_max_tokens > 0, f"default_max_tokens must be > 0, got {self.default_max_tokens}")
         _check(self.max_stored_responses > 0, f"max_stored_responses must be > 0, got {self.max_stored_responses}")
+        _check(self.keep_alive >= 0, f"keep_alive must be >= 0 seconds (inf: never), got {self.keep_alive}")
+        _check(self.step_timeout is None or self.step_timeout > 0, f"step_timeout must be > 0, got {self.step_timeout}")

@@ -5,18 +5,31 @@ One worker thread owns the Engine (which is not thread-safe) and loops: take new
 the Engine. Cancelling a generate() iterator (a client that disconnects) aborts its request,
 and its KV blocks return to the pool at once. If a step raises, the requests of that step fail
 with the error and the engine carries on with the others.
+
+If the worker itself dies (an error escapes the loop), or a watchdog abandons it because a step
+hangs, the engine is dead: every request it held fails with EngineFailed, and so does any added
+later. A hung step cannot be interrupted; its thread keeps the engine (weights, KV cache) until
+the step returns, then ends.
 """
 from __future__ import annotations
 
 import asyncio
 import queue
+import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from quantserve.config import SamplingParams
 from quantserve.engine.engine import Engine, EngineStats, RequestError
 from quantserve.engine.request import FinishReason, Pooling, Request, TokenLogprobs
+
+logger = logging.getLogger("quantserve.engine")
+
+
+class EngineFailed(RuntimeError):
+    """The engine's worker died or was abandoned; the requests it held cannot finish."""
 
 
 @dataclass
@@ -43,6 +56,9 @@ class AsyncEngine:
         self.engine = engine
         self.commands: queue.Queue = queue.Queue()
         self.streams: dict[str, _Stream] = {}
+        self.step_started: float | None = None     # monotonic time of the step running now, if any
+        self.failure: str | None = None            # why the engine is dead, once it is
+        self.lock = threading.Lock()               # streams: the worker's publishing vs _die
         self.worker = threading.Thread(target=self._loop, name="quantserve-engine", daemon=True)
         self.running = True
         self.worker.start()
@@ -52,7 +68,7 @@ class AsyncEngine:
         """Stream the request's tokens; RequestError if the engine rejects it. With `pin_owner`
         its KV blocks stay pinned for that owner when it ends, until unpin(owner)."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self.commands.put(("add", request_id, prompt_ids, params, stream, None, pin_owner))
+        self._put(("add", request_id, prompt_ids, params, stream, None, pin_owner))
         finished = False
         try:
             while not finished:
@@ -69,7 +85,7 @@ class AsyncEngine:
         """Read the prompt through the model, batched with whatever else runs; the finished
         event carries the pooled vector. RequestError if the engine rejects it."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self.commands.put(("add", request_id, prompt_ids, SamplingParams(max_new_tokens=1), stream, pooling, None))
+        self._put(("add", request_id, prompt_ids, SamplingParams(max_new_tokens=1), stream, pooling, None))
         try:
             event = await stream.events.get()
         except BaseException:
@@ -78,6 +94,21 @@ class AsyncEngine:
         if isinstance(event, BaseException):
             raise event
         return event
+
+    def _put(self, command: tuple) -> None:
+        self.commands.put(command)
+        if self.failure is not None:        # dead before or while this was queued: nobody will take it
+            self._die(self.failure)
+
+    @property
+    def alive(self) -> bool:
+        return self.failure is None and self.worker.is_alive()
+
+    def abandon(self, reason: str) -> None:
+        """Give up on a worker stuck in a step (from another thread): fail its requests now; the
+        thread ends by itself if the step ever returns."""
+        self.running = False
+        self._die(reason)
 
     def abort(self, request_id: str) -> None:
         self.commands.put(("abort", request_id))
@@ -94,15 +125,39 @@ class AsyncEngine:
         self.running = False
         self.commands.put(("wake",))
         self.worker.join(timeout=10)
+        if not self.worker.is_alive():      # a request sent from now on fails rather than wait for nobody
+            self._die("the engine was shut down")
 
     # ---- worker thread ---------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while self.running:
-            self._take_commands(block=not self.engine.has_work)
-            if self.engine.has_work:
-                self._step()
+        try:
+            while self.running:
+                self._take_commands(block=not self.engine.has_work)
+                if self.engine.has_work:
+                    self._step()
+        except BaseException as e:          # the worker ends: fail what it held rather than leave it waiting
+            logger.error("the engine worker died", exc_info=True)
+            self._die(f"the engine worker died: {e!r}")
+            return
         self._fail_all(RuntimeError("the engine stopped"))
+
+    def _die(self, reason: str) -> None:
+        """Fail every request held or queued with EngineFailed(reason), without touching the Engine
+        (its state is unknown); later adds fail too (see _put)."""
+        with self.lock:
+            self.failure = self.failure or reason
+            error = EngineFailed(self.failure)
+            for stream in self.streams.values():
+                self._send(stream, error)
+            self.streams.clear()
+            while True:
+                try:
+                    command = self.commands.get_nowait()
+                except queue.Empty:
+                    return
+                if command[0] == "add":
+                    self._send(command[4], error)
 
     def _take_commands(self, block: bool) -> None:
         try:
@@ -121,7 +176,11 @@ class AsyncEngine:
             _, rid, ids, params, stream, pooling, pin_owner = command
             try:
                 self.engine.add_request(rid, ids, params, pooling, pin_owner)
-                self.streams[rid] = stream
+                with self.lock:
+                    if self.failure is None:
+                        self.streams[rid] = stream
+                    else:
+                        self._send(stream, EngineFailed(self.failure))
             except RequestError as e:
                 self._fail(stream, e)
         elif command[0] == "abort":
@@ -134,15 +193,19 @@ class AsyncEngine:
             self.engine.unpin(command[1])
 
     def _step(self) -> None:
+        self.step_started = time.monotonic()
         try:
             changed = self.engine.step()
         except Exception as e:            # a fault fails the requests it touched, not the engine
             self._fail_running(e)
             return
-        for request in changed:
-            stream = self.streams.get(request.request_id)
-            if stream is not None:
-                self._publish(request, stream)
+        finally:
+            self.step_started = None
+        with self.lock:                   # an abandoned engine's late step publishes nothing (streams cleared)
+            for request in changed:
+                stream = self.streams.get(request.request_id)
+                if stream is not None:
+                    self._publish(request, stream)
 
     def _publish(self, r: Request, stream: _Stream) -> None:
         first, stream.sent = stream.sent, len(r.output_token_ids)
@@ -159,9 +222,10 @@ class AsyncEngine:
         """Fail the step's requests: the running ones, and any that finished inside the failed
         step before their tokens were published."""
         running = {r.request_id for r in self.engine.scheduler.running}
-        for rid in [rid for rid in self.streams if rid in running or rid not in self.engine.requests]:
-            self.engine.abort(rid)
-            self._fail(self.streams.pop(rid), RuntimeError(f"engine step failed: {error}"))
+        with self.lock:
+            for rid in [rid for rid in self.streams if rid in running or rid not in self.engine.requests]:
+                self.engine.abort(rid)
+                self._fail(self.streams.pop(rid), RuntimeError(f"engine step failed: {error}"))
 
     def _fail_all(self, error: Exception) -> None:
         for rid in list(self.streams):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from quantserve.engine.async_engine import TokenEvent
+from quantserve.engine.async_engine import EngineFailed, TokenEvent
 from quantserve.engine.engine import EngineStats, RequestError
 from quantserve.engine.request import Pooling
 from quantserve.models.families.bert import load_bert
@@ -119,6 +119,8 @@ def cross_encoder_scores(logits: torch.Tensor) -> torch.Tensor:
 
 
 class AsyncEncoder:
+    step_started: float | None = None       # AsyncEngine's interface: an encoder's batches are not watched
+
     def __init__(self, encoder: Encoder):
         self.engine = encoder
         self.requests: queue.Queue = queue.Queue()
@@ -135,12 +137,18 @@ class AsyncEncoder:
         loop = asyncio.get_running_loop()
         request = EncodeRequest(list(prompt_ids), type_ids, pooling, loop, loop.create_future())
         self.requests.put(request)
+        if not self.running:                # shut down before or while this was queued
+            self._fail_queued()
         vector = await request.done
         return TokenEvent([], len(prompt_ids), 0, 0, "stop", embedding=vector)
 
     async def generate(self, *args, **kwargs):
         raise RequestError("this model only embeds and scores: use /v1/embeddings, /v1/rerank or /v1/score")
         yield  # pragma: no cover  (makes this an async generator, as AsyncEngine.generate)
+
+    @property
+    def alive(self) -> bool:
+        return self.worker.is_alive()
 
     def unpin(self, owner: str) -> None:
         """Nothing to release: an encoder keeps no KV blocks (AsyncEngine's interface)."""
@@ -152,6 +160,17 @@ class AsyncEncoder:
         self.running = False
         self.requests.put(None)
         self.worker.join(timeout=10)
+        self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        while True:
+            try:
+                r = self.requests.get_nowait()
+            except queue.Empty:
+                return
+            if r is not None:
+                r.loop.call_soon_threadsafe(_settle, r.done, r.done.set_exception,
+                                            EngineFailed("the encoder was shut down"))
 
     def _loop(self) -> None:
         while self.running:

@@ -92,10 +92,12 @@ async def until(deadline: Deadline | None, items: AsyncIterator, metrics: Metric
             yield item
 
 
-def admit(state: ServerState, model: str | None, client: str) -> tuple[Service, Ticket]:
-    """The named model's Service and an admission ticket (after the client's rate limit there); when
-    its queue is full, the --overflow-model's (the ticket names it), 429 only when that one is full too."""
-    service = state.ready(model)
+async def admit(state: ServerState, model: str | None, client: str,
+                keep_alive: float | None = None) -> tuple[Service, Ticket]:
+    """The named model's Service (loaded again first if idle-unloaded; `keep_alive`: the request's)
+    and an admission ticket (after the client's rate limit there); when its queue is full, the
+    --overflow-model's (the ticket names it), 429 only when that one is full too."""
+    service = await state.ready(model, keep_alive)
     service.check_rate(client)
     sibling = overflow_for(state, model)
     if service.full and sibling is not None and not sibling.full:
@@ -112,6 +114,6 @@ def overflow_for(state: ServerState, model: str | None) -> Service | None:
     if sibling is None or sibling == (model or state.models.default) or sibling not in state.models.slots:
         return None
     try:
-        return state.ready(sibling)
-    except APIError:            # loading, or its engine stopped: no overflow, the 429 stands
+        return state.models.get(sibling)
+    except APIError:            # loading, unloaded for idleness or its engine stopped: no overflow, the 429 stands
         return None

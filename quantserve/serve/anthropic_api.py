@@ -33,12 +33,12 @@ Event = tuple[str, dict]         # (SSE event name, its data)
 def add_anthropic_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/messages", response_model=MessageResponse, responses={**ERRORS, **SSE})
     async def messages(body: MessagesRequest, request: Request):
-        service, ticket = admit(state, body.model, client_key(state, request))
+        service, ticket = await admit(state, body.model, client_key(state, request))
         return await respond(service, ticket, request, body.chat(), chat=True, wire=WIRE)
 
     @app.post("/v1/messages/count_tokens", response_model=TokenCount, responses=ERRORS)
     async def count_tokens(body: CountTokensRequest):
-        service = state.ready(body.model)
+        service = await state.ready(body.model)
         check_generates(service.model)
         ids = await asyncio.to_thread(chat_prompt_ids, body.chat_request(), service.model)
         return {"input_tokens": len(ids)}

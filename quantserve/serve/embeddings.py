@@ -65,7 +65,7 @@ def add_embedding_routes(app: FastAPI, state) -> None:
 
     @app.post("/v1/embeddings", responses=ERRORS)
     async def embeddings(body: EmbeddingRequest, request: Request):
-        service = ready(state, body.model, request, client_key)
+        service = await ready(state, body.model, request, client_key)
         vectors, tokens = await embed_body(service, body)
         return {"object": "list", "model": body.model or state.models.default,
                 "data": [{"object": "embedding", "index": i, "embedding": encode(v, body.encoding_format)}
@@ -76,7 +76,7 @@ def add_embedding_routes(app: FastAPI, state) -> None:
     @app.post("/v2/rerank", include_in_schema=False)
     @app.post("/rerank", include_in_schema=False)
     async def rerank(body: RerankRequest, request: Request):
-        service = ready(state, body.model, request, client_key)
+        service = await ready(state, body.model, request, client_key)
         docs = [d if isinstance(d, str) else d.text for d in body.documents]
         scores, tokens = await score_pairs(service, [body.query] * len(docs), docs, body.instruction)
         order = sorted(range(len(docs)), key=lambda i: -scores[i])[:body.top_n or len(docs)]
@@ -87,7 +87,7 @@ def add_embedding_routes(app: FastAPI, state) -> None:
 
     @app.post("/v1/score", responses=ERRORS)
     async def score(body: ScoreRequest, request: Request):
-        service = ready(state, body.model, request, client_key)
+        service = await ready(state, body.model, request, client_key)
         first, second = score_lists(body)
         scores, tokens = await score_pairs(service, first, second, body.instruction)
         return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "model": body.model or state.models.default,
@@ -95,8 +95,8 @@ def add_embedding_routes(app: FastAPI, state) -> None:
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
-def ready(state, model: str | None, request: Request, client_key) -> Service:
-    service = state.ready(model)
+async def ready(state, model: str | None, request: Request, client_key) -> Service:
+    service = await state.ready(model)
     service.check_rate(client_key(state, request))
     return service
 

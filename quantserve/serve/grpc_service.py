@@ -92,7 +92,7 @@ class QuantserveServicer:
     async def Generate(self, request, context) -> None:
         async with self.guarded(context):
             model = request.model or self.state.models.default
-            service = self.admit(request.model, context)
+            service = await self.admit(request.model, context)
             body, chat = generation_body(request, model)
             ticket = service.reserve()
             try:
@@ -106,7 +106,7 @@ class QuantserveServicer:
 
     async def Embed(self, request, context):
         async with self.guarded(context):
-            service = self.admit(request.model, context)
+            service = await self.admit(request.model, context)
             if request.texts and request.token_ids:
                 raise APIError(400, "give texts or token_ids, not both", "texts", "invalid_value")
             body = EmbeddingRequest(model=request.model or None,
@@ -133,9 +133,9 @@ class QuantserveServicer:
                                                  completion_tokens=sum(usage.completion.values())))
         return message
 
-    def admit(self, model: str, context):
+    async def admit(self, model: str, context):
         """The model's Service, once the caller's rate allows it: per key, or per address (as HTTP)."""
-        service = self.state.ready(model or None)
+        service = await self.state.ready(model or None)
         service.check_rate(self.api_key(context) if self.keys else context.peer().rpartition(":")[0])
         return service
 

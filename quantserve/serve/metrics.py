@@ -83,6 +83,8 @@ class ServerMetrics:
                                 registry=r)
         self.aborted = Counter("quantserve:requests_aborted", "Requests aborted (client gone or cancelled)", labels,
                                registry=r)
+        self.engine_restarts = Counter("quantserve:engine_restarts", "Engines restarted after their worker died "
+                                       "or a step hung", labels, registry=r)
         self.timed_out = Counter("quantserve:requests_timed_out", "Requests past their deadline (408)", labels,
                                  registry=r)
         self.overflowed = Counter("quantserve:requests_overflowed", "Requests answered by the --overflow-model "
@@ -113,6 +115,9 @@ class Metrics:
 
     def rejected(self, reason: str) -> None:
         self.hub.rejected.labels(self.model_name, reason).inc()
+
+    def restarted(self) -> None:
+        self.hub.engine_restarts.labels(self.model_name).inc()
 
     def queued(self, priority: int, seconds: float) -> None:
         """Engine queue time, in vLLM's histogram and in the one by priority."""

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP server (FastAPI), with Anthropic's Messages API beside it (anthropic_api.py).
 
 Routes parse a body (protocol.py), plan it (plan.py), run it (service.py) and shape the answer
-(responses.py). /health is 503 until the model is loaded and whenever the engine thread is gone.
+(responses.py). /health is 503 until the model is loaded, and while an engine is dead or restarting.
 """
 from __future__ import annotations
 
@@ -45,11 +45,11 @@ class ServerState:
 
     def __init__(self, config: ServerConfig, models: ModelRegistry | None = None):
         self.config = config
-        self.models = models or ModelRegistry()
+        self.models = models or ModelRegistry(keep_alive=config.keep_alive)
         self.metrics = ServerMetrics()
 
-    def ready(self, model: str | None = None) -> Service:
-        return self.models.get(model)
+    async def ready(self, model: str | None = None, keep_alive: float | None = None) -> Service:
+        return await self.models.acquire(model, keep_alive)
 
     @property
     def service(self) -> Service:
@@ -57,24 +57,21 @@ class ServerState:
         return self.models.get()
 
     def check_health(self) -> None:
-        """503 unless every model is loaded and its engine alive."""
-        if not self.models.slots:
-            self.models.get()
-        for name in list(self.models.slots):
-            self.models.get(name)
+        """503 unless every model is loaded (or unloaded for idleness) and its engine alive."""
+        self.models.check()
 
 
 def build_app(state: ServerState, ui=None) -> FastAPI:
     """The API; with `ui` (a Gradio Blocks) the chat page is served at `/` next to it."""
     cfg = state.config
     docs = {} if not cfg.disable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    lifespan = None
+    grpc = None
     if cfg.grpc_port is not None:         # started and stopped with the app, so it shares uvicorn's event loop
         from quantserve.serve.grpc_service import grpc_lifespan
 
-        lifespan = grpc_lifespan(state)
+        grpc = grpc_lifespan(state)
     app = FastAPI(title="quantserve", description="OpenAI-compatible API for quantized LLMs", version="0.1.0",
-                  lifespan=lifespan, **docs)
+                  lifespan=state.models.lifespan(cfg.step_timeout, grpc), **docs)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=cfg.limits.max_body_bytes, timeout=cfg.connections.timeout_request_read)
     app.add_middleware(APIKeyAuth, api_keys=cfg.api_keys, admin_keys=cfg.admin_api_keys)
@@ -122,7 +119,7 @@ def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True
     @app.get("/info", responses=ERRORS)
     async def info(model: str | None = None):
         """A served model's precision, capacity and memory table (shown by the web UI)."""
-        service = state.ready(model)
+        service = await state.ready(model)
         name = model or state.models.default
         return {"model": name, "path": state.models.slots[name].card.get("root"), **service.engine.engine.describe()}
 
@@ -133,7 +130,7 @@ def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True
 
     @app.post("/v1/tokenize", response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize(body: TokenizeRequest):
-        service = state.ready(body.model)
+        service = await state.ready(body.model)
         model = service.model
         if body.messages is not None:
             ids = await asyncio.to_thread(encode_chat, body.messages, model, [], True, body.chat_template_kwargs)
@@ -144,7 +141,7 @@ def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True
 
     @app.post("/v1/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
     async def detokenize(body: DetokenizeRequest):
-        service = state.ready(body.model)
+        service = await state.ready(body.model)
         vocab = service.model.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", "tokens", "invalid_value")
@@ -162,11 +159,13 @@ def client_key(state: ServerState, conn: Request | WebSocket) -> str:
 def add_generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **SSE})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await respond(*admit(state, body.model, client_key(state, request)), request, body, chat=True)
+        service, ticket = await admit(state, body.model, client_key(state, request), body.keep_alive)
+        return await respond(service, ticket, request, body, chat=True)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, **SSE})
     async def completions(body: CompletionRequest, request: Request):
-        return await respond(*admit(state, body.model, client_key(state, request)), request, body, chat=False)
+        service, ticket = await admit(state, body.model, client_key(state, request), body.keep_alive)
+        return await respond(service, ticket, request, body, chat=False)
 
 
 @dataclass(frozen=True)
@@ -353,7 +352,7 @@ def add_websocket_route(app: FastAPI, state: ServerState) -> None:
             raw = message.get("text") if message.get("text") is not None else message.get("bytes") or b""
             try:
                 body = ChatCompletionRequest.model_validate_json(raw)
-                service = state.ready(body.model)
+                service = await state.ready(body.model, body.keep_alive)
                 service.check_rate(client_key(state, ws))
                 ticket = service.reserve()
             except ValidationError as e:

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from quantserve.config import parse_duration
+
 MAX_LOGIT_BIAS = 100.0
 
 
@@ -161,6 +163,12 @@ class SamplingFields(Scheduling):
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
+    keep_alive: float | str | None = None      # Ollama's: how long the model stays loaded after this request
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive(cls, v):
+        return None if v is None else parse_duration(v)
 
     @field_validator("stop")
     @classmethod
@@ -274,6 +282,8 @@ class ModelCard(BaseModel):
     max_model_len: int
     capabilities: list[str] = Field(default_factory=lambda: ["chat", "completions"],
                                     description="what it serves: chat, completions, embeddings, rerank, score")
+    status: Literal["loaded", "unloaded", "restarting"] = Field(
+        "loaded", description="unloaded: idle past its keep-alive, loaded again by the next request")
 
 
 class ModelList(BaseModel):

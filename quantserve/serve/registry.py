@@ -4,14 +4,26 @@ A request looks its model up once and keeps that Service to the end. Swapping a 
 Service (hot reload) or dropping the name (unload) therefore never touches a request already
 admitted: the old Service drains (its count of admitted requests reaches zero) before its
 engine stops. New requests see the new Service, or a 404 once the name is gone.
+
+A watchdog (the app's lifespan runs it) restarts a model whose engine died, or whose step ran past
+--step-timeout (that engine is abandoned: see AsyncEngine.abandon), with the same path and
+settings; the requests the engine held have already failed with a 503 that says so, and the
+model is 503 until the new engine serves.
+
+Keep-alive (Ollama's): a model with no request for its keep-alive (--keep-alive, or the last
+request's keep_alive) is unloaded: its engine stops and its weights and KV cache are freed, while
+its name stays served ("unloaded" in /v1/models; /health stays 200). The next request loads it
+again with the same settings and waits for that.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from quantserve.serve.errors import APIError
@@ -30,14 +42,26 @@ class ModelSlot:
     service: Service | None = None     # None while loading, or after a failed start-up load
     card: dict = field(default_factory=dict)
     error: str | None = None
+    overrides: dict = field(default_factory=dict)     # engine settings it was loaded with (restarts reuse them)
+    restarting: bool = False
+    unloaded: bool = False                  # idle past its keep-alive: engine stopped, memory freed
+    keep_alive: float | None = None         # seconds idle before unloading, from the last request (None: server's)
+    last_used: float = field(default_factory=time.monotonic)
+    waking: asyncio.Task | None = None      # its load after an idle unload, awaited by every request meanwhile
+
+    @property
+    def status(self) -> str:
+        return "unloaded" if self.unloaded else "restarting" if self.restarting else "loaded"
 
 
 class ModelRegistry:
-    def __init__(self, loader: Loader | None = None, drain_timeout: float = 600.0):
+    def __init__(self, loader: Loader | None = None, drain_timeout: float = 600.0, keep_alive: float = math.inf):
         self.loader = loader
+        self.keep_alive = keep_alive         # the server's --keep-alive, in seconds
         self.slots: dict[str, ModelSlot] = {}
         self.busy: set[str] = set()          # names with a load, unload or reload under way
         self.drain_timeout = drain_timeout
+        self.tasks: set[asyncio.Task] = set()      # restarts and unloads under way (a reference keeps each alive)
 
     # ---- lookup --------------------------------------------------------------------------------
 
@@ -55,14 +79,39 @@ class ModelRegistry:
                 raise APIError(503, "no model is loaded", None, "not_ready")
             raise APIError(404, f"the model '{name}' does not exist; this server serves {served}",
                            "model", "model_not_found")
+        if slot.unloaded:                   # acquire() loads it; only a bare lookup gets here
+            raise APIError(503, f"the model '{slot.name}' is unloaded until its next request", None, "unloaded")
+        # a dead engine is restarting, or about to be within a watchdog round
+        if slot.restarting or (slot.service is not None and not slot.service.engine.alive and self.loader):
+            raise APIError(503, f"the engine of '{slot.name}' failed and is restarting; retry shortly", None,
+                           "engine_restarting")
         if slot.service is None:
             raise APIError(503, slot.error or f"the model '{slot.name}' is still loading", None, "not_ready")
-        if not slot.service.engine.worker.is_alive():
+        if not slot.service.engine.alive:
             raise APIError(503, f"the engine of '{slot.name}' has stopped", None, "engine_dead")
         return slot.service
 
+    def check(self) -> None:
+        """503 unless every model serves (one unloaded for idleness does: its next request loads it)."""
+        if not self.slots:
+            self.get()
+        for name in [n for n, slot in self.slots.items() if not slot.unloaded]:
+            self.get(name)
+
+    async def acquire(self, name: str | None = None, keep_alive: float | None = None) -> Service:
+        """get(), once the model is loaded again if it was unloaded for idleness (the request waits);
+        the request sets the model's keep-alive (None: the server's) and counts as its use."""
+        slot = self.slots.get(name if name is not None else self.default)
+        if slot is not None and slot.unloaded and self.loader is not None:
+            if slot.waking is None:
+                slot.waking = asyncio.create_task(self._wake(slot))
+            await asyncio.shield(slot.waking)           # one request gone does not stop the load for the others
+        service = self.get(name)
+        slot.keep_alive, slot.last_used = keep_alive, time.monotonic()
+        return service
+
     def cards(self) -> list[dict]:
-        return [s.card for s in self.slots.values() if s.service is not None]
+        return [{**s.card, "status": s.status} for s in self.slots.values() if s.service is not None or s.unloaded]
 
     def add(self, name: str, service: Service, card: dict, path: str | None = None) -> None:
         self.slots[name] = ModelSlot(name, path, service, card)
@@ -95,7 +144,7 @@ class ModelRegistry:
         self._claim(name, must_exist=False)
         try:
             service, card = await asyncio.to_thread(self._load, name, path, overrides)
-            self.slots[name] = ModelSlot(name, path, service, card)
+            self.slots[name] = ModelSlot(name, path, service, card, overrides=overrides)
             return card
         finally:
             self.busy.discard(name)
@@ -119,7 +168,8 @@ class ModelRegistry:
             path = path or slot.path
             service, card = await asyncio.to_thread(self._load, name, path, overrides)
             old = slot.service
-            slot.service, slot.card, slot.path, slot.error = service, card, path, None
+            slot.service, slot.card, slot.path, slot.error, slot.overrides = service, card, path, None, overrides
+            slot.unloaded = False
             if old is not None:
                 await self._retire(old)
             return card
@@ -158,3 +208,108 @@ class ModelRegistry:
         await asyncio.to_thread(service.engine.shutdown)
         if service.metrics.model_name not in self.slots:          # unloaded, not replaced
             service.metrics.hub.forget_engine(service.metrics.model_name)
+
+    # ---- self-healing --------------------------------------------------------------------------
+
+    def lifespan(self, step_timeout: float | None, inner=None):
+        """An app lifespan: the watchdog runs from start-up to shutdown, around `inner` (another one)."""
+        @asynccontextmanager
+        async def run(app):
+            watchdog = asyncio.create_task(self.watch(step_timeout))
+            try:
+                async with inner(app) if inner is not None else nullcontext():
+                    yield
+            finally:
+                watchdog.cancel()
+        return run
+
+    async def watch(self, step_timeout: float | None, interval: float = 0.25) -> None:
+        """Restart every model whose engine has died (abandoning first one whose step hangs), and
+        unload every model idle past its keep-alive."""
+        while True:
+            await asyncio.sleep(interval)
+            for slot in list(self.slots.values()):
+                if slot.service is not None and slot.name not in self.busy and self.loader is not None:
+                    try:
+                        self._check(slot, step_timeout)
+                    except Exception:           # the watchdog must outlive any one model's trouble
+                        logger.exception("checking the model '%s' failed", slot.name)
+
+    def _check(self, slot: ModelSlot, step_timeout: float | None) -> None:
+        """One model's round (a function of its own: no local keeps an unloaded engine alive)."""
+        engine = slot.service.engine
+        started = engine.step_started
+        if step_timeout and started is not None and time.monotonic() - started > step_timeout:
+            engine.abandon(f"an engine step ran longer than the step timeout ({step_timeout:g} s)")
+        if not engine.alive:
+            slot.restarting = True          # 503 from now, and no second restart
+            self.busy.add(slot.name)
+            self._spawn(self._restart(slot))
+        elif self._idle(slot):
+            self._unload_idle(slot)
+
+    def _spawn(self, work) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _restart(self, slot: ModelSlot) -> None:
+        """Load the model again as it was loaded; the old engine is dropped, not shut down: its
+        worker is gone, or stuck in a step it will leave only when that step returns."""
+        old = slot.service
+        logger.error("the engine of '%s' failed (%s); restarting it", slot.name, old.engine.failure)
+        old.metrics.restarted()
+        try:
+            slot.service, slot.card = await asyncio.to_thread(self.loader, slot.name, slot.path, slot.overrides)
+            slot.error = None
+        except Exception as e:              # the model stays 503 with the reason
+            slot.service, slot.error = None, f"restarting the model '{slot.name}' failed: {e}"
+            logger.error("%s", slot.error)
+        finally:
+            slot.restarting = False
+            self.busy.discard(slot.name)
+
+    # ---- keep-alive ----------------------------------------------------------------------------
+
+    def _idle(self, slot: ModelSlot) -> bool:
+        """Idle past its keep-alive; a model with requests admitted or in its engine, or KV blocks
+        pinned by an open session (which also holds its Service), is in use now."""
+        service, now = slot.service, time.monotonic()
+        stats = service.engine.stats()
+        if service.active or stats.num_running or stats.num_waiting or stats.num_pinned_blocks:
+            slot.last_used = now
+            return False
+        return now - slot.last_used >= (self.keep_alive if slot.keep_alive is None else slot.keep_alive)
+
+    def _unload_idle(self, slot: ModelSlot) -> None:
+        """Take the model out of service now (a request from here on waits for its load), then stop
+        its engine and drop every reference to it (its gauges' too), so its memory is freed."""
+        service, slot.service, slot.unloaded = slot.service, None, True
+        logger.info("unloading '%s': idle for its keep-alive", slot.name)
+        self.busy.add(slot.name)            # until its engine has stopped: a load waits for the memory
+        service.metrics.hub.forget_engine(slot.name)
+        engine = service.engine
+
+        async def stop():
+            try:
+                await asyncio.to_thread(engine.shutdown)
+            finally:
+                self.busy.discard(slot.name)
+        self._spawn(stop())
+
+    async def _wake(self, slot: ModelSlot) -> None:
+        """Load an idle-unloaded model again, as it was loaded (after its engine has stopped)."""
+        while slot.name in self.busy:           # its unload still stopping the engine, or an admin change
+            await asyncio.sleep(0.05)
+        if self.slots.get(slot.name) is not slot or not slot.unloaded:     # unloaded by an admin, or reloaded
+            slot.waking = None
+            return
+        self.busy.add(slot.name)
+        try:
+            slot.service, slot.card = await asyncio.to_thread(self.loader, slot.name, slot.path, slot.overrides)
+            slot.unloaded = False
+        except Exception as e:
+            raise APIError(503, f"loading the model '{slot.name}' again failed: {e}", None, "load_failed") from e
+        finally:
+            slot.waking = None
+            self.busy.discard(slot.name)

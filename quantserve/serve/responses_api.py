@@ -367,7 +367,7 @@ def add_responses_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/responses", response_model=ResponseObject, responses={**ERRORS, **SSE})
     async def create_response(body: ResponsesRequest, request: Request):
-        service = state.ready(body.model)
+        service = await state.ready(body.model)
         service.check_rate(client_key(state, request))
         return await answer(service, request, body, store)
 

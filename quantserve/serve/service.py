@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from quantserve.engine.async_engine import AsyncEngine
+from quantserve.engine.async_engine import AsyncEngine, EngineFailed
 from quantserve.engine.engine import RequestError
 from quantserve.engine.request import TokenLogprobs
 from quantserve.serve.admission import OVERFLOW_HEADER, Deadline, Slots
@@ -246,4 +246,6 @@ def _as_api_error(error: BaseException) -> APIError:
         return error
     if isinstance(error, RequestError):
         return APIError(400, str(error), None, "invalid_value")
+    if isinstance(error, EngineFailed):
+        return APIError(503, f"{error}; the engine is being restarted: retry the request", None, "engine_restarted")
     return APIError(500, f"generation failed: {error}", None, "engine_error")

@@ -124,7 +124,7 @@ class Session:
             if self.model is not None:
                 raise APIError(400, "the session has started already (reset clears its history)", "type",
                                "invalid_value")
-            self.start(event)
+            await self.start(event)
             await self.send({"type": "session.started", "session_id": self.id, "model": self.model})
         elif kind == "request":
             await self.request(event)
@@ -136,7 +136,7 @@ class Session:
             self.unpin()
             await self.send({"type": "session.reset"})
 
-    def start(self, event: dict) -> None:
+    async def start(self, event: dict) -> None:
         """The session's model, system prompt and default chat fields, checked as a request would be."""
         if "messages" in event:
             raise APIError(400, "a session keeps its own history: send each user message as a request",
@@ -147,7 +147,7 @@ class Session:
                            "invalid_value")
         if not isinstance(system, str | None):
             raise APIError(400, "system must be a string", "system", "invalid_value")
-        self.state.ready(model)                     # 404 for a model not served, 503 while it loads
+        await self.state.ready(model)               # 404 for a model not served, 503 while it loads
         self.model, self.system = model, system
         self.defaults = {k: v for k, v in event.items() if k not in SESSION_KEYS}
         try:
@@ -162,7 +162,7 @@ class Session:
             raise APIError(400, f"turn {self.turn.number} is still generating: wait for its done event or send "
                            "cancel", "type", "turn_in_flight")
         if self.model is None:
-            self.start({k: event[k] for k in ("model", "system") if k in event})
+            await self.start({k: event[k] for k in ("model", "system") if k in event})
         elif "model" in event and event["model"] != self.model:
             raise APIError(400, f"this session serves {self.model!r}; open a new session for another model",
                            "model", "invalid_value")
@@ -171,7 +171,7 @@ class Session:
                            "system", "invalid_value")
         new = turn_messages(event)
         req = self.turn_request(new, {k: v for k, v in event.items() if k not in SESSION_KEYS})
-        service = self.state.ready(self.model)
+        service = await self.state.ready(self.model)
         service.check_rate(client_key(self.state, self.ws))
         ticket = service.reserve()
         try:
