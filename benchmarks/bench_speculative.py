@@ -1,6 +1,6 @@
 """Batch-1 decode rate with and without n-gram speculative decoding (`--speculative ngram`).
 
-    python benchmarks/bench_speculative.py            # default model, 9 minutes on 2 busy cores
+    python benchmarks/bench_speculative.py            # default model, under a minute on 2 quiet cores
 
 Two greedy chat workloads on the default model: a code edit (a ~60-line Python function, asked
 to rename a variable and add a docstring, so the answer copies most of its input) and a
@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.soak import cpu_name  # noqa: E402
 from quantserve.config import EngineConfig, SamplingParams  # noqa: E402
 from quantserve.engine.engine import Engine  # noqa: E402
 from quantserve.models.resolve import resolve_model  # noqa: E402
@@ -163,7 +164,8 @@ def main() -> None:
         lines.append(f"| {r['workload']} | {r['prompt_tokens']} | {r['new_tokens']} | {r['plain_tok_s']:.1f} | "
                      f"{r['ngram_tok_s']:.1f} | {r['speedup']:.2f}x | {acc} | {r['accepted_per_step']:.2f} | "
                      f"{'yes' if r['identical'] else 'no'} |")
-    (RESULTS / "speculative.md").write_text("\n".join(lines) + f"\n\nKernels: {plain['kernels']}.\n")
+    (RESULTS / "speculative.md").write_text("\n".join(lines) + f"\n\nMachine {cpu_name()}, both runs; kernels: "
+                                                              f"{plain['kernels']}.\n")
 
 
 if __name__ == "__main__":
