@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_llamacpp import llamacpp_isa  # noqa: E402
 from benchmarks.soak import cpu_name  # noqa: E402
 from quantserve.config import EngineConfig, SamplingParams  # noqa: E402
 from quantserve.engine.engine import Engine  # noqa: E402
@@ -135,6 +136,49 @@ def measure(model_dir: Path, prompts: dict, eos: tuple[int, ...], **spec) -> dic
     return out
 
 
+def llamacpp_run(gguf: Path, prompts: dict, spec: list[str]) -> dict:
+    """llama.cpp's own llama-server on the shipped GGUF, one slot, the same token ids, greedy:
+    its reported decode rate (`timings.predicted_per_second`), best of REPEATS."""
+    import subprocess
+
+    import httpx
+
+    from benchmarks.bench_llamacpp import THREADS, free_port, tool, wait_ready
+
+    port = free_port()
+    log = open(RESULTS / f"server-spec-{port}.log", "w")
+    proc = subprocess.Popen([tool("llama-server"), "-m", str(gguf), "-t", str(THREADS), "-np", "1", "-c", "2048",
+                             "--port", str(port), "--host", "127.0.0.1", *spec], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc)
+        out = {}
+        for name, (prompt, new) in prompts.items():
+            body = {"prompt": prompt, "n_predict": new, "temperature": 0, "cache_prompt": False}
+            runs = [httpx.post(f"{url}/completion", json=body, timeout=600).json() for _ in range(REPEATS)]
+            timings = max((r["timings"] for r in runs), key=lambda t: t["predicted_per_second"])
+            out[name] = {"tok_s": timings["predicted_per_second"], "new": timings["predicted_n"],
+                         "accepted": timings.get("draft_n_accepted"), "drafted": timings.get("draft_n")}
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def llamacpp_rows(prompts: dict) -> list[dict]:
+    """llama.cpp plain against its n-gram drafting (`--spec-type ngram-simple`, 4 tokens)."""
+    from quantserve import envs
+    from quantserve.models.resolve import _default_gguf
+
+    gguf = _default_gguf(envs.quantserve_home() / "downloads", progress=False)      # the shipped Q4_1 file
+    plain = llamacpp_run(gguf, prompts, [])
+    spec = llamacpp_run(gguf, prompts, ["--spec-type", "ngram-simple", "--spec-draft-n-max", "4"])
+    return [{"workload": name, "plain_tok_s": plain[name]["tok_s"], "ngram_tok_s": spec[name]["tok_s"],
+             "speedup": spec[name]["tok_s"] / plain[name]["tok_s"], "new_tokens": spec[name]["new"],
+             "drafted": spec[name]["drafted"], "accepted": spec[name]["accepted"]} for name in prompts]
+
+
 def main() -> None:
     from transformers import AutoTokenizer
 
@@ -156,7 +200,9 @@ def main() -> None:
         print(f"{name}: plain {p['tok_s']:.1f} tok/s, ngram {s['tok_s']:.1f} tok/s "
               f"({s['tok_s'] / p['tok_s']:.2f}x), identical {p['tokens'] == s['tokens']}", file=sys.stderr)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "speculative.json").write_text(json.dumps({"kernels": plain["kernels"], "rows": rows}, indent=1))
+    theirs = llamacpp_rows(prompts)
+    (RESULTS / "speculative.json").write_text(json.dumps({"kernels": plain["kernels"], "rows": rows,
+                                                          "llamacpp": theirs}, indent=1))
     lines = ["| workload | prompt tokens | new tokens | plain tok/s | ngram K=4 tok/s | speed-up | drafted tokens "
              "accepted | accepted per verify step | same tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -164,8 +210,17 @@ def main() -> None:
         lines.append(f"| {r['workload']} | {r['prompt_tokens']} | {r['new_tokens']} | {r['plain_tok_s']:.1f} | "
                      f"{r['ngram_tok_s']:.1f} | {r['speedup']:.2f}x | {acc} | {r['accepted_per_step']:.2f} | "
                      f"{'yes' if r['identical'] else 'no'} |")
-    (RESULTS / "speculative.md").write_text("\n".join(lines) + f"\n\nMachine {cpu_name()}, both runs; kernels: "
-                                                              f"{plain['kernels']}.\n")
+    lines += ["", "llama.cpp's own `llama-server` (one slot) on the shipped Q4_1 file, the same token ids, greedy, "
+              "plain against `--spec-type ngram-simple --spec-draft-n-max 4`, its reported decode rate:", "",
+              "| workload | llama.cpp plain tok/s | llama.cpp ngram tok/s | its speed-up | its drafts accepted | "
+              "quantserve ngram / llama.cpp ngram |", "|---|---:|---:|---:|---:|---:|"]
+    for ours, t in zip(rows, theirs):
+        acc = f"{t['accepted'] / t['drafted']:.0%}" if t["drafted"] else "-"
+        lines.append(f"| {t['workload']} | {t['plain_tok_s']:.1f} | {t['ngram_tok_s']:.1f} | {t['speedup']:.2f}x | "
+                     f"{acc} | **{ours['ngram_tok_s'] / t['ngram_tok_s']:.2f}x** |")
+    (RESULTS / "speculative.md").write_text("\n".join(lines) + f"\n\nMachine {cpu_name()}, every run; quantserve "
+                                                              f"kernels: {plain['kernels']}; llama.cpp: "
+                                                              f"{llamacpp_isa()}.\n")
 
 
 if __name__ == "__main__":
