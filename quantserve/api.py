@@ -63,8 +63,7 @@ class Pipeline:
         single = isinstance(texts, str)
         batch = [texts] if single else list(texts)
         if self.encoder is not None:
-            declared = self.encoder.pooling
-            mode = Pooling(pooling or declared.kind or "cls", normalize and (declared.normalize or not declared.kind))
+            mode = self.encoder.pooling_for(pooling, normalize)
             ids = [self.tokenizer.hf.encode(t, truncation=True, max_length=self.encoder.session_len) for t in batch]
             vectors = [v for i in range(0, len(ids), batch_size)
                        for v in self.encoder.run(ids[i:i + batch_size], [None] * len(ids[i:i + batch_size]), mode)]

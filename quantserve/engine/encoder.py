@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from quantserve.engine.async_engine import EngineFailed, TokenEvent
 from quantserve.engine.engine import EngineStats, RequestError
 from quantserve.engine.request import Pooling
-from quantserve.models.families.bert import load_bert
+from quantserve.models.families.bert import ENCODER_TYPES, load_bert
 from quantserve.models.loader import read_config
 from quantserve.models.pooling import sentence_config
 
@@ -31,7 +30,6 @@ class EncodeRequest:
     pooling: Pooling
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future
-    arrival: float = field(default_factory=time.monotonic)
 
 
 class Encoder:
@@ -50,7 +48,6 @@ class Encoder:
                                self.args.max_position_embeddings)
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.vocab_size = self.args.vocab_size
-        self.served = 0
 
     def check(self, ids: list[int], type_ids: list[int] | None) -> None:
         if not ids:
@@ -73,10 +70,15 @@ class Encoder:
                 types[i, :len(row)] = torch.tensor(row_types)
         with torch.autocast("cpu", dtype=self.compute, enabled=self.compute is not None):
             hidden = self.model(ids, types, torch.tensor([len(row) for row in inputs])).float()    # [B, T, H]
-        self.served += len(inputs)
         if pooling.kind == "score":
             return [[s] for s in cross_encoder_scores(self.model.classify(hidden).float()).tolist()]
         return [pool_row(hidden[i, :len(row)], pooling) for i, row in enumerate(inputs)]
+
+    def pooling_for(self, asked: str | None = None, normalize: bool = True) -> Pooling:
+        """How this encoder embeds: `asked`, else as its sentence-transformers files say, else
+        CLS; normalized as its files say (always, when they declare nothing)."""
+        declared = self.pooling
+        return Pooling(asked or declared.kind or "cls", normalize and (declared.normalize or not declared.kind))
 
     def describe(self) -> dict:
         kind = "cross-encoder" if self.args.num_labels else f"{self.pooling.kind} pooling"
@@ -141,10 +143,6 @@ class AsyncEncoder:
             self._fail_queued()
         vector = await request.done
         return TokenEvent([], len(prompt_ids), 0, 0, "stop", embedding=vector)
-
-    async def generate(self, *args, **kwargs):
-        raise RequestError("this model only embeds and scores: use /v1/embeddings, /v1/rerank or /v1/score")
-        yield  # pragma: no cover  (makes this an async generator, as AsyncEngine.generate)
 
     @property
     def alive(self) -> bool:
@@ -217,8 +215,6 @@ def _settle(future: asyncio.Future, setter, result) -> None:
 
 def is_encoder(path: Path) -> bool:
     """A checkpoint this module runs (BERT family) rather than the decoder engine."""
-    from quantserve.models.families.bert import ENCODER_TYPES
-
     try:
         return read_config(path).get("model_type") in ENCODER_TYPES
     except (FileNotFoundError, ValueError):

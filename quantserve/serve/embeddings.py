@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from quantserve.engine.request import Pooling
 from quantserve.serve.errors import APIError
-from quantserve.serve.service import Service, _as_api_error
+from quantserve.serve.service import Service, as_api_error
 
 MAX_INPUTS = 2048
 RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -223,4 +223,4 @@ async def embed_one(service: Service, rid: str, ids: list[int], types: list[int]
             return await service.engine.embed(rid, ids, pooling, types)
         return await service.engine.embed(rid, ids, pooling)
     except Exception as e:
-        raise _as_api_error(e) from None
+        raise as_api_error(e) from None

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# LMDeploy's and vLLM's parser names; all of them use the same tags
-PARSERS = ("qwen3", "deepseek_r1", "deepseek-r1", "qwen-qwq")
+# every parser name (config.REASONING_PARSERS) uses the same tags
 START, END = "<think>", "</think>"
 
 

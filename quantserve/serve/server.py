@@ -52,17 +52,14 @@ def load_service(name: str, model_path: str | None, engine_config: EngineConfig,
 def load_encoder(path: Path, config: EngineConfig, server: ServerConfig):
     """An embedding model or a cross-encoder: the encoder engine, and what it can do."""
     from quantserve.engine.encoder import AsyncEncoder, Encoder
-    from quantserve.engine.request import Pooling
     from quantserve.text import Tokenizer
 
     encoder = Encoder(path, max_batch_size=config.max_batch_size or 64, num_threads=config.num_threads or 0,
                       dtype=config.dtype)
-    pooled = encoder.pooling
-    kind = server.pooling or pooled.kind or "cls"
-    pooling = None if encoder.args.num_labels else Pooling(kind, normalize=pooled.normalize or not pooled.kind)
+    scores = bool(encoder.args.num_labels)                 # a cross-encoder scores instead of embedding
     model = ModelInfo(Tokenizer(path), encoder.session_len, encoder.vocab_size, GenerationConfig(), None,
-                      generates=False, pooling=pooling, truncate=True, cross_encoder=bool(encoder.args.num_labels),
-                      matryoshka_dimensions=matryoshka(path))
+                      generates=False, pooling=None if scores else encoder.pooling_for(server.pooling), truncate=True,
+                      cross_encoder=scores, matryoshka_dimensions=matryoshka(path))
     return AsyncEncoder(encoder), model
 
 

@@ -120,7 +120,7 @@ class Service:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     failed = True
-                    raise _as_api_error(item)
+                    raise as_api_error(item)
                 if len(tasks) < n and (item.token_ids or item.finish_reason):
                     tasks += [asyncio.create_task(self._choice(plan, j, request_id, queue)) for j in range(1, n)]
                 finished += item.finish_reason is not None
@@ -241,7 +241,7 @@ class _Timer:
         self.metrics.success(reason)
 
 
-def _as_api_error(error: BaseException) -> APIError:
+def as_api_error(error: BaseException) -> APIError:
     if isinstance(error, APIError):
         return error
     if isinstance(error, RequestError):
