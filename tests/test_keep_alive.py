@@ -40,6 +40,13 @@ def wait_status(server: RunningServer, wanted: str) -> None:
         time.sleep(0.05)
 
 
+def stopped(worker) -> bool:
+    """The engine's thread has ended: "unloaded" shows as the model leaves service, and its engine
+    stops right after (shutdown joins the thread for up to 10 s)."""
+    worker.join(10)
+    return not worker.is_alive()
+
+
 def test_an_idle_model_unloads_and_the_next_request_loads_it_again(server):
     client = server.client()
     before = chat(client, keep_alive="1h")   # an hour: "loaded" below, however slow the machine
@@ -47,7 +54,7 @@ def test_an_idle_model_unloads_and_the_next_request_loads_it_again(server):
     worker, engine = server.engine.worker, weakref.ref(server.engine.engine)
     assert chat(client) == before            # no keep_alive: the server's 1 s again
     wait_status(server, "unloaded")
-    assert not worker.is_alive()
+    assert stopped(worker)
     gc.collect()
     assert engine() is None                  # nothing holds the weights and KV cache any more
     assert httpx.get(server.url + "/health").status_code == 200        # idle is not unhealthy
@@ -63,7 +70,7 @@ def test_a_request_keep_alive_overrides_the_server_one(server):
     assert status(server) == "loaded" and worker.is_alive()
     chat(client, keep_alive="0")             # from now: unload as soon as it is idle
     wait_status(server, "unloaded")
-    assert not worker.is_alive()
+    assert stopped(worker)
     chat(client, keep_alive="1h")
     time.sleep(3)
     assert status(server) == "loaded"
@@ -119,7 +126,7 @@ def test_an_open_session_keeps_its_model_loaded_until_it_closes(server):
         time.sleep(3)                        # the server's keep-alive is 1 s: its pinned KV keeps it in use
         assert status(server) == "loaded" and worker.is_alive()
     wait_status(server, "unloaded")          # closed: its blocks are unpinned, and the model goes idle
-    assert not worker.is_alive()
+    assert stopped(worker)
 
 
 def test_requests_to_an_unloaded_model_share_one_load(server):
@@ -151,7 +158,7 @@ def test_an_embedding_model_unloads_and_loads_again(minilm_dir):
             assert time.monotonic() < deadline, "the encoder never unloaded"
             time.sleep(0.05)
             (card,) = client.models.list().data
-        assert not worker.is_alive()
+        assert stopped(worker)
         after = client.embeddings.create(model="minilm", input=["a sentence to embed"]).data[0].embedding
         assert after == pytest.approx(before, abs=1e-6)
     finally:
