@@ -8,8 +8,9 @@ the flag from the field (name, default, help, type), so each is written once, he
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, fields, replace
+
+from quantserve.values import fraction_or_size, json_object, parse_duration, parse_size, quant_policy
 
 SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SUPPORTED_DEVICES = ("cpu", "cuda")
@@ -20,7 +21,12 @@ SUPPORTED_QUANTIZATION = (None, "none", "awq", "gptq", "gguf", "smooth_quant", "
 GPU_ONLY_QUANTIZATION = ("fp8", "fbgemm_fp8", "marlin", "gptq_marlin", "gptq_marlin_24", "awq_marlin", "bitsandbytes",
                          "aqlm", "deepspeedfp", "tpu_int8", "modelopt", "compressed-tensors", "experts_int8", "qqq",
                          "neuron_quant")
-SUPPORTED_SPECULATIVE = (None, "ngram")
+SUPPORTED_SPECULATIVE = (None, "ngram", "draft_model")
+# vLLM's --speculative-config keys -> EngineConfig fields
+SPECULATIVE_CONFIG_KEYS = {"method": "speculative", "model": "speculative_model",
+                           "num_speculative_tokens": "num_speculative_tokens",
+                           "prompt_lookup_max": "prompt_lookup_max", "prompt_lookup_min": "prompt_lookup_min",
+                           "disable_by_batch_size": "speculative_disable_by_batch_size", "draft_p_min": "draft_p_min"}
 
 
 class ConfigError(ValueError):
@@ -40,65 +46,6 @@ def flag(help: str, *names: str, **argparse_options) -> dict:
     """A field's command-line flag: its help, and argparse options beyond the field's own name
     (--field-name), default and type."""
     return {"flag": {"help": help, "names": names, **argparse_options}}
-
-
-SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> float:
-    """'24GB' -> 24e9, '2GiB' -> 2 * 2**30, '512M' -> 512e6 bytes."""
-    m = SIZE_RE.match(str(text))
-    if not m:
-        raise ValueError(f"not a size: {text!r} (examples: 24GB, 2GiB, 512MB)")
-    power = " kmgt".index(m.group(2).lower() or " ")
-    return float(m.group(1)) * (1024 if m.group(3) else 1000) ** power
-
-
-DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
-DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-
-
-def parse_duration(value: str | float) -> float:
-    """Ollama's keep_alive, in seconds: '5m', '30s', '1h30m', '500ms' or a number of seconds;
-    0: none; negative ('-1'): forever (inf)."""
-    text = str(value).strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        body = text.removeprefix("-")
-        parts = DURATION_RE.findall(body)
-        if not parts or "".join(n + u for n, u in parts) != body:
-            raise ValueError(f"not a duration: {value!r} (examples: 5m, 30s, 1h, 0, -1)") from None
-        seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts) * (-1 if text.startswith("-") else 1)
-    if seconds != seconds:
-        raise ValueError(f"not a duration: {value!r}")
-    return float("inf") if seconds < 0 else seconds
-
-
-def fraction_or_size(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def json_object(text: str) -> dict:
-    import json
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError("must be a JSON object")
-    return value
-
-
-def quant_policy(text: str) -> int:
-    names = {"none": 0, "int8": 8, "int4": 4, "0": 0, "8": 8, "4": 4}
-    if text.lower() not in names:
-        raise ValueError(f"choose from 0/none, 8/int8, 4/int4 (got {text!r})")
-    return names[text.lower()]
 
 
 def _is_fraction_or_size(value) -> bool:
@@ -149,13 +96,22 @@ class EngineConfig:
         "awq, gptq, gguf: checked against the checkpoint; w8a8, w4a16: round a float model to 8 or 4 bits at "
         "load (data-free); none: as the checkpoint says", "--quantization", "-q", type=str.lower))
     speculative: str | None = field(default=None, metadata=flag(   # SUPPORTED_SPECULATIVE
-        "speculative decoding: ngram drafts a request's next tokens from its own prompt and output (prompt "
-        "lookup), verified in one step, outputs unchanged (default: off)", choices=["ngram"]))
+        "speculative decoding, outputs unchanged: ngram drafts a request's next tokens from its own prompt and "
+        "output (prompt lookup); draft_model from --speculative-model (default: off, or draft_model when "
+        "--speculative-model is given)", choices=["ngram", "draft_model"]))
+    speculative_model: str | None = field(default=None, metadata=flag(
+        "a small model of the same vocabulary that drafts (a directory or .gguf), e.g. a 4-bit copy or a "
+        "smaller sibling", "--speculative-model", "--model-draft"))
     num_speculative_tokens: int = field(default=4, metadata=flag("tokens drafted per step (K)", type=int))
     prompt_lookup_max: int = field(default=4, metadata=flag("longest n-gram searched for a draft", type=int))
     prompt_lookup_min: int = field(default=1, metadata=flag("shortest n-gram searched for a draft", type=int))
     speculative_disable_by_batch_size: int = field(default=4, metadata=flag(
         "no drafts in a step with more decoding requests than this (a full batch gains nothing)", type=int))
+    draft_p_min: float = field(default=0.75, metadata=flag(
+        "a draft model stops drafting when its next token's probability is below this", type=float))
+    speculative_config: dict | None = field(default=None, metadata=flag(   # applied to the fields above
+        'vLLM\'s JSON form, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' or \'{"model": PATH}\'',
+        type=json_object))
 
     def model_overrides(self) -> dict:
         """Config entries to override: --hf-overrides, and --rope-scaling-factor as dynamic NTK."""
@@ -188,12 +144,27 @@ class EngineConfig:
         _check(self.quantization in SUPPORTED_QUANTIZATION,
                f"quantization {self.quantization!r} is not supported; supported: awq, gptq, gguf, smooth_quant, w8a8, "
                "w4a16, none")
+        self._apply_speculative_config()
         _check(self.speculative in SUPPORTED_SPECULATIVE,
                f"speculative must be one of {SUPPORTED_SPECULATIVE[1:]}, got {self.speculative!r}")
         _check(self.num_speculative_tokens > 0, "num_speculative_tokens must be > 0")
         _check(0 < self.prompt_lookup_min <= self.prompt_lookup_max,
                "prompt_lookup_min must be > 0 and <= prompt_lookup_max")
         _check(self.speculative_disable_by_batch_size >= 0, "speculative_disable_by_batch_size must be >= 0")
+        _check((self.speculative == "draft_model") == bool(self.speculative_model),
+               "speculative_model is what --speculative draft_model drafts with: give both or neither "
+               f"(got speculative={self.speculative!r}, speculative_model={self.speculative_model!r})")
+        _check(0 <= self.draft_p_min < 1, "draft_p_min must be in [0, 1)")
+
+    def _apply_speculative_config(self) -> None:
+        """--speculative-config's keys onto their fields; a model alone means method draft_model."""
+        spec = dict(self.speculative_config or {})
+        unknown = sorted(set(spec) - set(SPECULATIVE_CONFIG_KEYS))
+        _check(not unknown, f"speculative_config has unknown keys {unknown}; known: {sorted(SPECULATIVE_CONFIG_KEYS)}")
+        for key, value in spec.items():
+            setattr(self, SPECULATIVE_CONFIG_KEYS[key], value)
+        if self.speculative_model and self.speculative is None:
+            self.speculative = "draft_model"
 
 
 @dataclass

@@ -77,7 +77,7 @@ def test_a_request_keep_alive_overrides_the_server_one(server):
 
 
 def test_minus_one_never_unloads(tiny_server_model):
-    from quantserve.config import parse_duration
+    from quantserve.values import parse_duration
 
     server = RunningServer(tiny_server_model, keep_alive=parse_duration("-1"))
     try:
@@ -99,7 +99,8 @@ def test_a_bad_keep_alive_is_a_400_naming_it(server):
 def test_durations_and_the_flag():
     from quantserve.cli.args import config_values
     from quantserve.cli.main import build_parser
-    from quantserve.config import ServerConfig, parse_duration
+    from quantserve.config import ServerConfig
+    from quantserve.values import parse_duration
 
     assert [parse_duration(t) for t in ("5m", "30s", "1h", "0", "1h30m", "500ms", "90", 2.5)] == \
         [300, 30, 3600, 0, 5400, 0.5, 90, 2.5]

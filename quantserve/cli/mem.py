@@ -52,7 +52,7 @@ def shape(ns):
 
 def estimate(ns) -> dict:
     from quantserve.bench.memory import inference_memory, parse_count, training_memory
-    from quantserve.config import parse_size
+    from quantserve.values import parse_size
     from quantserve.kvcache.budget import free_memory
 
     s = shape(ns)

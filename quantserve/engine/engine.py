@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -16,11 +17,13 @@ from quantserve.engine.block_manager import BlockManager
 from quantserve.engine.model_runner import ModelRunner
 from quantserve.engine.request import FinishReason, Pooling, Request
 from quantserve.engine.scheduler import Scheduler
-from quantserve.engine.speculative import NgramProposer
+from quantserve.engine.speculative import DraftModelProposer, NgramProposer, Proposer
 from quantserve.kvcache.budget import CachePlan, free_memory, plan_cache
 from quantserve.kvcache.paged import PagedKVCache
+from quantserve.models.layers import CausalLM, ModelArgs
 from quantserve.models.loader import (load_model, load_time_spec, model_args, model_config, require_supported,
-                                      torch_dtype)
+                                      same_vocabulary, torch_dtype)
+from quantserve.models.resolve import resolve_model
 from quantserve.models.workspace import load_static_kv, model_dir_of, saved_settings
 
 logger = logging.getLogger("quantserve")
@@ -46,6 +49,14 @@ class EngineStats:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
 
+class Draft(NamedTuple):
+    """A draft model for speculative decoding: its module, shape and storage dtype."""
+
+    model: CausalLM
+    args: ModelArgs
+    dtype: torch.dtype
+
+
 class RequestError(ValueError):
     """A request the engine cannot run; the message says why. Other requests are unaffected."""
 
@@ -65,8 +76,9 @@ class Engine:
         self.dtype = torch_dtype(config.dtype, cfg, config.device)
         self.model = load_model(Path(model_path), self.dtype, config.device, self.session_len, cfg, progress,
                                 config.head_bits, load_time_spec(cfg, config.quantization))
-        self.weights_bytes = self.model.weight_bytes()
         self.kv_bits = config.quant_policy if config.quant_policy is not None else saved.get("quant_policy", 0)
+        self.draft = self._load_draft(Path(model_path), progress) if config.speculative_model else None
+        self.weights_bytes = self.model.weight_bytes() + (self.draft.model.weight_bytes() if self.draft else 0)
         self.plan = self._plan_cache()
         self.cache = PagedKVCache(self.args.num_layers, self.plan.num_blocks, self.plan.block_size,
                                   self.args.num_kv_heads, self.args.head_dim, self.dtype, config.device,
@@ -78,12 +90,36 @@ class Engine:
         blocks = BlockManager(self.plan.num_blocks, self.plan.block_size, config.enable_prefix_caching,
                               cache_tag=f"{self.dtype}/{self.kv_bits}/{'static' if static else 'online'}",
                               max_pinned_blocks=max(0, self.plan.num_blocks - session_blocks))
-        proposer = (NgramProposer(config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min,
-                                  config.speculative_disable_by_batch_size) if config.speculative == "ngram" else None)
-        self.scheduler = Scheduler(blocks, self.max_batch_size, config.max_prefill_token_num, proposer)
+        self.scheduler = Scheduler(blocks, self.max_batch_size, config.max_prefill_token_num, self._proposer())
         self.runner = ModelRunner(self.model, self.cache, config.device)
         self.requests: dict[str, Request] = {}
         logger.info(self.memory_summary())
+
+    def _load_draft(self, target_dir: Path, progress: bool) -> Draft:
+        """The draft model, loaded as the model is (its own dtype rule, ops and quantization)."""
+        path = resolve_model(self.config.speculative_model, progress)
+        cfg = model_config(path)
+        require_supported(cfg)
+        if not same_vocabulary(target_dir, path):
+            raise ConfigError(f"the draft model {self.config.speculative_model} has another vocabulary than the "
+                              "model: speculative decoding needs the same tokenizer", field="speculative_model")
+        dtype = torch_dtype(self.config.dtype, cfg, self.config.device)
+        model = load_model(path, dtype, self.config.device, self.session_len, cfg, progress, self.config.head_bits)
+        return Draft(model, model_args(cfg), dtype)
+
+    def _proposer(self) -> Proposer | None:
+        c = self.config
+        if c.speculative == "ngram":
+            return NgramProposer(c.num_speculative_tokens, c.prompt_lookup_max, c.prompt_lookup_min,
+                                 c.speculative_disable_by_batch_size)
+        if c.speculative != "draft_model":
+            return None
+        model, args, dtype = self.draft
+        self.draft_cache = PagedKVCache(args.num_layers, self.plan.num_blocks, self.plan.block_size,
+                                        args.num_kv_heads, args.head_dim, dtype, c.device)
+        return DraftModelProposer(model, self.draft_cache, c.num_speculative_tokens,
+                                  c.speculative_disable_by_batch_size, c.draft_p_min,
+                                  self.args.vocab_size, c.max_prefill_token_num, c.device)
 
     def _session_len(self, asked: int | None) -> int:
         """--session-len, else the model's context (a sliding window does not bound it)."""
@@ -93,6 +129,9 @@ class Engine:
         c = self.config
         per_token = PagedKVCache.bytes_per_token(self.args.num_layers, self.args.num_kv_heads,
                                                  self.args.head_dim, self.dtype, self.kv_bits)
+        if self.draft:                  # the draft model's cache has a slot for every one of the model's
+            _, args, dtype = self.draft
+            per_token += PagedKVCache.bytes_per_token(args.num_layers, args.num_kv_heads, args.head_dim, dtype)
         plan = plan_cache(free_memory(c.device), c.cache_max_entry_count, per_token,
                           c.cache_block_seq_len, self.max_batch_size, self.session_len, c.cache_max_tokens)
         if plan.num_tokens < self.session_len:
@@ -121,16 +160,21 @@ class Engine:
             return self.model.ops.describe()
         return f"{self.model.ops.describe()}, {torch.get_num_threads()} threads"
 
+    @property
+    def kv_bytes(self) -> int:
+        """The KV cache's bytes, with the draft model's cache beside it."""
+        return self.cache.nbytes + (self.draft_cache.nbytes if self.draft else 0)
+
     def memory_summary(self) -> str:
         """The start-up memory table: weights, KV cache, activations, total (GB = 1e9 bytes)."""
-        kv_name = self.kv_cache_dtype
         acts = self.activation_bytes()
-        rows = [("weights", self.weights_bytes, f"{str(self.dtype).replace('torch.', '')}"),
-                ("KV cache", self.cache.nbytes,
-                 f"{kv_name}: {self.plan.num_blocks} blocks x {self.plan.block_size} = {self.plan.num_tokens:,} tokens, "
-                 f"{self.plan.bytes_per_token:,} B/token"),
+        draft = f", with the draft model's ({self.draft.model.weight_bytes() / 1e9:.3f} GB)" if self.draft else ""
+        rows = [("weights", self.weights_bytes, f"{str(self.dtype).replace('torch.', '')}{draft}"),
+                ("KV cache", self.kv_bytes,
+                 f"{self.kv_cache_dtype}: {self.plan.num_blocks} blocks x {self.plan.block_size} = "
+                 f"{self.plan.num_tokens:,} tokens, {self.plan.bytes_per_token:,} B/token{draft and ' (both caches)'}"),
                 ("activations", acts, f"peak estimate for {self.config.max_prefill_token_num} tokens per step"),
-                ("total", self.weights_bytes + self.cache.nbytes + acts, f"session_len {self.session_len:,}, "
+                ("total", self.weights_bytes + self.kv_bytes + acts, f"session_len {self.session_len:,}, "
                  f"max_batch_size {self.max_batch_size}")]
         table = "\n".join(f"{name:<12}{n / 1e9:>9.3f} GB   {note}" for name, n, note in rows)
         return f"{'kernels':<12}{'':>12}   {self.kernel_backend()}\n{table}"
@@ -146,7 +190,7 @@ class Engine:
         """What this process holds now (GB): tensors by kind, and the resident set."""
         status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
         kib = lambda key: int(status[key].split()[0]) * 1024 / 1e9  # noqa: E731
-        return {"weights_gb": self.weights_bytes / 1e9, "kv_cache_gb": self.cache.nbytes / 1e9,
+        return {"weights_gb": self.weights_bytes / 1e9, "kv_cache_gb": self.kv_bytes / 1e9,
                 "kv_tokens": self.plan.num_tokens, "rss_gb": kib("VmRSS"), "peak_rss_gb": kib("VmHWM")}
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

@@ -13,7 +13,8 @@ import torch
 
 from quantserve.engine import sampler, speculative
 from quantserve.engine.scheduler import ScheduledRequest, SchedulerOutput
-from quantserve.kvcache.paged import AttentionMetadata, PagedKVCache, PrefillChunk
+from quantserve.engine.batch import Row, flat_batch
+from quantserve.kvcache.paged import AttentionMetadata, PagedKVCache
 from quantserve.models.layers import CausalLM
 
 
@@ -76,48 +77,26 @@ class ModelRunner:
         return self.model.compute_logits(hidden[rows]).cpu(), batch
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> BatchInputs:
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        prefills: list[PrefillChunk] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
+        rows: list[Row] = []
         sample_rows: list[int] = []
         sample_from: list[ScheduledRequest] = []
         pooled: list[tuple[ScheduledRequest, int]] = []
         verify: list[tuple[ScheduledRequest, int]] = []
+        row0 = 0
         for s in scheduled:
             r = s.request
-            start, stop = r.num_computed_tokens, r.num_computed_tokens + s.row_len
-            row0 = len(ids)
-            ids.extend(r.all_token_ids[start:stop - len(s.draft)] + s.draft)
-            positions.extend(range(start, stop))
-            slots.extend(self._slot(r.block_ids, p) for p in range(start, stop))
-            if s.row_len == 1:
-                decode_tables.append(r.block_ids)
-                decode_lens.append(stop)
-            else:
-                nblk = -(-stop // self.block_size)
-                prefills.append(PrefillChunk(row0, s.row_len, stop,
-                                             torch.tensor(r.block_ids[:nblk], device=self.device)))
+            start = r.num_computed_tokens
+            rows.append(Row(r.all_token_ids[start:start + s.num_new_tokens] + s.draft, start, r.block_ids))
             if r.pooling is not None:
                 pooled.append((s, row0))
             elif s.draft:
                 verify.append((s, row0))
             elif s.samples:
-                sample_rows.append(len(ids) - 1)
+                sample_rows.append(row0 + s.row_len - 1)
                 sample_from.append(s)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, device=self.device),
-            num_decode=len(decode_tables),
-            decode_block_tables=self._pad_tables(decode_tables),
-            decode_context_lens=torch.tensor(decode_lens, dtype=torch.long, device=self.device),
-            decode_mask=self._decode_mask(decode_lens),
-            prefills=prefills,
-        )
-        return BatchInputs(torch.tensor(ids, device=self.device),
-                           torch.tensor(positions, device=self.device),
-                           meta, sample_rows, sample_from, pooled, verify)
+            row0 += s.row_len
+        ids, positions, meta = flat_batch(rows, self.block_size, self.device)
+        return BatchInputs(ids, positions, meta, sample_rows, sample_from, pooled, verify)
 
     def pool(self, s: ScheduledRequest, hidden: torch.Tensor) -> None:
         """Fold this step's rows of a pooling request ([n, H], positions num_computed_tokens
@@ -139,21 +118,6 @@ class ModelRunner:
         if r.pooling.normalize:
             vec = torch.nn.functional.normalize(vec, dim=0)
         r.embedding = vec.cpu().tolist()
-
-    def _slot(self, block_ids: list[int], position: int) -> int:
-        return block_ids[position // self.block_size] * self.block_size + position % self.block_size
-
-    def _pad_tables(self, tables: list[list[int]]) -> torch.Tensor:
-        width = max((len(t) for t in tables), default=0)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        return torch.tensor(padded, dtype=torch.long, device=self.device).view(len(tables), width)
-
-    def _decode_mask(self, lens: list[int]) -> torch.Tensor:
-        """[B, 1, 1, S] True where a key position is inside the request's context."""
-        width = max((-(-n // self.block_size) for n in lens), default=0) * self.block_size
-        pos = torch.arange(width, device=self.device)
-        lens_t = torch.tensor(lens, device=self.device).unsqueeze(1)
-        return (pos.unsqueeze(0) < lens_t).view(len(lens), 1, 1, width)
 
 
 def score_yes(logits: torch.Tensor, tokens: tuple[int, int]) -> float:

@@ -86,6 +86,7 @@ class Request:
     pooled: torch.Tensor | None = None                   # [H] float32: the running sum (mean) or the vector
     embedding: list[float] | None = None                 # the result, once finished
     pin_owner: str | None = None                         # a session that keeps its full blocks when it ends
+    num_drafter_tokens: int = 0                          # tokens a draft model's cache holds (speculative.py)
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from quantserve.engine.block_manager import BlockManager
 from quantserve.engine.request import FinishReason, Request, Status
-from quantserve.engine.speculative import NgramProposer
+from quantserve.engine.speculative import Proposer
 
 
 def order(request: Request) -> tuple[int, int]:
@@ -60,7 +60,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_batch_size: int, token_budget: int,
-                 proposer: NgramProposer | None = None):
+                 proposer: Proposer | None = None):
         self.blocks = block_manager
         self.proposer = proposer
         self.max_batch_size = max_batch_size
@@ -79,6 +79,7 @@ class Scheduler:
         budget = self.token_budget
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
+        drafting: list[tuple[ScheduledRequest, int]] = []
         speculate = self._speculating()
         for request in sorted(self.running, key=order):
             if request not in self.running:       # preempted while making room
@@ -86,9 +87,13 @@ class Scheduler:
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if n <= 0 or not self._make_room(request, n, preempted):
                 continue
-            draft = self._draft(request, budget - n) if speculate and n == 1 else []
-            scheduled.append(ScheduledRequest(request, n, draft))
-            budget -= n + len(draft)
+            scheduled.append(ScheduledRequest(request, n))
+            room = self._draft_room(request, budget - n) if speculate and n == 1 else 0
+            if room:
+                drafting.append((scheduled[-1], room))
+            budget -= n + room
+        if drafting:
+            budget += self._draft(drafting)
         if not preempted:
             budget = self._admit_waiting(scheduled, budget)
         scheduled.sort(key=lambda s: s.row_len > 1)  # stable: decodes first, then chunks and verify rows
@@ -101,15 +106,22 @@ class Scheduler:
         decoding = sum(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
         return decoding <= self.proposer.max_decoding_rows
 
-    def _draft(self, request: Request, budget: int) -> list[int]:
-        """A draft for a decoding request, with blocks for its row; [] when it has none or the
-        blocks are short (a draft never preempts: one free block per running request stays)."""
-        draft = self.proposer.propose(request, budget)
-        target = request.num_tokens + len(draft)
-        if not draft or self.blocks.blocks_needed(request, target) + len(self.running) > self.blocks.num_free_blocks:
-            return []
+    def _draft_room(self, request: Request, budget: int) -> int:
+        """Tokens a decoding request may draft, with blocks for its row allocated; 0 when it may
+        not or the blocks are short (a draft never preempts: one free block per running request stays)."""
+        room = self.proposer.room(request, budget)
+        target = request.num_tokens + room
+        if not room or self.blocks.blocks_needed(request, target) + len(self.running) > self.blocks.num_free_blocks:
+            return 0
         self.blocks.allocate(request, target)
-        return draft
+        return room
+
+    def _draft(self, drafting: list[tuple[ScheduledRequest, int]]) -> int:
+        """Every drafting request's draft, proposed together; the budget their room did not use."""
+        drafts = self.proposer.propose([(s.request, room) for s, room in drafting])
+        for (s, _), draft in zip(drafting, drafts):
+            s.draft = draft
+        return sum(room - len(draft) for (_, room), draft in zip(drafting, drafts))
 
     def _make_room(self, request: Request, n: int, preempted: list[Request]) -> bool:
         """Allocate blocks for n more tokens, preempting the last in order() if needed (the
@@ -157,7 +169,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.blocks.free(request)
-        request.num_computed_tokens = 0
+        request.num_computed_tokens = request.num_drafter_tokens = 0
         request.status = Status.WAITING
         request.num_preemptions += 1
         self.add(request)          # its early arrival puts it ahead of later ones of its priority

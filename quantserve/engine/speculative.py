@@ -1,33 +1,47 @@
-"""Speculative decoding with prompt-lookup (n-gram) drafts, lossless.
+"""Speculative decoding, lossless: drafts from the request's own tokens (n-gram prompt lookup) or
+from a small draft model of the same vocabulary.
 
-Drafting: for a decoding request, the last n tokens of its prompt + output (n from
-prompt_lookup_max down to prompt_lookup_min) are looked up earlier in the same tokens; the up to
-K tokens that followed their latest earlier occurrence are the draft. No match: a plain decode.
+Drafting: the scheduler gives each eligible decoding request room for up to K drafted tokens
+(budget, blocks, and what it may still emit), then asks the proposer for all of them at once.
+- n-gram: the last n tokens of its prompt + output (n from prompt_lookup_max down to
+  prompt_lookup_min) are looked up earlier in the same tokens; the tokens that followed their
+  latest earlier occurrence are the draft. No match: a plain decode.
+- draft model: its own paged KV cache, addressed by the request's block table (the same block
+  ids, in a second cache), holds K/V for the request's first `num_drafter_tokens` tokens. One
+  batched forward catches every request up to its last token and gives the first drafted token;
+  each further drafted token is one batched single-token step. A request stops drafting at its
+  room, or when the draft model's confidence in its next token falls below draft_p_min.
 
 Verification: the scheduler gives the request a row of its last token + the draft (a short
 prefill chunk at the end of its context, K + 1 tokens of the budget); the model's logits at every
 position of that row go to `verify`, which accepts drafted tokens while they are what the sampler
 would have produced there, then adds the first token of its own (a correction, or a bonus token
 after a fully accepted draft). Greedy: accept while the draft equals the argmax. Sampled: the
-draft d is a point mass, so accept it with probability p(d), else draw from p with d removed and
-renormalised; each emitted token then has exactly the distribution p, as without drafts.
+draft d is a point mass (both proposers draft deterministically), so accept it with probability
+p(d), else draw from p with d removed and renormalised; each emitted token then has exactly the
+distribution p, as without drafts.
 
 Only requests whose sampler is position-independent draft: no guide, no logprobs, no penalties,
 and past min_new_tokens (their rows would need per-position state); they decode as before. The
-K/V of rejected tokens is left in the cache past num_computed_tokens, overwritten later.
+K/V of rejected tokens is left in the cache past num_computed_tokens, overwritten later; the draft
+model's K/V counts only up to num_computed_tokens for the same reason.
 """
 from __future__ import annotations
 
 import torch
 
 from quantserve.engine import sampler
+from quantserve.engine.batch import Row, flat_batch
 from quantserve.engine.request import Request
+from quantserve.kvcache.paged import PagedKVCache
+from quantserve.models.layers import CausalLM
 
 
-class NgramProposer:
-    def __init__(self, num_tokens: int, n_max: int, n_min: int, max_decoding_rows: int):
-        self.k, self.n_max, self.n_min = num_tokens, n_max, n_min
-        self.max_decoding_rows = max_decoding_rows
+class Proposer:
+    """What every proposer shares: K, when drafting pays, which requests may draft, the counters."""
+
+    def __init__(self, num_tokens: int, max_decoding_rows: int):
+        self.k, self.max_decoding_rows = num_tokens, max_decoding_rows
         self.num_drafts = 0                # verify rows run
         self.num_draft_tokens = 0          # tokens they proposed
         self.num_accepted_tokens = 0       # of those, accepted
@@ -38,21 +52,96 @@ class NgramProposer:
         return (request.pooling is None and request.guide is None and p.logprobs is None and not p.needs_penalties
                 and len(request.output_token_ids) >= p.min_new_tokens)
 
-    def propose(self, request: Request, budget: int) -> list[int]:
-        """Up to min(K, budget) drafted tokens, never more than the request may still emit less one
-        (the step's own token); [] when it cannot draft."""
+    def room(self, request: Request, budget: int) -> int:
+        """Tokens the request may draft this step: at most K and the budget, never more than it may
+        still emit less one (the step's own token); 0 when it cannot draft."""
         p = request.params
-        room = min(p.max_new_tokens - len(request.output_token_ids),
+        left = min(p.max_new_tokens - len(request.output_token_ids),
                    request.max_total_tokens - request.num_tokens) - 1
-        k = min(self.k, budget, room)
-        if k <= 0 or not self.eligible(request):
-            return []
-        return lookup(request.all_token_ids, k, self.n_max, self.n_min)
+        return max(0, min(self.k, budget, left)) if self.eligible(request) else 0
+
+    def propose(self, batch: list[tuple[Request, int]]) -> list[list[int]]:
+        """(request, room) pairs -> each request's draft, at most room tokens long."""
+        raise NotImplementedError
 
     def record(self, drafted: int, accepted: int) -> None:
         self.num_drafts += 1
         self.num_draft_tokens += drafted
         self.num_accepted_tokens += accepted
+
+
+class NgramProposer(Proposer):
+    def __init__(self, num_tokens: int, n_max: int, n_min: int, max_decoding_rows: int):
+        super().__init__(num_tokens, max_decoding_rows)
+        self.n_max, self.n_min = n_max, n_min
+
+    def propose(self, batch: list[tuple[Request, int]]) -> list[list[int]]:
+        return [lookup(r.all_token_ids, k, self.n_max, self.n_min) for r, k in batch]
+
+
+class DraftModelProposer(Proposer):
+    """Drafts from a small model's greedy continuation, run on its own KV cache (see the top)."""
+
+    def __init__(self, model: CausalLM, cache: PagedKVCache, num_tokens: int, max_decoding_rows: int,
+                 p_min: float, vocab_size: int, max_catch_up: int, device: str):
+        super().__init__(num_tokens, max_decoding_rows)
+        self.model, self.cache, self.device = model, cache, device
+        self.p_min, self.vocab_size, self.max_catch_up = p_min, vocab_size, max_catch_up
+
+    @torch.inference_mode()
+    def propose(self, batch: list[tuple[Request, int]]) -> list[list[int]]:
+        drafts: list[list[int]] = [[] for _ in batch]
+        live = self._catch_up(batch, drafts)
+        while live:
+            rows = [Row([drafts[i][-1]], batch[i][0].num_drafter_tokens, batch[i][0].block_ids) for i in live]
+            for i in live:
+                batch[i][0].num_drafter_tokens += 1
+            live = self._next_tokens(rows, live, batch, drafts)
+        return drafts
+
+    def _catch_up(self, batch: list[tuple[Request, int]], drafts: list[list[int]]) -> list[int]:
+        """One forward over each request's tokens the draft model has not seen (up to its last);
+        the first drafted token of each that caught up. Returns the indices still drafting."""
+        rows, live = [], []
+        for i, (r, _) in enumerate(batch):
+            start = min(r.num_drafter_tokens, r.num_computed_tokens)
+            tokens = r.all_token_ids[start:start + self.max_catch_up]      # a long prompt catches up over steps
+            r.num_drafter_tokens = start + len(tokens)
+            rows.append(Row(tokens, start, r.block_ids))
+            if r.num_drafter_tokens == r.num_tokens:
+                live.append(i)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].tokens) > 1)   # single-token rows first
+        last = self._forward([rows[i] for i in order])
+        by_request = {i: last[n] for n, i in enumerate(order)}
+        return self._extend(live, torch.stack([by_request[i] for i in live]) if live else None, batch, drafts)
+
+    def _next_tokens(self, rows: list[Row], live: list[int], batch, drafts) -> list[int]:
+        return self._extend(live, self._forward(rows), batch, drafts)
+
+    def _forward(self, rows: list[Row]) -> torch.Tensor:
+        """Rows (single-token ones first) -> logits [len(rows), V] at each row's last token."""
+        ids, positions, meta = flat_batch(rows, self.cache.block_size, self.device)
+        hidden = self.model(ids, positions, meta, self.cache)                # [T, H]
+        ends = torch.tensor([len(r.tokens) for r in rows]).cumsum(0) - 1
+        logits = self.model.compute_logits(hidden[ends]).cpu()[:, :self.vocab_size]
+        short = self.vocab_size - logits.shape[1]           # a draft vocabulary padded less than the model's
+        return torch.nn.functional.pad(logits, (0, short), value=float("-inf")) if short else logits
+
+    def _extend(self, live: list[int], logits: torch.Tensor | None, batch, drafts) -> list[int]:
+        """Append each live request's next greedy token if confident enough; the ones to go on."""
+        if logits is None:
+            return []
+        logits = sampler.apply_bias_and_guides(logits, [batch[i][0] for i in live])   # the request's logit_bias
+        probs = torch.softmax(logits, dim=-1)
+        best, token = probs.max(dim=-1)
+        going = []
+        for n, i in enumerate(live):
+            if float(best[n]) < self.p_min:
+                continue
+            drafts[i].append(int(token[n]))
+            if len(drafts[i]) < batch[i][1]:
+                going.append(i)
+        return going
 
 
 def lookup(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int]:

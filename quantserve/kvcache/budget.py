@@ -39,7 +39,7 @@ def free_memory(device: str) -> int:
 
 def budget_bytes(entry_count: float | str, free_bytes: int) -> int:
     """--cache-max-entry-count: a fraction of the free memory, or an absolute size ("2GiB")."""
-    from quantserve.config import parse_size
+    from quantserve.values import parse_size
 
     if isinstance(entry_count, str):
         try:

@@ -5,6 +5,7 @@ sharded or not, or pytorch_model*.bin) → family.convert_weights → internal n
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import replace
@@ -256,6 +257,24 @@ def finest_groups(family, quantized: dict[str, QuantizedWeight], args: ModelArgs
                 out[n] = QuantizedWeight(qw.q, qw.scales.repeat_interleave(repeat, 1), None,
                                          replace(qw.spec, group_size=finest), qw.offsets().repeat_interleave(repeat, 1))
     return out
+
+
+def same_vocabulary(a: Path, b: Path) -> bool:
+    """Whether two model directories' tokenizers map the same tokens to the same ids (tokenizer.json's
+    vocabulary and added tokens, else tokenizer.model's bytes); True when either has neither file."""
+    digests = [_vocabulary_digest(d) for d in (a, b)]
+    return None in digests or digests[0] == digests[1]
+
+
+def _vocabulary_digest(model_dir: Path) -> str | None:
+    if (model_dir / "tokenizer.json").is_file():
+        spec = read_json(model_dir / "tokenizer.json")
+        added = sorted((t["id"], t["content"]) for t in spec.get("added_tokens", []))
+        text = json.dumps([spec.get("model", {}).get("vocab"), added], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+    if (model_dir / "tokenizer.model").is_file():
+        return hashlib.sha256((model_dir / "tokenizer.model").read_bytes()).hexdigest()
+    return None
 
 
 def torch_dtype(name: str, cfg: dict, device: str) -> torch.dtype:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from quantserve.config import parse_duration
+from quantserve.values import parse_duration
 
 MAX_LOGIT_BIAS = 100.0
 
