@@ -196,3 +196,28 @@ def test_flags_reach_the_engine_config(tiny_llama):
                          ({"speculative_model": "/d", "draft_p_min": 1.5}, "draft_p_min")):
         with pytest.raises(ConfigError, match=message):
             EngineConfig(**bad)
+
+
+def test_a_real_server_with_a_draft_model(tiny_server_model):
+    """Through the official client: the same greedy text as a server without a draft, and the
+    drafts counted in /metrics."""
+    import httpx
+
+    from conftest import RunningServer
+
+    texts, metrics = [], ""
+    for draft in (None, str(tiny_server_model)):
+        config = EngineConfig(dtype="float32", cache_max_tokens=4096, max_batch_size=8, speculative_model=draft,
+                              draft_p_min=0.0)
+        server = RunningServer(tiny_server_model, engine_config=config)
+        try:
+            reply = server.client().completions.create(model="tiny", prompt="def f(x): return x * 2\n" * 4,
+                                                       max_tokens=32, temperature=0)
+            texts.append(reply.choices[0].text)
+            metrics = httpx.get(server.url + "/metrics").text
+        finally:
+            server.close()
+    assert texts[0] == texts[1] and texts[0]
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line.startswith("vllm:spec_decode")}
+    assert values["vllm:spec_decode_num_accepted_tokens_total"] == values["vllm:spec_decode_num_draft_tokens_total"] > 0

@@ -44,7 +44,9 @@ def write(rows: list[dict], json_path: str | None, csv_path: str | None) -> None
 
 
 def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """A plain-text table of the given (key, header) columns, numbers to 1 decimal."""
+    """A plain-text table of the given (key, header) columns that some row has, numbers to 1 decimal."""
+    columns = [c for c in columns if any(c[0] in flatten(r) for r in rows)]
+
     def cell(value) -> str:
         return f"{value:.1f}" if isinstance(value, float) else str(value)
 

@@ -17,6 +17,10 @@ from pathlib import Path
 from quantserve.cli.args import add_engine_args, add_model_arg, engine_config
 
 
+# shown when the rows have them (speculative decoding on)
+SPECULATION_COLUMNS = [("draft_acceptance_rate", "accepted"), ("mean_acceptance_length", "tok/verify")]
+
+
 def numbers(kind):
     """A flag taking `1 4 16` or `1,4,16`."""
     def parse(text: str) -> list:
@@ -118,7 +122,7 @@ def run_throughput(ns) -> int:
     row = {"model": str(path), **offline.throughput(engine, requests, ns.concurrency, not ns.no_progress)}
     print(results.table([row], [("num_prompts", "prompts"), ("elapsed_s", "seconds"), ("requests_per_s", "req/s"),
                                 ("input_tokens_per_s", "input tok/s"), ("output_tokens_per_s", "output tok/s"),
-                                ("total_tokens_per_s", "total tok/s")]))
+                                ("total_tokens_per_s", "total tok/s"), *SPECULATION_COLUMNS]))
     paths = output_paths(ns, "throughput")
     results.write([row], paths["json"], paths["csv"])
     print(f"results: {paths['json']}  {paths['csv']}", file=sys.stderr)
@@ -149,7 +153,8 @@ def run_latency(ns) -> int:
                   file=sys.stderr)
     print(results.table(rows, [("batch", "batch"), ("input_len", "in"), ("output_len", "out"),
                                ("prefill_tokens_per_s", "prefill tok/s"), ("decode_tokens_per_s", "decode tok/s"),
-                               ("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"), ("peak_rss_gb", "peak RSS GB")]))
+                               ("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"), ("peak_rss_gb", "peak RSS GB"),
+                               *SPECULATION_COLUMNS]))
     paths = output_paths(ns, "latency")
     results.write(rows, paths["json"], paths["csv"])
     written = [paths["json"], paths["csv"]]
