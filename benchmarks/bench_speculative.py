@@ -1,13 +1,18 @@
-"""Batch-1 decode rate with and without n-gram speculative decoding (`--speculative ngram`).
+"""Batch-1 decode rate with and without speculative decoding: n-gram drafts (`--speculative ngram`)
+and a draft model (`--speculative-model`).
 
-    python benchmarks/bench_speculative.py            # default model, under a minute on 2 quiet cores
+    python benchmarks/bench_speculative.py            # default model, a few minutes on 2 quiet cores
 
 Two greedy chat workloads on the default model: a code edit (a ~60-line Python function, asked
 to rename a variable and add a docstring, so the answer copies most of its input) and a
-summary of a ~300-word report. Each runs on the plain engine and on one with
-`speculative="ngram", num_speculative_tokens=4`; decode tokens/s is the new tokens after the
-first over the time after the first (prefill excluded), best of 2 runs. The outputs are compared
-token for token. Writes benchmarks/results/speculative.json and speculative.md.
+summary of a ~300-word report. Each runs on the plain engine, on one with
+`speculative="ngram", num_speculative_tokens=4`, and on one drafting with the shipped Q4_1 file
+run at its own 4 bits (a 4-bit copy of the same model: the only real checkpoint of this
+vocabulary that is here); decode tokens/s is the new tokens after the first over the time after
+the first (prefill excluded), best of 2 runs. The outputs are compared token for token. llama.cpp's
+own llama-server runs the same token ids in the same run: plain and n-gram on the Q4_1 file; plain
+and drafting with the Q4_1 file on an F16 copy of it (llama-quantize), as quantserve's float16
+default model. Writes benchmarks/results/speculative.json and speculative.md.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from quantserve.models.resolve import resolve_model  # noqa: E402
 
 RESULTS = Path(__file__).with_name("results")
 REPEATS = 2
+DRAFT_K = 4                 # tokens drafted per step, both sides
+DRAFT_P_MIN = 0.0           # no confidence floor, both sides (llama.cpp's default)
 
 CODE = '''def summarize_orders(orders, tax_rate, discounts=None):
     total = 0
@@ -166,58 +173,98 @@ def llamacpp_run(gguf: Path, prompts: dict, spec: list[str]) -> dict:
         log.close()
 
 
-def llamacpp_rows(prompts: dict) -> list[dict]:
-    """llama.cpp plain against its n-gram drafting (`--spec-type ngram-simple`, 4 tokens)."""
-    from quantserve import envs
-    from quantserve.models.resolve import _default_gguf
+def f16_copy(gguf: Path) -> Path:
+    """An F16 GGUF of the same weights, written once by llama.cpp's own llama-quantize."""
+    import subprocess
 
-    gguf = _default_gguf(envs.quantserve_home() / "downloads", progress=False)      # the shipped Q4_1 file
-    plain = llamacpp_run(gguf, prompts, [])
-    spec = llamacpp_run(gguf, prompts, ["--spec-type", "ngram-simple", "--spec-draft-n-max", "4"])
-    return [{"workload": name, "plain_tok_s": plain[name]["tok_s"], "ngram_tok_s": spec[name]["tok_s"],
-             "speedup": spec[name]["tok_s"] / plain[name]["tok_s"], "new_tokens": spec[name]["new"],
-             "drafted": spec[name]["drafted"], "accepted": spec[name]["accepted"]} for name in prompts]
+    from benchmarks.bench_llamacpp import tool
+
+    out = gguf.with_name(f"{gguf.stem}.F16.gguf")            # beside it, in quantserve's cache
+    if not out.is_file():
+        subprocess.run([tool("llama-quantize"), "--allow-requantize", str(gguf), str(out), "F16"], check=True,
+                       capture_output=True)
+    return out
+
+
+def llamacpp_rows(prompts: dict, gguf: Path) -> dict[str, list[dict]]:
+    """llama.cpp plain against its n-gram drafting (`--spec-type ngram-simple`, 4 tokens) on the
+    Q4_1 file; and plain against drafting with the Q4_1 file (`--spec-type draft-simple`) on F16."""
+    f16 = f16_copy(gguf)
+    runs = {"plain": llamacpp_run(gguf, prompts, []),
+            "ngram": llamacpp_run(gguf, prompts, ["--spec-type", "ngram-simple", "--spec-draft-n-max", "4"]),
+            "f16": llamacpp_run(f16, prompts, []),
+            "draft": llamacpp_run(f16, prompts, ["--spec-type", "draft-simple", "--spec-draft-model", str(gguf),
+                                                 "--spec-draft-n-max", str(DRAFT_K),
+                                                 "--spec-draft-p-min", str(DRAFT_P_MIN)])}
+    out = {}
+    for kind, base in (("ngram", "plain"), ("draft", "f16")):
+        out[kind] = [{"workload": name, "plain_tok_s": runs[base][name]["tok_s"], "spec_tok_s": runs[kind][name]["tok_s"],
+                      "speedup": runs[kind][name]["tok_s"] / runs[base][name]["tok_s"],
+                      "new_tokens": runs[kind][name]["new"], "drafted": runs[kind][name]["drafted"],
+                      "accepted": runs[kind][name]["accepted"]} for name in prompts]
+    return out
+
+
+def compare(prompts: dict, plain: dict, spec: dict, label: str) -> list[dict]:
+    rows = []
+    for name in prompts:
+        p, s = plain[name], spec[name]
+        rows.append({"workload": name, "prompt_tokens": len(prompts[name][0]), "new_tokens": p["new"],
+                     "plain_tok_s": p["tok_s"], "spec_tok_s": s["tok_s"], "speedup": s["tok_s"] / p["tok_s"],
+                     "acceptance": s["acceptance"], "accepted_per_step": s["accepted_per_step"],
+                     "identical": p["tokens"] == s["tokens"]})
+        print(f"{name}: plain {p['tok_s']:.1f} tok/s, {label} {s['tok_s']:.1f} tok/s "
+              f"({s['tok_s'] / p['tok_s']:.2f}x), identical {p['tokens'] == s['tokens']}", file=sys.stderr)
+    return rows
+
+
+def table(rows: list[dict], theirs: list[dict], label: str, their_setup: str) -> list[str]:
+    lines = [f"| workload | prompt tokens | new tokens | plain tok/s | {label} tok/s | speed-up | drafted tokens "
+             "accepted | accepted per verify step | same tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        acc = f"{r['acceptance']:.0%}" if r["acceptance"] is not None else "-"
+        lines.append(f"| {r['workload']} | {r['prompt_tokens']} | {r['new_tokens']} | {r['plain_tok_s']:.1f} | "
+                     f"{r['spec_tok_s']:.1f} | {r['speedup']:.2f}x | {acc} | {r['accepted_per_step']:.2f} | "
+                     f"{'yes' if r['identical'] else 'no'} |")
+    lines += ["", f"llama.cpp's own `llama-server` (one slot), the same token ids, greedy, {their_setup}, its "
+              "reported decode rate:", "",
+              f"| workload | llama.cpp plain tok/s | llama.cpp {label} tok/s | its speed-up | its drafts accepted | "
+              f"quantserve {label} / llama.cpp {label} |", "|---|---:|---:|---:|---:|---:|"]
+    for ours, t in zip(rows, theirs):
+        acc = f"{t['accepted'] / t['drafted']:.0%}" if t["drafted"] else "-"
+        lines.append(f"| {t['workload']} | {t['plain_tok_s']:.1f} | {t['spec_tok_s']:.1f} | {t['speedup']:.2f}x | "
+                     f"{acc} | **{ours['spec_tok_s'] / t['spec_tok_s']:.2f}x** |")
+    return lines
 
 
 def main() -> None:
     from transformers import AutoTokenizer
 
+    from quantserve import envs
+    from quantserve.models.resolve import _default_gguf
+
     model_dir = resolve_model(None)
+    gguf = _default_gguf(envs.quantserve_home() / "downloads", progress=False)      # the shipped Q4_1 file
     tok = AutoTokenizer.from_pretrained(model_dir)
     chat = lambda text: tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,  # noqa: E731
                                                 tokenize=False)
     prompts = {name: (tok.encode(chat(text), add_special_tokens=False), new) for name, (text, new) in WORKLOADS.items()}
     eos = (tok.eos_token_id,)
     plain = measure(model_dir, prompts, eos)
-    spec = measure(model_dir, prompts, eos, speculative="ngram", num_speculative_tokens=4)
-    rows = []
-    for name in WORKLOADS:
-        p, s = plain[name], spec[name]
-        rows.append({"workload": name, "prompt_tokens": len(prompts[name][0]), "new_tokens": p["new"],
-                     "plain_tok_s": p["tok_s"], "ngram_tok_s": s["tok_s"], "speedup": s["tok_s"] / p["tok_s"],
-                     "acceptance": s["acceptance"], "accepted_per_step": s["accepted_per_step"],
-                     "identical": p["tokens"] == s["tokens"]})
-        print(f"{name}: plain {p['tok_s']:.1f} tok/s, ngram {s['tok_s']:.1f} tok/s "
-              f"({s['tok_s'] / p['tok_s']:.2f}x), identical {p['tokens'] == s['tokens']}", file=sys.stderr)
+    ngram = compare(prompts, plain, measure(model_dir, prompts, eos, speculative="ngram", num_speculative_tokens=4),
+                    "ngram")
+    draft = compare(prompts, plain, measure(model_dir, prompts, eos, speculative_model=str(gguf),
+                                            num_speculative_tokens=DRAFT_K, draft_p_min=DRAFT_P_MIN), "draft model")
     RESULTS.mkdir(exist_ok=True)
-    theirs = llamacpp_rows(prompts)
-    (RESULTS / "speculative.json").write_text(json.dumps({"kernels": plain["kernels"], "rows": rows,
-                                                          "llamacpp": theirs}, indent=1))
-    lines = ["| workload | prompt tokens | new tokens | plain tok/s | ngram K=4 tok/s | speed-up | drafted tokens "
-             "accepted | accepted per verify step | same tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        acc = f"{r['acceptance']:.0%}" if r["acceptance"] is not None else "-"
-        lines.append(f"| {r['workload']} | {r['prompt_tokens']} | {r['new_tokens']} | {r['plain_tok_s']:.1f} | "
-                     f"{r['ngram_tok_s']:.1f} | {r['speedup']:.2f}x | {acc} | {r['accepted_per_step']:.2f} | "
-                     f"{'yes' if r['identical'] else 'no'} |")
-    lines += ["", "llama.cpp's own `llama-server` (one slot) on the shipped Q4_1 file, the same token ids, greedy, "
-              "plain against `--spec-type ngram-simple --spec-draft-n-max 4`, its reported decode rate:", "",
-              "| workload | llama.cpp plain tok/s | llama.cpp ngram tok/s | its speed-up | its drafts accepted | "
-              "quantserve ngram / llama.cpp ngram |", "|---|---:|---:|---:|---:|---:|"]
-    for ours, t in zip(rows, theirs):
-        acc = f"{t['accepted'] / t['drafted']:.0%}" if t["drafted"] else "-"
-        lines.append(f"| {t['workload']} | {t['plain_tok_s']:.1f} | {t['ngram_tok_s']:.1f} | {t['speedup']:.2f}x | "
-                     f"{acc} | **{ours['ngram_tok_s'] / t['ngram_tok_s']:.2f}x** |")
+    theirs = llamacpp_rows(prompts, gguf)
+    (RESULTS / "speculative.json").write_text(json.dumps({"kernels": plain["kernels"], "ngram": ngram,
+                                                          "draft_model": draft, "llamacpp": theirs}, indent=1))
+    lines = ["n-gram drafts, K = 4:", "", *table(ngram, theirs["ngram"], "ngram", "plain against `--spec-type "
+                                                   "ngram-simple --spec-draft-n-max 4` on the shipped Q4_1 file"),
+             "", f"A draft model, K = {DRAFT_K}, no confidence floor: quantserve's float16 default model drafted by "
+             "the shipped Q4_1 file at its own bits:", "",
+             *table(draft, theirs["draft"], "draft model", f"an F16 copy of the file drafted by the Q4_1 file "
+                    f"(`--spec-type draft-simple --spec-draft-n-max {DRAFT_K} --spec-draft-p-min {DRAFT_P_MIN}`)")]
     (RESULTS / "speculative.md").write_text("\n".join(lines) + f"\n\nMachine {cpu_name()}, every run; quantserve "
                                                               f"kernels: {plain['kernels']}; llama.cpp: "
                                                               f"{llamacpp_isa()}.\n")

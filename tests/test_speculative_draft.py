@@ -215,6 +215,8 @@ def test_a_real_server_with_a_draft_model(tiny_server_model):
                                                        max_tokens=32, temperature=0)
             texts.append(reply.choices[0].text)
             metrics = httpx.get(server.url + "/metrics").text
+            info = httpx.get(server.url + "/info").json()
+            assert (info["speculative"] or "").startswith("draft model" if draft else "")
         finally:
             server.close()
     assert texts[0] == texts[1] and texts[0]

@@ -152,7 +152,15 @@ class Engine:
                 "kv_cache": self.kv_cache_dtype,
                 "session_len": self.session_len, "max_batch_size": self.max_batch_size,
                 "kv_cache_tokens": self.plan.num_tokens, "prefix_caching": self.config.enable_prefix_caching,
-                "memory": self.memory_summary()}
+                "speculative": self.speculative_summary(), "memory": self.memory_summary()}
+
+    def speculative_summary(self) -> str | None:
+        c = self.config
+        if c.speculative == "ngram":
+            return f"ngram, K={c.num_speculative_tokens}, n {c.prompt_lookup_min}-{c.prompt_lookup_max}"
+        if c.speculative == "draft_model":
+            return f"draft model {c.speculative_model}, K={c.num_speculative_tokens}, p_min {c.draft_p_min}"
+        return None
 
     def kernel_backend(self) -> str:
         """The ops this engine's model runs on, decided once at load (CUDA always runs torch ops)."""
