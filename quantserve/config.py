@@ -145,6 +145,9 @@ class EngineConfig:
     head_bits: int = field(default=8, metadata=flag(   # output head of weight-quantized models: 8 or 4 bits
         "bits of the output head of weight-quantized models (4 reads half the bytes per step)", type=int,
         choices=[4, 8]))
+    max_loras: int = field(default=8, metadata=flag(
+        "LoRA adapters loaded at once (each may serve any rows of any batch)", type=int))
+    max_lora_rank: int = field(default=64, metadata=flag("highest LoRA rank an adapter may have", type=int))
     quantization: str | None = field(default=None, metadata=flag(   # SUPPORTED_QUANTIZATION
         "awq, gptq, gguf: checked against the checkpoint; w8a8, w4a16: round a float model to 8 or 4 bits at "
         "load (data-free); none: as the checkpoint says", "--quantization", "-q", type=str.lower))
@@ -178,6 +181,8 @@ class EngineConfig:
         _check(self.device in SUPPORTED_DEVICES, f"device must be one of {SUPPORTED_DEVICES}, got {self.device!r}")
         _check(self.rope_scaling_factor >= 0, "rope_scaling_factor must be >= 0")
         _check(self.head_bits in (4, 8), f"head_bits must be 4 or 8, got {self.head_bits}")
+        _check(self.max_loras > 0, f"max_loras must be > 0, got {self.max_loras}")
+        _check(self.max_lora_rank > 0, f"max_lora_rank must be > 0, got {self.max_lora_rank}")
         _check(self.model_format in SUPPORTED_MODEL_FORMATS,
                f"model_format {self.model_format!r} is not supported; supported: hf, gguf, awq, gptq")
         if self.quantization is not None:

@@ -86,6 +86,7 @@ class Request:
     pooled: torch.Tensor | None = None                   # [H] float32: the running sum (mean) or the vector
     embedding: list[float] | None = None                 # the result, once finished
     pin_owner: str | None = None                         # a session that keeps its full blocks when it ends
+    lora_id: int = 0                                     # its LoRA adapter (models/lora.py's id); 0: none
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
