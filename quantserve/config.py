@@ -94,6 +94,29 @@ def json_object(text: str) -> dict:
     return value
 
 
+@dataclass(frozen=True)
+class LoRAModule:
+    """A LoRA adapter the server serves from the start under its own model name."""
+
+    name: str
+    path: str
+    base_model_name: str | None = None      # the served model it adapts (None: the first one)
+
+
+def lora_module(text: str) -> LoRAModule:
+    """vLLM's --lora-modules entry: name=path, or {"name": ..., "path": ..., "base_model_name": ...}."""
+    if text.strip().startswith("{"):
+        value = json_object(text)
+        if not all(isinstance(value.get(k), str) and value[k] for k in ("name", "path")) or \
+                not isinstance(value.get("base_model_name", ""), (str, type(None))):
+            raise ValueError(f"a JSON entry needs string name and path (and maybe base_model_name), got {text!r}")
+        return LoRAModule(value["name"], value["path"], value.get("base_model_name"))
+    name, eq, path = text.partition("=")
+    if not (eq and name and path):
+        raise ValueError(f"expected name=path or a JSON object, got {text!r}")
+    return LoRAModule(name, path)
+
+
 def quant_policy(text: str) -> int:
     names = {"none": 0, "int8": 8, "int4": 4, "0": 0, "8": 8, "4": 4}
     if text.lower() not in names:
@@ -407,6 +430,10 @@ class ServerConfig:
         "unload a model (weights and KV cache) after it has had no request for this long, and load it again on "
         "the next one: 5m, 30s, 1h; 0: right after each request; -1: never (the default). A request's "
         "keep_alive sets it from then on", type=parse_duration, metavar="DURATION"))
+    lora_modules: list[LoRAModule] = field(default_factory=list, metadata=flag(
+        "LoRA adapters to serve, each under its own model name: name=path, or vLLM's JSON form "
+        '\'{"name": "sql", "path": "/adapters/sql", "base_model_name": "m"}\' (default base: the first model)',
+        nargs="+", type=lora_module, metavar="NAME=PATH"))
     step_timeout: float | None = field(default=None, metadata=flag(
         "restart a model's engine when one of its steps runs longer than this; its requests get a 503 "
         "(default: off; an engine whose worker dies is restarted regardless)", type=float, metavar="SECONDS"))
@@ -416,3 +443,5 @@ class ServerConfig:
         _check(self.max_stored_responses > 0, f"max_stored_responses must be > 0, got {self.max_stored_responses}")
         _check(self.keep_alive >= 0, f"keep_alive must be >= 0 seconds (inf: never), got {self.keep_alive}")
         _check(self.step_timeout is None or self.step_timeout > 0, f"step_timeout must be > 0, got {self.step_timeout}")
+        names = [m.name for m in self.lora_modules]
+        _check(len(set(names)) == len(names), f"lora_modules names each adapter once, got {names}")
