@@ -331,3 +331,40 @@ def test_http_models_list_completions_and_admin(llama, server, tmp_path):
         complete("c")
     assert {m.id for m in client.models.list().data} == {"tiny", "a", "b"}
     assert complete("a") == engine_text(llama, "a")          # still serving
+
+
+def test_pipeline_runs_each_prompt_with_its_adapter(llama):
+    from quantserve.api import pipeline
+    from quantserve.config import GenerationConfig
+
+    pipe = pipeline(str(llama["base"]), EngineConfig(dtype="float32", cache_max_tokens=1024), progress=False)
+    pipe.add_lora("a", str(llama["a"]))
+    gen = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    adapted, plain = pipe(["the quick brown fox", "the quick brown fox"], gen, do_preprocess=False, lora=["a", None])
+    ids = pipe.tokenizer.encode_prompt("the quick brown fox", False)
+    assert adapted.token_ids == greedy_reference(llama["base"], llama["a"], ids, 6) != plain.token_ids
+    with pytest.raises(ValueError, match="1 LoRA adapters for 2 prompts"):
+        pipe(["x", "y"], gen, lora=["a"])
+
+
+def test_a_reloaded_model_keeps_its_adapters(llama):
+    """The registry adds a model's adapters to every engine it loads for it (here a reload)."""
+    from conftest import RunningServer
+
+    server = RunningServer(llama["base"], model_name="tiny", admin_api_keys=["admin-key"])
+    try:
+        r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(llama["a"])},
+                       headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert httpx.post(server.url + "/v1/models/load", json={"model": "a", "path": str(llama["base"])},
+                          headers=ADMIN).status_code == 409            # the name is the adapter's
+        before = server.state.models.get("tiny")
+        assert httpx.post(server.url + "/v1/models/reload", json={"model": "tiny"}, headers=ADMIN).status_code == 200
+        assert server.state.models.get("tiny") is not before
+        text = server.client().completions.create(model="a", prompt=PROMPT, max_tokens=8, temperature=0,
+                                                   extra_body={"ignore_eos": True}).choices[0].text
+        assert text == engine_text(llama, "a")
+        assert httpx.post(server.url + "/v1/models/unload", json={"model": "tiny"}, headers=ADMIN).status_code == 200
+        assert server.state.models.adapters == {}                      # a model's adapters go with it
+    finally:
+        server.close()

@@ -2,9 +2,9 @@
 
 One worker thread owns the Engine (which is not thread-safe) and loops: take new commands
 (add / abort / call: a LoRA adapter added or removed) → step → hand each request's new tokens to
-its asyncio queue. Callers never touch the Engine. Cancelling a generate() iterator (a client that disconnects) aborts its request,
-and its KV blocks return to the pool at once. If a step raises, the requests of that step fail
-with the error and the engine carries on with the others.
+its asyncio queue. Callers never touch the Engine. Cancelling a generate() iterator (a client
+that disconnects) aborts its request, and its KV blocks return to the pool at once. If a step
+raises, the requests of that step fail with the error and the engine carries on with the others.
 
 If the worker itself dies (an error escapes the loop), or a watchdog abandons it because a step
 hangs, the engine is dead: every request it held fails with EngineFailed, and so does any added

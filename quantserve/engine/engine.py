@@ -204,6 +204,7 @@ class Engine:
         """Serve an adapter read by read_lora as `name`; LoRAError when the name is taken or
         --max-loras adapters are loaded."""
         self.loras.add(name, adapter, self._loras_in_use())
+        logger.info("LoRA adapter '%s' from %s: %.1f MB", name, adapter.path, adapter.nbytes / 1e6)
 
     def remove_lora(self, name: str) -> None:
         """New requests can no longer name it; requests already running with it finish with it."""

@@ -65,7 +65,8 @@ class ModelRunner:
         if not any(s.request.lora_id for s in scheduled):
             return None
         loras = self.model.loras
-        slots = [loras.slot_of(s.request.lora_id) if s.request.lora_id else -1 for s in scheduled for _ in range(s.row_len)]
+        row_slots = [loras.slot_of(s.request.lora_id) if s.request.lora_id else -1 for s in scheduled]
+        slots = [slot for s, slot in zip(scheduled, row_slots) for _ in range(s.row_len)]
         return torch.tensor(slots, device=self.device)
 
     @torch.inference_mode()

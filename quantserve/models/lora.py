@@ -52,7 +52,6 @@ class LoRAPair:
 @dataclass(eq=False)
 class Adapter:
     path: str
-    rank: int
     pairs: dict[str, LoRAPair]           # engine linear (layers.3.attn.qkv) -> its delta
     id: int = 0                          # unique in the engine's life (prefix-cache keys), set when added
     slot: int = -1
@@ -76,7 +75,7 @@ def read_adapter(path: str | Path, model: CausalLM, family: Family, max_rank: in
         grouped.setdefault(target, {})[index] = (module, a, b)
     device = model.norm.weight.device
     pairs = {target: stack_parts(target, pieces, model, family, scale).to(device) for target, pieces in grouped.items()}
-    return Adapter(str(path), max(a.shape[0] for a, _ in parts.values()), pairs)
+    return Adapter(str(path), pairs)
 
 
 def adapter_config(path: Path, max_rank: int) -> dict:
@@ -124,7 +123,8 @@ def lora_parts(tensors: dict[str, torch.Tensor], max_rank: int) -> dict[str, tup
     for name, t in tensors.items():
         m = _PAIR.match(name)
         if m is None:
-            module = re.sub(r"\.(lora_\w+|base_layer|modules_to_save)(\..*)?$", "", name.removeprefix("base_model.model."))
+            module = re.sub(r"\.(lora_\w+|base_layer|modules_to_save)(\..*)?$", "",
+                            name.removeprefix("base_model.model."))
             raise LoRAError(f"the adapter adapts {module} in a way quantserve does not serve ({name}): only LoRA "
                             "pairs (lora_A, lora_B) of the decoder layers' linears are supported")
         found.setdefault(m.group(1), {})[m.group(2)] = t.float()
@@ -253,7 +253,8 @@ class LoRASet:
         in `in_use`, the live requests' adapter ids, still reads)."""
         if name in self.names:
             raise LoRAError(f"an adapter named '{name}' is already loaded")
-        free = [s for s, a in enumerate(self.slots) if a is None or (a not in self.names.values() and a.id not in in_use)]
+        named = {id(a) for a in self.names.values()}
+        free = [s for s, a in enumerate(self.slots) if a is None or (id(a) not in named and a.id not in in_use)]
         if not free:
             raise LoRAError(f"{len(self.slots)} adapters are loaded, the most --max-loras allows: unload one first")
         old = self.slots[free[0]]
