@@ -42,11 +42,11 @@ class LoRAError(ValueError):
 class LoRAPair:
     """One engine linear's delta for one adapter: x [T, K] -> x @ a @ b [T, N]."""
 
-    a: torch.Tensor       # [K, R] float32: the A of every adapted part, side by side
-    b: torch.Tensor       # [R, N] float32: each part's B^T times its scale, in its own rows of R
+    a: torch.Tensor       # [K, R] the A of every adapted part, side by side
+    b: torch.Tensor       # [R, N] each part's B^T times its scale, in its own rows of R
 
-    def to(self, device) -> LoRAPair:
-        return LoRAPair(self.a.to(device), self.b.to(device))
+    def to(self, device, dtype: torch.dtype) -> LoRAPair:
+        return LoRAPair(self.a.to(device, dtype), self.b.to(device, dtype))
 
 
 @dataclass(eq=False)
@@ -62,7 +62,8 @@ class Adapter:
 
 
 def read_adapter(path: str | Path, model: CausalLM, family: Family, max_rank: int) -> Adapter:
-    """A PEFT LoRA directory, checked and mapped onto `model`'s linears (float32, on its device)."""
+    """A PEFT LoRA directory, checked and mapped onto `model`'s linears, in its compute dtype (the
+    activations': float32 on CPU) on its device."""
     path = Path(path)
     if not path.is_dir():
         raise LoRAError(f"{path} is not a directory (an adapter is a directory with adapter_config.json)")
@@ -73,8 +74,8 @@ def read_adapter(path: str | Path, model: CausalLM, family: Family, max_rank: in
     for module, (a, b) in parts.items():
         target, index = engine_target(module, model, family)
         grouped.setdefault(target, {})[index] = (module, a, b)
-    device = model.norm.weight.device
-    pairs = {target: stack_parts(target, pieces, model, family, scale).to(device) for target, pieces in grouped.items()}
+    device, dtype = model.norm.weight.device, model.compute_dtype
+    pairs = {t: stack_parts(t, pieces, model, family, scale).to(device, dtype) for t, pieces in grouped.items()}
     return Adapter(str(path), pairs)
 
 
@@ -219,16 +220,17 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, K] -> base(x) + each adapter's x[rows] @ A @ B on its rows: [T, N]."""
+        """x: [T, K] -> base(x) + each adapter's x[rows] @ A @ B on its rows: [T, N], all in the
+        compute dtype (every runtime kind returns its input's)."""
         y = self.base(x)
         for adapter, rows in self.loras.groups:
             pair = adapter.pairs.get(self.name)
             if pair is None:
                 continue
             if rows is None:                                                   # every row: no gather
-                y.add_((x.float() @ pair.a) @ pair.b)                          # [T, R] -> [T, N]
+                y.addmm_(x @ pair.a, pair.b)                                   # [T, R] @ [R, N], added in place
             else:
-                y.index_add_(0, rows, ((x[rows].float() @ pair.a) @ pair.b).to(y.dtype))
+                y.index_add_(0, rows, (x[rows] @ pair.a) @ pair.b)             # [n, R] @ [R, N]
         return y
 
 
