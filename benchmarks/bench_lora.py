@@ -107,7 +107,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.barh([r["case"] for r in rows][::-1], [r["tok_s"] for r in rows][::-1], color="tab:blue")
     ax.set_xlabel("decode tokens/s (16 rows)")
-    ax.set_title(f"LoRA rank {RANK} on all seven projections, SmolLM2-135M-Instruct")
+    ax.set_title(f"SmolLM2-135M-Instruct, LoRA rank {RANK} on all seven projections", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

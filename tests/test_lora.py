@@ -138,7 +138,10 @@ def test_other_families_match_peft(tmp_path, family):
 
 
 def test_one_mixed_batch_every_row_matches_its_own_reference(llama):
-    """Rows with adapter a, b, none, a again and c (partial groups) prefill and decode together."""
+    """Rows with adapter a, b, none, a again and c (partial groups) prefill and decode together;
+    on the native kernels a row's logits are the same bits alone as in the mix."""
+    from quantserve.kernels.native import NativeOps
+
     e = engine(llama["base"])
     for name in ("a", "b", "c"):
         e.add_lora(name, llama[name])
@@ -147,6 +150,10 @@ def test_one_mixed_batch_every_row_matches_its_own_reference(llama):
     for k, (rid, lora) in enumerate(runs.items()):
         expected = reference_logits(llama["base"], llama[lora] if lora else None, prompt_of(k), len(FORCED))
         torch.testing.assert_close(got[rid], expected, atol=2e-4, rtol=0, msg=f"row {rid} ({lora})")
+    alone = forced_logits(e, {"ra": "a"})["ra"]
+    if isinstance(e.model.ops, NativeOps):
+        assert torch.equal(alone, got["ra"])
+    assert alone.argmax(-1).tolist() == got["ra"].argmax(-1).tolist()
 
 
 def test_steps_without_adapter_rows_keep_the_fused_decode_step(llama, monkeypatch):

@@ -4,9 +4,10 @@ Reading: adapter_config.json + adapter_model.safetensors -> each targeted HF lin
 (lora_A [r, K], lora_B [N_p, r]) -> the engine linear it feeds (the family's recipe names it:
 q_proj -> attn.qkv, ...) and its rows there. The family's own `convert_weights` places B's rows,
 as it fuses checkpoint weights: q/k/v into qkv, gate/up into gate_up, InternLM2's interleaved
-wqkv. An engine linear's parts are stacked into one pair: A [K, R] (every part's A), B [R, N]
-(each part's B, times its scale, in its rows and its own columns of R), so the delta is two
-matmuls whatever the parts.
+wqkv. An engine linear's parts are stacked into one pair of linears, K -> R (every part's A)
+and R -> N (each part's B, times its scale, in its rows, reading its own R columns), so the
+delta is two small linears whatever the parts. They are runtime linears like the base's (native
+float panels on CPU), so an adapter row's numbers do not depend on the batch around it either.
 
 Serving: once an adapter is loaded, the decoder layers' four linears become `LoRALinear`s around
 the runtime linear they held (whatever its kind), which add x @ A @ B for the rows of each
@@ -27,6 +28,7 @@ from torch import nn
 from quantserve.models.families import Family
 from quantserve.models.layers import CausalLM, ModelArgs
 from quantserve.models.loader import ModelLoadError, read_json, read_weights_file
+from quantserve.quant.linear import Linear, runtime_linear
 
 ADAPTED = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")      # per layer, the linears an adapter may target
 _PAIR = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
@@ -40,13 +42,14 @@ class LoRAError(ValueError):
 
 @dataclass
 class LoRAPair:
-    """One engine linear's delta for one adapter: x [T, K] -> x @ a @ b [T, N]."""
+    """One engine linear's delta for one adapter: x [T, K] -> b(a(x)) [T, N]."""
 
-    a: torch.Tensor       # [K, R] the A of every adapted part, side by side
-    b: torch.Tensor       # [R, N] each part's B^T times its scale, in its own rows of R
+    a: nn.Module          # K -> R runtime linear: the A of every adapted part, stacked
+    b: nn.Module          # R -> N runtime linear: each part's B times its scale, in its rows
 
-    def to(self, device, dtype: torch.dtype) -> LoRAPair:
-        return LoRAPair(self.a.to(device, dtype), self.b.to(device, dtype))
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for m in (self.a, self.b) for t in (*m.buffers(), *m.parameters()))
 
 
 @dataclass(eq=False)
@@ -58,12 +61,12 @@ class Adapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.a.nbytes + p.b.nbytes for p in self.pairs.values())
+        return sum(p.nbytes for p in self.pairs.values())
 
 
 def read_adapter(path: str | Path, model: CausalLM, family: Family, max_rank: int) -> Adapter:
-    """A PEFT LoRA directory, checked and mapped onto `model`'s linears, in its compute dtype (the
-    activations': float32 on CPU) on its device."""
+    """A PEFT LoRA directory, checked and mapped onto `model`'s linears: runtime linears of its ops,
+    in its compute dtype (the activations': float32 on CPU), on its device."""
     path = Path(path)
     if not path.is_dir():
         raise LoRAError(f"{path} is not a directory (an adapter is a directory with adapter_config.json)")
@@ -74,8 +77,7 @@ def read_adapter(path: str | Path, model: CausalLM, family: Family, max_rank: in
     for module, (a, b) in parts.items():
         target, index = engine_target(module, model, family)
         grouped.setdefault(target, {})[index] = (module, a, b)
-    device, dtype = model.norm.weight.device, model.compute_dtype
-    pairs = {t: stack_parts(t, pieces, model, family, scale).to(device, dtype) for t, pieces in grouped.items()}
+    pairs = {target: stack_parts(target, pieces, model, family, scale) for target, pieces in grouped.items()}
     return Adapter(str(path), pairs)
 
 
@@ -187,12 +189,12 @@ def part_sizes(args: ModelArgs, linear: str) -> tuple[int, ...]:
 
 def stack_parts(target: str, pieces: dict[int, tuple[str, torch.Tensor, torch.Tensor]], model: CausalLM,
                 family: Family, scale: float) -> LoRAPair:
-    """The adapted parts of one engine linear -> one (A, B) pair, shapes checked against the model."""
+    """The adapted parts of one engine linear -> one pair of linears, shapes checked against the model."""
     linear = model.get_submodule(target)
     n, k = linear.out_features, linear.in_features
     sizes = part_sizes(model.args, target.split(".", 2)[2])
     rank = sum(a.shape[0] for _, a, _ in pieces.values())
-    a_all, b_all, col = torch.zeros(k, rank), torch.zeros(rank, n), 0          # [K, R], [R, N]
+    a_all, b_all, col = torch.zeros(rank, k), torch.zeros(n, rank), 0          # [R, K], [N, R]
     for index, (module, a, b) in sorted(pieces.items()):
         if index < 0:          # all of the linear: the family's conversion orders its rows (InternLM2's wqkv)
             rows, want = slice(0, n), n
@@ -205,10 +207,17 @@ def stack_parts(target: str, pieces: dict[int, tuple[str, torch.Tensor, torch.Te
             raise LoRAError(f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit this model's "
                             f"{target}: expected [r, {k}] and [{want}, r]")
         r = a.shape[0]
-        a_all[:, col:col + r] = a.T
-        b_all[col:col + r, rows] = b.T * scale
+        a_all[col:col + r] = a
+        b_all[rows, col:col + r] = b * scale
         col += r
-    return LoRAPair(a_all, b_all)
+    return LoRAPair(runtime_of(a_all, model), runtime_of(b_all, model))
+
+
+def runtime_of(weight: torch.Tensor, model: CausalLM) -> nn.Module:
+    """A float weight [N, K] as the runtime linear the model's ops run, in its compute dtype."""
+    holder = Linear(weight.shape[1], weight.shape[0], bias=False)
+    holder.weight.data = weight.to(model.norm.weight.device, model.compute_dtype)
+    return runtime_linear(model.ops, holder)
 
 
 class LoRALinear(nn.Module):
@@ -220,17 +229,16 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, K] -> base(x) + each adapter's x[rows] @ A @ B on its rows: [T, N], all in the
-        compute dtype (every runtime kind returns its input's)."""
+        """x: [T, K] -> base(x) + each adapter's b(a(x[rows])) on its rows: [T, N]."""
         y = self.base(x)
         for adapter, rows in self.loras.groups:
             pair = adapter.pairs.get(self.name)
             if pair is None:
                 continue
             if rows is None:                                                   # every row: no gather
-                y.addmm_(x @ pair.a, pair.b)                                   # [T, R] @ [R, N], added in place
+                y.add_(pair.b(pair.a(x)))                                      # [T, R] -> [T, N]
             else:
-                y.index_add_(0, rows, (x[rows] @ pair.a) @ pair.b)             # [n, R] @ [R, N]
+                y.index_add_(0, rows, pair.b(pair.a(x[rows])))                 # [n, R] -> [n, N]
         return y
 
 
