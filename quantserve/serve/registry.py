@@ -89,7 +89,7 @@ class ModelRegistry:
         it loads, after its load failed, or once its engine has stopped."""
         slot = self.slots.get(name if name is not None else self.default)
         if slot is None:
-            served = ", ".join(f"'{n}'" for n in self.slots) or "no model"
+            served = ", ".join(f"'{n}'" for n in [*self.slots, *self.adapters]) or "no model"
             if name is None:
                 raise APIError(503, "no model is loaded", None, "not_ready")
             raise APIError(404, f"the model '{name}' does not exist; this server serves {served}",
