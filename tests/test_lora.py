@@ -292,6 +292,19 @@ def engine_text(llama, lora: str | None, n: int = 8) -> str:
     return AutoTokenizer.from_pretrained(llama["base"]).decode(r.output_token_ids, skip_special_tokens=True)
 
 
+def websocket_chat(url: str, body: dict) -> str:
+    """The reply's text over the chat WebSocket (/v1/chat/completions/ws)."""
+    from websockets.sync.client import connect
+
+    with connect(url.replace("http", "ws") + "/v1/chat/completions/ws") as ws:
+        ws.send(json.dumps(body))
+        chunks = []
+        while (m := ws.recv()) != "[DONE]":
+            chunks.append(json.loads(m))
+    assert all(c["model"] == body["model"] for c in chunks), chunks
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+
+
 def test_http_models_list_completions_and_admin(llama, server, tmp_path):
     client = openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
     cards = {m.id: m for m in client.models.list().data}
@@ -306,8 +319,11 @@ def test_http_models_list_completions_and_admin(llama, server, tmp_path):
 
     assert complete("a") == engine_text(llama, "a") != complete("tiny")
     assert complete("b") == engine_text(llama, "b")
-    chat = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-    assert chat.model == "a" and chat.choices[0].message.content is not None
+    chat = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}
+    whole = client.chat.completions.create(**chat)
+    assert whole.model == "a" and whole.choices[0].message.content != client.chat.completions.create(
+        **{**chat, "model": "tiny"}).choices[0].message.content
+    assert websocket_chat(server, chat) == whole.choices[0].message.content
     with pytest.raises(openai.NotFoundError) as e:
         complete("nope")
     assert e.value.body["code"] == "model_not_found"

@@ -194,8 +194,7 @@ async def respond(service: Service, ticket: Ticket, request: Request, body, chat
 
 
 async def plan_chunks(service: Service, body, chat: bool, id_prefix: str, lora: str | None = None) -> Chunker:
-    """Plan a chat or completions body (refusing what cannot run; `lora`: the adapter it runs with)
-    and count its prompt tokens."""
+    """Plan a chat or completions body (refusing what cannot run) for LoRA adapter `lora`; count its prompt tokens."""
     if chat:
         plans = [await asyncio.to_thread(chat_plan, body, service.model, service.limits)]
     else:
@@ -374,8 +373,7 @@ def add_websocket_route(app: FastAPI, state: ServerState) -> None:
             pass
 
 
-async def stream_over_websocket(ws: WebSocket, service: Service, body: ChatCompletionRequest,
-                                lora: str | None = None) -> None:
+async def stream_over_websocket(ws: WebSocket, service: Service, body: ChatCompletionRequest, lora: str | None) -> None:
     try:
         plan = await asyncio.to_thread(chat_plan, body, service.model, service.limits)
     except APIError as e:
