@@ -13,6 +13,7 @@ python benchmarks/bench_smooth_quant.py
 python benchmarks/bench_prefix_cache.py
 python benchmarks/bench_ws_session.py
 python benchmarks/bench_speculative.py
+python benchmarks/bench_lora.py
 python benchmarks/bench_embeddings.py
 python benchmarks/bench_weight_quant.py
 rm -f benchmarks/results/weight_quality.json     # it resumes from this file; start afresh

@@ -3,6 +3,7 @@
     pipe = pipeline(model_path, backend_config=EngineConfig(cache_max_entry_count=0.4))
     outs = pipe(["Hi", "Tell me a story"], gen_config=GenerationConfig(max_new_tokens=64))
     for chunk in pipe.stream_infer(prompts, gen_config=...): ...
+    pipe.add_lora("sql", "/adapters/sql"); pipe(["q1", "q2"], lora=["sql", None])   # PEFT LoRA, per prompt
 
 Prompts (strings or OpenAI message lists) → token ids → Engine requests; engine steps →
 new token ids → TextStream (detokenize, stop strings) → Response deltas.
@@ -79,11 +80,16 @@ class Pipeline:
             self.engine.step()
         return [r.embedding for r in requests]
 
-    def __call__(self, prompts: Prompt | Sequence[Prompt], gen_config=None,
-                 do_preprocess: bool = True) -> Response | list[Response]:
+    def add_lora(self, name: str, path: str) -> None:
+        """Serve a PEFT LoRA adapter under `name`, for prompts run with lora=name."""
+        self.engine.add_lora(name, path)
+
+    def __call__(self, prompts: Prompt | Sequence[Prompt], gen_config=None, do_preprocess: bool = True,
+                 lora: str | Sequence[str | None] | None = None) -> Response | list[Response]:
+        """lora: the adapter every prompt runs with, or one per prompt (None: the base model)."""
         batch, single = _as_batch(prompts)
         outs = [Response("", 0, 0, index=i) for i in range(len(batch))]
-        for chunk in self.stream_infer(batch, gen_config, do_preprocess):
+        for chunk in self.stream_infer(batch, gen_config, do_preprocess, lora):
             out = outs[chunk.index]
             out.text += chunk.text
             out.token_ids += chunk.token_ids
@@ -94,30 +100,34 @@ class Pipeline:
 
     infer = __call__
 
-    def stream_infer(self, prompts: Prompt | Sequence[Prompt], gen_config=None,
-                     do_preprocess: bool = True) -> Iterator[Response]:
+    def stream_infer(self, prompts: Prompt | Sequence[Prompt], gen_config=None, do_preprocess: bool = True,
+                     lora: str | Sequence[str | None] | None = None) -> Iterator[Response]:
         """Yield Response deltas (new text and token ids) as they are generated, tagged by index."""
         batch, _ = _as_batch(prompts)
         configs = _configs_for(gen_config, len(batch))
-        jobs = self._submit(batch, configs, do_preprocess)
+        loras = [lora] * len(batch) if lora is None or isinstance(lora, str) else list(lora)
+        if len(loras) != len(batch):
+            raise ValueError(f"{len(loras)} LoRA adapters for {len(batch)} prompts")
+        jobs = self._submit(batch, configs, do_preprocess, loras)
         try:
             yield from self._run(jobs)
         finally:
             for job in jobs.values():
                 self.engine.abort(job.request.request_id)
 
-    def _submit(self, batch: list[Prompt], configs: list[GenerationConfig], do_preprocess: bool) -> dict:
+    def _submit(self, batch: list[Prompt], configs: list[GenerationConfig], do_preprocess: bool,
+                loras: list[str | None]) -> dict:
         if self.engine is None:
             raise RequestError(f"{self.model_path.name} is an encoder: it only embeds, with pipe.embed(texts)")
         jobs: dict[str, _Job] = {}
         try:
-            for i, (prompt, cfg) in enumerate(zip(batch, configs)):
+            for i, (prompt, cfg, lora) in enumerate(zip(batch, configs, loras)):
                 if not prompt:
                     raise RequestError("the prompt is empty")
                 ids = self.tokenizer.encode_prompt(prompt, do_preprocess)
                 params = cfg.to_sampling_params(self.tokenizer.eos_token_ids)
                 rid = f"pipe-{next(_ids)}"
-                request = self.engine.add_request(rid, ids, params)
+                request = self.engine.add_request(rid, ids, params, lora=lora)
                 stream = TextStream(self.tokenizer, ids, cfg.stop_words, cfg.skip_special_tokens,
                                     params.eos_token_ids + params.stop_token_ids)
                 jobs[rid] = _Job(i, request, stream)

@@ -48,6 +48,29 @@ def flag(help: str, *names: str, **argparse_options) -> dict:
     return {"flag": {"help": help, "names": names, **argparse_options}}
 
 
+@dataclass(frozen=True)
+class LoRAModule:
+    """A LoRA adapter the server serves from the start under its own model name."""
+
+    name: str
+    path: str
+    base_model_name: str | None = None      # the served model it adapts (None: the first one)
+
+
+def lora_module(text: str) -> LoRAModule:
+    """vLLM's --lora-modules entry: name=path, or {"name": ..., "path": ..., "base_model_name": ...}."""
+    if text.strip().startswith("{"):
+        value = json_object(text)
+        if not all(isinstance(value.get(k), str) and value[k] for k in ("name", "path")) or \
+                not isinstance(value.get("base_model_name", ""), (str, type(None))):
+            raise ValueError(f"a JSON entry needs string name and path (and maybe base_model_name), got {text!r}")
+        return LoRAModule(value["name"], value["path"], value.get("base_model_name"))
+    name, eq, path = text.partition("=")
+    if not (eq and name and path):
+        raise ValueError(f"expected name=path or a JSON object, got {text!r}")
+    return LoRAModule(name, path)
+
+
 def _is_fraction_or_size(value) -> bool:
     if isinstance(value, (int, float)):
         return 0 < value <= 1
@@ -92,6 +115,9 @@ class EngineConfig:
     head_bits: int = field(default=8, metadata=flag(   # output head of weight-quantized models: 8 or 4 bits
         "bits of the output head of weight-quantized models (4 reads half the bytes per step)", type=int,
         choices=[4, 8]))
+    max_loras: int = field(default=8, metadata=flag(
+        "LoRA adapters loaded at once (each may serve any rows of any batch)", type=int))
+    max_lora_rank: int = field(default=64, metadata=flag("highest LoRA rank an adapter may have", type=int))
     quantization: str | None = field(default=None, metadata=flag(   # SUPPORTED_QUANTIZATION
         "awq, gptq, gguf: checked against the checkpoint; w8a8, w4a16: round a float model to 8 or 4 bits at "
         "load (data-free); none: as the checkpoint says", "--quantization", "-q", type=str.lower))
@@ -134,6 +160,8 @@ class EngineConfig:
         _check(self.device in SUPPORTED_DEVICES, f"device must be one of {SUPPORTED_DEVICES}, got {self.device!r}")
         _check(self.rope_scaling_factor >= 0, "rope_scaling_factor must be >= 0")
         _check(self.head_bits in (4, 8), f"head_bits must be 4 or 8, got {self.head_bits}")
+        _check(self.max_loras > 0, f"max_loras must be > 0, got {self.max_loras}")
+        _check(self.max_lora_rank > 0, f"max_lora_rank must be > 0, got {self.max_lora_rank}")
         _check(self.model_format in SUPPORTED_MODEL_FORMATS,
                f"model_format {self.model_format!r} is not supported; supported: hf, gguf, awq, gptq")
         if self.quantization is not None:
@@ -373,6 +401,10 @@ class ServerConfig:
         "unload a model (weights and KV cache) after it has had no request for this long, and load it again on "
         "the next one: 5m, 30s, 1h; 0: right after each request; -1: never (the default). A request's "
         "keep_alive sets it from then on", type=parse_duration, metavar="DURATION"))
+    lora_modules: list[LoRAModule] = field(default_factory=list, metadata=flag(
+        "LoRA adapters to serve, each under its own model name: name=path, or vLLM's JSON form "
+        '\'{"name": "sql", "path": "/adapters/sql", "base_model_name": "m"}\' (default base: the first model)',
+        nargs="+", type=lora_module, metavar="NAME=PATH"))
     step_timeout: float | None = field(default=None, metadata=flag(
         "restart a model's engine when one of its steps runs longer than this; its requests get a 503 "
         "(default: off; an engine whose worker dies is restarted regardless)", type=float, metavar="SECONDS"))
@@ -382,3 +414,5 @@ class ServerConfig:
         _check(self.max_stored_responses > 0, f"max_stored_responses must be > 0, got {self.max_stored_responses}")
         _check(self.keep_alive >= 0, f"keep_alive must be >= 0 seconds (inf: never), got {self.keep_alive}")
         _check(self.step_timeout is None or self.step_timeout > 0, f"step_timeout must be > 0, got {self.step_timeout}")
+        names = [m.name for m in self.lora_modules]
+        _check(len(set(names)) == len(names), f"lora_modules names each adapter once, got {names}")

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_server_args(server)
     add_connection_args(server)
     g = server.add_argument_group("models")
-    add_config_args(g, ServerConfig, only=("admin_api_keys", "models_dir"))
+    add_config_args(g, ServerConfig, only=("admin_api_keys", "models_dir", "lora_modules"))
     g.add_argument("--proxy-url", default=None, help="register with this `serve proxy` once loaded")
     add_config_args(server.add_argument_group("grpc"), ServerConfig, only=("grpc_port",))
     ui = sub.add_parser("gradio", help="chat page: for a running api_server (URL), or with the model in-process")
@@ -101,7 +101,7 @@ def add_server_args(p: argparse.ArgumentParser, port: int = 23333) -> None:
 
 
 # ServerConfig's flags that only `serve api_server` has: run-time model admin and gRPC
-API_SERVER_ONLY = ("admin_api_keys", "models_dir", "grpc_port")
+API_SERVER_ONLY = ("admin_api_keys", "models_dir", "grpc_port", "lora_modules")
 
 
 def add_connection_args(p: argparse.ArgumentParser) -> None:
@@ -179,10 +179,24 @@ def run_api_server(ns, with_ui: bool = False) -> int:
     if server.overflow_model is not None and server.overflow_model not in dict(models):
         raise ConfigError(f"'{server.overflow_model}' is not one of the models served: "
                           f"{', '.join(name for name, _ in models)}", field="overflow_model")
+    check_lora_modules(server.lora_modules, models)
     run_server(models, engine_config(ns), server, ns.server_name, ns.server_port, ns.chat_template,
                ns.tool_call_parser, ns.log_level, ns.ssl, ns.ssl_keyfile, ns.ssl_certfile, with_ui,
                getattr(ns, "proxy_url", None))
     return 0
+
+
+def check_lora_modules(loras, models: list[tuple[str, str | None]]) -> None:
+    """Every --lora-modules entry adapts a served model and has a name of its own."""
+    from quantserve.config import ConfigError
+
+    served = dict(models)
+    for m in loras:
+        if m.name in served:
+            raise ConfigError(f"'{m.name}' names both a model and a LoRA adapter", field="lora_modules")
+        if m.base_model_name is not None and m.base_model_name not in served:
+            raise ConfigError(f"the LoRA adapter '{m.name}' adapts '{m.base_model_name}', which is not served "
+                              f"(served: {', '.join(served)})", field="lora_modules")
 
 
 def server_fields(ns) -> dict:

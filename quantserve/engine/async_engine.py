@@ -1,10 +1,10 @@
 """The engine behind an asyncio interface: generate() streams token ids, abort() stops.
 
 One worker thread owns the Engine (which is not thread-safe) and loops: take new commands
-(add / abort) → step → hand each request's new tokens to its asyncio queue. Callers never touch
-the Engine. Cancelling a generate() iterator (a client that disconnects) aborts its request,
-and its KV blocks return to the pool at once. If a step raises, the requests of that step fail
-with the error and the engine carries on with the others.
+(add / abort / call: a LoRA adapter added or removed) → step → hand each request's new tokens to
+its asyncio queue. Callers never touch the Engine. Cancelling a generate() iterator (a client
+that disconnects) aborts its request, and its KV blocks return to the pool at once. If a step
+raises, the requests of that step fail with the error and the engine carries on with the others.
 
 If the worker itself dies (an error escapes the loop), or a watchdog abandons it because a step
 hangs, the engine is dead: every request it held fails with EngineFailed, and so does any added
@@ -14,6 +14,7 @@ the step returns, then ends.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
 import logging
 import threading
@@ -64,11 +65,12 @@ class AsyncEngine:
         self.worker.start()
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       pin_owner: str | None = None) -> AsyncIterator[TokenEvent]:
+                       pin_owner: str | None = None, lora: str | None = None) -> AsyncIterator[TokenEvent]:
         """Stream the request's tokens; RequestError if the engine rejects it. With `pin_owner`
-        its KV blocks stay pinned for that owner when it ends, until unpin(owner)."""
+        its KV blocks stay pinned for that owner when it ends, until unpin(owner); with `lora`, it
+        runs with that loaded adapter."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._put(("add", request_id, prompt_ids, params, stream, None, pin_owner))
+        self._put(("add", request_id, prompt_ids, params, stream, None, pin_owner, lora))
         finished = False
         try:
             while not finished:
@@ -85,7 +87,7 @@ class AsyncEngine:
         """Read the prompt through the model, batched with whatever else runs; the finished
         event carries the pooled vector. RequestError if the engine rejects it."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._put(("add", request_id, prompt_ids, SamplingParams(max_new_tokens=1), stream, pooling, None))
+        self._put(("add", request_id, prompt_ids, SamplingParams(max_new_tokens=1), stream, pooling, None, None))
         try:
             event = await stream.events.get()
         except BaseException:
@@ -94,6 +96,22 @@ class AsyncEngine:
         if isinstance(event, BaseException):
             raise event
         return event
+
+    async def add_lora(self, name: str, path: str) -> None:
+        """Serve a LoRA adapter as `name`: read and checked off the worker (disk), then added between
+        two steps. models/lora.py's LoRAError says why it cannot be."""
+        adapter = await asyncio.to_thread(self.engine.read_lora, path)
+        await asyncio.wrap_future(self.call(lambda engine: engine.install_lora(name, adapter)))
+
+    async def remove_lora(self, name: str) -> None:
+        await asyncio.wrap_future(self.call(lambda engine: engine.remove_lora(name)))
+
+    def call(self, fn) -> concurrent.futures.Future:
+        """fn(engine) on the worker, between two steps (the Engine is not thread-safe); its result or
+        error in the future (EngineFailed once the engine is dead)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._put(("call", fn, future))
+        return future
 
     def _put(self, command: tuple) -> None:
         self.commands.put(command)
@@ -158,6 +176,8 @@ class AsyncEngine:
                     return
                 if command[0] == "add":
                     self._send(command[4], error)
+                elif command[0] == "call":
+                    command[2].set_exception(error)
 
     def _take_commands(self, block: bool) -> None:
         try:
@@ -173,9 +193,9 @@ class AsyncEngine:
 
     def _apply(self, command: tuple) -> None:
         if command[0] == "add":
-            _, rid, ids, params, stream, pooling, pin_owner = command
+            _, rid, ids, params, stream, pooling, pin_owner, lora = command
             try:
-                self.engine.add_request(rid, ids, params, pooling, pin_owner)
+                self.engine.add_request(rid, ids, params, pooling, pin_owner, lora)
                 with self.lock:
                     if self.failure is None:
                         self.streams[rid] = stream
@@ -191,6 +211,12 @@ class AsyncEngine:
                 self._send(stream, TokenEvent([], 0, 0, 0, FinishReason.ABORT.value))
         elif command[0] == "unpin":
             self.engine.unpin(command[1])
+        elif command[0] == "call":
+            _, fn, future = command
+            try:
+                future.set_result(fn(self.engine))
+            except Exception as e:        # the caller's error (a bad adapter), not the engine's
+                future.set_exception(e)
 
     def _step(self) -> None:
         self.step_started = time.monotonic()

@@ -2,7 +2,8 @@
 
 A request holding `n` tokens of K/V owns ceil(n / block_size) blocks, listed in order in its
 `block_ids` (its block table). With prefix caching, every full block is keyed by a SHA-256 of
-its whole token prefix (the previous block's key + its tokens + the KV dtype), so two requests
+its whole token prefix (the previous block's key + its tokens + the KV dtype; the chain starts from
+the request's LoRA adapter, if any), so two requests
 whose first k blocks of tokens agree share those k blocks: reference-counted, never copied,
 never written again (a request only writes into its own last, partial block). A block whose
 count drops to 0 goes back to the free pool but keeps its contents and key; it is reused as
@@ -84,7 +85,7 @@ class BlockManager:
         if not self.caching or request.block_ids or (request.pooling and request.pooling.reads_every_token):
             return []
         tokens = request.all_token_ids
-        blocks, key = [], b""
+        blocks, key = [], self._root(request)
         for i in range((len(tokens) - 1) // self.block_size):
             key = self._key(key, tokens[i * self.block_size:(i + 1) * self.block_size])
             if key not in self.cached:
@@ -114,7 +115,7 @@ class BlockManager:
         tokens = request.all_token_ids
         while len(request.block_keys) < full:
             i = len(request.block_keys)
-            prev = request.block_keys[-1] if request.block_keys else b""
+            prev = request.block_keys[-1] if request.block_keys else self._root(request)
             key = self._key(prev, tokens[i * self.block_size:(i + 1) * self.block_size])
             request.block_keys.append(key)
             block = request.block_ids[i]
@@ -147,6 +148,12 @@ class BlockManager:
         blocks = self.pins.pop(owner, [])
         self.num_pinned_blocks -= len(blocks)
         self._unref(blocks)
+
+    @staticmethod
+    def _root(request: Request) -> bytes:
+        """Where a request's key chain starts: a LoRA adapter's K/V differ from the base model's
+        and from every other adapter's, so its blocks are keyed apart (ids are never reused)."""
+        return f"lora:{request.lora_id}".encode() if request.lora_id else b""
 
     def _key(self, prev: bytes, tokens: list[int]) -> bytes:
         h = hashlib.sha256(prev + self.cache_tag)

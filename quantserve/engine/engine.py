@@ -21,8 +21,9 @@ from quantserve.engine.speculative import DraftModelProposer, NgramProposer, Pro
 from quantserve.kvcache.budget import CachePlan, free_memory, plan_cache
 from quantserve.kvcache.paged import PagedKVCache
 from quantserve.models.layers import CausalLM, ModelArgs
-from quantserve.models.loader import (load_model, load_time_spec, model_args, model_config, require_supported,
-                                      same_vocabulary, torch_dtype)
+from quantserve.models.loader import (family_for, load_model, load_time_spec, model_args, model_config,
+                                      require_supported, same_vocabulary, torch_dtype)
+from quantserve.models.lora import Adapter, LoRASet
 from quantserve.models.resolve import resolve_model
 from quantserve.models.workspace import load_static_kv, model_dir_of, saved_settings
 
@@ -61,6 +62,10 @@ class RequestError(ValueError):
     """A request the engine cannot run; the message says why. Other requests are unaffected."""
 
 
+class UnknownLoRA(RequestError):
+    """A request named a LoRA adapter that is not loaded."""
+
+
 class Engine:
     def __init__(self, model_path: str | Path, config: EngineConfig | None = None, progress: bool = True):
         self.config = config = config or EngineConfig()
@@ -93,6 +98,7 @@ class Engine:
         self.scheduler = Scheduler(blocks, self.max_batch_size, config.max_prefill_token_num, self._proposer())
         self.runner = ModelRunner(self.model, self.cache, config.device)
         self.requests: dict[str, Request] = {}
+        self.loras = LoRASet(self.model, family_for(cfg), config.max_loras, config.max_lora_rank)
         logger.info(self.memory_summary())
 
     def _load_draft(self, target_dir: Path, progress: bool) -> Draft:
@@ -202,12 +208,16 @@ class Engine:
                 "kv_tokens": self.plan.num_tokens, "rss_gb": kib("VmRSS"), "peak_rss_gb": kib("VmHWM")}
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    pooling: Pooling | None = None, pin_owner: str | None = None) -> Request:
+                    pooling: Pooling | None = None, pin_owner: str | None = None, lora: str | None = None) -> Request:
         """A request to continue `prompt_token_ids`, or with `pooling` only to read them (an
         embedding or a score, ready once its prompt has been computed). `pin_owner`: keep the
         request's full KV blocks pinned for that owner after it ends (a session's next turn starts
-        from them), until `unpin(owner)`."""
+        from them), until `unpin(owner)`. `lora`: the name of a loaded adapter to run it with."""
         self._validate(request_id, prompt_token_ids)
+        lora_id = self.loras.id_of(lora) if lora is not None else 0
+        if lora_id is None:
+            loaded = ", ".join(f"'{n}'" for n in self.loras.names) or "none"
+            raise UnknownLoRA(f"no LoRA adapter named '{lora}' is loaded (loaded: {loaded})")
         if pooling is not None and any(not 0 <= t < self.args.vocab_size for t in pooling.score_tokens):
             raise RequestError(f"score token ids must be in [0, {self.args.vocab_size})")
         if any(not 0 <= t < self.args.vocab_size for t in (*params.stop_token_ids, *params.eos_token_ids)):
@@ -215,7 +225,7 @@ class Engine:
         if any(not 0 <= t < self.args.vocab_size for t, _ in params.logit_bias):
             raise RequestError(f"logit_bias token ids must be in [0, {self.args.vocab_size})")
         request = Request(request_id, list(prompt_token_ids), params, self.session_len, pooling=pooling,
-                          pin_owner=pin_owner)
+                          pin_owner=pin_owner, lora_id=lora_id)
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request
@@ -230,6 +240,34 @@ class Engine:
                                "(raise --session-len or shorten the prompt)")
         if min(ids) < 0 or max(ids) >= self.args.vocab_size:
             raise RequestError(f"token ids must be in [0, {self.args.vocab_size})")
+
+    # ---- LoRA adapters ---------------------------------------------------------------------------
+
+    def read_lora(self, path: str | Path) -> Adapter:
+        """Read and check a PEFT LoRA directory for this model (LoRAError says what is wrong); reads
+        no serving state, so it may run off the engine's thread."""
+        return self.loras.read(path)
+
+    def add_lora(self, name: str, path: str | Path) -> None:
+        """Serve the PEFT LoRA adapter at `path` as `name` (models/lora.py's LoRAError if it cannot)."""
+        self.install_lora(name, self.read_lora(path))
+
+    def install_lora(self, name: str, adapter: Adapter) -> None:
+        """Serve an adapter read by read_lora as `name`; LoRAError when the name is taken or
+        --max-loras adapters are loaded."""
+        self.loras.add(name, adapter, self._loras_in_use())
+        logger.info("LoRA adapter '%s' from %s: %.1f MB", name, adapter.path, adapter.nbytes / 1e6)
+
+    def remove_lora(self, name: str) -> None:
+        """New requests can no longer name it; requests already running with it finish with it."""
+        self.loras.remove(name, self._loras_in_use())
+
+    def list_loras(self) -> dict[str, str]:
+        """Loaded adapters: name -> path."""
+        return {name: a.path for name, a in self.loras.names.items()}
+
+    def _loras_in_use(self) -> set[int]:
+        return {r.lora_id for r in self.requests.values() if r.lora_id}
 
     def abort(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)

@@ -4,6 +4,7 @@ Builds the flat batch (input ids, positions, cache slots) and the AttentionMetad
 scheduled request's counters and block table, runs the model, takes the logits of the last
 token of every request that completes this step, and samples. A request with a speculative
 draft is a prefill chunk of its last token + the draft, verified from the logits at all of them.
+With LoRA adapters, the model also gets every token's adapter slot (lora_slots).
 """
 from __future__ import annotations
 
@@ -56,7 +57,18 @@ class ModelRunner:
     def hidden_states(self, out: SchedulerOutput) -> tuple[torch.Tensor, BatchInputs]:
         """Run the batch; final hidden states [T, H] of every scheduled token."""
         batch = self.prepare(out.scheduled)
-        return self.model(batch.input_ids, batch.positions, batch.meta, self.cache), batch
+        lora_slots = self.lora_slots(out.scheduled)
+        return self.model(batch.input_ids, batch.positions, batch.meta, self.cache, lora_slots), batch
+
+    def lora_slots(self, scheduled: list[ScheduledRequest]) -> torch.Tensor | None:
+        """[T] the LoRA adapter slot of every token of the flat batch (-1: none), rows in prepare()'s
+        order; None when no row has an adapter, so the model keeps its fused decode step."""
+        if not any(s.request.lora_id for s in scheduled):
+            return None
+        loras = self.model.loras
+        row_slots = [loras.slot_of(s.request.lora_id) if s.request.lora_id else -1 for s in scheduled]
+        slots = [slot for s, slot in zip(scheduled, row_slots) for _ in range(s.row_len)]
+        return torch.tensor(slots, device=self.device)
 
     @torch.inference_mode()
     def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list]:

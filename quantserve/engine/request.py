@@ -87,6 +87,7 @@ class Request:
     embedding: list[float] | None = None                 # the result, once finished
     pin_owner: str | None = None                         # a session that keeps its full blocks when it ends
     num_drafter_tokens: int = 0                          # tokens a draft model's cache holds (speculative.py)
+    lora_id: int = 0                                     # its LoRA adapter (models/lora.py's id); 0: none
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

@@ -267,6 +267,7 @@ class CausalLM(nn.Module):
         self.rope, self.rope_local = rope, rope_local      # rope_local: the sliding layers' own (Gemma 3)
         self.compute_dtype = torch.float32
         self.fused: FusedDecoder | None = None
+        self.loras = None               # models/lora.py's LoRASet, once an adapter has been loaded
 
     def finalize(self, compute_dtype: torch.dtype, head_bits: int = 8) -> None:
         """After loading, convert for runtime: tie the head, swap every loaded linear for the kind
@@ -299,11 +300,14 @@ class CausalLM(nn.Module):
         held = sum(b.nbytes for m in linears for b in m.buffers(recurse=False))
         return held + sum(p.nbytes for p in self.parameters())
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata, cache: PagedKVCache) -> torch.Tensor:
-        """input_ids, positions: [T] -> hidden states [T, H] after the final norm."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                cache: PagedKVCache, lora_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, H] after the final norm. lora_slots: [T]
+        each token's adapter slot (-1: none), None when no row has one."""
         x = self.embed_tokens(input_ids)
-        if self.fused is not None and not meta.prefills:
+        if self.loras is not None:
+            self.loras.select(lora_slots)
+        if self.fused is not None and not meta.prefills and lora_slots is None:    # the C step adds no deltas
             x, residual = self.fused.forward(x, positions, meta, cache)
             return self.norm(x, residual)
         residual = None

@@ -96,16 +96,21 @@ async def admit(state: ServerState, model: str | None, client: str,
                 keep_alive: float | None = None) -> tuple[Service, Ticket]:
     """The named model's Service (loaded again first if idle-unloaded; `keep_alive`: the request's)
     and an admission ticket (after the client's rate limit there); when its queue is full, the
-    --overflow-model's (the ticket names it), 429 only when that one is full too."""
-    service = await state.ready(model, keep_alive)
+    --overflow-model's (the ticket names it), 429 only when that one is full too. A LoRA adapter's
+    name gives its base model's Service and a ticket naming the adapter (never an overflow: the
+    sibling has not the adapter)."""
+    base, lora = state.models.resolve(model)
+    service = await state.ready(base, keep_alive)
     service.check_rate(client)
-    sibling = overflow_for(state, model)
+    sibling = overflow_for(state, model) if lora is None else None
     if service.full and sibling is not None and not sibling.full:
         service.metrics.overflowed(state.config.overflow_model)
         ticket = sibling.reserve()
         ticket.overflow = state.config.overflow_model
         return sibling, ticket
-    return service, service.reserve()
+    ticket = service.reserve()
+    ticket.lora = lora
+    return service, ticket
 
 
 def overflow_for(state: ServerState, model: str | None) -> Service | None:

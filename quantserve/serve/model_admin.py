@@ -3,9 +3,12 @@
     POST /v1/models/load    {"model": "b", "path": "/models/b", "session_len": 4096}
     POST /v1/models/unload  {"model": "b"}
     POST /v1/models/reload  {"model": "b", "path": "/models/b-awq"}      # path: default the old one
+    POST /v1/load_lora_adapter    {"lora_name": "sql", "lora_path": "/adapters/sql"}   # vLLM's
+    POST /v1/unload_lora_adapter  {"lora_name": "sql"}
 
 They are off unless the server has admin keys (--admin-api-keys). A load is refused with 400
-before anything is allocated when the weights and the KV cache would not fit in free memory.
+before anything is allocated when the weights and the KV cache would not fit in free memory; an
+adapter with 400 naming what is wrong with it.
 """
 from __future__ import annotations
 
@@ -48,6 +51,16 @@ class UnloadRequest(Strict):
     model: str = Field(min_length=1, max_length=256)
 
 
+class LoadLoRARequest(Strict):
+    lora_name: str = Field(min_length=1, max_length=256, description="the model name it is served under")
+    lora_path: str = Field(min_length=1, max_length=4096, description="a PEFT LoRA directory on the server")
+    base_model_name: str | None = Field(None, description="the served model it adapts (default: the first)")
+
+
+class UnloadLoRARequest(Strict):
+    lora_name: str = Field(min_length=1, max_length=256)
+
+
 class Unloaded(Strict):
     id: str
     object: str = "model"
@@ -71,6 +84,18 @@ def add_model_admin_routes(app: FastAPI, state) -> None:
         require_admin(state, request)
         path = model_path(state, body.model, body.path) if body.path else None
         return await state.models.reload(body.model, path, body.values())
+
+
+    @app.post("/v1/load_lora_adapter", response_model=ModelCard, responses=ADMIN_ERRORS)
+    async def load_lora_adapter(body: LoadLoRARequest, request: Request):
+        require_admin(state, request)
+        return await state.models.add_adapter(body.lora_name, body.lora_path, body.base_model_name)
+
+    @app.post("/v1/unload_lora_adapter", response_model=Unloaded, responses=ADMIN_ERRORS)
+    async def unload_lora_adapter(body: UnloadLoRARequest, request: Request):
+        require_admin(state, request)
+        await state.models.remove_adapter(body.lora_name)
+        return {"id": body.lora_name}
 
 
 def require_admin(state, request: Request) -> None:

@@ -182,7 +182,7 @@ async def respond(service: Service, ticket: Ticket, request: Request, body, chat
     name of the model that took it (an overflow); the admission ticket is released however this ends."""
     streaming, wire = None, wire or Wire("chatcmpl-" if chat else "cmpl-", sse, collect)
     try:
-        chunks = await plan_chunks(service, body, chat, wire.id_prefix)
+        chunks = await plan_chunks(service, body, chat, wire.id_prefix, ticket.lora)
         chunks.model = ticket.overflow or chunks.model
         if body.stream:
             streaming = TicketStream(wire.stream(service, chunks), ticket)    # releases the ticket itself
@@ -193,12 +193,14 @@ async def respond(service: Service, ticket: Ticket, request: Request, body, chat
             ticket.release()
 
 
-async def plan_chunks(service: Service, body, chat: bool, id_prefix: str) -> Chunker:
-    """Plan a chat or completions body (refusing what cannot run) and count its prompt tokens."""
+async def plan_chunks(service: Service, body, chat: bool, id_prefix: str, lora: str | None = None) -> Chunker:
+    """Plan a chat or completions body (refusing what cannot run) for LoRA adapter `lora`; count its prompt tokens."""
     if chat:
         plans = [await asyncio.to_thread(chat_plan, body, service.model, service.limits)]
     else:
         plans = await asyncio.to_thread(completion_plans, body, service.model, service.limits)
+    for plan in plans:
+        plan.lora = lora
     rid = f"{id_prefix}{uuid.uuid4().hex}"
     service.metrics.prompt_tokens.inc(sum(len(p.prompt_ids) for p in plans))
     return Chunker(service, rid, body, plans, chat)
@@ -352,7 +354,8 @@ def add_websocket_route(app: FastAPI, state: ServerState) -> None:
             raw = message.get("text") if message.get("text") is not None else message.get("bytes") or b""
             try:
                 body = ChatCompletionRequest.model_validate_json(raw)
-                service = await state.ready(body.model, body.keep_alive)
+                base, lora = state.models.resolve(body.model)
+                service = await state.ready(base, body.keep_alive)
                 service.check_rate(client_key(state, ws))
                 ticket = service.reserve()
             except ValidationError as e:
@@ -363,19 +366,20 @@ def add_websocket_route(app: FastAPI, state: ServerState) -> None:
                 await ws.send_json(e.body())
                 return await ws.close()
             try:
-                await stream_over_websocket(ws, service, body)
+                await stream_over_websocket(ws, service, body, lora)
             finally:
                 ticket.release()
         except WebSocketDisconnect:
             pass
 
 
-async def stream_over_websocket(ws: WebSocket, service: Service, body: ChatCompletionRequest) -> None:
+async def stream_over_websocket(ws: WebSocket, service: Service, body: ChatCompletionRequest, lora: str | None) -> None:
     try:
         plan = await asyncio.to_thread(chat_plan, body, service.model, service.limits)
     except APIError as e:
         await ws.send_json(e.body())
         return await ws.close()
+    plan.lora = lora
     chunks = Chunker(service, f"chatcmpl-{uuid.uuid4().hex}", body, [plan], chat=True)
     async with aclosing(stream_chunks(service, chunks)) as items:
         async for item in items:

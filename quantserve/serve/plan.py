@@ -33,6 +33,7 @@ class Plan:
     first_index: int = 0                    # choice indices start here (completions with many prompts)
     reasoning: bool | None = None           # --reasoning-parser: None off; True the reply starts inside <think>
     pin_owner: str | None = None            # a session keeping the request's KV blocks for its next turn
+    lora: str | None = None                 # the LoRA adapter it runs with (the model name it asked for)
 
 
 @dataclass

@@ -279,6 +279,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "quantserve"
     root: str
+    parent: str | None = Field(None, description="a LoRA adapter's base model (vLLM's card); null for a model")
     max_model_len: int
     capabilities: list[str] = Field(default_factory=lambda: ["chat", "completions"],
                                     description="what it serves: chat, completions, embeddings, rerank, score")

@@ -10,6 +10,10 @@ A watchdog (the app's lifespan runs it) restarts a model whose engine died, or w
 settings; the requests the engine held have already failed with a 503 that says so, and the
 model is 503 until the new engine serves.
 
+LoRA adapters (vLLM's): each is served under its own name, which resolves to its base model's
+Service plus the adapter. The registry remembers them, so an engine loaded again (restart,
+keep-alive, reload) gets its model's adapters back; unloading a model drops its adapters.
+
 Keep-alive (Ollama's): a model with no request for its keep-alive (--keep-alive, or the last
 request's keep_alive) is unloaded: its engine stops and its weights and KV cache are freed, while
 its name stays served ("unloaded" in /v1/models; /health stays 200). The next request loads it
@@ -26,6 +30,8 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 
+from quantserve.config import LoRAModule
+from quantserve.models.lora import LoRAError
 from quantserve.serve.errors import APIError
 from quantserve.serve.service import Service
 
@@ -54,6 +60,14 @@ class ModelSlot:
         return "unloaded" if self.unloaded else "restarting" if self.restarting else "loaded"
 
 
+@dataclass
+class AdapterSlot:
+    name: str
+    base: str                               # the served model it adapts
+    path: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
 class ModelRegistry:
     def __init__(self, loader: Loader | None = None, drain_timeout: float = 600.0, keep_alive: float = math.inf):
         self.loader = loader
@@ -62,6 +76,7 @@ class ModelRegistry:
         self.busy: set[str] = set()          # names with a load, unload or reload under way
         self.drain_timeout = drain_timeout
         self.tasks: set[asyncio.Task] = set()      # restarts and unloads under way (a reference keeps each alive)
+        self.adapters: dict[str, AdapterSlot] = {}     # LoRA adapters by their served name
 
     # ---- lookup --------------------------------------------------------------------------------
 
@@ -74,7 +89,7 @@ class ModelRegistry:
         it loads, after its load failed, or once its engine has stopped."""
         slot = self.slots.get(name if name is not None else self.default)
         if slot is None:
-            served = ", ".join(f"'{n}'" for n in self.slots) or "no model"
+            served = ", ".join(f"'{n}'" for n in [*self.slots, *self.adapters]) or "no model"
             if name is None:
                 raise APIError(503, "no model is loaded", None, "not_ready")
             raise APIError(404, f"the model '{name}' does not exist; this server serves {served}",
@@ -110,25 +125,39 @@ class ModelRegistry:
         slot.keep_alive, slot.last_used = keep_alive, time.monotonic()
         return service
 
+    def resolve(self, name: str | None) -> tuple[str | None, str | None]:
+        """A requested model name -> (the model that runs it, the LoRA adapter it runs with or None)."""
+        adapter = self.adapters.get(name) if name is not None else None
+        return (adapter.base, adapter.name) if adapter is not None else (name, None)
+
     def cards(self) -> list[dict]:
-        return [{**s.card, "status": s.status} for s in self.slots.values() if s.service is not None or s.unloaded]
+        """Every served model's card, then every adapter's (vLLM's: `parent` its model, `root` its path)."""
+        cards = [{**s.card, "status": s.status} for s in self.slots.values() if s.service is not None or s.unloaded]
+        bases = {c["id"]: c for c in cards}
+        return cards + [{"id": a.name, "object": "model", "created": a.created, "owned_by": "quantserve",
+                         "root": a.path, "parent": a.base, "max_model_len": bases[a.base]["max_model_len"],
+                         "capabilities": ["chat", "completions"], "status": bases[a.base]["status"]}
+                        for a in self.adapters.values() if a.base in bases]
 
     def add(self, name: str, service: Service, card: dict, path: str | None = None) -> None:
         self.slots[name] = ModelSlot(name, path, service, card)
 
     # ---- start-up ------------------------------------------------------------------------------
 
-    def start(self, models: list[tuple[str, str | None]],
-              on_error: Callable[[Exception], None] | None = None) -> threading.Thread:
-        """Load the start-up models one after the other in a thread; each is 503 until loaded."""
+    def start(self, models: list[tuple[str, str | None]], on_error: Callable[[Exception], None] | None = None,
+              loras: list[LoRAModule] = ()) -> threading.Thread:
+        """Load the start-up models one after the other in a thread, each with its adapters among
+        `loras` (a LoRA module without a base adapts the first model); each is 503 until loaded."""
         for name, path in models:
             self.slots[name] = ModelSlot(name, path)
+        for m in loras:
+            self.adapters[m.name] = AdapterSlot(m.name, m.base_model_name or models[0][0], m.path)
 
         def run():
             for name, path in models:
                 slot = self.slots[name]
                 try:
-                    slot.service, slot.card = self.loader(name, path, {})
+                    slot.service, slot.card = self._serve(name, path, {})
                 except Exception as e:          # reported by /health and by the model's routes
                     slot.error = f"loading the model '{name}' failed: {e}"
                     if on_error is not None:
@@ -154,6 +183,7 @@ class ModelRegistry:
         self._claim(name, must_exist=True)
         try:
             slot = self.slots.pop(name)
+            self.adapters = {n: a for n, a in self.adapters.items() if a.base != name}
             if slot.service is not None:
                 await self._retire(slot.service)
         finally:
@@ -182,7 +212,7 @@ class ModelRegistry:
                            "model_busy")
         if must_exist and name not in self.slots:
             raise APIError(404, f"the model '{name}' does not exist", "model", "model_not_found")
-        if not must_exist and name in self.slots:
+        if not must_exist and (name in self.slots or name in self.adapters):
             raise APIError(409, f"a model named '{name}' is already served; unload it or reload it", "model",
                            "model_exists")
         if self.loader is None and not must_exist:
@@ -191,11 +221,65 @@ class ModelRegistry:
 
     def _load(self, name: str, path: str | None, overrides: dict) -> tuple[Service, dict]:
         try:
-            return self.loader(name, path, overrides)
+            return self._serve(name, path, overrides)
         except APIError:
             raise
         except Exception as e:                  # a bad path, a bad checkpoint, not enough memory
             raise APIError(400, f"loading the model '{name}' failed: {e}", "path", "load_failed") from e
+
+    def _serve(self, name: str, path: str | None, overrides: dict) -> tuple[Service, dict]:
+        """The loader's Service, with the model's LoRA adapters added to its new engine."""
+        service, card = self.loader(name, path, overrides)
+        try:
+            for a in [a for a in self.adapters.values() if a.base == name]:
+                if not service.model.generates:
+                    raise LoRAError(f"the LoRA adapter '{a.name}': '{name}' only embeds and scores")
+                try:
+                    service.engine.call(lambda engine, a=a: engine.add_lora(a.name, a.path)).result()
+                except LoRAError as e:
+                    raise LoRAError(f"the LoRA adapter '{a.name}' ({a.path}): {e}") from None
+        except BaseException:
+            service.engine.shutdown()
+            raise
+        return service, card
+
+    # ---- LoRA adapters -------------------------------------------------------------------------
+
+    async def add_adapter(self, name: str, path: str, base: str | None = None) -> dict:
+        """Serve a LoRA adapter of `base` (default: the first model) under `name`; its card. 400 with
+        the reason when it cannot be (a bad directory, shapes, rank, or --max-loras reached)."""
+        base = base or self.default
+        if name in self.slots or name in self.adapters or name in self.busy:
+            raise APIError(400, f"'{name}' is already served (a model or a LoRA adapter)", "lora_name",
+                           "invalid_value")
+        if base in self.busy:
+            raise APIError(409, f"the model '{base}' is being loaded, unloaded or reloaded", "base_model_name",
+                           "model_busy")
+        service = await self.acquire(base)
+        if not service.model.generates:
+            raise APIError(400, f"the model '{base}' only embeds and scores: LoRA adapters need a model that "
+                                "generates", "base_model_name", "model_not_supported")
+        self.busy.add(name)
+        try:
+            await service.engine.add_lora(name, path)
+        except LoRAError as e:
+            raise APIError(400, f"loading the LoRA adapter '{name}' failed: {e}", "lora_path", "invalid_value") from e
+        finally:
+            self.busy.discard(name)
+        self.adapters[name] = AdapterSlot(name, base, path)
+        return next(c for c in self.cards() if c["id"] == name)
+
+    async def remove_adapter(self, name: str) -> None:
+        """Stop serving an adapter; requests already running with it finish with it."""
+        adapter = self.adapters.pop(name, None)
+        if adapter is None:
+            raise APIError(404, f"no LoRA adapter named '{name}' is loaded", "lora_name", "model_not_found")
+        slot = self.slots.get(adapter.base)
+        if slot is not None and slot.service is not None and slot.service.engine.alive:
+            try:
+                await slot.service.engine.remove_lora(name)
+            except LoRAError:            # its engine never had it (a restart under way): nothing to remove
+                pass
 
     async def _retire(self, service: Service) -> None:
         """Wait for the admitted requests to finish, then stop the engine and forget its gauges."""
@@ -260,7 +344,7 @@ class ModelRegistry:
         logger.error("the engine of '%s' failed (%s); restarting it", slot.name, old.engine.failure)
         old.metrics.restarted()
         try:
-            slot.service, slot.card = await asyncio.to_thread(self.loader, slot.name, slot.path, slot.overrides)
+            slot.service, slot.card = await asyncio.to_thread(self._serve, slot.name, slot.path, slot.overrides)
             slot.error = None
         except Exception as e:              # the model stays 503 with the reason
             slot.service, slot.error = None, f"restarting the model '{slot.name}' failed: {e}"
@@ -306,7 +390,7 @@ class ModelRegistry:
             return
         self.busy.add(slot.name)
         try:
-            slot.service, slot.card = await asyncio.to_thread(self.loader, slot.name, slot.path, slot.overrides)
+            slot.service, slot.card = await asyncio.to_thread(self._serve, slot.name, slot.path, slot.overrides)
             slot.unloaded = False
         except Exception as e:
             raise APIError(503, f"loading the model '{slot.name}' again failed: {e}", None, "load_failed") from e

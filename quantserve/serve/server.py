@@ -130,7 +130,7 @@ def run_server(models: list[tuple[str, str | None]], engine_config: EngineConfig
     state = ServerState(server)
     state.models.loader = make_loader(engine_config, server, state.metrics, chat_template, tool_call_parser)
     app = build_app(state, ui=build_self_ui(port, server, ssl) if with_ui else None)
-    loading = state.models.start(models, on_error=exit_on_load_error)
+    loading = state.models.start(models, on_error=exit_on_load_error, loras=server.lora_modules)
     scheme = "https" if ssl else "http"
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     page = f"chat page: {scheme}://{shown}:{port}/; " if with_ui else ""

@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from quantserve.engine.async_engine import AsyncEngine, EngineFailed
-from quantserve.engine.engine import RequestError
+from quantserve.engine.engine import RequestError, UnknownLoRA
 from quantserve.engine.request import TokenLogprobs
 from quantserve.serve.admission import OVERFLOW_HEADER, Deadline, Slots
 from quantserve.serve.errors import APIError
@@ -139,7 +139,7 @@ class Service:
         tools = ToolStream(plan.tool_parser) if plan.tool_parser else None
         reasoner = ReasoningStream(plan.reasoning) if plan.reasoning is not None else None
         timer = _Timer(self.metrics, params.priority)
-        generator = self.engine.generate(f"{request_id}-{j}", plan.prompt_ids, params, plan.pin_owner)
+        generator = self.engine.generate(f"{request_id}-{j}", plan.prompt_ids, params, plan.pin_owner, plan.lora)
         try:
             async for ev in generator:
                 timer.tick(ev.token_ids, ev.queue_time)
@@ -166,12 +166,14 @@ class Service:
 
 class Ticket:
     """One admitted request's place in the count; release() is idempotent. `overflow`: the name
-    of the model that took the request because the one it named was full."""
+    of the model that took the request because the one it named was full; `lora`: the LoRA
+    adapter the request named, which its model runs it with."""
 
     def __init__(self, service: Service):
         self.service = service
         self.held = True
         self.overflow: str | None = None
+        self.lora: str | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -244,6 +246,8 @@ class _Timer:
 def as_api_error(error: BaseException) -> APIError:
     if isinstance(error, APIError):
         return error
+    if isinstance(error, UnknownLoRA):          # unloaded between admission and the engine
+        return APIError(404, str(error), "model", "model_not_found")
     if isinstance(error, RequestError):
         return APIError(400, str(error), None, "invalid_value")
     if isinstance(error, EngineFailed):
