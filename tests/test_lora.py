@@ -156,6 +156,28 @@ def test_one_mixed_batch_every_row_matches_its_own_reference(llama):
     assert alone.argmax(-1).tolist() == got["ra"].argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("spec", [dict(speculative="ngram"), "draft"])
+def test_adapter_rows_speculate_with_their_adapter(llama, spec):
+    """A verify row (last token + draft) runs through its request's adapter: greedy output as
+    without drafts, for rows of adapters a, b and none in one batch; the draft model (the base,
+    no adapter) still drafts for them."""
+    if spec == "draft":
+        spec = dict(speculative_model=str(llama["base"]), draft_p_min=0.0)
+    loop = [9, 10, 11, 12, 13] * 6                       # repeats itself, so n-gram drafts are found
+    runs = {"ra": "a", "rb": "b", "rn": None}
+    outputs = []
+    for kw in ({}, spec):
+        e = engine(llama["base"], **kw)
+        for name in ("a", "b"):
+            e.add_lora(name, llama[name])
+        reqs = [e.add_request(rid, loop, SamplingParams(max_new_tokens=24), lora=lora) for rid, lora in runs.items()]
+        while e.has_work:
+            e.step()
+        outputs.append([r.output_token_ids for r in reqs])
+    assert outputs[0] == outputs[1] and len({tuple(o) for o in outputs[0]}) == 3
+    assert e.stats().spec_num_drafts > 0
+
+
 def test_steps_without_adapter_rows_keep_the_fused_decode_step(llama, monkeypatch):
     e = engine(llama["base"])
     if e.model.fused is None:
