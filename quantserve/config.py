@@ -133,7 +133,7 @@ class EngineConfig:
     prompt_lookup_min: int = field(default=1, metadata=flag("shortest n-gram searched for a draft", type=int))
     speculative_disable_by_batch_size: int = field(default=4, metadata=flag(
         "no drafts in a step with more decoding requests than this (a full batch gains nothing)", type=int))
-    draft_p_min: float = field(default=0.75, metadata=flag(
+    draft_p_min: float = field(default=0.0, metadata=flag(
         "a draft model stops drafting when its next token's probability is below this", type=float))
     speculative_config: dict | None = field(default=None, metadata=flag(   # applied to the fields above
         'vLLM\'s JSON form, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' or \'{"model": PATH}\'',

@@ -1,5 +1,13 @@
 """Rows of new tokens -> the flat batch a model's forward takes: input ids, positions, cache slots
-and the attention metadata (decodes batched, prefill chunks one by one)."""
+and the attention metadata (decodes batched, prefill chunks one by one).
+
+A short row (a speculative verify row: last token + draft; a draft model's catch-up; a short
+prompt) is run as decodes: one entry per token, each with the row's block table and its own
+context length. The model writes a step's K/V before it attends, so each token sees the ones
+before it; the row then takes the fused one-call decode step, with the weights read once for all
+its tokens, instead of the layer-by-layer prefill path, and its numbers are a decode's. Long
+contexts stay chunks: as decodes, each token would read the whole context again.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,19 +26,33 @@ class Row:
     block_ids: list[int]        # the request's block table (holding start + len(tokens) tokens)
 
 
-def flat_batch(rows: list[Row], block_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """Rows (single-token ones first) -> input ids [T], positions [T] and the attention metadata."""
+SHORT_ROW_TOKENS = 16            # rows up to this long may run as decodes ...
+SHORT_ROW_READS = 16384          # ... while their tokens' contexts add up to at most this many keys
+
+
+def as_decodes(row: Row) -> bool:
+    n = len(row.tokens)
+    return n == 1 or (n <= SHORT_ROW_TOKENS and sum(range(row.start + 1, row.start + n + 1)) <= SHORT_ROW_READS)
+
+
+def flat_batch(rows: list[Row], block_size: int, device: str
+               ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    """Rows -> input ids [T], positions [T], the attention metadata, and where each row's tokens
+    start in T: rows run as decodes come first (in their order), then the prefill chunks."""
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     prefills: list[PrefillChunk] = []
     decode_tables: list[list[int]] = []
     decode_lens: list[int] = []
-    for row in rows:
+    starts = [0] * len(rows)
+    decodes = {i for i, row in enumerate(rows) if as_decodes(row)}
+    for i in sorted(range(len(rows)), key=lambda i: i not in decodes):      # stable: decodes first
+        row, starts[i] = rows[i], len(ids)
         stop = row.start + len(row.tokens)
-        if len(row.tokens) == 1:
-            decode_tables.append(row.block_ids)
-            decode_lens.append(stop)
+        if i in decodes:
+            decode_tables.extend([row.block_ids] * len(row.tokens))
+            decode_lens.extend(range(row.start + 1, stop + 1))
         else:
             nblk = -(-stop // block_size)
             prefills.append(PrefillChunk(len(ids), len(row.tokens), stop,
@@ -48,7 +70,7 @@ def flat_batch(rows: list[Row], block_size: int, device: str) -> tuple[torch.Ten
         decode_mask=_decode_mask(decode_lens, block_size, device),
         prefills=prefills,
     )
-    return torch.tensor(ids, device=device), torch.tensor(positions, device=device), meta
+    return torch.tensor(ids, device=device), torch.tensor(positions, device=device), meta, starts
 
 
 def _decode_mask(lens: list[int], block_size: int, device: str) -> torch.Tensor:

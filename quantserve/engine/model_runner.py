@@ -28,6 +28,7 @@ class BatchInputs:
     sample_from: list[ScheduledRequest]
     pooled: list[tuple[ScheduledRequest, int]]   # embedding / score requests and their first row in T
     verify: list[tuple[ScheduledRequest, int]]   # requests with a draft and their first row in T
+    starts: list[int]             # where each scheduled request's tokens start in T
 
 
 class ModelRunner:
@@ -57,18 +58,19 @@ class ModelRunner:
     def hidden_states(self, out: SchedulerOutput) -> tuple[torch.Tensor, BatchInputs]:
         """Run the batch; final hidden states [T, H] of every scheduled token."""
         batch = self.prepare(out.scheduled)
-        lora_slots = self.lora_slots(out.scheduled)
+        lora_slots = self.lora_slots(out.scheduled, batch)
         return self.model(batch.input_ids, batch.positions, batch.meta, self.cache, lora_slots), batch
 
-    def lora_slots(self, scheduled: list[ScheduledRequest]) -> torch.Tensor | None:
-        """[T] the LoRA adapter slot of every token of the flat batch (-1: none), rows in prepare()'s
-        order; None when no row has an adapter, so the model keeps its fused decode step."""
+    def lora_slots(self, scheduled: list[ScheduledRequest], batch: BatchInputs) -> torch.Tensor | None:
+        """[T] the LoRA adapter slot of every token of the flat batch (-1: none); None when no row
+        has an adapter, so the model keeps its fused decode step."""
         if not any(s.request.lora_id for s in scheduled):
             return None
-        loras = self.model.loras
-        row_slots = [loras.slot_of(s.request.lora_id) if s.request.lora_id else -1 for s in scheduled]
-        slots = [slot for s, slot in zip(scheduled, row_slots) for _ in range(s.row_len)]
-        return torch.tensor(slots, device=self.device)
+        slots = torch.full((len(batch.input_ids),), -1, dtype=torch.long)
+        for s, row0 in zip(scheduled, batch.starts):
+            if s.request.lora_id:
+                slots[row0:row0 + s.row_len] = self.model.loras.slot_of(s.request.lora_id)
+        return slots.to(self.device)
 
     @torch.inference_mode()
     def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list]:
@@ -89,26 +91,22 @@ class ModelRunner:
         return self.model.compute_logits(hidden[rows]).cpu(), batch
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> BatchInputs:
-        rows: list[Row] = []
+        rows = [Row(s.request.all_token_ids[s.request.num_computed_tokens:][:s.num_new_tokens] + s.draft,
+                    s.request.num_computed_tokens, s.request.block_ids) for s in scheduled]
+        ids, positions, meta, starts = flat_batch(rows, self.block_size, self.device)
         sample_rows: list[int] = []
         sample_from: list[ScheduledRequest] = []
         pooled: list[tuple[ScheduledRequest, int]] = []
         verify: list[tuple[ScheduledRequest, int]] = []
-        row0 = 0
-        for s in scheduled:
-            r = s.request
-            start = r.num_computed_tokens
-            rows.append(Row(r.all_token_ids[start:start + s.num_new_tokens] + s.draft, start, r.block_ids))
-            if r.pooling is not None:
+        for s, row0 in zip(scheduled, starts):
+            if s.request.pooling is not None:
                 pooled.append((s, row0))
             elif s.draft:
                 verify.append((s, row0))
             elif s.samples:
                 sample_rows.append(row0 + s.row_len - 1)
                 sample_from.append(s)
-            row0 += s.row_len
-        ids, positions, meta = flat_batch(rows, self.block_size, self.device)
-        return BatchInputs(ids, positions, meta, sample_rows, sample_from, pooled, verify)
+        return BatchInputs(ids, positions, meta, sample_rows, sample_from, pooled, verify, starts)
 
     def pool(self, s: ScheduledRequest, hidden: torch.Tensor) -> None:
         """Fold this step's rows of a pooling request ([n, H], positions num_computed_tokens

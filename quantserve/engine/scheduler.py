@@ -50,7 +50,7 @@ class ScheduledRequest:
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledRequest]   # single-token rows first, then longer prefill chunks
+    scheduled: list[ScheduledRequest]   # in order(); the flat batch puts its decodes first (batch.py)
     preempted: list[Request]
 
     @property
@@ -96,7 +96,6 @@ class Scheduler:
             budget += self._draft(drafting)
         if not preempted:
             budget = self._admit_waiting(scheduled, budget)
-        scheduled.sort(key=lambda s: s.row_len > 1)  # stable: decodes first, then chunks and verify rows
         return SchedulerOutput(scheduled, preempted)
 
     def _speculating(self) -> bool:

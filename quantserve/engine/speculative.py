@@ -110,19 +110,17 @@ class DraftModelProposer(Proposer):
             rows.append(Row(tokens, start, r.block_ids))
             if r.num_drafter_tokens == r.num_tokens:
                 live.append(i)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i].tokens) > 1)   # single-token rows first
-        last = self._forward([rows[i] for i in order])
-        by_request = {i: last[n] for n, i in enumerate(order)}
-        return self._extend(live, torch.stack([by_request[i] for i in live]) if live else None, batch, drafts)
+        last = self._forward(rows)
+        return self._extend(live, last[live] if live else None, batch, drafts)
 
     def _next_tokens(self, rows: list[Row], live: list[int], batch, drafts) -> list[int]:
         return self._extend(live, self._forward(rows), batch, drafts)
 
     def _forward(self, rows: list[Row]) -> torch.Tensor:
-        """Rows (single-token ones first) -> logits [len(rows), V] at each row's last token."""
-        ids, positions, meta = flat_batch(rows, self.cache.block_size, self.device)
+        """Rows -> logits [len(rows), V] at each row's last token."""
+        ids, positions, meta, starts = flat_batch(rows, self.cache.block_size, self.device)
         hidden = self.model(ids, positions, meta, self.cache)                # [T, H]
-        ends = torch.tensor([len(r.tokens) for r in rows]).cumsum(0) - 1
+        ends = [start + len(r.tokens) - 1 for r, start in zip(rows, starts)]
         logits = self.model.compute_logits(hidden[ends]).cpu()[:, :self.vocab_size]
         short = self.vocab_size - logits.shape[1]           # a draft vocabulary padded less than the model's
         return torch.nn.functional.pad(logits, (0, short), value=float("-inf")) if short else logits
