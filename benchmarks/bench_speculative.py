@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_llamacpp import llamacpp_isa  # noqa: E402
 from benchmarks.soak import cpu_name  # noqa: E402
+from quantserve.bench.results import try_plot  # noqa: E402
 from quantserve.config import EngineConfig, SamplingParams  # noqa: E402
 from quantserve.engine.engine import Engine  # noqa: E402
 from quantserve.models.resolve import resolve_model  # noqa: E402
@@ -237,6 +238,28 @@ def table(rows: list[dict], theirs: list[dict], label: str, their_setup: str) ->
     return lines
 
 
+def plot(ngram: list[dict], draft: list[dict], theirs: dict, path: Path) -> None:
+    """Grouped bars: decode tok/s per workload, quantserve's three ways beside llama.cpp's."""
+    from quantserve.bench.results import _pyplot
+
+    plt = _pyplot()
+    bars = [("quantserve plain", [r["plain_tok_s"] for r in ngram]), ("quantserve ngram", [r["spec_tok_s"] for r in ngram]),
+            ("quantserve draft model", [r["spec_tok_s"] for r in draft]),
+            ("llama.cpp Q4_1 plain", [r["plain_tok_s"] for r in theirs["ngram"]]),
+            ("llama.cpp Q4_1 ngram", [r["spec_tok_s"] for r in theirs["ngram"]]),
+            ("llama.cpp F16 plain", [r["plain_tok_s"] for r in theirs["draft"]]),
+            ("llama.cpp F16 + Q4_1 draft", [r["spec_tok_s"] for r in theirs["draft"]])]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.8 / len(bars)
+    for i, (label, values) in enumerate(bars):
+        ax.bar([w + i * width for w in range(len(ngram))], values, width, label=label)
+    ax.set_xticks([w + 0.4 - width / 2 for w in range(len(ngram))], [r["workload"] for r in ngram])
+    ax.set_ylabel("decode tokens/s, batch 1")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     from transformers import AutoTokenizer
 
@@ -259,6 +282,7 @@ def main() -> None:
     theirs = llamacpp_rows(prompts, gguf)
     (RESULTS / "speculative.json").write_text(json.dumps({"kernels": plain["kernels"], "ngram": ngram,
                                                           "draft_model": draft, "llamacpp": theirs}, indent=1))
+    try_plot(plot, ngram, draft, theirs, RESULTS / "speculative.png")
     lines = ["n-gram drafts, K = 4:", "", *table(ngram, theirs["ngram"], "ngram", "plain against `--spec-type "
                                                    "ngram-simple --spec-draft-n-max 4` on the shipped Q4_1 file"),
              "", f"A draft model, K = {DRAFT_K}, no confidence floor: quantserve's float16 default model drafted by "

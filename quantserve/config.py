@@ -405,6 +405,9 @@ class ServerConfig:
         "LoRA adapters to serve, each under its own model name: name=path, or vLLM's JSON form "
         '\'{"name": "sql", "path": "/adapters/sql", "base_model_name": "m"}\' (default base: the first model)',
         nargs="+", type=lora_module, metavar="NAME=PATH"))
+    enable_lora: bool = field(default=False, metadata=flag(   # vLLM's switch; adapters need none here
+        "accepted as vLLM spells it; adapters load without it (--lora-modules, /v1/load_lora_adapter)",
+        action="store_true"))
     step_timeout: float | None = field(default=None, metadata=flag(
         "restart a model's engine when one of its steps runs longer than this; its requests get a 503 "
         "(default: off; an engine whose worker dies is restarted regardless)", type=float, metavar="SECONDS"))

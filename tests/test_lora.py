@@ -291,7 +291,7 @@ def server(llama, tmp_path_factory):
     b = json.dumps({"name": "b", "path": str(llama["b"]), "base_model_name": "tiny"})
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "quantserve.cli.main", "serve", "api_server", str(llama["base"]),
-                                 "--model-name", "tiny", "--lora-modules", f"a={llama['a']}", b,
+                                 "--model-name", "tiny", "--enable-lora", "--lora-modules", f"a={llama['a']}", b,
                                  "--admin-api-keys", "admin-key", "--max-loras", "3", "--max-lora-rank", "8",
                                  "--dtype", "float32", "--cache-max-tokens", "4096", "--server-name", "127.0.0.1",
                                  "--server-port", str(port)], stdout=out, stderr=subprocess.STDOUT)
