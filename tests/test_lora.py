@@ -346,6 +346,8 @@ def test_http_models_list_completions_and_admin(llama, server, tmp_path):
     assert whole.model == "a" and whole.choices[0].message.content != client.chat.completions.create(
         **{**chat, "model": "tiny"}).choices[0].message.content
     assert websocket_chat(server, chat) == whole.choices[0].message.content
+    answer = client.responses.create(model="a", input="hi", max_output_tokens=6, temperature=0)
+    assert answer.model == "a" and answer.output_text == whole.choices[0].message.content
     with pytest.raises(openai.NotFoundError) as e:
         complete("nope")
     assert e.value.body["code"] == "model_not_found"

@@ -344,13 +344,16 @@ class ResponseRun:
 
 # ---- routes ---------------------------------------------------------------------------------
 
-async def answer(service: Service, request: Request, body: ResponsesRequest, store: ResponseStore) -> Response:
-    """Plan, then stream (SSE) or collect; the admission ticket is released however this ends."""
+async def answer(service: Service, request: Request, body: ResponsesRequest, store: ResponseStore,
+                 lora: str | None) -> Response:
+    """Plan (with LoRA adapter `lora`), then stream (SSE) or collect; the admission ticket is
+    released however this ends."""
     items = conversation(body, store)
     ticket, streaming = service.reserve(), None
     try:
         chat = chat_request(body, items)
         plan = await asyncio.to_thread(plan_for, chat, service)
+        plan.lora = lora
         service.metrics.prompt_tokens.inc(len(plan.prompt_ids))
         run = ResponseRun(service, body, chat, plan, items, store)
         if body.stream:
@@ -367,9 +370,10 @@ def add_responses_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/responses", response_model=ResponseObject, responses={**ERRORS, **SSE})
     async def create_response(body: ResponsesRequest, request: Request):
-        service = await state.ready(body.model)
+        base, lora = state.models.resolve(body.model)        # a LoRA adapter's name: its base model's
+        service = await state.ready(base)
         service.check_rate(client_key(state, request))
-        return await answer(service, request, body, store)
+        return await answer(service, request, body, store, lora)
 
     @app.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=ERRORS)
     async def get_response(response_id: str):
