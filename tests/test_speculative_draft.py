@@ -13,10 +13,7 @@ from safetensors.torch import load_file, save_file
 from quantserve.config import ConfigError, EngineConfig, SamplingParams
 from quantserve.engine.request import Request
 from test_engine import make_engine, run
-from test_speculative import CRITICAL_001, PROMPTS, chi_square
-
-# chi-square's 0.001 critical values beyond test_speculative's
-CRITICAL = {**CRITICAL_001, 11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70}
+from test_speculative import PROMPTS, assert_same_distribution
 
 SPEC = dict(speculative_model=None, num_speculative_tokens=4, draft_p_min=0.0)
 
@@ -151,13 +148,7 @@ def test_sampled_tokens_distributed_as_without(tiny_llama, sibling):
     with_drafts = pairs(engine)
     s = engine.stats()
     assert s.spec_num_drafts > 1000 and 0 < s.spec_num_accepted_tokens < s.spec_num_draft_tokens
-    cells = set(without) | set(with_drafts)
-    total = {k: without.get(k, 0) + with_drafts.get(k, 0) for k in cells}
-    stat = sum(chi_square(counts, {k: total[k] / 2 for k in cells})[0] for counts in (without, with_drafts))
-    df = chi_square(without, {k: total[k] / 2 for k in cells})[1]
-    assert stat < CRITICAL[df], (without, with_drafts)
-    tv = sum(abs(without.get(k, 0) - with_drafts.get(k, 0)) for k in cells) / 2 / len(seeds)
-    assert tv < 0.06, tv
+    assert_same_distribution(without, with_drafts, len(seeds))
 
 
 def test_memory_table_counts_the_draft(tiny_llama, sibling, plain):
