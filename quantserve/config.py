@@ -190,6 +190,10 @@ class EngineConfig:
         unknown = sorted(set(spec) - set(SPECULATIVE_CONFIG_KEYS))
         _check(not unknown, f"speculative_config has unknown keys {unknown}; known: {sorted(SPECULATIVE_CONFIG_KEYS)}")
         for key, value in spec.items():
+            kind, name = {"method": (str, "a string"), "model": (str, "a string"),
+                          "draft_p_min": ((int, float), "a number")}.get(key, (int, "an integer"))
+            _check(isinstance(value, kind) and not isinstance(value, bool),
+                   f"speculative_config's {key} must be {name}, got {value!r}")
             setattr(self, SPECULATIVE_CONFIG_KEYS[key], value)
         if self.speculative_model and self.speculative is None:
             self.speculative = "draft_model"

@@ -184,6 +184,8 @@ def test_flags_reach_the_engine_config(tiny_llama):
     for bad, message in (({"speculative": "draft_model"}, "speculative_model"),
                          ({"speculative": "ngram", "speculative_model": "/d"}, "speculative_model"),
                          ({"speculative_config": {"modle": "/d"}}, "unknown keys"),
+                         ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2.5}}, "must be an integer"),
+                         ({"speculative_config": {"model": 3}}, "must be a string"),
                          ({"speculative_model": "/d", "draft_p_min": 1.5}, "draft_p_min")):
         with pytest.raises(ConfigError, match=message):
             EngineConfig(**bad)
@@ -214,3 +216,21 @@ def test_a_real_server_with_a_draft_model(tiny_server_model):
     values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
               if line.startswith("vllm:spec_decode")}
     assert values["vllm:spec_decode_num_accepted_tokens_total"] == values["vllm:spec_decode_num_draft_tokens_total"] > 0
+
+
+def test_ids_past_the_draft_vocabulary_skip_drafting(tiny_llama, tmp_path, plain):
+    """A draft model with a smaller vocabulary (as a smaller sibling's may be): a request holding an
+    id it has no row for decodes without drafts; the others in its batch still draft."""
+    out = shutil.copytree(tiny_llama, tmp_path / "small_vocab")
+    cfg = json.loads((out / "config.json").read_text())
+    weights = load_file(out / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in weights:
+            weights[name] = weights[name][:300].contiguous()
+    save_file(weights, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps({**cfg, "vocab_size": 300}))
+    engine = drafted(tiny_llama, out)
+    prompts = [PROMPTS[1] + [310], PROMPTS[0]]
+    params = SamplingParams(max_new_tokens=20)
+    assert run(engine, prompts, params) == run(plain, prompts, params)
+    assert engine.stats().spec_num_drafts > 0

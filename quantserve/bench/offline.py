@@ -47,7 +47,7 @@ def throughput(engine: Engine, requests: list[BenchRequest], concurrency: int = 
 
 
 def speculation(engine: Engine, before: EngineStats) -> dict:
-    """With speculative decoding on: the share of drafted tokens accepted since `before`, and the
+    """With speculative decoding on: the share of drafted tokens accepted since `before` (%), and the
     mean tokens a verify row emitted (vLLM's mean acceptance length); else nothing."""
     if engine.config.speculative is None:
         return {}
@@ -55,7 +55,7 @@ def speculation(engine: Engine, before: EngineStats) -> dict:
     drafts = now.spec_num_drafts - before.spec_num_drafts
     drafted = now.spec_num_draft_tokens - before.spec_num_draft_tokens
     accepted = now.spec_num_accepted_tokens - before.spec_num_accepted_tokens
-    return {"draft_acceptance_rate": accepted / drafted if drafted else float("nan"),
+    return {"draft_accepted_pct": 100 * accepted / drafted if drafted else float("nan"),
             "mean_acceptance_length": 1 + accepted / drafts if drafts else float("nan")}
 
 

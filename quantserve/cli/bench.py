@@ -18,7 +18,7 @@ from quantserve.cli.args import add_engine_args, add_model_arg, engine_config
 
 
 # shown when the rows have them (speculative decoding on)
-SPECULATION_COLUMNS = [("draft_acceptance_rate", "accepted"), ("mean_acceptance_length", "tok/verify")]
+SPECULATION_COLUMNS = [("draft_accepted_pct", "accepted %"), ("mean_acceptance_length", "tok/verify")]
 
 
 def numbers(kind):

@@ -1,12 +1,13 @@
 """Rows of new tokens -> the flat batch a model's forward takes: input ids, positions, cache slots
 and the attention metadata (decodes batched, prefill chunks one by one).
 
-A short row (a speculative verify row: last token + draft; a draft model's catch-up; a short
-prompt) is run as decodes: one entry per token, each with the row's block table and its own
+A row marked `decodes` (a speculative verify row: last token + draft; a draft model's short
+catch-up) is run as decodes: one entry per token, each with the row's block table and its own
 context length. The model writes a step's K/V before it attends, so each token sees the ones
 before it; the row then takes the fused one-call decode step, with the weights read once for all
-its tokens, instead of the layer-by-layer prefill path, and its numbers are a decode's. Long
-contexts stay chunks: as decodes, each token would read the whole context again.
+its tokens, instead of the layer-by-layer prefill path, and each token's numbers are a decode's,
+whatever the batch (greedy output with drafts is token for token the output without). Prompts
+stay chunks, so their numbers do not depend on how a prompt was split.
 """
 from __future__ import annotations
 
@@ -24,15 +25,7 @@ class Row:
     tokens: list[int]
     start: int                  # position of the first
     block_ids: list[int]        # the request's block table (holding start + len(tokens) tokens)
-
-
-SHORT_ROW_TOKENS = 16            # rows up to this long may run as decodes ...
-SHORT_ROW_READS = 16384          # ... while their tokens' contexts add up to at most this many keys
-
-
-def as_decodes(row: Row) -> bool:
-    n = len(row.tokens)
-    return n == 1 or (n <= SHORT_ROW_TOKENS and sum(range(row.start + 1, row.start + n + 1)) <= SHORT_ROW_READS)
+    decodes: bool = False       # run as one decode per token (see the top); a single token always is
 
 
 def flat_batch(rows: list[Row], block_size: int, device: str
@@ -46,15 +39,15 @@ def flat_batch(rows: list[Row], block_size: int, device: str
     decode_tables: list[list[int]] = []
     decode_lens: list[int] = []
     starts = [0] * len(rows)
-    decodes = {i for i, row in enumerate(rows) if as_decodes(row)}
+    decodes = {i for i, row in enumerate(rows) if row.decodes or len(row.tokens) == 1}
     for i in sorted(range(len(rows)), key=lambda i: i not in decodes):      # stable: decodes first
         row, starts[i] = rows[i], len(ids)
         stop = row.start + len(row.tokens)
+        nblk = -(-stop // block_size)                      # the blocks its context fills (more may be held)
         if i in decodes:
-            decode_tables.extend([row.block_ids] * len(row.tokens))
+            decode_tables.extend([row.block_ids[:nblk]] * len(row.tokens))
             decode_lens.extend(range(row.start + 1, stop + 1))
         else:
-            nblk = -(-stop // block_size)
             prefills.append(PrefillChunk(len(ids), len(row.tokens), stop,
                                          torch.tensor(row.block_ids[:nblk], device=device)))
         ids.extend(row.tokens)

@@ -124,8 +124,8 @@ class Engine:
         self.draft_cache = PagedKVCache(args.num_layers, self.plan.num_blocks, self.plan.block_size,
                                         args.num_kv_heads, args.head_dim, dtype, c.device)
         return DraftModelProposer(model, self.draft_cache, c.num_speculative_tokens,
-                                  c.speculative_disable_by_batch_size, c.draft_p_min,
-                                  self.args.vocab_size, c.max_prefill_token_num, c.device)
+                                  c.speculative_disable_by_batch_size, c.draft_p_min, self.args.vocab_size,
+                                  args.vocab_size, c.max_prefill_token_num, c.device)
 
     def _session_len(self, asked: int | None) -> int:
         """--session-len, else the model's context (a sliding window does not bound it)."""

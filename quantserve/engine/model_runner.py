@@ -92,7 +92,7 @@ class ModelRunner:
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> BatchInputs:
         rows = [Row(s.request.all_token_ids[s.request.num_computed_tokens:][:s.num_new_tokens] + s.draft,
-                    s.request.num_computed_tokens, s.request.block_ids) for s in scheduled]
+                    s.request.num_computed_tokens, s.request.block_ids, decodes=bool(s.draft)) for s in scheduled]
         ids, positions, meta, starts = flat_batch(rows, self.block_size, self.device)
         sample_rows: list[int] = []
         sample_from: list[ScheduledRequest] = []

@@ -184,14 +184,14 @@ class Scheduler:
             read_to_end = s.samples
             tokens = sampled.get(r.request_id, [])
             tokens = [tokens] if isinstance(tokens, int) else tokens
-            if s.draft and tokens:               # a verify row: the accepted drafted tokens, then one more
-                self.proposer.record(len(s.draft), len(tokens) - 1)
             appended = 0
             for token in tokens:
                 r.append_token(token)
                 appended += 1
                 if r.is_finished:
                     break
+            if s.draft and tokens:               # a verify row: the accepted drafted tokens, then one more
+                self.proposer.record(len(s.draft), min(appended, len(tokens) - 1))   # those it kept
             # K/V stays for the new tokens and the drafted ones appended before the last
             r.num_computed_tokens += s.num_new_tokens + (max(0, appended - 1) if s.draft else 0)
             self.blocks.register_full_blocks(r)

@@ -82,11 +82,14 @@ class NgramProposer(Proposer):
 class DraftModelProposer(Proposer):
     """Drafts from a small model's greedy continuation, run on its own KV cache (see the top)."""
 
+    SHORT_CATCH_UP = 16          # catch-up rows up to this long run as decodes (batch.py)
+
     def __init__(self, model: CausalLM, cache: PagedKVCache, num_tokens: int, max_decoding_rows: int,
-                 p_min: float, vocab_size: int, max_catch_up: int, device: str):
+                 p_min: float, vocab_size: int, draft_vocab_size: int, max_catch_up: int, device: str):
         super().__init__(num_tokens, max_decoding_rows)
         self.model, self.cache, self.device = model, cache, device
-        self.p_min, self.vocab_size, self.max_catch_up = p_min, vocab_size, max_catch_up
+        self.p_min, self.vocab_size, self.draft_vocab_size = p_min, vocab_size, draft_vocab_size
+        self.max_catch_up = max_catch_up      # draft tokens read per step, all requests together
 
     @torch.inference_mode()
     def propose(self, batch: list[tuple[Request, int]]) -> list[list[int]]:
@@ -94,24 +97,36 @@ class DraftModelProposer(Proposer):
         live = self._catch_up(batch, drafts)
         while live:
             rows = [Row([drafts[i][-1]], batch[i][0].num_drafter_tokens, batch[i][0].block_ids) for i in live]
-            for i in live:
+            going = self._next_tokens(rows, live, batch, drafts)
+            for i in live:                     # their drafted token's K/V is in the draft cache now
                 batch[i][0].num_drafter_tokens += 1
-            live = self._next_tokens(rows, live, batch, drafts)
+            live = going
         return drafts
 
     def _catch_up(self, batch: list[tuple[Request, int]], drafts: list[list[int]]) -> list[int]:
-        """One forward over each request's tokens the draft model has not seen (up to its last);
-        the first drafted token of each that caught up. Returns the indices still drafting."""
-        rows, live = [], []
+        """One forward over the requests' tokens the draft model has not seen (up to their last,
+        within the step's catch-up budget); the first drafted token of each that caught up.
+        Returns the indices still drafting."""
+        rows, fed, live, budget = [], [], [], self.max_catch_up
         for i, (r, _) in enumerate(batch):
             start = min(r.num_drafter_tokens, r.num_computed_tokens)
-            tokens = r.all_token_ids[start:start + self.max_catch_up]      # a long prompt catches up over steps
-            r.num_drafter_tokens = start + len(tokens)
-            rows.append(Row(tokens, start, r.block_ids))
+            tokens = r.all_token_ids[start:start + budget]         # a long prompt catches up over steps
+            if not tokens or max(tokens) >= self.draft_vocab_size:    # an id the draft model has no row for
+                continue
+            budget -= len(tokens)
+            rows.append(Row(tokens, start, r.block_ids, decodes=len(tokens) <= self.SHORT_CATCH_UP))
+            fed.append(i)
+        if not rows:
+            return []
+        last = self._forward(rows)                                 # [len(rows), V]
+        caught_up = []
+        for n, (i, row) in enumerate(zip(fed, rows)):
+            r = batch[i][0]
+            r.num_drafter_tokens = row.start + len(row.tokens)
             if r.num_drafter_tokens == r.num_tokens:
+                caught_up.append(n)
                 live.append(i)
-        last = self._forward(rows)
-        return self._extend(live, last[live] if live else None, batch, drafts)
+        return self._extend(live, last[caught_up] if live else None, batch, drafts)
 
     def _next_tokens(self, rows: list[Row], live: list[int], batch, drafts) -> list[int]:
         return self._extend(live, self._forward(rows), batch, drafts)

@@ -157,7 +157,7 @@ class ModelRegistry:
             for name, path in models:
                 slot = self.slots[name]
                 try:
-                    slot.service, slot.card = self._serve(name, path, {})
+                    slot.service, slot.card = self._serve(name, path, {}, strict=True)
                 except Exception as e:          # reported by /health and by the model's routes
                     slot.error = f"loading the model '{name}' failed: {e}"
                     if on_error is not None:
@@ -227,17 +227,22 @@ class ModelRegistry:
         except Exception as e:                  # a bad path, a bad checkpoint, not enough memory
             raise APIError(400, f"loading the model '{name}' failed: {e}", "path", "load_failed") from e
 
-    def _serve(self, name: str, path: str | None, overrides: dict) -> tuple[Service, dict]:
-        """The loader's Service, with the model's LoRA adapters added to its new engine."""
+    def _serve(self, name: str, path: str | None, overrides: dict, strict: bool = False) -> tuple[Service, dict]:
+        """The loader's Service, with the model's LoRA adapters added to its new engine. An adapter
+        that no longer loads (its directory changed, a lower limit) fails the start-up (`strict`);
+        later (a restart, a wake, a reload) it is dropped with an error logged, and the model serves."""
         service, card = self.loader(name, path, overrides)
         try:
             for a in [a for a in self.adapters.values() if a.base == name]:
-                if not service.model.generates:
-                    raise LoRAError(f"the LoRA adapter '{a.name}': '{name}' only embeds and scores")
                 try:
+                    if not service.model.generates:
+                        raise LoRAError(f"'{name}' only embeds and scores")
                     service.engine.call(lambda engine, a=a: engine.add_lora(a.name, a.path)).result()
                 except LoRAError as e:
-                    raise LoRAError(f"the LoRA adapter '{a.name}' ({a.path}): {e}") from None
+                    if strict:
+                        raise LoRAError(f"the LoRA adapter '{a.name}' ({a.path}): {e}") from None
+                    logger.error("the LoRA adapter '%s' (%s) is no longer served: %s", a.name, a.path, e)
+                    self.adapters.pop(a.name, None)
         except BaseException:
             service.engine.shutdown()
             raise
@@ -260,13 +265,15 @@ class ModelRegistry:
             raise APIError(400, f"the model '{base}' only embeds and scores: LoRA adapters need a model that "
                                 "generates", "base_model_name", "model_not_supported")
         self.busy.add(name)
+        slot = self.adapters[name] = AdapterSlot(name, base, path)    # first: an engine built meanwhile adds it too
         try:
             await service.engine.add_lora(name, path)
         except LoRAError as e:
+            self.adapters.pop(name, None)
             raise APIError(400, f"loading the LoRA adapter '{name}' failed: {e}", "lora_path", "invalid_value") from e
         finally:
             self.busy.discard(name)
-        self.adapters[name] = AdapterSlot(name, base, path)
+        self.adapters[name] = slot
         return next(c for c in self.cards() if c["id"] == name)
 
     async def remove_adapter(self, name: str) -> None:
