@@ -415,3 +415,26 @@ def test_a_reloaded_model_keeps_its_adapters(llama):
         assert server.state.models.adapters == {}                      # a model's adapters go with it
     finally:
         server.close()
+
+
+def test_an_adapter_that_no_longer_loads_does_not_keep_its_model_down(llama, tmp_path):
+    """Its directory gone, a reload drops the adapter (404 from then on, logged) and the model serves."""
+    import shutil
+
+    from conftest import RunningServer
+
+    gone = shutil.copytree(llama["b"], tmp_path / "b")
+    server = RunningServer(llama["base"], model_name="tiny", admin_api_keys=["admin-key"])
+    try:
+        r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": str(gone)},
+                       headers=ADMIN)
+        assert r.status_code == 200, r.text
+        shutil.rmtree(gone)
+        assert httpx.post(server.url + "/v1/models/reload", json={"model": "tiny"}, headers=ADMIN).status_code == 200
+        client = server.client()
+        assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4).choices[0].text is not None
+        assert "b" not in [m.id for m in client.models.list().data]
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="b", prompt=PROMPT, max_tokens=4)
+    finally:
+        server.close()
