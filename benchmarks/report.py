@@ -351,9 +351,12 @@ weights once and costs little more than a plain step: the code edit keeps 85% of
 and decodes at well over the issue's 1.5x target; the summary keeps 30% and still gains. The
 draft model agrees with the model on 93-99% of its tokens (it is the same model at 4 bits), but it
 is not much cheaper (it is the same size, and a 4-bit step of it is not several times cheaper than
-a float16 one), so it gains little. A draft model pays when it is several times smaller than the
+a float16 one), so it about breaks even; its decode time also holds its catch-up over the whole
+prompt, in the first decode step. A draft model pays when it is several times smaller than the
 model; no such pair of real checkpoints of one vocabulary is available offline here, so that case
-is not measured. llama.cpp's draft-model decoding of the same pair runs slower than its plain
+is not measured. Three runs of this script in one session, the last with the final code, ranged
+2.41-2.84x for n-gram drafts on the code edit, 1.22-1.36x on the summary, and 0.92-1.13x for the
+draft model: the machine's other load moves them. llama.cpp's draft-model decoding of the same pair runs slower than its plain
 decoding; its n-gram drafting gains on the code edit and loses on the summary (it keeps drafting
 though 97% of those drafts are rejected). Drafting switches off above 4 decoding rows
 (`--speculative-disable-by-batch-size`). llama.cpp's n-gram rows run its 4-bit file where the
