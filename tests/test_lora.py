@@ -438,3 +438,41 @@ def test_an_adapter_that_no_longer_loads_does_not_keep_its_model_down(llama, tmp
             client.completions.create(model="b", prompt=PROMPT, max_tokens=4)
     finally:
         server.close()
+
+
+def test_adapter_names_on_grpc_sessions_and_the_lookup_routes(llama):
+    """gRPC Generate and a WebSocket session run an adapter's name with the adapter (the chat
+    completion's reply through it); tokenize, count_tokens and /info answer for its base model."""
+    import grpc
+
+    from conftest import RunningServer
+    from quantserve.serve.grpc_service import load_protos
+    from test_ws_session import session
+
+    pb, services = load_protos()
+    server = RunningServer(llama["base"], model_name="tiny", grpc_port=free_port(), admin_api_keys=["admin-key"])
+    try:
+        r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(llama["a"])},
+                       headers=ADMIN)
+        assert r.status_code == 200, r.text
+        client = server.client()
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}
+        want = client.chat.completions.create(model="a", **chat).choices[0].message.content
+        assert want != client.chat.completions.create(model="tiny", **chat).choices[0].message.content
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            stub = services.QuantserveStub(channel)
+            got = "".join(m.text for m in stub.Generate(pb.GenerateRequest(
+                model="a", messages=[pb.ChatMessage(role="user", content="hi")], max_tokens=6, temperature=0), timeout=60))
+        assert got == want
+        with session(server) as s:
+            s.send(type="session.start", model="a", temperature=0, max_tokens=6)
+            assert s.recv()["type"] == "session.started"
+            assert s.turn("hi")[0] == want
+        tokens = httpx.post(server.url + "/v1/tokenize", json={"model": "a", "prompt": "hi"}).json()
+        assert tokens == httpx.post(server.url + "/v1/tokenize", json={"model": "tiny", "prompt": "hi"}).json()
+        count = httpx.post(server.url + "/v1/messages/count_tokens",
+                           json={"model": "a", "messages": [{"role": "user", "content": "hi"}]})
+        assert count.status_code == 200 and count.json()["input_tokens"] > 0
+        assert httpx.get(server.url + "/info", params={"model": "a"}).json()["model"] == "tiny"
+    finally:
+        server.close()

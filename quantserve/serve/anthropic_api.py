@@ -38,7 +38,7 @@ def add_anthropic_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/messages/count_tokens", response_model=TokenCount, responses=ERRORS)
     async def count_tokens(body: CountTokensRequest):
-        service = await state.ready(body.model)
+        service, _ = await state.ready_with_adapter(body.model)
         check_generates(service.model)
         ids = await asyncio.to_thread(chat_prompt_ids, body.chat_request(), service.model)
         return {"input_tokens": len(ids)}

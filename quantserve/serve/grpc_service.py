@@ -92,11 +92,11 @@ class QuantserveServicer:
     async def Generate(self, request, context) -> None:
         async with self.guarded(context):
             model = request.model or self.state.models.default
-            service = await self.admit(request.model, context)
+            service, lora = await self.admit(request.model, context)
             body, chat = generation_body(request, model)
             ticket = service.reserve()
             try:
-                chunks = await plan_chunks(service, body, chat, "generate-")
+                chunks = await plan_chunks(service, body, chat, "generate-", lora)
                 # a cancelled call raises CancelledError here, which aborts the engine request
                 async with chunks.admitted(), aclosing(chunks.deltas()) as deltas:
                     async for d in deltas:
@@ -106,7 +106,10 @@ class QuantserveServicer:
 
     async def Embed(self, request, context):
         async with self.guarded(context):
-            service = await self.admit(request.model, context)
+            service, lora = await self.admit(request.model, context)
+            if lora is not None:
+                raise APIError(400, f"'{request.model}' is a LoRA adapter: embeddings come from models",
+                               "model", "model_not_supported")
             if request.texts and request.token_ids:
                 raise APIError(400, "give texts or token_ids, not both", "texts", "invalid_value")
             body = EmbeddingRequest(model=request.model or None,
@@ -133,11 +136,12 @@ class QuantserveServicer:
                                                  completion_tokens=sum(usage.completion.values())))
         return message
 
-    async def admit(self, model: str, context):
-        """The model's Service, once the caller's rate allows it: per key, or per address (as HTTP)."""
-        service = await self.state.ready(model or None)
+    async def admit(self, model: str, context) -> tuple:
+        """The model's Service (a LoRA adapter's: its base model's, and the adapter's name), once the
+        caller's rate allows it: per key, or per address (as HTTP)."""
+        service, lora = await self.state.ready_with_adapter(model or None)
         service.check_rate(self.api_key(context) if self.keys else context.peer().rpartition(":")[0])
-        return service
+        return service, lora
 
     def authorize(self, context) -> None:
         token = self.api_key(context).encode()

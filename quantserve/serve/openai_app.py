@@ -51,6 +51,11 @@ class ServerState:
     async def ready(self, model: str | None = None, keep_alive: float | None = None) -> Service:
         return await self.models.acquire(model, keep_alive)
 
+    async def ready_with_adapter(self, model: str | None = None) -> tuple[Service, str | None]:
+        """A model's Service, or a LoRA adapter's base model's and the adapter's name."""
+        base, lora = self.models.resolve(model)
+        return await self.ready(base), lora
+
     @property
     def service(self) -> Service:
         """The first model's Service."""
@@ -119,8 +124,8 @@ def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True
     @app.get("/info", responses=ERRORS)
     async def info(model: str | None = None):
         """A served model's precision, capacity and memory table (shown by the web UI)."""
-        service = await state.ready(model)
-        name = model or state.models.default
+        service, _ = await state.ready_with_adapter(model)
+        name = state.models.resolve(model)[0] or state.models.default
         return {"model": name, "path": state.models.slots[name].card.get("root"), **service.engine.engine.describe()}
 
     @app.get("/metrics", response_class=Response)
@@ -130,7 +135,7 @@ def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True
 
     @app.post("/v1/tokenize", response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize(body: TokenizeRequest):
-        service = await state.ready(body.model)
+        service, _ = await state.ready_with_adapter(body.model)        # an adapter tokenizes as its model
         model = service.model
         if body.messages is not None:
             ids = await asyncio.to_thread(encode_chat, body.messages, model, [], True, body.chat_template_kwargs)
@@ -141,7 +146,7 @@ def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True
 
     @app.post("/v1/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
     async def detokenize(body: DetokenizeRequest):
-        service = await state.ready(body.model)
+        service, _ = await state.ready_with_adapter(body.model)
         vocab = service.model.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", "tokens", "invalid_value")

@@ -147,7 +147,7 @@ class Session:
                            "invalid_value")
         if not isinstance(system, str | None):
             raise APIError(400, "system must be a string", "system", "invalid_value")
-        await self.state.ready(model)               # 404 for a model not served, 503 while it loads
+        await self.state.ready_with_adapter(model)  # 404 for a model not served, 503 while it loads
         self.model, self.system = model, system
         self.defaults = {k: v for k, v in event.items() if k not in SESSION_KEYS}
         try:
@@ -171,7 +171,7 @@ class Session:
                            "system", "invalid_value")
         new = turn_messages(event)
         req = self.turn_request(new, {k: v for k, v in event.items() if k not in SESSION_KEYS})
-        service = await self.state.ready(self.model)
+        service, lora = await self.state.ready_with_adapter(self.model)
         service.check_rate(client_key(self.state, self.ws))
         ticket = service.reserve()
         try:
@@ -179,7 +179,7 @@ class Session:
         except BaseException:
             ticket.release()
             raise
-        plan.pin_owner = self.id
+        plan.pin_owner, plan.lora = self.id, lora
         if self.pinned is not None and self.pinned is not service:      # the model was reloaded
             self.unpin()
         self.pinned = service
