@@ -193,7 +193,7 @@ class EngineConfig:
             kind, name = {"method": (str, "a string"), "model": (str, "a string"),
                           "draft_p_min": ((int, float), "a number")}.get(key, (int, "an integer"))
             _check(isinstance(value, kind) and not isinstance(value, bool),
-                   f"speculative_config's {key} must be {name}, got {value!r}")
+                   f"speculative_config {key!r} must be {name}, got {value!r}")
             setattr(self, SPECULATIVE_CONFIG_KEYS[key], value)
         if self.speculative_model and self.speculative is None:
             self.speculative = "draft_model"
