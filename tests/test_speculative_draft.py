@@ -234,3 +234,17 @@ def test_ids_past_the_draft_vocabulary_skip_drafting(tiny_llama, tmp_path, plain
     params = SamplingParams(max_new_tokens=20)
     assert run(engine, prompts, params) == run(plain, prompts, params)
     assert engine.stats().spec_num_drafts > 0
+
+
+def test_the_servers_memory_check_counts_the_draft(tiny_llama, sibling, monkeypatch):
+    """With room for the model's weights and cache but not the draft's too, the load is refused
+    before anything is allocated, and the message says the draft counted."""
+    from quantserve.kvcache import budget
+    from quantserve.serve.server import check_memory, model_bytes
+
+    config = EngineConfig(dtype="float32", cache_max_tokens=1024, speculative_model=str(sibling))
+    weights, per_token = model_bytes(tiny_llama, config, 0)
+    monkeypatch.setattr(budget, "free_memory", lambda device: weights + 1024 * per_token + 1)
+    check_memory(tiny_llama, config)                                   # the model alone fits
+    with pytest.raises(MemoryError, match="draft model"):
+        check_memory(tiny_llama, config, sibling)

@@ -35,7 +35,8 @@ def load_service(name: str, model_path: str | None, engine_config: EngineConfig,
     if is_encoder(path):
         async_engine, model = load_encoder(path, engine_config, server)
     else:
-        check_memory(path, engine_config)
+        draft = resolve_model(engine_config.speculative_model, progress) if engine_config.speculative_model else None
+        check_memory(path, engine_config, draft)
         engine = Engine(path, engine_config, progress=progress)
         tokenizer = Tokenizer(path, load_chat_template(chat_template))
         defaults = GenerationConfig.from_model(path, do_sample=True, temperature=1.0)
@@ -84,11 +85,32 @@ def matryoshka(path: Path) -> list[int] | bool | None:
     return cfg.get("matryoshka_dimensions") or cfg.get("is_matryoshka") or None
 
 
-def check_memory(path: Path, config: EngineConfig) -> None:
+def check_memory(path: Path, config: EngineConfig, draft: Path | None = None) -> None:
     """Refuse, before anything is allocated, a model whose weights and one full session of KV
-    cache (or the cache asked for) do not fit in the free memory."""
-    from quantserve.bench.memory import kv_bytes_per_token, shape_from_config, weight_bytes
+    cache (or the cache asked for) do not fit in the free memory; with a draft model, its weights
+    and its cache (a slot for every one of the model's) count too."""
     from quantserve.kvcache.budget import budget_bytes, free_memory
+    from quantserve.models.loader import read_config
+
+    weights, per_token = model_bytes(path, config, config.quant_policy or 0)
+    if draft is not None:                       # its cache is never quantized
+        draft_weights, draft_per_token = model_bytes(draft, config, 0)
+        weights, per_token = weights + draft_weights, per_token + draft_per_token
+    free = free_memory(config.device)
+    tokens = config.cache_max_tokens or config.session_len or read_config(path).get("max_position_embeddings", 4096)
+    kv = tokens * per_token
+    if isinstance(config.cache_max_entry_count, str) and config.cache_max_tokens is None:
+        kv = max(kv, budget_bytes(config.cache_max_entry_count, free))
+    if weights + kv > free:
+        with_draft = " (the model's and the draft model's)" if draft is not None else ""
+        raise MemoryError(f"not enough memory: {weights / 1e9:.2f} GB of weights + {kv / 1e9:.2f} GB of KV cache "
+                          f"({tokens:,} tokens){with_draft} > {free / 1e9:.2f} GB free")
+
+
+def model_bytes(path: Path, config: EngineConfig, quant_policy: int) -> tuple[int, int]:
+    """A model directory's (weight bytes, KV cache bytes per token) under `config` with KV cache
+    quantization `quant_policy`, from its config."""
+    from quantserve.bench.memory import kv_bytes_per_token, shape_from_config, weight_bytes
     from quantserve.models.loader import read_config
 
     cfg = read_config(path)
@@ -98,15 +120,7 @@ def check_memory(path: Path, config: EngineConfig) -> None:
     weights = weight_bytes(shape.params, dtype, quant.get("bits", 16), quant.get("group_size", 128))
     if quant.get("quant_method") == "gguf":     # mixed widths: the converted file's size is the weights'
         weights = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-    per_token = kv_bytes_per_token(shape, dtype, config.quant_policy or 0) or 0
-    free = free_memory(config.device)
-    tokens = config.cache_max_tokens or config.session_len or cfg.get("max_position_embeddings", 4096)
-    kv = tokens * per_token
-    if isinstance(config.cache_max_entry_count, str) and config.cache_max_tokens is None:
-        kv = max(kv, budget_bytes(config.cache_max_entry_count, free))
-    if weights + kv > free:
-        raise MemoryError(f"not enough memory: {weights / 1e9:.2f} GB of weights + {kv / 1e9:.2f} GB of KV cache "
-                          f"({tokens:,} tokens) > {free / 1e9:.2f} GB free")
+    return weights, kv_bytes_per_token(shape, dtype, quant_policy) or 0
 
 
 def make_loader(engine_config: EngineConfig, server: ServerConfig, hub: ServerMetrics,
