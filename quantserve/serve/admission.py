@@ -99,8 +99,7 @@ async def admit(state: ServerState, model: str | None, client: str,
     --overflow-model's (the ticket names it), 429 only when that one is full too. A LoRA adapter's
     name gives its base model's Service and a ticket naming the adapter (never an overflow: the
     sibling has not the adapter)."""
-    base, lora = state.models.resolve(model)
-    service = await state.ready(base, keep_alive)
+    service, lora = await state.ready_with_adapter(model, keep_alive)
     service.check_rate(client)
     sibling = overflow_for(state, model) if lora is None else None
     if service.full and sibling is not None and not sibling.full:

@@ -51,10 +51,11 @@ class ServerState:
     async def ready(self, model: str | None = None, keep_alive: float | None = None) -> Service:
         return await self.models.acquire(model, keep_alive)
 
-    async def ready_with_adapter(self, model: str | None = None) -> tuple[Service, str | None]:
+    async def ready_with_adapter(self, model: str | None = None,
+                                 keep_alive: float | None = None) -> tuple[Service, str | None]:
         """A model's Service, or a LoRA adapter's base model's and the adapter's name."""
         base, lora = self.models.resolve(model)
-        return await self.ready(base), lora
+        return await self.ready(base, keep_alive), lora
 
     @property
     def service(self) -> Service:
@@ -124,8 +125,9 @@ def add_info_routes(app: FastAPI, state: ServerState, root_redirect: bool = True
     @app.get("/info", responses=ERRORS)
     async def info(model: str | None = None):
         """A served model's precision, capacity and memory table (shown by the web UI)."""
-        service, _ = await state.ready_with_adapter(model)
-        name = state.models.resolve(model)[0] or state.models.default
+        base, _ = state.models.resolve(model)              # an adapter: its base model's
+        service = await state.ready(base)
+        name = base or state.models.default
         return {"model": name, "path": state.models.slots[name].card.get("root"), **service.engine.engine.describe()}
 
     @app.get("/metrics", response_class=Response)
@@ -359,8 +361,7 @@ def add_websocket_route(app: FastAPI, state: ServerState) -> None:
             raw = message.get("text") if message.get("text") is not None else message.get("bytes") or b""
             try:
                 body = ChatCompletionRequest.model_validate_json(raw)
-                base, lora = state.models.resolve(body.model)
-                service = await state.ready(base, body.keep_alive)
+                service, lora = await state.ready_with_adapter(body.model, body.keep_alive)
                 service.check_rate(client_key(state, ws))
                 ticket = service.reserve()
             except ValidationError as e:

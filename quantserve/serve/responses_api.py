@@ -370,8 +370,7 @@ def add_responses_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/responses", response_model=ResponseObject, responses={**ERRORS, **SSE})
     async def create_response(body: ResponsesRequest, request: Request):
-        base, lora = state.models.resolve(body.model)        # a LoRA adapter's name: its base model's
-        service = await state.ready(base)
+        service, lora = await state.ready_with_adapter(body.model)
         service.check_rate(client_key(state, request))
         return await answer(service, request, body, store, lora)
 
