@@ -91,6 +91,7 @@ class Engine:
         static = load_static_kv(Path(model_path), self.kv_bits, self.args.num_layers, self.args.num_kv_heads)
         if static is not None:                  # lite kv_qparams wrote calibrated parameters here
             self.cache.set_static(static)
+        self.draft_cache = self._draft_cache() if self.draft else None
         session_blocks = -(-self.session_len // self.plan.block_size)    # pins always leave room for one
         blocks = BlockManager(self.plan.num_blocks, self.plan.block_size, config.enable_prefix_caching,
                               cache_tag=f"{self.dtype}/{self.kv_bits}/{'static' if static else 'online'}",
@@ -120,12 +121,15 @@ class Engine:
                                  c.speculative_disable_by_batch_size)
         if c.speculative != "draft_model":
             return None
-        model, args, dtype = self.draft
-        self.draft_cache = PagedKVCache(args.num_layers, self.plan.num_blocks, self.plan.block_size,
-                                        args.num_kv_heads, args.head_dim, dtype, c.device)
-        return DraftModelProposer(model, self.draft_cache, c.num_speculative_tokens,
+        return DraftModelProposer(self.draft.model, self.draft_cache, c.num_speculative_tokens,
                                   c.speculative_disable_by_batch_size, c.draft_p_min, self.args.vocab_size,
-                                  args.vocab_size, c.max_prefill_token_num, c.device)
+                                  self.draft.args.vocab_size, c.max_prefill_token_num, c.device)
+
+    def _draft_cache(self) -> PagedKVCache:
+        """The draft model's own cache (never quantized), a slot for every one of the model's."""
+        _, args, dtype = self.draft
+        return PagedKVCache(args.num_layers, self.plan.num_blocks, self.plan.block_size, args.num_kv_heads,
+                            args.head_dim, dtype, self.config.device)
 
     def _session_len(self, asked: int | None) -> int:
         """--session-len, else the model's context (a sliding window does not bound it)."""
@@ -177,7 +181,7 @@ class Engine:
     @property
     def kv_bytes(self) -> int:
         """The KV cache's bytes, with the draft model's cache beside it."""
-        return self.cache.nbytes + (self.draft_cache.nbytes if self.draft else 0)
+        return self.cache.nbytes + (self.draft_cache.nbytes if self.draft_cache is not None else 0)
 
     def memory_summary(self) -> str:
         """The start-up memory table: weights, KV cache, activations, total (GB = 1e9 bytes)."""

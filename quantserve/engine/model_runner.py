@@ -3,7 +3,8 @@
 Builds the flat batch (input ids, positions, cache slots) and the AttentionMetadata from each
 scheduled request's counters and block table, runs the model, takes the logits of the last
 token of every request that completes this step, and samples. A request with a speculative
-draft is a prefill chunk of its last token + the draft, verified from the logits at all of them.
+draft is a row of its last token + the draft (run as decodes, batch.py), verified from the logits
+at all of them.
 With LoRA adapters, the model also gets every token's adapter slot (lora_slots).
 """
 from __future__ import annotations
@@ -91,8 +92,11 @@ class ModelRunner:
         return self.model.compute_logits(hidden[rows]).cpu(), batch
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> BatchInputs:
-        rows = [Row(s.request.all_token_ids[s.request.num_computed_tokens:][:s.num_new_tokens] + s.draft,
-                    s.request.num_computed_tokens, s.request.block_ids, decodes=bool(s.draft)) for s in scheduled]
+        rows = []
+        for s in scheduled:
+            r, start = s.request, s.request.num_computed_tokens
+            rows.append(Row(r.all_token_ids[start:start + s.num_new_tokens] + s.draft, start, r.block_ids,
+                            decodes=bool(s.draft)))
         ids, positions, meta, starts = flat_batch(rows, self.block_size, self.device)
         sample_rows: list[int] = []
         sample_from: list[ScheduledRequest] = []

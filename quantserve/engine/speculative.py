@@ -97,7 +97,7 @@ class DraftModelProposer(Proposer):
         live = self._catch_up(batch, drafts)
         while live:
             rows = [Row([drafts[i][-1]], batch[i][0].num_drafter_tokens, batch[i][0].block_ids) for i in live]
-            going = self._next_tokens(rows, live, batch, drafts)
+            going = self._extend(live, self._forward(rows), batch, drafts)
             for i in live:                     # their drafted token's K/V is in the draft cache now
                 batch[i][0].num_drafter_tokens += 1
             live = going
@@ -127,9 +127,6 @@ class DraftModelProposer(Proposer):
                 caught_up.append(n)
                 live.append(i)
         return self._extend(live, last[caught_up] if live else None, batch, drafts)
-
-    def _next_tokens(self, rows: list[Row], live: list[int], batch, drafts) -> list[int]:
-        return self._extend(live, self._forward(rows), batch, drafts)
 
     def _forward(self, rows: list[Row]) -> torch.Tensor:
         """Rows -> logits [len(rows), V] at each row's last token."""
