@@ -1,7 +1,7 @@
 """The engine behind an asyncio interface: generate() streams token ids, abort() stops.
 
 One worker thread owns the Engine (which is not thread-safe) and loops: take new commands
-(add / abort / call: a LoRA adapter added or removed) → step → hand each request's new tokens to
+(add / abort / call: a LoRA adapter added or removed, a session's pin released) → step → hand each request's new tokens to
 its asyncio queue. Callers never touch the Engine. Cancelling a generate() iterator (a client
 that disconnects) aborts its request, and its KV blocks return to the pool at once. If a step
 raises, the requests of that step fail with the error and the engine carries on with the others.
@@ -133,7 +133,7 @@ class AsyncEngine:
 
     def unpin(self, owner: str) -> None:
         """Release the owner's pinned blocks, after every command sent before (an abort's pin too)."""
-        self.commands.put(("unpin", owner))
+        self.call(lambda engine: engine.unpin(owner))
 
     def stats(self) -> EngineStats:
         """A snapshot of the engine's counters (read from the worker's state without locking)."""
@@ -209,8 +209,6 @@ class AsyncEngine:
             stream = self.streams.pop(rid, None)
             if stream is not None:
                 self._send(stream, TokenEvent([], 0, 0, 0, FinishReason.ABORT.value))
-        elif command[0] == "unpin":
-            self.engine.unpin(command[1])
         elif command[0] == "call":
             _, fn, future = command
             try:
